@@ -1,0 +1,165 @@
+"""Run exported artifacts with the edge runtimes: LiteRT for .tflite, onnxruntime for .onnx.
+
+This module must not import TensorFlow or Keras: it is what runs on a target board,
+where only numpy, ai-edge-litert and onnxruntime are installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from compressor.errors import CompressorError, first_line
+
+FORMATS = {".tflite": "tflite", ".onnx": "onnx"}
+
+
+@dataclass
+class ArtifactRunner:
+    """One loaded artifact, ready to run.
+
+    Attributes:
+        path: The artifact file.
+        format: "tflite" or "onnx".
+        input_shape: Input shape with None for dynamic dimensions (batch first).
+        input_dtype: numpy dtype the artifact expects.
+        invoke: Runs one batch that already has the artifact's batch size; returns
+            the first output.
+    """
+
+    path: Path
+    format: str
+    input_shape: tuple[Optional[int], ...]
+    input_dtype: np.dtype
+    invoke: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+
+    @property
+    def fixed_batch(self) -> Optional[int]:
+        """The batch size baked into the artifact, or None when it is dynamic."""
+        return self.input_shape[0] if self.input_shape else None
+
+    def predict(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Run any number of samples, in batches the artifact accepts.
+
+        Args:
+            x: Inputs, batch first, with the artifact's per-sample shape.
+            batch_size: Batch used when the artifact's batch is dynamic.
+
+        Returns:
+            The first output for all samples, concatenated.
+
+        Raises:
+            CompressorError: The samples do not fit the artifact's input shape.
+        """
+        x = self.prepare(x)
+        step = self.fixed_batch or batch_size
+        outputs = [self.invoke(x[i : i + step]) for i in range(0, len(x), step)]
+        return np.concatenate(outputs, axis=0)
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        """Check the per-sample shape and cast to the artifact's input dtype."""
+        expected = self.input_shape[1:]
+        got = tuple(x.shape[1:])
+        if len(expected) != len(got) or any(e not in (None, g) for e, g in zip(expected, got)):
+            raise CompressorError(
+                f"data samples have shape {got} but {self.path.name} expects "
+                f"{tuple('?' if d is None else d for d in expected)}"
+            )
+        return np.ascontiguousarray(x, dtype=self.input_dtype)
+
+
+def open_artifact(path: Path | str, threads: int = 1) -> ArtifactRunner:
+    """Load a .tflite or .onnx file with its runtime.
+
+    Args:
+        path: The artifact.
+        threads: Threads the runtime may use (0: the runtime's default).
+
+    Returns:
+        A runner for the artifact.
+
+    Raises:
+        CompressorError: Missing file, unknown extension, or a file the runtime rejects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CompressorError(f"artifact not found: {path}")
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise CompressorError(
+            f"cannot run {path.name}: expected a .tflite or .onnx file, got '{path.suffix}'"
+        )
+    try:
+        return _open_tflite(path, threads) if fmt == "tflite" else _open_onnx(path, threads)
+    except CompressorError:
+        raise
+    except Exception as exc:  # the runtimes raise assorted types for a bad file
+        raise CompressorError(f"{fmt} runtime could not load {path}: {first_line(exc)}") from exc
+
+
+def _single(items: list[Any], what: str, path: Path) -> Any:
+    if len(items) != 1:
+        raise CompressorError(
+            f"{path.name} has {len(items)} {what}s; only single-input, single-output "
+            "artifacts are supported"
+        )
+    return items[0]
+
+
+def _open_tflite(path: Path, threads: int) -> ArtifactRunner:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=threads or None)
+    interpreter.allocate_tensors()
+    inp = _single(interpreter.get_input_details(), "input", path)
+    out = _single(interpreter.get_output_details(), "output", path)
+    signature = tuple(int(d) for d in inp.get("shape_signature", inp["shape"]))
+    shape = tuple(None if d < 0 else d for d in signature)
+    state = {"batch": int(inp["shape"][0])}
+
+    def invoke(x: np.ndarray) -> np.ndarray:
+        if shape[0] is None and x.shape[0] != state["batch"]:
+            interpreter.resize_tensor_input(inp["index"], list(x.shape))
+            interpreter.allocate_tensors()
+            state["batch"] = x.shape[0]
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        return interpreter.get_tensor(out["index"]).copy()
+
+    return ArtifactRunner(path, "tflite", shape, np.dtype(inp["dtype"]), invoke)
+
+
+_ONNX_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+}
+
+
+def _open_onnx(path: Path, threads: int) -> ArtifactRunner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        str(path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    inp = _single(session.get_inputs(), "input", path)
+    _single(session.get_outputs(), "output", path)
+    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
+    dtype = np.dtype(_ONNX_DTYPES.get(inp.type, np.float32))
+    name = inp.name
+
+    def invoke(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: x})[0]
+
+    return ArtifactRunner(path, "onnx", shape, dtype, invoke)

@@ -1,0 +1,96 @@
+"""The one place the CLI talks to the terminal.
+
+Human output (tables, progress) goes to stderr-safe rich consoles; `--json` output is
+the only thing written to stdout, so a pipeline can parse it. TensorFlow and the
+converters print to stdout on their own (Keras' export prints signatures); while a
+command works, `stdout_to_stderr` sends those prints to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+import traceback
+from typing import Any, Callable, Iterator, TypeVar
+
+import typer
+from rich.console import Console
+
+from compressor.errors import CompressorError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def quiet_tensorflow() -> None:
+    """Silence TensorFlow's C++ and Python logging unless the user asked for it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout (Python and C level) to stderr meanwhile."""
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None  # captured stdout (tests): redirect the Python level only
+    if fd is None:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    saved = os.dup(fd)
+    try:
+        os.dup2(sys.stderr.fileno(), fd)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+def print_json(payload: Any) -> None:
+    """Write one JSON document to stdout."""
+    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print a one-line error and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Turn library errors into one readable line and a non-zero exit code.
+
+    Unexpected exceptions also end in one line (with a hint); set
+    COMPRESSOR_DEBUG=1 to see the traceback.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except CompressorError as exc:
+            raise fail(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - last line of defence for the CLI
+            if os.environ.get("COMPRESSOR_DEBUG"):
+                traceback.print_exc()
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise fail(
+                f"unexpected {type(exc).__name__}: {detail} "
+                "(set COMPRESSOR_DEBUG=1 for the traceback)"
+            ) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,121 @@
+"""Write a Keras model as .tflite, .onnx or .keras — each file atomically.
+
+TFLite goes through the TFLite converter's Keras path (batch 1, the shape edge
+runtimes run); ONNX through tf2onnx from a traced function with an explicit input
+signature and a dynamic batch axis (tf2onnx's own Keras entry point trips over
+Keras 3 output names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Callable, Iterator
+
+import keras
+
+from compressor.errors import ExportError, first_line
+from compressor.io.atomic import atomic_path, write_bytes_atomic
+from compressor.io.models import save_model
+
+FORMATS = ("tflite", "onnx", "keras")
+SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx", "keras": ".keras"}
+DEFAULT_OPSET = 17
+ONNX_INPUT_NAME = "input"
+ONNX_OUTPUT_NAME = "output"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep the converters' Python prints and INFO logs out of the user's output."""
+    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def single_input_shape(model: keras.Model) -> tuple:
+    """The model's one input shape (batch first), or ExportError for several inputs/outputs."""
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ExportError(
+            f"model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} "
+            "outputs; export supports single-input, single-output models"
+        )
+    return tuple(model.inputs[0].shape)
+
+
+def export_tflite(model: keras.Model, path: Path | str) -> Path:
+    """Convert to a float32 .tflite file (batch 1) and write it atomically.
+
+    Raises:
+        ExportError: The converter rejects the model.
+    """
+    import tensorflow as tf
+
+    single_input_shape(model)
+    try:
+        with _quiet():
+            converter = tf.lite.TFLiteConverter.from_keras_model(model)
+            flatbuffer = converter.convert()
+    except Exception as exc:
+        raise ExportError(f"TFLite conversion failed: {first_line(exc)}") from exc
+    return write_bytes_atomic(path, flatbuffer)
+
+
+def export_onnx(model: keras.Model, path: Path | str, opset: int = DEFAULT_OPSET) -> Path:
+    """Convert to ONNX with a dynamic batch axis and write it atomically.
+
+    The graph has one input named "input" and one output named "output".
+
+    Raises:
+        ExportError: The opset is out of range or tf2onnx rejects the model.
+    """
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+
+    if not 7 <= opset <= 21:
+        raise ExportError(f"unsupported ONNX opset {opset}; expected a value from 7 to 21 (default {DEFAULT_OPSET})")
+    shape = single_input_shape(model)
+    spec = [tf.TensorSpec((None, *shape[1:]), model.inputs[0].dtype, name=ONNX_INPUT_NAME)]
+    forward = tf.function(
+        lambda x: {ONNX_OUTPUT_NAME: model(x, training=False)}, input_signature=spec, autograph=False
+    )
+    try:
+        with _quiet():
+            proto, _ = tf2onnx.convert.from_function(forward, input_signature=spec, opset=opset)
+    except Exception as exc:
+        raise ExportError(f"ONNX conversion failed: {first_line(exc)}") from exc
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return Path(path)
+
+
+def export_keras(model: keras.Model, path: Path | str) -> Path:
+    """Re-save as .keras (atomically)."""
+    return save_model(model, path)
+
+
+WRITERS: dict[str, Callable[..., Path]] = {
+    "tflite": export_tflite,
+    "onnx": export_onnx,
+    "keras": export_keras,
+}
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """Parse "tflite,onnx" into known format names, in order, without repeats.
+
+    Raises:
+        ExportError: An unknown or empty format list.
+    """
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown or not names:
+        raise ExportError(
+            f"invalid export format {','.join(unknown) or repr(text)}; expected a comma-separated "
+            f"list of {', '.join(FORMATS)}"
+        )
+    return tuple(dict.fromkeys(names))
+

@@ -1,0 +1,223 @@
+"""Load evaluation and calibration data: .npz files, image folders, Python hooks.
+
+No TensorFlow here: the benchmark runtime reads data on boards without it. A hook may
+return a `tf.data.Dataset`; it is read through its own `as_numpy_iterator`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from compressor.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+_HOOK = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+Shape = Sequence[Optional[int]]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Samples and (optional) integer class labels, batch first.
+
+    Attributes:
+        x: Inputs, float32 unless the source had another numeric type.
+        y: Class indices (int64), or None when the source has no labels.
+        source: Where the data came from, for messages and reports.
+    """
+
+    x: np.ndarray
+    y: Optional[np.ndarray]
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def take(self, n: int) -> "Dataset":
+        """The first n samples."""
+        return Dataset(self.x[:n], None if self.y is None else self.y[:n], self.source)
+
+
+def load_data(spec: str | Path, input_shape: Optional[Shape] = None) -> Dataset:
+    """Load data from an .npz file, an image folder, or a `pkg.module:function` hook.
+
+    Args:
+        spec: Path to an .npz (arrays `x`, and `y` with integer labels or one-hot),
+            a folder with one subfolder of images per class, or a hook.
+        input_shape: Per-sample input shape of the model (no batch axis; None for
+            free dimensions). Images are resized to it; every source is checked against it.
+
+    Returns:
+        The dataset.
+
+    Raises:
+        DataError: The source is missing or unreadable, or does not fit `input_shape`.
+    """
+    text = str(spec)
+    path = Path(text)
+    if path.is_dir():
+        data = _load_image_folder(path, input_shape)
+    elif path.suffix.lower() == ".npz" or path.exists():
+        data = _load_npz(path)
+    elif _HOOK.match(text):
+        data = _load_hook(text, input_shape)
+    else:
+        raise DataError(
+            f"data not found: {text} (expected an .npz file, an image folder, "
+            "or a hook written pkg.module:function)"
+        )
+    if input_shape is not None:
+        check_fits(data, input_shape)
+    return data
+
+
+def check_fits(data: Dataset, input_shape: Shape) -> None:
+    """Raise DataError naming both shapes when samples do not fit the model input."""
+    got = tuple(data.x.shape[1:])
+    expected = tuple(input_shape)
+    fits = len(got) == len(expected) and all(e is None or e == g for e, g in zip(expected, got))
+    if not fits:
+        shown = tuple("?" if d is None else d for d in expected)
+        raise DataError(
+            f"data from {data.source} has samples of shape {got}, "
+            f"but the model expects {shown}"
+        )
+
+
+def _finish(x: Any, y: Any, source: str) -> Dataset:
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise DataError(f"{source}: x must be batch-first with at least 2 dimensions, got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise DataError(f"{source}: x must be numeric, got dtype {x.dtype}")
+    if np.issubdtype(x.dtype, np.floating) or x.dtype == np.bool_ or x.dtype.itemsize < 4:
+        x = x.astype(np.float32, copy=False)
+    return Dataset(x, None if y is None else _labels(y, len(x), source), source)
+
+
+def _labels(y: Any, n: int, source: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] > 1:
+        y = y.argmax(axis=1)  # one-hot or probabilities
+    elif y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{source}: y must hold integer labels or one-hot rows, got shape {y.shape}")
+    if len(y) != n:
+        raise DataError(f"{source}: x has {n} samples but y has {len(y)} labels")
+    if not np.issubdtype(y.dtype, np.number):
+        raise DataError(f"{source}: y must be numeric class labels, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise DataError(f"{source}: y holds non-integer values; expected class indices or one-hot")
+    if y.size and y.min() < 0:
+        raise DataError(f"{source}: y holds negative labels; expected class indices from 0")
+    return y.astype(np.int64)
+
+
+def _load_npz(path: Path) -> Dataset:
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            if "x" not in keys:
+                raise DataError(
+                    f"{path} has arrays {sorted(keys)}; expected an array named 'x' "
+                    "(and 'y' for labels)"
+                )
+            x = archive["x"]
+            y = archive["y"] if "y" in keys else None
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"could not read {path} as an .npz archive: {exc}") from exc
+    return _finish(x, y, str(path))
+
+
+def _load_image_folder(root: Path, input_shape: Optional[Shape]) -> Dataset:
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class subfolders; expected one subfolder of images per class")
+    if input_shape is None or len(input_shape) != 3 or None in tuple(input_shape)[:2]:
+        raise DataError(
+            f"an image folder needs a model with a fixed (height, width, channels) input; "
+            f"got {None if input_shape is None else tuple(input_shape)}"
+        )
+    height, width, channels = input_shape
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels or 3)
+    if mode is None:
+        raise DataError(f"cannot turn images into {channels} channels; expected 1, 3 or 4")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for file in sorted((root / name).iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as img:
+                    img = img.convert(mode).resize((int(width), int(height)), Image.BILINEAR)
+                    images.append(np.asarray(img, dtype=np.float32).reshape(height, width, -1))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"could not read image {file}: {exc}") from exc
+            labels.append(label)
+    if not images:
+        raise DataError(f"{root} has class folders {classes} but no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return _finish(np.stack(images), np.asarray(labels), str(root))
+
+
+def _load_hook(spec: str, input_shape: Optional[Shape]) -> Dataset:
+    module_name, func_name = spec.split(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # like `python -m`: the working folder is importable
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DataError(f"could not import data hook module '{module_name}': {exc}") from exc
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise DataError(f"data hook {spec}: '{func_name}' is not a function in {module_name}")
+    try:
+        result = func()
+    except Exception as exc:
+        raise DataError(f"data hook {spec} failed: {type(exc).__name__}: {exc}") from exc
+    if hasattr(result, "as_numpy_iterator"):
+        return _from_tf_dataset(result, spec, input_shape)
+    if isinstance(result, tuple) and len(result) == 2:
+        return _finish(result[0], result[1], spec)
+    raise DataError(
+        f"data hook {spec} returned {type(result).__name__}; expected a tuple (x, y) "
+        "of arrays or a tf.data.Dataset of (x, y)"
+    )
+
+
+def _from_tf_dataset(dataset: Any, spec: str, input_shape: Optional[Shape]) -> Dataset:
+    if int(dataset.cardinality()) == -1:  # tf.data.INFINITE_CARDINALITY
+        raise DataError(f"data hook {spec} returned an infinite dataset; return a finite one (e.g. .take(n))")
+    xs, ys = [], []
+    for element in dataset.as_numpy_iterator():
+        if not (isinstance(element, tuple) and len(element) == 2):
+            raise DataError(f"data hook {spec}: dataset elements must be (x, y) pairs")
+        xs.append(np.asarray(element[0]))
+        ys.append(np.asarray(element[1]))
+    if not xs:
+        raise DataError(f"data hook {spec} returned an empty dataset")
+    batched = _is_batched(xs[0], ys[0], input_shape)
+    x = np.concatenate(xs) if batched else np.stack(xs)
+    y = np.concatenate(ys) if batched else np.stack(ys)
+    return _finish(x, y, spec)
+
+
+def _is_batched(x: np.ndarray, y: np.ndarray, input_shape: Optional[Shape]) -> bool:
+    """Whether dataset elements carry a batch axis (known from the model's input rank)."""
+    if input_shape is not None:
+        return x.ndim == len(tuple(input_shape)) + 1
+    return y.ndim >= 1 and x.ndim >= 2 and len(y) == len(x)
