@@ -118,16 +118,26 @@ def _open_tflite(path: Path, threads: int) -> ArtifactRunner:
     out = _single(interpreter.get_output_details(), "output", path)
     signature = tuple(int(d) for d in inp.get("shape_signature", inp["shape"]))
     shape = tuple(None if d < 0 else d for d in signature)
-    state = {"batch": int(inp["shape"][0])}
+    state = {"batch": int(inp["shape"][0]), "resizable": shape[0] is None}
 
-    def invoke(x: np.ndarray) -> np.ndarray:
-        if shape[0] is None and x.shape[0] != state["batch"]:
-            interpreter.resize_tensor_input(inp["index"], list(x.shape))
-            interpreter.allocate_tensors()
-            state["batch"] = x.shape[0]
+    def run(x: np.ndarray) -> np.ndarray:
         interpreter.set_tensor(inp["index"], x)
         interpreter.invoke()
         return interpreter.get_tensor(out["index"]).copy()
+
+    def invoke(x: np.ndarray) -> np.ndarray:
+        if x.shape[0] != state["batch"] and state["resizable"]:
+            try:
+                interpreter.resize_tensor_input(inp["index"], list(x.shape))
+                interpreter.allocate_tensors()
+                state["batch"] = x.shape[0]
+            except Exception:  # some graphs bake the batch into a Reshape: run one by one
+                state["resizable"] = False
+                interpreter.resize_tensor_input(inp["index"], [state["batch"], *x.shape[1:]])
+                interpreter.allocate_tensors()
+        if x.shape[0] != state["batch"]:
+            return np.concatenate([run(x[i : i + state["batch"]]) for i in range(0, len(x), state["batch"])])
+        return run(x)
 
     return ArtifactRunner(path, "tflite", shape, np.dtype(inp["dtype"]), invoke)
 

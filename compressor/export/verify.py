@@ -143,6 +143,7 @@ def export_and_verify(
     """
     if not atol >= 0:
         raise ExportError(f"atol must be >= 0, got {atol}")
+    single_input_shape(model)
     expected = keras_outputs(model, x).astype(np.float64)
     checks = []
     for fmt in formats:
