@@ -1,9 +1,9 @@
 """Write a Keras model as .tflite, .onnx or .keras — each file atomically.
 
 TFLite goes through the TFLite converter's Keras path (batch 1, the shape edge
-runtimes run); ONNX through tf2onnx from a traced function with an explicit input
-signature and a dynamic batch axis (tf2onnx's own Keras entry point trips over
-Keras 3 output names).
+runtimes run); ONNX through tf2onnx from a frozen trace with an explicit input signature
+and a dynamic batch axis (tf2onnx's own Keras entry point trips over Keras 3 output
+names).
 """
 
 from __future__ import annotations
@@ -79,17 +79,39 @@ def export_onnx(model: keras.Model, path: Path | str, opset: int = DEFAULT_OPSET
         raise ExportError(f"unsupported ONNX opset {opset}; expected a value from 7 to 21 (default {DEFAULT_OPSET})")
     shape = single_input_shape(model)
     spec = [tf.TensorSpec((None, *shape[1:]), model.inputs[0].dtype, name=ONNX_INPUT_NAME)]
-    forward = tf.function(
-        lambda x: {ONNX_OUTPUT_NAME: model(x, training=False)}, input_signature=spec, autograph=False
-    )
     try:
         with _quiet():
-            proto, _ = tf2onnx.convert.from_function(forward, input_signature=spec, opset=opset)
+            graph_def, input_name, output_name = _frozen_graph(model, spec)
+            proto, _ = tf2onnx.convert.from_graph_def(
+                graph_def,
+                name=model.name,
+                input_names=[input_name],
+                output_names=[output_name],
+                opset=opset,
+                tensors_to_rename={input_name: ONNX_INPUT_NAME, output_name: ONNX_OUTPUT_NAME},
+            )
     except Exception as exc:
         raise ExportError(f"ONNX conversion failed: {first_line(exc)}") from exc
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
     return Path(path)
+
+
+def _frozen_graph(model: keras.Model, spec: list) -> tuple[object, str, str]:
+    """Trace the model and freeze every capture into a constant.
+
+    tf2onnx's own entry points leave captured constants that are not variables
+    (e.g. the mean/variance of EfficientNet's Normalization layer) as extra graph
+    inputs; freezing first turns all of them into constants.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    forward = tf.function(lambda x: model(x, training=False), input_signature=spec, autograph=False)
+    frozen = convert_variables_to_constants_v2(
+        forward.get_concrete_function(), lower_control_flow=False, aggressive_inlining=True
+    )
+    return frozen.graph.as_graph_def(add_shapes=True), frozen.inputs[0].name, frozen.outputs[0].name
 
 
 def export_keras(model: keras.Model, path: Path | str) -> Path:
