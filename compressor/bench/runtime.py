@@ -56,7 +56,15 @@ class ArtifactRunner:
         """
         x = self.prepare(x)
         step = self.fixed_batch or batch_size
-        outputs = [self.invoke(x[i : i + step]) for i in range(0, len(x), step)]
+        outputs = []
+        for i in range(0, len(x), step):
+            chunk = x[i : i + step]
+            if self.fixed_batch and len(chunk) < step:
+                # A fixed batch takes only full batches: pad the last one, drop the padding.
+                pad = np.repeat(chunk[-1:], step - len(chunk), axis=0)
+                outputs.append(self.invoke(np.concatenate([chunk, pad]))[: len(chunk)])
+            else:
+                outputs.append(self.invoke(chunk))
         return np.concatenate(outputs, axis=0)
 
     def prepare(self, x: np.ndarray) -> np.ndarray:

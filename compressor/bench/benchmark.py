@@ -1,0 +1,277 @@
+"""Benchmark .tflite and .onnx artifacts: latency side by side, and accuracy on data.
+
+    report = benchmark(["model.tflite", "small.tflite"], data="val.npz")
+    report.results[1].ratio_to_first   # 0.42: the second runs in 42% of the first's time
+
+The first artifact is the reference the others are compared with. Latency is timed at
+batch 1 with interleaved rounds (see `latency.py`); accuracy is top-1 over all the data.
+
+This module must not import TensorFlow or Keras: it runs on target boards where only
+numpy, ai-edge-litert and onnxruntime are installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from compressor.bench.latency import LatencyStats, time_interleaved
+from compressor.bench.runtime import ArtifactRunner, open_artifact
+from compressor.errors import CompressorError, DataError
+from compressor.io.data import Dataset, check_fits, load_data
+
+Shape = tuple[Optional[int], ...]
+
+DEFAULT_RUNS = 100
+DEFAULT_WARMUP = 10
+DEFAULT_THREADS = 1
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """What was measured for one artifact.
+
+    Attributes:
+        path: The artifact, as given.
+        format: "tflite" or "onnx".
+        bytes: File size.
+        batch: Batch size of the timed calls (1 unless the artifact has a fixed batch).
+        latency_ms: Latency of one call.
+        accuracy: Top-1 accuracy over the data, or None without labelled data.
+        ratio_to_first: Median latency divided by the first artifact's median.
+    """
+
+    path: str
+    format: str
+    bytes: int
+    batch: int
+    latency_ms: LatencyStats
+    accuracy: Optional[float]
+    ratio_to_first: Optional[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "bytes": self.bytes,
+            "batch": self.batch,
+            "latency_ms": self.latency_ms.to_dict(),
+            "accuracy": self.accuracy,
+            "ratio_to_first": self.ratio_to_first,
+        }
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """Results for all artifacts, in the order given, and how they were measured.
+
+    Attributes:
+        results: One per artifact; the first is the reference for the ratios.
+        runs: Timed calls per artifact.
+        warmup: Untimed calls per artifact before them.
+        threads: Threads each runtime could use (0: the runtime's default).
+        input: Where the timed inputs came from: the data source, or "generated".
+        samples: Number of samples accuracy was measured on (0 without labelled data).
+    """
+
+    results: tuple[BenchResult, ...]
+    runs: int
+    warmup: int
+    threads: int
+    input: str
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "results": [result.to_dict() for result in self.results],
+            "runs": self.runs,
+            "warmup": self.warmup,
+            "threads": self.threads,
+            "input": self.input,
+            "samples": self.samples,
+        }
+
+
+def benchmark(
+    paths: Sequence[str | Path],
+    data: str | Path | Dataset | None = None,
+    runs: int = DEFAULT_RUNS,
+    warmup: int = DEFAULT_WARMUP,
+    threads: int = DEFAULT_THREADS,
+    seed: int = 0,
+) -> BenchReport:
+    """Time artifacts side by side and measure their accuracy.
+
+    Args:
+        paths: .tflite and .onnx files taking the same input; the first is the reference.
+        data: A data spec for `load_data` (or a loaded Dataset). Timed calls cycle
+            through its samples; with labels, accuracy is measured on all of them.
+            Without data, every call gets one fixed generated input.
+        runs: Timed calls per artifact (>= 1).
+        warmup: Untimed calls per artifact first (>= 0).
+        threads: Threads per runtime (>= 0; 0 lets the runtime choose).
+        seed: Seed of the generated input.
+
+    Returns:
+        The report, results in the order of `paths`.
+
+    Raises:
+        CompressorError: Bad options; a missing, unknown or unreadable artifact;
+            artifacts with different inputs.
+        DataError: The data cannot be read or does not fit the artifacts.
+    """
+    _check_options(paths, runs, warmup, threads)
+    runners = [open_artifact(path, threads) for path in paths]
+    sample_shape = common_sample_shape(runners)
+    dataset = _load(data, sample_shape)
+    if dataset is None:
+        sample = None
+        inputs = [_batches(r, generated_input(sample_shape, r, seed)) for r in runners]
+    else:
+        # Only as many samples as there are calls: a large dataset need not be copied.
+        sample = dataset.x[: min(len(dataset), warmup + runs)]
+        inputs = [_batches(r, sample) for r in runners]
+    samples_ns = time_interleaved(
+        [_call(runner, batches) for runner, batches in zip(runners, inputs)], runs, warmup
+    )
+    labelled = dataset is not None and dataset.y is not None
+    accuracies = [top1_accuracy(r, dataset) if labelled else None for r in runners]
+    stats = [LatencyStats.from_ns(ns) for ns in samples_ns]
+    results = tuple(
+        BenchResult(
+            path=str(path),
+            format=runner.format,
+            bytes=runner.path.stat().st_size,
+            batch=len(batches[0]),
+            latency_ms=stat,
+            accuracy=accuracy,
+            ratio_to_first=_ratio(stat.median, stats[0].median),
+        )
+        for path, runner, batches, stat, accuracy in zip(paths, runners, inputs, stats, accuracies)
+    )
+    return BenchReport(
+        results=results,
+        runs=runs,
+        warmup=warmup,
+        threads=threads,
+        input="generated" if dataset is None else dataset.source,
+        samples=len(dataset) if labelled else 0,
+    )
+
+
+def common_sample_shape(runners: Sequence[ArtifactRunner]) -> Shape:
+    """The per-sample input shape all artifacts accept (None where all are free).
+
+    Raises:
+        CompressorError: Two artifacts take inputs of different shapes.
+    """
+    shape: Shape = tuple(runners[0].input_shape[1:])
+    for runner in runners[1:]:
+        other = tuple(runner.input_shape[1:])
+        if len(other) != len(shape) or any(
+            a is not None and b is not None and a != b for a, b in zip(shape, other)
+        ):
+            raise CompressorError(
+                f"artifacts take different inputs: {runners[0].path.name} expects "
+                f"{_show(shape)} per sample but {runner.path.name} expects {_show(other)}; "
+                "benchmark artifacts of the same model together"
+            )
+        shape = tuple(a if a is not None else b for a, b in zip(shape, other))
+    return shape
+
+
+def generated_input(shape: Shape, runner: ArtifactRunner, seed: int = 0) -> np.ndarray:
+    """One fixed, realistic sample (batch of 1) for timing without data.
+
+    Float inputs get standard-normal values, like normalized images or features:
+    zeros or tiny values would take fast paths, and random garbage can produce
+    denormal floats that run ten times slower than real inputs.
+
+    Raises:
+        CompressorError: The input has a free dimension, so no shape can be made up.
+    """
+    if any(d is None for d in shape):
+        raise CompressorError(
+            f"{runner.path.name} takes inputs of shape {_show(shape)} with free "
+            "dimensions; give data (--data) so that the timed inputs have a real shape"
+        )
+    rng = np.random.default_rng(seed)
+    dtype = runner.input_dtype
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, int(info.max) + 1, size=(1, *shape), dtype=dtype)
+    return rng.standard_normal((1, *shape)).astype(dtype)
+
+
+def top1_accuracy(runner: ArtifactRunner, data: Dataset) -> float:
+    """Share of samples whose highest output is the label.
+
+    A single output column is read as a sigmoid probability, thresholded at 0.5
+    (like Keras' binary accuracy).
+
+    Raises:
+        DataError: The data has no labels, or labels the outputs cannot express.
+    """
+    if data.y is None:
+        raise DataError(f"data from {data.source} has no labels; accuracy needs labels (y)")
+    if len(data) == 0:
+        raise DataError(f"data from {data.source} has no samples")
+    outputs = runner.predict(data.x).reshape(len(data), -1)
+    classes = max(outputs.shape[1], 2)
+    if int(data.y.max()) >= classes:
+        raise DataError(
+            f"data from {data.source} has labels up to {int(data.y.max())}, but "
+            f"{runner.path.name} outputs {outputs.shape[1]} class scores"
+        )
+    if outputs.shape[1] == 1:
+        predicted = (outputs[:, 0] > 0.5).astype(np.int64)
+    else:
+        predicted = outputs.argmax(axis=1)
+    return float(np.mean(predicted == data.y))
+
+
+def _check_options(paths: Sequence[Any], runs: int, warmup: int, threads: int) -> None:
+    if isinstance(paths, (str, Path)) or len(paths) == 0:
+        raise CompressorError(
+            f"expected a list of one or more .tflite/.onnx artifacts. Received: paths={paths!r}"
+        )
+    for name, value, low in (("runs", runs, 1), ("warmup", warmup, 0), ("threads", threads, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise CompressorError(f"{name} must be an integer >= {low}. Received: {name}={value!r}")
+
+
+def _load(data: str | Path | Dataset | None, sample_shape: Shape) -> Optional[Dataset]:
+    if data is None:
+        return None
+    dataset = data if isinstance(data, Dataset) else load_data(data, input_shape=sample_shape)
+    check_fits(dataset, sample_shape)
+    if len(dataset) == 0:
+        raise DataError(f"data from {dataset.source} has no samples")
+    return dataset
+
+
+def _batches(runner: ArtifactRunner, samples: np.ndarray) -> list[np.ndarray]:
+    """Prepared inputs, one per sample, each with the batch the artifact runs."""
+    batch = runner.fixed_batch or 1
+    prepared = runner.prepare(samples)
+    # An artifact converted with a fixed batch > 1 only accepts that batch: repeat
+    # the sample to fill it, and report the batch next to the latency.
+    return [np.repeat(prepared[i : i + 1], batch, axis=0) for i in range(len(prepared))]
+
+
+def _call(runner: ArtifactRunner, batches: list[np.ndarray]):
+    def call(round_index: int) -> object:
+        return runner.invoke(batches[round_index % len(batches)])
+
+    return call
+
+
+def _ratio(median: float, reference: float) -> Optional[float]:
+    return median / reference if reference > 0 else None
+
+
+def _show(shape: Shape) -> tuple:
+    return tuple("?" if d is None else d for d in shape)
