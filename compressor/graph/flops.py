@@ -1,0 +1,171 @@
+"""FLOPs of one layer call, from the layer's config and the shapes it was called with.
+
+Conventions (one sample, i.e. batch 1; the batch axis of every shape is ignored):
+
+- A multiply-accumulate is 2 FLOPs. Convolutions and Dense layers cost
+  2 × (output elements) × (inputs each output reads), plus 1 per output element
+  for the bias add, plus 1 per output element for a fused activation.
+  - ConvND: each output reads kernel_size × in_channels / groups inputs (strides,
+    dilation and padding enter through the output shape).
+  - ConvNDTranspose: each *input* element scatters into kernel_size × filters outputs.
+  - DepthwiseConvND: each output reads kernel_size inputs.
+  - SeparableConvND: the depthwise part (kernel_size per intermediate element) plus
+    the 1x1 pointwise part (in_channels × depth_multiplier per output element).
+  - Dense: each output reads the last input axis (any input rank).
+- BatchNormalization: 2 per element (inference: one scale, one shift).
+- Rescaling: 1 per element for the scale, +1 when the offset is not zero.
+  Normalization: 2 per element (subtract the mean, multiply by 1/std).
+- Max/average pooling: pool-window size per output element. Global pooling: 1 per
+  input element.
+- Add/Subtract/Multiply/Average/Maximum/Minimum layers: (inputs − 1) per output
+  element. Element-wise keras.ops operations in the graph (`x + y`, `x * 0.5`): 1 per
+  output element.
+- Activation functions (Activation, ReLU, LeakyReLU, PReLU, ELU, Softmax layers, and
+  fused `activation=`): 1 per element, whatever the function; "linear" is free.
+- Data movement is free: InputLayer, ZeroPadding, Cropping, Reshape, Flatten,
+  Permute, Concatenate, Dropout and the other regularization layers.
+- Any other layer, and any layer whose shapes have free (None) dimensions besides the
+  batch, counts 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import keras
+import numpy as np
+
+Shape = tuple[Optional[int], ...]
+
+L = keras.layers
+CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
+CONV_TRANSPOSE = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
+DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
+SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
+POOLING = (
+    L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
+    L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
+)  # fmt: skip
+GLOBAL_POOLING = (
+    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
+    L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
+)  # fmt: skip
+MERGE = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
+ACTIVATION = (L.Activation, L.ReLU, L.LeakyReLU, L.PReLU, L.ELU, L.Softmax)
+ELEMENTWISE_OPS = {"Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum", "Power"}
+
+
+class _FreeDimension(Exception):
+    """A shape has a None dimension besides the batch: the cost is unknown."""
+
+
+def layer_flops(layer: Any, input_shapes: Sequence[Shape], output_shapes: Sequence[Shape]) -> int:
+    """FLOPs of one call of `layer` at batch 1 (conventions in the module docstring).
+
+    Args:
+        layer: A Keras layer, or a keras.ops operation found in a Functional graph.
+        input_shapes: Shapes of the call's tensor inputs, batch first.
+        output_shapes: Shapes of the call's outputs, batch first.
+
+    Returns:
+        The FLOPs; 0 for layers without a rule and for shapes with free dimensions.
+    """
+    if not output_shapes:
+        return 0
+    try:
+        if not isinstance(layer, L.Layer):
+            return _size(output_shapes[0]) if type(layer).__name__ in ELEMENTWISE_OPS else 0
+        for classes, rule in _RULES:
+            if isinstance(layer, classes):
+                return int(rule(layer.get_config(), list(input_shapes), list(output_shapes)))
+    except _FreeDimension:
+        return 0
+    return 0
+
+
+def _size(shape: Shape) -> int:
+    """Elements of one sample (the batch axis dropped)."""
+    dims = shape[1:]
+    if any(d is None for d in dims):
+        raise _FreeDimension(shape)
+    return math.prod(dims)
+
+
+def _prod(value: Any) -> int:
+    return math.prod(value) if isinstance(value, (tuple, list)) else int(value)
+
+
+def _channels(config: dict, shape: Shape) -> int:
+    channel = shape[1] if config.get("data_format") == "channels_first" else shape[-1]
+    if channel is None:
+        raise _FreeDimension(shape)
+    return channel
+
+
+def _epilogue(config: dict, out: Shape) -> int:
+    """Bias add and fused activation, 1 per output element each."""
+    size = _size(out)
+    bias = size if config.get("use_bias", False) else 0
+    return bias + (size if _is_activation(config.get("activation")) else 0)
+
+
+def _is_activation(name: Any) -> bool:
+    return name not in (None, "linear")
+
+
+def _conv(config: dict, ins: list, outs: list) -> int:
+    per_output = _prod(config["kernel_size"]) * _channels(config, ins[0]) // config.get("groups", 1)
+    return 2 * _size(outs[0]) * per_output + _epilogue(config, outs[0])
+
+
+def _conv_transpose(config: dict, ins: list, outs: list) -> int:
+    per_input = _prod(config["kernel_size"]) * config["filters"]
+    return 2 * _size(ins[0]) * per_input + _epilogue(config, outs[0])
+
+
+def _depthwise(config: dict, ins: list, outs: list) -> int:
+    return 2 * _size(outs[0]) * _prod(config["kernel_size"]) + _epilogue(config, outs[0])
+
+
+def _separable(config: dict, ins: list, outs: list) -> int:
+    positions = _size(outs[0]) // config["filters"]
+    middle = _channels(config, ins[0]) * config["depth_multiplier"]
+    depthwise = 2 * positions * middle * _prod(config["kernel_size"])
+    pointwise = 2 * positions * middle * config["filters"]
+    return depthwise + pointwise + _epilogue(config, outs[0])
+
+
+def _dense(config: dict, ins: list, outs: list) -> int:
+    features = ins[0][-1]
+    if features is None:
+        raise _FreeDimension(ins[0])
+    return 2 * _size(outs[0]) * features + _epilogue(config, outs[0])
+
+
+def _rescaling(config: dict, ins: list, outs: list) -> int:
+    shift = bool(np.any(np.asarray(config.get("offset", 0.0)) != 0))
+    return _size(outs[0]) * (2 if shift else 1)
+
+
+def _activation(config: dict, ins: list, outs: list) -> int:
+    if "activation" in config and not _is_activation(config["activation"]):
+        return 0
+    return _size(outs[0])
+
+
+_Rule = Callable[[dict, list, list], int]
+_RULES: tuple[tuple[tuple[type, ...], _Rule], ...] = (
+    (CONV, _conv),
+    (CONV_TRANSPOSE, _conv_transpose),
+    (DEPTHWISE, _depthwise),
+    (SEPARABLE, _separable),
+    ((L.Dense,), _dense),
+    ((L.BatchNormalization,), lambda c, ins, outs: 2 * _size(outs[0])),
+    ((L.Rescaling,), _rescaling),
+    ((L.Normalization,), lambda c, ins, outs: 2 * _size(outs[0])),
+    (POOLING, lambda c, ins, outs: _size(outs[0]) * _prod(c["pool_size"])),
+    (GLOBAL_POOLING, lambda c, ins, outs: _size(ins[0])),
+    (MERGE, lambda c, ins, outs: (len(ins) - 1) * _size(outs[0])),
+    (ACTIVATION, _activation),
+)
