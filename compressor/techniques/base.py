@@ -1,0 +1,337 @@
+"""The technique protocol, and what all techniques share: kernels, costs, errors.
+
+A technique turns one layer into cheaper layers. It says whether it applies
+(`check`), proposes edits for the search (`options`), and builds the layers of one
+edit (`build`); the rewriter in `compressor.surgery` wires them in. Adding a
+technique means one module that implements `Technique` and one line in
+`compressor.techniques.registry`.
+
+Kernels are handled in their "pattern layout" (..., in_channels, out_channels):
+the layout of Conv1D/2D/3D and Dense kernels. The other kernels are viewed in it:
+a depthwise kernel (..., C, multiplier) as (..., 1, C × multiplier), so that one
+output channel is one column; a transposed convolution's kernel (..., out, in) with
+its last two axes swapped; a separable convolution by its pointwise kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Protocol, Sequence
+
+import keras
+import numpy as np
+
+from compressor.errors import CompressorError
+from compressor.graph.flops import CONV_TRANSPOSE, DEPTHWISE, SEPARABLE, Shape, layer_flops
+from compressor.surgery.plan import LayerEdit, PlanError, SparsitySpec
+from compressor.surgery.replacement import Replacement
+
+NOMINAL_SIZE = 32  # spatial size assumed for free (None) dimensions when costing a layer
+
+
+class Technique(Protocol):
+    """One way of compressing a layer.
+
+    Attributes:
+        name: The `LayerEdit.technique` it handles ("tucker", "svd", "sparsity").
+    """
+
+    name: str
+
+    def check(
+        self, layer: Any, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
+    ) -> Optional[str]:
+        """None if the technique applies to `layer`, else a reason a user can read."""
+
+    def options(
+        self,
+        layer: Any,
+        residual: Optional[SparsitySpec] = None,
+        input_shape: Optional[Shape] = None,
+        output_shape: Optional[Shape] = None,
+    ) -> list[LayerEdit]:
+        """Candidate edits, from light to heavy compression, each lowering params and FLOPs.
+
+        `residual` is a pattern template (its density is ignored): for low-rank
+        techniques it asks for hybrid edits with a sparse residual in that pattern,
+        for "sparsity" it is the pattern of the mask.
+        """
+
+    def build(self, layer: Any, edit: LayerEdit) -> Replacement:
+        """The new layers (and their weights) that stand in for `layer`."""
+
+
+# --- kernels ---------------------------------------------------------------------------
+
+
+def kernel_name(layer: Any) -> Optional[str]:
+    """Name of the weight a technique works on: "pointwise_kernel" or "kernel"; None if none."""
+    names = {weight.name for weight in getattr(layer, "weights", ())}
+    if isinstance(layer, SEPARABLE):
+        return "pointwise_kernel" if "pointwise_kernel" in names else None
+    return "kernel" if "kernel" in names else None
+
+
+def kernel_index(layer: Any) -> int:
+    """Position of the main kernel in `layer.weights` (and in `layer.get_weights()`)."""
+    name = kernel_name(layer)
+    return next(i for i, weight in enumerate(layer.weights) if weight.name == name)
+
+
+def kernel_of(layer: Any) -> np.ndarray:
+    """The layer's main kernel as numpy, in the layer's own layout."""
+    return keras.ops.convert_to_numpy(layer.weights[kernel_index(layer)])
+
+
+def pattern_kernel(layer: Any, kernel: Optional[np.ndarray] = None) -> np.ndarray:
+    """A kernel viewed in pattern layout (..., in, out) (module docstring)."""
+    kernel = kernel_of(layer) if kernel is None else kernel
+    if isinstance(layer, DEPTHWISE):
+        return kernel.reshape(*kernel.shape[:-2], 1, kernel.shape[-2] * kernel.shape[-1])
+    if isinstance(layer, CONV_TRANSPOSE):
+        return np.swapaxes(kernel, -1, -2)
+    return kernel
+
+
+def restore_kernel(layer: Any, pattern: np.ndarray) -> np.ndarray:
+    """Inverse of `pattern_kernel`: back to the layer's own layout."""
+    if isinstance(layer, DEPTHWISE):
+        return pattern.reshape(kernel_of(layer).shape)
+    if isinstance(layer, CONV_TRANSPOSE):
+        return np.swapaxes(pattern, -1, -2)
+    return pattern
+
+
+def kept_count(shape: Sequence[int], spec: SparsitySpec) -> int:
+    """How many weights of a pattern-layout kernel of this shape `spec` keeps.
+
+    The single source of truth for both `sparsity.mask` and `edit_cost`: a pattern
+    keeps round(density × units) whole units (weights, filters, input channels or
+    blocks; halves round up); "n:m" keeps n/m of the weights whatever its density.
+
+    Raises:
+        PlanError: The kernel has fewer than 2 axes, or a block size or m does not
+            divide the channel counts.
+    """
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2:
+        raise PlanError(f"a sparsity pattern needs a kernel with (in, out) axes. Received: shape={shape}")
+    size, c_in, c_out = math.prod(shape), shape[-2], shape[-1]
+    structure = spec.structure
+    if structure == "unstructured":
+        return round_half_up(spec.density * size)
+    if structure == "filter":
+        return round_half_up(spec.density * c_out) * (size // c_out)
+    if structure == "channel":
+        return round_half_up(spec.density * c_in) * (size // c_in)
+    if structure == "block":
+        rows, cols = spec.block_size
+        if c_in % rows or c_out % cols:
+            raise PlanError(
+                f"block size {rows}x{cols} does not divide the kernel's channels "
+                f"(in={c_in}, out={c_out}): choose a block size that divides both"
+            )
+        blocks = size // (rows * cols)
+        return round_half_up(spec.density * blocks) * rows * cols
+    if c_in % spec.m:
+        raise PlanError(
+            f"n:m sparsity with m={spec.m} needs input channels divisible by m. Received: in_channels={c_in}"
+        )
+    return size // spec.m * spec.n
+
+
+def round_half_up(value: float) -> int:
+    """Nearest integer, halves up (Python's round() rounds halves to even)."""
+    return int(math.floor(value + 0.5))
+
+
+# --- shapes and costs -------------------------------------------------------------------
+
+
+def call_shapes(
+    layer: Any, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
+) -> tuple[Shape, Shape]:
+    """Fully known input and output shapes (batch first, batch 1) to cost a layer at.
+
+    Args:
+        layer: A built layer.
+        input_shape: Shape of the call to cost; default: its first call in a model.
+        output_shape: Its output shape; default: computed from `input_shape`.
+
+    Returns:
+        (input_shape, output_shape). Free (None) dimensions besides the batch count as
+        `NOMINAL_SIZE`; a layer never called is costed at NOMINAL_SIZE spatial size.
+    """
+    if input_shape is None:
+        try:
+            input_shape = tuple(layer.input.shape)
+        except (AttributeError, ValueError, RuntimeError):
+            input_shape = _nominal_input_shape(layer)
+    known = (1,) + tuple(NOMINAL_SIZE if d is None else int(d) for d in input_shape[1:])
+    if output_shape is None or known != (1,) + tuple(input_shape[1:]) or None in tuple(output_shape[1:]):
+        output_shape = tuple(layer.compute_output_shape(known))
+    return known, (1,) + tuple(int(d) for d in output_shape[1:])
+
+
+def _nominal_input_shape(layer: Any) -> Shape:
+    kernel = keras.ops.convert_to_numpy(layer.weights[0]) if layer.weights else None
+    if kernel is None:
+        raise CompressorError(f"layer {layer.name!r} is not built: call it on an input first")
+    if isinstance(layer, keras.layers.Dense):
+        return (None, kernel.shape[0])
+    if isinstance(layer, CONV_TRANSPOSE):
+        channels = kernel.shape[-1]
+    else:
+        channels = kernel.shape[-2] * getattr(layer, "groups", 1)
+    spatial = (NOMINAL_SIZE,) * (kernel.ndim - 2)
+    first = getattr(layer, "data_format", "channels_last") == "channels_first"
+    return (None, channels, *spatial) if first else (None, *spatial, channels)
+
+
+def layer_cost(layer: Any, input_shape: Shape, output_shape: Shape) -> tuple[int, int]:
+    """(params, FLOPs) of the layer as it is, at batch 1."""
+    return int(layer.count_params()), layer_flops(layer, [input_shape], [output_shape])
+
+
+def edit_cost(
+    layer: Any, edit: LayerEdit, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
+) -> tuple[int, int]:
+    """Params and FLOPs (batch 1) of what `edit` makes of `layer`.
+
+    FLOPs follow `compressor.graph.flops`: 2 per multiply-accumulate, 1 per output
+    element for a bias add, for an activation, and for the Add that joins a residual
+    branch. Sparse weights (a sparsity mask, a low-rank edit's residual) count as
+    their non-zeros, for params AND FLOPs: a sparse-storage artifact holds only the
+    non-zeros, and each of them is one multiply-accumulate per position it is applied
+    at. (Kept weights are counted: a kept weight that is exactly 0 still counts.)
+
+    Args:
+        layer: The original, built layer.
+        edit: An edit of it ("tucker", "svd" or "sparsity").
+        input_shape, output_shape: Shapes of its call, batch first (`call_shapes`).
+
+    Returns:
+        (params, flops).
+
+    Raises:
+        PlanError: The edit's sparsity pattern does not fit the kernel.
+    """
+    input_shape, output_shape = call_shapes(layer, input_shape, output_shape)
+    if edit.technique == "sparsity":
+        return _sparsity_cost(layer, edit.sparsity, input_shape, output_shape)
+    kernel_shape = tuple(layer.kernel.shape)
+    c_in, c_out = kernel_shape[-2], kernel_shape[-1]
+    out_size = math.prod(output_shape[1:])
+    out_positions = out_size // c_out
+    if edit.technique == "tucker":
+        r1, r2 = edit.ranks
+        taps = math.prod(kernel_shape[:-2])
+        in_positions = math.prod(input_shape[1:]) // c_in
+        params = c_in * r1 + taps * r1 * r2 + r2 * c_out
+        flops = 2 * (in_positions * c_in * r1 + out_positions * (taps * r1 * r2 + r2 * c_out))
+    else:
+        rows = math.prod(kernel_shape[:-1])  # the kernel as a (taps × in, out) matrix
+        params = (rows + c_out) * edit.rank
+        flops = 2 * out_positions * (rows + c_out) * edit.rank
+    params += c_out if layer.use_bias else 0
+    flops += out_size * (int(layer.use_bias) + int(_has_activation(layer)))
+    kept = kept_count(kernel_shape, edit.residual) if edit.residual is not None else 0
+    if kept:
+        params += kept
+        flops += 2 * out_positions * kept + out_size  # the branch, and the Add joining it
+    return params, flops
+
+
+def _sparsity_cost(layer: Any, spec: SparsitySpec, input_shape: Shape, output_shape: Shape) -> tuple[int, int]:
+    params, flops = layer_cost(layer, input_shape, output_shape)
+    pattern_shape = pattern_kernel(layer).shape
+    dropped = math.prod(pattern_shape) - kept_count(pattern_shape, spec)
+    # Each kernel weight is one multiply-accumulate per position the kernel is applied
+    # at: per output position, or per input position for a transposed convolution.
+    if isinstance(layer, CONV_TRANSPOSE):
+        positions = math.prod(input_shape[1:]) // pattern_shape[-2]
+    else:
+        positions = math.prod(output_shape[1:]) // pattern_shape[-1]
+    return params - dropped, flops - 2 * positions * dropped
+
+
+def _has_activation(layer: Any) -> bool:
+    return activation_name(layer) is not None
+
+
+def activation_name(layer: Any) -> Optional[Any]:
+    """The layer's fused activation as serialized in its config; None for none/linear."""
+    name = layer.get_config().get("activation")
+    return None if name in (None, "linear") else name
+
+
+# --- reconstruction error ---------------------------------------------------------------
+
+
+def effective_kernel(layer: Any, replacement: Replacement) -> np.ndarray:
+    """The one kernel the replacement's layers amount to, in the layer's own layout.
+
+    A chain of several layers is composed (all but its one spatial kernel are
+    pointwise), plus the residual branch's kernel; a one-layer chain (a masked
+    clone) is read at the position of the original's main kernel.
+    """
+    if len(replacement.chain) == 1:
+        kernel = np.asarray(replacement.chain[0].weights[kernel_index(layer)], dtype=np.float64)
+    else:
+        kernel = compose_kernels([np.asarray(piece.weights[0], dtype=np.float64) for piece in replacement.chain])
+    if replacement.branch is not None:
+        kernel = kernel + replacement.branch.weights[0]
+    return kernel
+
+
+def compose_kernels(kernels: Sequence[np.ndarray]) -> np.ndarray:
+    """The kernel of a chain of linear layers with one spatial kernel and pointwise others.
+
+    Args:
+        kernels: Kernels in pattern layout (..., in, out), in chain order; Dense
+            kernels are (in, out).
+
+    Returns:
+        A kernel shaped like the spatial one, with the chain's first input and last
+        output channels.
+    """
+    taps = [math.prod(k.shape[:-2]) for k in kernels]
+    at = int(np.argmax(taps))  # first of the largest: the spatial kernel, or the first of 1x1s
+    before = np.eye(kernels[0].shape[-2])
+    for k in kernels[:at]:
+        before = before @ k.reshape(k.shape[-2:])
+    after = np.eye(kernels[at].shape[-1])
+    for k in kernels[at + 1 :]:
+        after = after @ k.reshape(k.shape[-2:])
+    return np.einsum("ia,...ab,bo->...io", before, kernels[at], after)
+
+
+def reconstruction_error(layer: Any, edit: LayerEdit, replacement: Optional[Replacement] = None) -> float:
+    """||W − Ŵ||_F / ||W||_F of the layer's main kernel W.
+
+    Ŵ is the kernel the edit's layers amount to: the composed factors plus the
+    sparse residual, or the masked kernel.
+
+    Args:
+        layer: The original, built layer.
+        edit: An edit of it.
+        replacement: Its already built replacement, to avoid building it again.
+
+    Returns:
+        The relative error, 0 for an exact replacement.
+    """
+    if replacement is None:
+        # Imported here: the registry imports the technique modules, which import this one.
+        from compressor.techniques.registry import TECHNIQUES
+
+        replacement = TECHNIQUES[edit.technique].build(layer, edit)
+    kernel = kernel_of(layer).astype(np.float64)
+    approx = effective_kernel(layer, replacement)
+    return relative_error(kernel, approx)
+
+
+def relative_error(kernel: np.ndarray, approx: np.ndarray) -> float:
+    """||kernel − approx||_F / ||kernel||_F (0 when the kernel is all zeros and so is approx)."""
+    norm = float(np.linalg.norm(kernel))
+    diff = float(np.linalg.norm(np.asarray(kernel, np.float64) - approx))
+    return diff / norm if norm else diff

@@ -1,0 +1,420 @@
+"""Low-rank factorizations of a layer's kernel, optionally plus a sparse residual.
+
+- Tucker-2 ("tucker") of a k×k Conv2D kernel W (kh, kw, Cin, Cout) over its channel
+  modes: W ≈ G ×₃ U_in ×₄ U_out, run as 1×1 (Cin→R1, kernel U_in) → k×k (R1→R2,
+  kernel G, the original strides/dilation/padding) → 1×1 (R2→Cout, kernel U_outᵀ,
+  the original bias and activation). The 1×1 layers have no bias, so zero padding
+  in the middle layer commutes with the first and the three compose exactly to the
+  Tucker approximation.
+- Truncated SVD ("svd") of a 1×1 Conv2D, Conv1D or Dense kernel seen as a
+  (taps × Cin, Cout) matrix: W ≈ (U√Σ)(√Σ Vᵀ), run as the original layer narrowed to
+  r outputs without bias, then a pointwise layer r→Cout with the bias and activation.
+- Hybrid: W ≈ L + S, L low-rank and S sparse in a `SparsitySpec` pattern, found by
+  alternating L = lowrank(W − S) and S = the pattern's best part of W − L (robust-PCA
+  style). S runs in a parallel branch: a layer configured like the original (kernel
+  size, strides, padding, dilation) holding S, without bias. The chain's last layer
+  keeps the bias, and the activation moves after the sum.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import keras
+import numpy as np
+from tensorly.decomposition import partial_tucker
+
+from compressor.surgery.plan import LayerEdit, PlanError, SparsitySpec
+from compressor.surgery.replacement import Piece, Replacement
+from compressor.techniques.base import (
+    Shape,
+    activation_name,
+    call_shapes,
+    edit_cost,
+    kept_count,
+    kernel_name,
+    kernel_of,
+    layer_cost,
+    relative_error,
+)
+from compressor.techniques.sparsity import masked
+
+RANK_FRACTIONS = (3 / 4, 5 / 8, 1 / 2, 3 / 8, 1 / 4, 1 / 8, 1 / 16)
+RESIDUAL_DENSITIES = (0.1, 0.05, 0.02, 0.01)
+HYBRID_ITERATIONS = 5
+# Config entries the new layers inherit from the layer they replace.
+CARRIED = (
+    "trainable", "dtype", "data_format",
+    "kernel_initializer", "bias_initializer", "kernel_regularizer", "bias_regularizer",
+    "kernel_constraint", "bias_constraint",
+)  # fmt: skip
+
+Factors = tuple[np.ndarray, ...]
+
+
+# --- the math ---------------------------------------------------------------------------
+
+
+def tucker2(kernel: np.ndarray, ranks: tuple[int, int]) -> Factors:
+    """Tucker-2 of a (kh, kw, Cin, Cout) kernel over its channel modes.
+
+    Deterministic: HOOI from an SVD initialization (tensorly `partial_tucker`).
+
+    Args:
+        kernel: The kernel.
+        ranks: (R1, R2), at most (Cin, Cout).
+
+    Returns:
+        (core (kh, kw, R1, R2), u_in (Cin, R1), u_out (Cout, R2)), with
+        `compose_tucker2` of them the approximation.
+    """
+    (core, (u_in, u_out)), _ = partial_tucker(
+        np.asarray(kernel, dtype=np.float64), rank=list(ranks), modes=[2, 3], init="svd", random_state=0
+    )
+    return np.asarray(core), np.asarray(u_in), np.asarray(u_out)
+
+
+def compose_tucker2(core: np.ndarray, u_in: np.ndarray, u_out: np.ndarray) -> np.ndarray:
+    """The (kh, kw, Cin, Cout) kernel the Tucker-2 factors amount to."""
+    return np.einsum("hwab,ia,ob->hwio", core, u_in, u_out)
+
+
+def truncated_svd(matrix: np.ndarray, rank: int) -> Factors:
+    """The best rank-`rank` factors (left (rows, r), right (r, cols)) of a matrix.
+
+    The singular values are split as √Σ on both sides, so both factors have the
+    same scale.
+    """
+    u, s, vt = np.linalg.svd(np.asarray(matrix, dtype=np.float64), full_matrices=False)
+    root = np.sqrt(s[:rank])
+    return u[:, :rank] * root, root[:, None] * vt[:rank]
+
+
+def low_rank_plus_sparse(
+    kernel: np.ndarray,
+    fit: Callable[[np.ndarray], Factors],
+    compose: Callable[[Factors], np.ndarray],
+    spec: SparsitySpec,
+    iterations: int = HYBRID_ITERATIONS,
+) -> tuple[Factors, np.ndarray]:
+    """W ≈ L + S by alternating L = fit(W − S) and S = masked(W − L, spec).
+
+    Args:
+        kernel: W, in pattern layout (..., in, out).
+        fit: Low-rank factors of a kernel.
+        compose: The kernel that factors amount to.
+        spec: Pattern and density of S.
+        iterations: At most this many alternations; stops when the error stops falling.
+
+    Returns:
+        (factors of L, S), the pair with the least ||W − L − S||_F found; S keeps
+        exactly `kept_count(kernel.shape, spec)` weights.
+    """
+    sparse = np.zeros_like(kernel)
+    best: Optional[tuple[Factors, np.ndarray, float]] = None
+    for _ in range(iterations):
+        factors = fit(kernel - sparse)
+        error = kernel - compose(factors)
+        sparse = masked(error, spec)
+        remaining = float(np.linalg.norm(error - sparse))
+        if best is not None and remaining >= best[2] * (1 - 1e-6):
+            break
+        best = (factors, sparse, remaining)
+    return best[0], best[1]
+
+
+# --- the techniques ---------------------------------------------------------------------
+
+
+class _LowRank:
+    """What Tucker-2 and SVD share: checks, the option grid, and assembling layers."""
+
+    name = ""
+
+    def check(
+        self, layer: Any, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
+    ) -> Optional[str]:
+        reason = self._reason(layer)
+        if reason is None and not self.options(layer, None, input_shape, output_shape):
+            return "factorizing cannot lower its cost"
+        return reason
+
+    def options(
+        self,
+        layer: Any,
+        residual: Optional[SparsitySpec] = None,
+        input_shape: Optional[Shape] = None,
+        output_shape: Optional[Shape] = None,
+    ) -> list[LayerEdit]:
+        """Ranks at RANK_FRACTIONS of full rank (≥ 1), from light to heavy compression.
+
+        With a `residual` template, each rank is paired with residual densities
+        RESIDUAL_DENSITIES (or n/m for "n:m"). Only edits with fewer params AND fewer
+        FLOPs than the layer are returned, sorted by params then FLOPs, descending;
+        residuals that would keep no weight are left out.
+        A layer the technique does not apply to gets none.
+
+        Raises:
+            PlanError: The residual pattern does not fit the layer's kernel.
+        """
+        if self._reason(layer) is not None:
+            return []
+        input_shape, output_shape = call_shapes(layer, input_shape, output_shape)
+        params, flops = layer_cost(layer, input_shape, output_shape)
+        if residual is None:
+            residuals: tuple[Optional[SparsitySpec], ...] = (None,)
+        else:
+            densities = (residual.n / residual.m,) if residual.structure == "n:m" else RESIDUAL_DENSITIES
+            residuals = tuple(
+                SparsitySpec(d, residual.structure, residual.block_size, residual.n, residual.m) for d in densities
+            )
+            kept_count(tuple(layer.kernel.shape), residuals[0])  # raises if the pattern does not fit
+        found: dict[tuple, tuple[tuple[int, int], LayerEdit]] = {}
+        for rank in self._ranks(tuple(layer.kernel.shape)):
+            for spec in residuals:
+                edit = self._edit(layer.name, rank, spec)
+                kept = kept_count(tuple(layer.kernel.shape), spec) if spec else 0
+                if spec is not None and not kept:
+                    continue  # an empty residual: the plain low-rank edit
+                cost = edit_cost(layer, edit, input_shape, output_shape)
+                if cost[0] < params and cost[1] < flops:
+                    found.setdefault((rank, kept), (cost, edit))
+        return [edit for _, edit in sorted(found.values(), key=lambda item: item[0], reverse=True)]
+
+    def build(self, layer: Any, edit: LayerEdit) -> Replacement:
+        """The chain (and residual branch) of `edit`, with weights that compose to Ŵ.
+
+        Raises:
+            PlanError: The edit is not of this technique, the technique does not
+                apply to the layer, its ranks exceed the kernel's, or its residual
+                pattern does not fit.
+        """
+        if edit.technique != self.name:
+            raise PlanError(f"the {self.name} technique cannot build a {edit.technique!r} edit of {layer.name!r}")
+        reason = self._reason(layer)
+        if reason is not None:
+            raise PlanError(f"cannot apply {self.name} to {layer.name!r}: {reason}")
+        kernel = kernel_of(layer)
+        self._validate_rank(layer.name, kernel.shape, edit)
+        fit, compose = self._fit(kernel.shape, edit)
+        wide = kernel.astype(np.float64)
+        sparse = None
+        if edit.residual is not None and kept_count(kernel.shape, edit.residual):
+            factors, sparse = low_rank_plus_sparse(wide, fit, compose, edit.residual)
+        else:
+            factors = fit(wide)
+        approx = compose(factors) + (0 if sparse is None else sparse)
+        notes = {
+            "reconstruction_error": relative_error(wide, approx),
+            "residual_weights": 0 if sparse is None else kept_count(kernel.shape, edit.residual),
+        }
+        return _assemble(layer, self._kernels(kernel.shape, factors), sparse, notes)
+
+    # Subclass hooks.
+    def _reason(self, layer: Any) -> Optional[str]:
+        raise NotImplementedError
+
+    def _ranks(self, kernel_shape: tuple[int, ...]) -> list:
+        raise NotImplementedError
+
+    def _edit(self, layer_name: str, rank: Any, residual: Optional[SparsitySpec]) -> LayerEdit:
+        raise NotImplementedError
+
+    def _validate_rank(self, layer_name: str, kernel_shape: tuple[int, ...], edit: LayerEdit) -> None:
+        raise NotImplementedError
+
+    def _fit(self, kernel_shape: tuple[int, ...], edit: LayerEdit) -> tuple[Callable, Callable]:
+        raise NotImplementedError
+
+    def _kernels(self, kernel_shape: tuple[int, ...], factors: Factors) -> list[tuple[str, np.ndarray, bool]]:
+        """The chain as (name suffix, kernel, spatial) triples; spatial: keeps the original's strides etc."""
+        raise NotImplementedError
+
+
+class Tucker(_LowRank):
+    """Tucker-2 of k×k Conv2D kernels (groups 1) into 1×1 → k×k → 1×1."""
+
+    name = "tucker"
+
+    def _reason(self, layer: Any) -> Optional[str]:
+        reason = _common_reason(layer)
+        if reason:
+            return reason
+        if isinstance(layer, keras.layers.Conv2D):
+            if math.prod(layer.kernel_size) == 1:
+                return "kernel is 1x1: use svd"
+            return _grouped_reason(layer)
+        if isinstance(layer, (keras.layers.Conv1D, keras.layers.Dense)):
+            return f"tucker factorizes kxk Conv2D kernels: use svd for {type(layer).__name__}"
+        return f"tucker applies to Conv2D layers, not {type(layer).__name__}"
+
+    def _ranks(self, kernel_shape: tuple[int, ...]) -> list[tuple[int, int]]:
+        c_in, c_out = kernel_shape[-2:]
+        return list(dict.fromkeys((_fraction(f, c_in), _fraction(f, c_out)) for f in RANK_FRACTIONS))
+
+    def _edit(self, layer_name: str, rank: Any, residual: Optional[SparsitySpec]) -> LayerEdit:
+        return LayerEdit(layer=layer_name, technique="tucker", ranks=rank, residual=residual)
+
+    def _validate_rank(self, layer_name: str, kernel_shape: tuple[int, ...], edit: LayerEdit) -> None:
+        c_in, c_out = kernel_shape[-2:]
+        if edit.ranks[0] > c_in or edit.ranks[1] > c_out:
+            raise PlanError(
+                f"tucker ranks of {layer_name!r} must be at most its channels (in={c_in}, out={c_out}). "
+                f"Received: ranks={edit.ranks}"
+            )
+
+    def _fit(self, kernel_shape: tuple[int, ...], edit: LayerEdit) -> tuple[Callable, Callable]:
+        return (lambda kernel: tucker2(kernel, edit.ranks)), (lambda factors: compose_tucker2(*factors))
+
+    def _kernels(self, kernel_shape: tuple[int, ...], factors: Factors) -> list[tuple[str, np.ndarray, bool]]:
+        core, u_in, u_out = factors
+        return [
+            ("tucker_in", u_in.reshape(1, 1, *u_in.shape), False),
+            ("tucker_core", core, True),
+            ("tucker_out", u_out.T.reshape(1, 1, *u_out.T.shape), False),
+        ]
+
+
+class SVD(_LowRank):
+    """Truncated SVD of 1×1 Conv2D, Conv1D and Dense kernels (groups 1) into two layers."""
+
+    name = "svd"
+
+    def _reason(self, layer: Any) -> Optional[str]:
+        reason = _common_reason(layer)
+        if reason:
+            return reason
+        if isinstance(layer, keras.layers.Conv2D) and math.prod(layer.kernel_size) > 1:
+            size = "x".join(str(k) for k in layer.kernel_size)
+            return f"kernel is {size}: use tucker"
+        if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
+            return _grouped_reason(layer)
+        if isinstance(layer, keras.layers.Dense):
+            return None
+        return f"svd applies to Dense, Conv1D and 1x1 Conv2D layers, not {type(layer).__name__}"
+
+    def _ranks(self, kernel_shape: tuple[int, ...]) -> list[int]:
+        full = min(math.prod(kernel_shape[:-1]), kernel_shape[-1])
+        return list(dict.fromkeys(_fraction(f, full) for f in RANK_FRACTIONS))
+
+    def _edit(self, layer_name: str, rank: Any, residual: Optional[SparsitySpec]) -> LayerEdit:
+        return LayerEdit(layer=layer_name, technique="svd", rank=rank, residual=residual)
+
+    def _validate_rank(self, layer_name: str, kernel_shape: tuple[int, ...], edit: LayerEdit) -> None:
+        rows, cols = math.prod(kernel_shape[:-1]), kernel_shape[-1]
+        if edit.rank > min(rows, cols):
+            raise PlanError(
+                f"svd rank of {layer_name!r} must be at most min({rows}, {cols}) = {min(rows, cols)}. "
+                f"Received: rank={edit.rank}"
+            )
+
+    def _fit(self, kernel_shape: tuple[int, ...], edit: LayerEdit) -> tuple[Callable, Callable]:
+        rows = math.prod(kernel_shape[:-1])
+
+        def fit(kernel: np.ndarray) -> Factors:
+            return truncated_svd(kernel.reshape(rows, kernel_shape[-1]), edit.rank)
+
+        def compose(factors: Factors) -> np.ndarray:
+            return (factors[0] @ factors[1]).reshape(kernel_shape)
+
+        return fit, compose
+
+    def _kernels(self, kernel_shape: tuple[int, ...], factors: Factors) -> list[tuple[str, np.ndarray, bool]]:
+        left, right = factors
+        taps = kernel_shape[:-2]
+        pointwise = (1,) * len(taps)
+        return [
+            ("svd_in", left.reshape(*taps, kernel_shape[-2], left.shape[-1]), True),
+            ("svd_out", right.reshape(*pointwise, *right.shape), False),
+        ]
+
+
+def _fraction(fraction: float, full: int) -> int:
+    return max(1, int(round(fraction * full)))
+
+
+def _common_reason(layer: Any) -> Optional[str]:
+    if kernel_name(layer) is None:
+        return "has no kernel to factorize"
+    if getattr(layer, "quantization_mode", None):
+        return f"already quantized ({layer.quantization_mode})"
+    return None
+
+
+def _grouped_reason(layer: Any) -> Optional[str]:
+    groups = getattr(layer, "groups", 1)
+    return f"grouped convolution (groups={groups})" if groups != 1 else None
+
+
+# --- layers -----------------------------------------------------------------------------
+
+
+def _assemble(
+    layer: Any, kernels: list[tuple[str, np.ndarray, bool]], sparse: Optional[np.ndarray], notes: dict
+) -> Replacement:
+    """Pieces for a chain of kernels (the last with the bias), and the residual branch."""
+    dtype = kernel_of(layer).dtype
+    activation = activation_name(layer)
+    bias = [keras.ops.convert_to_numpy(layer.bias)] if layer.use_bias else []
+    chain = []
+    for position, (suffix, kernel, spatial) in enumerate(kernels):
+        last = position == len(kernels) - 1
+        new = derived_layer(
+            layer,
+            suffix,
+            width=kernel.shape[-1],
+            kernel_size=kernel.shape[:-2],
+            spatial=spatial,
+            use_bias=last and layer.use_bias,
+            activation=activation if last and sparse is None else None,
+            output=last and sparse is None,
+        )
+        chain.append(Piece(new, [kernel.astype(dtype)] + (bias if last else [])))
+    if sparse is None:
+        return Replacement(chain=chain, notes=notes)
+    branch = derived_layer(
+        layer, "residual", width=sparse.shape[-1], kernel_size=sparse.shape[:-2], spatial=True, use_bias=False
+    )
+    return Replacement(chain=chain, branch=Piece(branch, [sparse.astype(dtype)]), activation=activation, notes=notes)
+
+
+def derived_layer(
+    layer: Any,
+    suffix: str,
+    width: int,
+    kernel_size: tuple[int, ...],
+    spatial: bool,
+    use_bias: bool,
+    activation: Optional[Any] = None,
+    output: bool = False,
+) -> Any:
+    """A new Conv1D/Conv2D/Dense (the original's base class) named `<name>_<suffix>`.
+
+    It keeps the original's dtype policy, data format, initializers, regularizers and
+    constraints.
+
+    Args:
+        layer: The original layer.
+        suffix: Appended to the original's name.
+        width: Output channels (filters or units).
+        kernel_size: Its kernel's spatial size (ignored for Dense).
+        spatial: Keep the original's strides, padding and dilation (else 1, "valid", 1).
+        use_bias: Whether it has a bias.
+        activation: Its fused activation (None: linear).
+        output: It produces the layer's output: it also gets the activity regularizer.
+    """
+    config = layer.get_config()
+    new = {key: config[key] for key in CARRIED if key in config}
+    new.update(name=f"{layer.name}_{suffix}", use_bias=use_bias, activation=activation)
+    if output and config.get("activity_regularizer") is not None:
+        new["activity_regularizer"] = config["activity_regularizer"]
+    if isinstance(layer, keras.layers.Dense):
+        return keras.layers.Dense.from_config({**new, "units": width})
+    cls = keras.layers.Conv1D if isinstance(layer, keras.layers.Conv1D) else keras.layers.Conv2D
+    new.update(filters=width, kernel_size=tuple(kernel_size), groups=1)
+    if spatial:
+        new.update(strides=config["strides"], padding=config["padding"], dilation_rate=config["dilation_rate"])
+    else:
+        new.update(strides=1, padding="valid", dilation_rate=1)
+    return cls.from_config(new)
