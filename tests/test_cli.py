@@ -1,0 +1,132 @@
+"""The CLI as a user meets it: instant help, JSON that parses, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from compressor.cli.app import app
+from conftest import build_residual, build_sequential, write_npz
+
+runner = CliRunner()
+
+
+def _run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result, result.stdout, result.stderr
+
+
+def test_help_does_not_import_tensorflow():
+    code = (
+        "import sys, time; t = time.perf_counter();"
+        "from compressor.cli.app import app;"
+        "from typer.testing import CliRunner;"
+        "r = CliRunner().invoke(app, ['--help']);"
+        "assert r.exit_code == 0, r.output;"
+        "assert 'inspect' in r.output and 'export' in r.output and 'bench' in r.output;"
+        "heavy = [m for m in ('tensorflow', 'keras', 'tf_keras', 'onnx', 'tf2onnx') if m in sys.modules];"
+        "assert not heavy, heavy;"
+        "print(time.perf_counter() - t)"
+    )
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    # Generous bound for a loaded 2-core machine; typically ~0.2 s.
+    assert time.perf_counter() - start < 5.0
+
+
+@pytest.mark.parametrize("command", ["inspect", "export", "bench", "example"])
+def test_subcommand_help(command):
+    result, out, _ = _run(command, "--help")
+    assert result.exit_code == 0
+    assert "Usage" in out
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    model = build_residual()
+    model.save(folder / "model.keras")
+    write_npz(folder / "val.npz", model, n=16)
+    return folder
+
+
+def test_export_json(saved_model, tmp_path):
+    result, out, _ = _run(
+        "export", saved_model / "model.keras", "--out", tmp_path / "out", "--data", saved_model / "val.npz", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out)
+    assert [a["format"] for a in payload["artifacts"]] == ["tflite", "onnx", "keras"]
+    for artifact in payload["artifacts"]:
+        assert artifact["bytes"] > 0 and artifact["max_abs_diff"] <= 1e-4 and artifact["top1_agreement"] == 1.0
+        assert artifact["passed"] is True
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.keras", "model.onnx", "model.tflite"]
+
+
+def test_export_table_mentions_each_artifact(saved_model, tmp_path):
+    result, out, _ = _run("export", saved_model / "model.keras", "-o", tmp_path, "--format", "tflite")
+    assert result.exit_code == 0, result.output
+    assert "tflite" in out and "ok" in out and "generated" in out
+
+
+def test_export_parity_failure_exits_1_with_numbers(saved_model, tmp_path, monkeypatch):
+    from compressor.export import verify
+
+    real = verify.artifact_outputs
+    monkeypatch.setattr(verify, "artifact_outputs", lambda fmt, path, x: real(fmt, path, x) + 0.5)
+    result, _, err = _run("export", saved_model / "model.keras", "-o", tmp_path, "--format", "onnx", "--json")
+    assert result.exit_code == 1
+    assert "max_abs_diff=0.5" in err and "atol 0.0001" in err
+    assert (tmp_path / "model.onnx").exists()  # kept for inspection
+
+
+def _assert_one_line_error(result, err, fragment):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines and lines[0].startswith("error:"), err
+    assert fragment in " ".join(err.split()), err
+
+
+def test_export_missing_model(tmp_path):
+    result, _, err = _run("export", tmp_path / "nope.keras", "-o", tmp_path / "out")
+    _assert_one_line_error(result, err, "model not found")
+
+
+def test_export_corrupt_model(tmp_path):
+    (tmp_path / "broken.keras").write_bytes(b"\x00" * 100)
+    result, _, err = _run("export", tmp_path / "broken.keras", "-o", tmp_path / "out")
+    _assert_one_line_error(result, err, "not a valid .keras file")
+
+
+def test_export_wrong_data_shape(saved_model, tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "bad.npz", x=np.zeros((4, 28, 28), np.float32), y=np.zeros(4, int))
+    result, _, err = _run("export", saved_model / "model.keras", "-o", tmp_path / "out", "--data", tmp_path / "bad.npz")
+    _assert_one_line_error(result, err, "shape (28, 28), but the model expects (16, 16, 3)")
+
+
+def test_export_unwritable_output_folder(saved_model, tmp_path):
+    (tmp_path / "file").write_text("a regular file")
+    result, _, err = _run("export", saved_model / "model.keras", "-o", tmp_path / "file" / "out")
+    _assert_one_line_error(result, err, "cannot create output folder")
+
+
+def test_export_refuses_to_overwrite_its_input(tmp_path):
+    build_sequential().save(tmp_path / "model.keras")
+    before = (tmp_path / "model.keras").read_bytes()
+    result, _, err = _run("export", tmp_path / "model.keras", "-o", tmp_path, "--format", "keras")
+    _assert_one_line_error(result, err, "would overwrite the input model")
+    assert (tmp_path / "model.keras").read_bytes() == before
+
+
+def test_export_unknown_format(saved_model, tmp_path):
+    result, _, err = _run("export", saved_model / "model.keras", "-o", tmp_path, "--format", "tflite,coreml")
+    _assert_one_line_error(result, err, "invalid export format coreml")
