@@ -34,6 +34,34 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 
+def load_tensorflow() -> None:
+    """Import TensorFlow and Keras with C-level stderr muted.
+
+    TensorFlow's native start-up prints absl and CUDA notices before any log level
+    applies; a user of a CPU-only tool gains nothing from them. Python errors
+    raised by the import still surface, after stderr is restored.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    saved = os.dup(fd) if fd is not None else None
+    try:
+        if saved is not None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+    finally:
+        if saved is not None:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
     """Send everything written to stdout (Python and C level) to stderr meanwhile."""

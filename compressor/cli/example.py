@@ -9,7 +9,7 @@ from typing import Annotated, Mapping, Optional
 import typer
 from rich.table import Table
 
-from compressor.cli.console import err_console, handle_errors, print_json, stdout_to_stderr
+from compressor.cli.console import load_tensorflow, err_console, handle_errors, print_json, stdout_to_stderr
 from compressor.cli.options import JsonOpt, OutDirOpt
 from compressor.io.atomic import ensure_dir
 from compressor.models.examples import EXAMPLES, ExampleResult, build_example, get_example
@@ -46,6 +46,7 @@ def example_command(
     """
     spec = get_example(name)  # fail on a bad name or folder before importing TensorFlow
     ensure_dir(out)
+    load_tensorflow()
     if json_out:
         with stdout_to_stderr():
             result = _build(name, out, seed, epochs, limit, quiet=True)

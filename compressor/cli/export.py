@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from compressor.cli.console import console, handle_errors, print_json, stdout_to_stderr
+from compressor.cli.console import load_tensorflow, console, handle_errors, print_json, stdout_to_stderr
 from compressor.errors import CompressorError
 from compressor.cli.options import CustomObjectsOpt, DataOpt, JsonOpt, ModelArg, OutDirOpt
 
@@ -35,6 +35,7 @@ def export_command(
     Exits 1 when an artifact differs from the Keras model by more than --atol
     (the artifacts stay written, so they can be inspected).
     """
+    load_tensorflow()
     from compressor.export.verify import ensure_passed, export_and_verify, verification_inputs
     from compressor.export.writers import parse_formats, single_input_shape
     from compressor.io.atomic import ensure_dir

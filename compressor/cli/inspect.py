@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from compressor.cli.console import console, err_console, handle_errors, print_json, stdout_to_stderr
+from compressor.cli.console import load_tensorflow, console, err_console, handle_errors, print_json, stdout_to_stderr
 from compressor.cli.options import CustomObjectsOpt, JsonOpt, ModelArg
 
 if TYPE_CHECKING:
@@ -21,6 +21,7 @@ def inspect_command(
 
     FLOPs are counted at batch 1, a multiply-accumulate as 2.
     """
+    load_tensorflow()
     from compressor.graph.cost import model_cost
     from compressor.io.models import load_model
 
