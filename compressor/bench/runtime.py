@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from compressor.errors import CompressorError, first_line
+from compressor.quiet import muted_stderr
 
 FORMATS = {".tflite": "tflite", ".onnx": "onnx"}
 
@@ -120,8 +121,9 @@ def _single(items: list[Any], what: str, path: Path) -> Any:
 def _open_tflite(path: Path, threads: int) -> ArtifactRunner:
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(path), num_threads=threads or None)
-    interpreter.allocate_tensors()
+    with muted_stderr():  # LiteRT announces its XNNPACK delegate on fd 2
+        interpreter = Interpreter(model_path=str(path), num_threads=threads or None)
+        interpreter.allocate_tensors()
     inp = _single(interpreter.get_input_details(), "input", path)
     out = _single(interpreter.get_output_details(), "output", path)
     signature = tuple(int(d) for d in inp.get("shape_signature", inp["shape"]))

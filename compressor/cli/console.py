@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from compressor.errors import CompressorError
+from compressor.quiet import muted_stderr
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,23 +44,9 @@ def load_tensorflow() -> None:
     """
     if "tensorflow" in sys.modules:
         return
-    sys.stderr.flush()
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        fd = None
-    saved = os.dup(fd) if fd is not None else None
-    try:
-        if saved is not None:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, fd)
-            os.close(devnull)
+    with muted_stderr():
         import keras  # noqa: F401
         import tensorflow  # noqa: F401
-    finally:
-        if saved is not None:
-            os.dup2(saved, fd)
-            os.close(saved)
 
 
 @contextlib.contextmanager

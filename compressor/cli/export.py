@@ -55,7 +55,7 @@ def export_command(
     if json_out:
         print_json({"artifacts": [check.to_dict() for check in checks]})
     else:
-        _render(checks, source="data" if dataset else "generated inputs")
+        _render(checks, source="samples of --data" if dataset else "generated inputs")
     ensure_passed(checks)
 
 
@@ -64,7 +64,8 @@ def _render(checks, source: str) -> None:
 
     table = Table(title=f"Artifacts, compared with the Keras model on {checks[0].samples} {source}")
     for column in ("format", "path", "size", "max |diff|", "top-1 agreement", "parity"):
-        table.add_column(column, justify="right" if column in ("size", "max |diff|", "top-1 agreement") else "left")
+        numeric = column in ("size", "max |diff|", "top-1 agreement")
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold", no_wrap=numeric)
     for check in checks:
         agreement = "n/a" if check.top1_agreement is None else f"{check.top1_agreement:.2%}"
         verdict = "[green]ok[/]" if check.passed else f"[red]over atol {check.atol:g}[/]"

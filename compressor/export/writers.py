@@ -31,6 +31,7 @@ ONNX_OUTPUT_NAME = "output"
 def _quiet() -> Iterator[None]:
     """Keep the converters' Python prints and INFO logs out of the user's output."""
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # tf2onnx's deprecation notices
     with contextlib.redirect_stdout(io.StringIO()):
         yield
 

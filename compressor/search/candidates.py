@@ -1,0 +1,180 @@
+"""What the search chooses from: per layer, the edits a technique offers and their cost.
+
+`layer_candidates` walks every leaf layer with weights. A layer the rewriter can
+replace and a technique applies to gets its options (from light to heavy
+compression), each with the params and FLOPs of what it makes of the layer and the
+relative error of its effective kernel. Every other layer with weights is skipped
+with a reason a user can read. FLOPs of a layer called several times (a shared
+layer) are summed over its calls, as in `compressor.graph.cost.model_cost`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import keras
+
+from compressor.errors import CompressorError, first_line
+from compressor.graph.calls import LayerCall, layer_calls
+from compressor.graph.cost import model_cost
+from compressor.surgery.editable import editable_layers, why_not_editable
+from compressor.surgery.plan import LayerEdit, SkippedLayer, SparsitySpec
+from compressor.techniques.base import call_shapes, edit_cost, layer_cost
+from compressor.techniques.registry import TECHNIQUES, parse_techniques, technique_for
+from compressor.search.kernels import KernelCache
+
+NO_OPTION = "no edit of it lowers both its params and its FLOPs"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One edit of one layer, with what it costs and how far its kernel moves.
+
+    Attributes:
+        edit: The edit, under the layer's qualified name.
+        params: Params of what the edit makes of the layer.
+        flops: Its FLOPs summed over the layer's calls, at batch 1.
+        error: ||W − Ŵ||_F / ||W||_F of the layer's main kernel.
+    """
+
+    edit: LayerEdit
+    params: int
+    flops: int
+    error: float
+
+    def cost(self, kind: str) -> int:
+        """Its "params" or "flops"."""
+        return self.params if kind == "params" else self.flops
+
+
+@dataclass(frozen=True)
+class LayerCandidates:
+    """A compressible layer, its own cost, and its options.
+
+    Attributes:
+        name: Qualified name (`outer/inner` inside nested models).
+        layer: The original layer.
+        params: Its params as it is.
+        flops: Its FLOPs summed over its calls, at batch 1.
+        options: From light to heavy compression; each lowers params and FLOPs.
+    """
+
+    name: str
+    layer: Any = field(repr=False, compare=False)
+    params: int
+    flops: int
+    options: tuple[Option, ...]
+
+    def cost(self, kind: str) -> int:
+        """Its own "params" or "flops"."""
+        return self.params if kind == "params" else self.flops
+
+
+def layer_candidates(
+    model: keras.Model,
+    techniques: Iterable[str],
+    pattern: Optional[SparsitySpec] = None,
+    kernels: Optional[KernelCache] = None,
+) -> tuple[list[LayerCandidates], list[SkippedLayer]]:
+    """The options of every compressible layer, and why the others are left alone.
+
+    Args:
+        model: A Functional or built Sequential model (nested models allowed).
+        techniques: The user's technique names ("tucker", "svd", "sparsity"); see
+            `compressor.techniques.registry`.
+        pattern: The sparsity pattern of masks and of hybrid residuals (its density
+            is ignored); default unstructured. Hybrid layers (a low-rank technique
+            with "sparsity") get both plain low-rank options and options with a
+            residual in this pattern.
+        kernels: Where to keep the effective kernels built to measure errors, so the
+            search's evaluations reuse them; default: a fresh cache, dropped after.
+
+    Returns:
+        (candidates in topological order, skipped layers with reasons). Layers
+        without weights are in neither.
+
+    Raises:
+        PlanError: Unknown technique names.
+        ModelLoadError: The model has no layer graph.
+    """
+    wanted = parse_techniques(techniques)
+    kernels = KernelCache() if kernels is None else kernels
+    editable = editable_layers(model)
+    candidates: list[LayerCandidates] = []
+    skipped: list[SkippedLayer] = []
+    for name, calls in _calls_with_weights(model).items():
+        layer = calls[0].operation
+        if name not in editable:
+            skipped.append(SkippedLayer(name, why_not_editable(model, name) or "cannot be replaced"))
+            continue
+        try:
+            found = _layer_candidates(name, layer, calls, wanted, pattern, kernels)
+        except CompressorError as exc:
+            skipped.append(SkippedLayer(name, first_line(exc)))
+            continue
+        if isinstance(found, str):
+            skipped.append(SkippedLayer(name, found))
+        else:
+            candidates.append(found)
+    return candidates, skipped
+
+
+def baseline_cost(model: keras.Model, candidates: Sequence[LayerCandidates]) -> tuple[int, int]:
+    """(params, FLOPs) of the whole model, counted as the candidates count their layers.
+
+    Equals `model_cost(model)` totals for models with fixed input shapes; with free
+    spatial dimensions, candidate layers count at the nominal size their options do.
+    """
+    cost = model_cost(model)
+    by_name = {layer.name: layer for layer in cost.layers}
+    flops = cost.flops
+    for candidate in candidates:
+        known = by_name.get(candidate.name)
+        flops += candidate.flops - (known.flops if known is not None else 0)
+    return int(model.count_params()), int(flops)
+
+
+def _calls_with_weights(model: keras.Model) -> dict[str, list[LayerCall]]:
+    grouped: dict[str, list[LayerCall]] = {}
+    for call in layer_calls(model):
+        if isinstance(call.operation, keras.layers.Layer) and not isinstance(call.operation, keras.layers.InputLayer):
+            if getattr(call.operation, "weights", None):
+                grouped.setdefault(call.path, []).append(call)
+    return grouped
+
+
+def _layer_candidates(
+    name: str,
+    layer: Any,
+    calls: list[LayerCall],
+    wanted: frozenset[str],
+    pattern: Optional[SparsitySpec],
+    kernels: KernelCache,
+) -> LayerCandidates | str:
+    """The layer's candidates, or the reason it has none."""
+    shapes = [call_shapes(layer, call.input_shapes[0], call.output_shapes[0]) for call in calls]
+    choice = technique_for(layer, wanted, *shapes[0])
+    if choice.technique is None:
+        return choice.reason or "no technique applies"
+    technique = choice.technique
+    if technique.name == "sparsity":
+        edits = technique.options(layer, pattern, *shapes[0])
+    else:
+        edits = technique.options(layer, None, *shapes[0])
+        if choice.residual:
+            edits += technique.options(layer, pattern or SparsitySpec(density=1.0), *shapes[0])
+    params = layer_cost(layer, *shapes[0])[0]
+    flops = sum(layer_cost(layer, *shape)[1] for shape in shapes)
+    options = []
+    for edit in dict.fromkeys(dataclasses.replace(edit, layer=name) for edit in edits):
+        costs = [edit_cost(layer, edit, *shape) for shape in shapes]
+        option_flops = sum(cost[1] for cost in costs)
+        if costs[0][0] >= params or option_flops >= flops:
+            continue
+        options.append(Option(edit, costs[0][0], option_flops, kernels.get(layer, edit).error))
+    if not options:
+        return NO_OPTION
+    options.sort(key=lambda option: (option.params, option.flops), reverse=True)
+    return LayerCandidates(name, layer, params, flops, tuple(options))

@@ -1,0 +1,39 @@
+"""Stable fingerprints of models and data, for plans and for the sensitivity cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
+
+import numpy as np
+
+
+def model_fingerprint(model: Any) -> str:
+    """"sha256:<hex>" of a model's architecture config and weights.
+
+    Two models share a fingerprint when they have the same config (layer names
+    included) and bit-identical weights in the same order; fine-tuning or renaming
+    a layer changes it.
+    """
+    digest = hashlib.sha256()
+    config = json.dumps(model.get_config(), sort_keys=True, default=repr)
+    digest.update(config.encode())
+    for weight in model.weights:
+        value = np.ascontiguousarray(np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight))
+        digest.update(f"{value.dtype.str}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def data_fingerprint(x: np.ndarray, y: Optional[np.ndarray]) -> str:
+    """"sha256:<hex>" of the samples and labels (values, dtypes and shapes)."""
+    digest = hashlib.sha256()
+    for array in (x, y):
+        if array is None:
+            digest.update(b"none")
+            continue
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return "sha256:" + digest.hexdigest()
