@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from compressor import __version__
-from compressor.cli import bench, example, export, inspect
+from compressor.cli import bench, compress, example, export, inspect
 from compressor.cli.console import quiet_tensorflow
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ def _root(
     """Make trained Keras models smaller and faster on edge runtimes, and prove it."""
 
 
+app.command("compress")(compress.compress_command)
 app.command("inspect")(inspect.inspect_command)
 app.command("export")(export.export_command)
 app.command("bench")(bench.bench_command)

@@ -17,7 +17,7 @@ import numpy as np
 
 from compressor.bench.runtime import open_artifact
 from compressor.errors import ExportError, VerificationError
-from compressor.export.writers import SUFFIXES, WRITERS, single_input_shape
+from compressor.export.writers import SUFFIXES, export_keras, export_onnx, export_tflite, single_input_shape
 from compressor.io.data import Dataset
 
 DEFAULT_ATOL = 1e-4
@@ -123,6 +123,7 @@ def export_and_verify(
     atol: float = DEFAULT_ATOL,
     opset: int = 17,
     stem: str = "model",
+    sparse_tflite: bool = False,
 ) -> list[ArtifactCheck]:
     """Write each format into out_dir and check it against the model.
 
@@ -134,6 +135,7 @@ def export_and_verify(
         atol: Tolerance on the largest absolute output difference.
         opset: ONNX opset.
         stem: File name without suffix.
+        sparse_tflite: Store mostly-zero TFLite weights sparsely (see `export_tflite`).
 
     Returns:
         One check per format, in order.
@@ -148,8 +150,12 @@ def export_and_verify(
     checks = []
     for fmt in formats:
         path = Path(out_dir) / f"{stem}{SUFFIXES[fmt]}"
-        writer = WRITERS[fmt]
-        written = writer(model, path, opset=opset) if fmt == "onnx" else writer(model, path)
+        if fmt == "onnx":
+            written = export_onnx(model, path, opset=opset)
+        elif fmt == "tflite":
+            written = export_tflite(model, path, sparse=sparse_tflite)
+        else:
+            written = export_keras(model, path)
         checks.append(compare(fmt, written, expected, artifact_outputs(fmt, written, x), atol))
     return checks
 

@@ -12,7 +12,7 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import keras
 
@@ -46,8 +46,15 @@ def single_input_shape(model: keras.Model) -> tuple:
     return tuple(model.inputs[0].shape)
 
 
-def export_tflite(model: keras.Model, path: Path | str) -> Path:
+def export_tflite(model: keras.Model, path: Path | str, sparse: bool = False) -> Path:
     """Convert to a float32 .tflite file (batch 1) and write it atomically.
+
+    Args:
+        model: The Keras model.
+        path: Where to write.
+        sparse: Store weights with enough zeros (the converter's threshold is about
+            30%) in a sparse format: a smaller file. Convolutions then run dense
+            after a DENSIFY op, so this does not make them faster.
 
     Raises:
         ExportError: The converter rejects the model.
@@ -58,6 +65,8 @@ def export_tflite(model: keras.Model, path: Path | str) -> Path:
     try:
         with _quiet():
             converter = tf.lite.TFLiteConverter.from_keras_model(model)
+            if sparse:
+                converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
             flatbuffer = converter.convert()
     except Exception as exc:
         raise ExportError(f"TFLite conversion failed: {first_line(exc)}") from exc
@@ -118,13 +127,6 @@ def _frozen_graph(model: keras.Model, spec: list) -> tuple[object, str, str]:
 def export_keras(model: keras.Model, path: Path | str) -> Path:
     """Re-save as .keras (atomically)."""
     return save_model(model, path)
-
-
-WRITERS: dict[str, Callable[..., Path]] = {
-    "tflite": export_tflite,
-    "onnx": export_onnx,
-    "keras": export_keras,
-}
 
 
 def parse_formats(text: str) -> tuple[str, ...]:

@@ -171,3 +171,25 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_jsonable(v) for v in value]
     return value
+
+
+# The TFLite converter stores a constant sparsely (EXPERIMENTAL_SPARSITY) only when
+# enough of it is zero; below this fraction it stays dense.
+SPARSE_STORAGE_MIN_ZEROS = 0.3
+
+
+def stored_params(model: keras.Model) -> int:
+    """Parameters a sparse-storage artifact keeps: weights with >= 30% zeros count their non-zeros.
+
+    For a dense model this equals `model.count_params()`; for a model with masked
+    kernels or sparse residual branches it is what the TFLite file stores.
+    """
+    import numpy as np
+
+    total = 0
+    for weight in model.weights:
+        values = np.asarray(weight)
+        zeros = int(values.size - np.count_nonzero(values))
+        dense = values.size < 2 or zeros / values.size < SPARSE_STORAGE_MIN_ZEROS
+        total += values.size if dense else values.size - zeros
+    return int(total)

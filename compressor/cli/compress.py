@@ -1,0 +1,182 @@
+"""`compress`: shrink a model under a budget, export verified artifacts, measure them.
+
+Exit codes: 0 budget met; 2 budget not met (the best candidate is still written and
+reported); 1 any other failure (report.json then says "status": "error").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from compressor.cli.console import console, err_console, fail, handle_errors, load_tensorflow, print_json, stdout_to_stderr
+from compressor.cli.options import CustomObjectsOpt, JsonOpt, ModelArg
+
+EXIT_BUDGET_NOT_MET = 2
+
+
+def _opt(*names: str, help: str, **kwargs: Any) -> Any:
+    return typer.Option(*names, help=help, show_default=False, **kwargs)
+
+
+@handle_errors
+def compress_command(
+    model: ModelArg,
+    data: Annotated[Optional[str], _opt("--data", help="Labelled data for the search (.npz, image folder, or pkg.module:function); needed by fixed_loss.")] = None,
+    test_data: Annotated[Optional[str], _opt("--test-data", help="Held-out data the final accuracy is measured on (default: a stratified split of --data).")] = None,
+    method: Annotated[Optional[str], _opt("--method", help="fixed_loss (stay within --max-acc-loss) or fixed_params (keep --compression-factor of the cost).")] = None,
+    max_acc_loss: Annotated[Optional[float], _opt("--max-acc-loss", help="fixed_loss: largest top-1 accuracy drop, as a fraction (0.02 = 2 points).")] = None,
+    compression_factor: Annotated[Optional[float], _opt("--compression-factor", help="fixed_params: fraction of params (or FLOPs) kept, 0 < F < 1.")] = None,
+    budget_on: Annotated[Optional[str], _opt("--budget-on", help="fixed_params: params (default) or flops.")] = None,
+    techniques: Annotated[Optional[str], _opt("--techniques", help="tucker (low-rank: Tucker-2 / SVD; default), svd, sparsity; tucker,sparsity = low-rank plus a sparse residual.")] = None,
+    pruning_structure: Annotated[Optional[str], _opt("--pruning-structure", help="Sparsity pattern: unstructured (default), filter, channel, block, or N:M such as 2:4.")] = None,
+    block_size: Annotated[Optional[str], _opt("--block-size", help="Block for --pruning-structure block, e.g. 2,2.")] = None,
+    export: Annotated[Optional[str], _opt("--export", help="Artifacts to write: tflite,onnx,keras (default: all).")] = None,
+    out: Annotated[Optional[Path], _opt("--out", "-o", help="Output folder.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with the same keys as these flags (flags win).")] = None,
+    plan: Annotated[Optional[Path], _opt("--plan", help="Re-apply a plan.json to the original model instead of searching.")] = None,
+    seed: Annotated[Optional[int], _opt("--seed", help="Seed for the data split and generated inputs (default 0).")] = None,
+    cache_dir: Annotated[Optional[Path], _opt("--cache-dir", help="Where sensitivity tables are cached (default ~/.cache/compressor).")] = None,
+    runs: Annotated[Optional[int], _opt("--runs", help="Timed runs per artifact (default 50).")] = None,
+    threads: Annotated[Optional[int], _opt("--threads", help="Runtime threads when timing (default 1).")] = None,
+    custom_objects: CustomObjectsOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compress MODEL under a budget and write model.keras/.tflite/.onnx, plan.json and report.json into --out.
+
+    Final accuracy is measured on the exported TFLite artifact, on held-out data.
+    """
+    from compressor.config import build_options
+
+    flags = {
+        "data": data, "test_data": test_data, "method": method, "max_acc_loss": max_acc_loss,
+        "compression_factor": compression_factor, "budget_on": budget_on, "techniques": techniques,
+        "pruning_structure": pruning_structure, "block_size": block_size, "export": export, "out": out,
+        "plan": plan, "seed": seed, "cache_dir": cache_dir, "runs": runs, "threads": threads,
+        "custom_objects": tuple(custom_objects) if custom_objects else None,
+    }
+    options = build_options(model, flags, config)
+    _validate_names(options)
+    load_tensorflow()
+    from compressor.pipeline import compress
+
+    try:
+        if json_out:
+            with stdout_to_stderr():
+                report = compress(options)
+            print_json(report)
+        else:
+            report = _run_with_progress(compress, options)
+            _render(report)
+    except Exception as exc:
+        _write_error_report(options, exc)
+        raise
+    if report["status"] == "budget_not_met":
+        budget = report["budget"]
+        raise fail(
+            f"budget not met: {budget['kind']} achieved {budget['achieved']:.4g} against limit "
+            f"{budget['limit']:g}; the best candidate is in {options.out}",
+            code=EXIT_BUDGET_NOT_MET,
+        )
+
+
+def _validate_names(options: Any) -> None:
+    """Check technique and format names before TensorFlow loads."""
+    from compressor.export.writers import parse_formats
+
+    parse_formats(",".join(options.export))
+    known = ("tucker", "svd", "sparsity")
+    unknown = [t for t in options.techniques if t not in known]
+    if unknown:
+        from compressor.config import ConfigError
+
+        raise ConfigError(f"Invalid techniques. Expected some of {known}. Received: {', '.join(unknown)}")
+    options.pattern()
+
+
+def _write_error_report(options: Any, exc: Exception) -> None:
+    from compressor.errors import first_line
+    from compressor.pipeline import write_report
+
+    if options.out.is_dir():
+        try:
+            write_report(options.out / "report.json", {"status": "error", "method": options.method, "error": first_line(exc)})
+        except OSError:
+            pass
+
+
+def _run_with_progress(compress: Any, options: Any) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=False,
+    ) as bars:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        def log(message: str) -> None:
+            bars.console.print(f"[dim]{message}[/]")
+
+        return compress(options, progress=progress, log=log)
+
+
+def _render(report: dict) -> None:
+    from rich.table import Table
+
+    base, comp, budget = report["baseline"], report["compressed"], report["budget"]
+    edited = [row for row in report["layers"] if row["technique"] not in ("skipped", "none")]
+    console.print(f"{len(edited)} layer(s) compressed, {len(report['layers']) - len(edited)} left as they were (see report.json)")
+    table = Table(title=f"compress · {report['method']} · status: {report['status']}")
+    for column in ("", "params", "FLOPs", "accuracy (held-out)"):
+        table.add_column(column, justify="right" if column else "left")
+
+    def acc(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.2%}"
+
+    table.add_row("original", f"{base['params']:,}", f"{base['flops']:,}", acc(base["accuracy"]))
+    table.add_row("compressed", f"{comp['params']:,}", f"{comp['flops']:,}", acc(comp["accuracy"]))
+    table.add_row(
+        "ratio", f"{comp['params'] / max(base['params'], 1):.3f}", f"{comp['flops'] / max(base['flops'], 1):.3f}",
+        "-" if comp["accuracy"] is None or base["accuracy"] is None else f"{comp['accuracy'] - base['accuracy']:+.2%}",
+    )
+    console.print(table)
+    artifacts = Table(title="artifacts (latency at batch 1, interleaved with the original's)")
+    for column in ("format", "path", "size", "accuracy", "median ms", "original ms", "× original"):
+        artifacts.add_column(column, overflow="fold")
+    for entry in report["artifacts"]:
+        lat, base_lat = entry.get("latency_ms"), entry.get("baseline_latency_ms")
+        artifacts.add_row(
+            entry["format"], entry["path"], f"{entry['bytes'] / 1024:,.1f} KiB", acc(entry.get("accuracy")),
+            "-" if not lat else f"{lat['median']:.3f}", "-" if not base_lat else f"{base_lat['median']:.3f}",
+            "-" if entry.get("latency_ratio") is None else f"{entry['latency_ratio']:.2f}×",
+        )
+    console.print(artifacts)
+    if budget["kind"]:
+        verdict = "[green]met[/]" if budget["met"] else "[red]NOT met[/]"
+        console.print(f"budget {budget['kind']} ≤ {budget['limit']:g}: achieved {budget['achieved']:.4g} ({budget['measured_on']}) → {verdict}")
+    search = report["search"]
+    console.print(
+        f"search: {search['evaluations']} whole-model evaluations ({search['cached_evaluations']} from cache), "
+        f"{report['timings_s']['search']:.1f} s; total {report['timings_s']['total']:.1f} s"
+    )
+    for note in report.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+app.command(help=compress_command.__doc__)(compress_command)
+
+
+def main() -> None:
+    """Console-script entry point of `compress`."""
+    from compressor.cli.console import quiet_tensorflow
+
+    quiet_tensorflow()
+    app()

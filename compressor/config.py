@@ -1,0 +1,204 @@
+"""The options of `compress`, validated once, from flags and an optional TOML file.
+
+A TOML file (`--config compress.toml`) uses the flags' names, with dashes or
+underscores; flags given on the command line win over the file:
+
+    method = "fixed_loss"
+    max-acc-loss = 0.02
+    techniques = "tucker,sparsity"     # or a list: ["tucker", "sparsity"]
+    pruning-structure = "2:4"
+    export = ["tflite", "onnx"]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from compressor.errors import CompressorError
+
+METHODS = ("fixed_loss", "fixed_params")
+BUDGET_ON = ("params", "flops")
+STRUCTURES = ("unstructured", "filter", "channel", "block", "n:m")
+
+
+class ConfigError(CompressorError):
+    """Options that contradict each other or are out of range."""
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """Everything one `compress` run needs.
+
+    Attributes mirror the CLI flags; see `compress --help`.
+    """
+
+    model: Path
+    out: Path
+    method: Optional[str] = None
+    data: Optional[str] = None
+    test_data: Optional[str] = None
+    max_acc_loss: Optional[float] = None
+    compression_factor: Optional[float] = None
+    budget_on: str = "params"
+    techniques: tuple[str, ...] = ("tucker",)
+    pruning_structure: str = "unstructured"
+    block_size: Optional[tuple[int, int]] = None
+    export: tuple[str, ...] = ("tflite", "onnx", "keras")
+    plan: Optional[Path] = None
+    seed: int = 0
+    cache_dir: Optional[Path] = None
+    test_fraction: float = 0.5
+    runs: int = 50
+    warmup: int = 5
+    threads: int = 1
+    atol: float = 1e-4
+    custom_objects: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method is None and self.plan is None:
+            raise ConfigError(f"choose a method: --method {' or --method '.join(METHODS)} (or replay a --plan)")
+        if self.method is not None and self.method not in METHODS:
+            raise ConfigError(f"Invalid method. Expected one of {METHODS}. Received: method={self.method!r}")
+        if self.method == "fixed_loss":
+            if self.max_acc_loss is None:
+                raise ConfigError("--method fixed_loss needs --max-acc-loss (e.g. 0.02 for 2 points)")
+            if self.data is None:
+                raise ConfigError("--method fixed_loss needs labelled --data to measure accuracy on")
+        if self.method == "fixed_params" and self.compression_factor is None:
+            raise ConfigError("--method fixed_params needs --compression-factor (fraction kept, e.g. 0.5)")
+        if self.budget_on not in BUDGET_ON:
+            raise ConfigError(f"Invalid budget-on. Expected one of {BUDGET_ON}. Received: budget_on={self.budget_on!r}")
+        structure = self.pruning_structure
+        if structure not in STRUCTURES and not re.fullmatch(r"\d+:\d+", structure):
+            raise ConfigError(
+                f"Invalid pruning structure. Expected one of {STRUCTURES} or N:M (e.g. 2:4). "
+                f"Received: pruning_structure={structure!r}"
+            )
+        if structure == "block" and self.block_size is None:
+            raise ConfigError("--pruning-structure block needs --block-size ROWS,COLS (e.g. 2,2)")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"Invalid test fraction. Expected 0 < f < 1. Received: test_fraction={self.test_fraction}")
+        for name in ("runs", "warmup", "threads"):
+            value = getattr(self, name)
+            if value < (1 if name == "runs" else 0):
+                raise ConfigError(f"Invalid {name}. Expected an integer >= {1 if name == 'runs' else 0}. Received: {name}={value}")
+        if not (math.isfinite(self.atol) and self.atol >= 0):
+            raise ConfigError(f"Invalid atol. Expected a number >= 0. Received: atol={self.atol}")
+
+    def budget(self):
+        """The Budget of the chosen method, or None when replaying a plan without one."""
+        from compressor.search.budgets import Budget
+
+        if self.method == "fixed_loss":
+            return Budget.accuracy_drop(self.max_acc_loss)
+        if self.method == "fixed_params":
+            return Budget(self.budget_on, self.compression_factor)
+        return None
+
+    def pattern(self):
+        """The sparsity pattern template (density is set by the search)."""
+        from compressor.surgery.plan import SparsitySpec
+
+        structure = self.pruning_structure
+        if re.fullmatch(r"\d+:\d+", structure) or structure == "n:m":
+            n, m = (int(v) for v in (structure if structure != "n:m" else "2:4").split(":"))
+            if not 0 < n < m:
+                raise ConfigError(f"Invalid N:M structure. Expected 0 < N < M. Received: {structure}")
+            return SparsitySpec(n / m, "n:m", n=n, m=m)
+        return SparsitySpec(1.0, structure, block_size=self.block_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else (list(value) if isinstance(value, tuple) else value)
+        return out
+
+
+def parse_list(value: Any, name: str) -> tuple[str, ...]:
+    """Accept "a,b" or ["a", "b"]."""
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (list, tuple)):
+        items = [str(v) for v in value]
+    else:
+        raise ConfigError(f"{name} must be a comma-separated string or a list. Received: {value!r}")
+    items = [item.strip().lower() for item in items if item.strip()]
+    if not items:
+        raise ConfigError(f"{name} is empty")
+    return tuple(dict.fromkeys(items))
+
+
+def parse_block_size(value: Any) -> Optional[tuple[int, int]]:
+    """Accept "2,2", "2x2" or [2, 2]."""
+    if value is None:
+        return None
+    parts = re.split(r"[,x]", value) if isinstance(value, str) else list(value)
+    try:
+        rows, cols = (int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Invalid block size. Expected ROWS,COLS (e.g. 2,2). Received: {value!r}") from None
+    if rows < 1 or cols < 1:
+        raise ConfigError(f"Invalid block size. Expected positive ROWS,COLS. Received: {value!r}")
+    return rows, cols
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a config file into option names (dashes become underscores).
+
+    Raises:
+        ConfigError: Missing file, invalid TOML, or an unknown key.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    known = {f.name for f in fields(CompressOptions)} - {"model"}
+    values = {key.replace("-", "_"): value for key, value in raw.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; expected some of "
+            f"{', '.join(sorted(k.replace('_', '-') for k in known))}"
+        )
+    return values
+
+
+def build_options(model: Path, flags: Mapping[str, Any], config: Optional[Path] = None) -> CompressOptions:
+    """Merge the TOML file (if any) with the flags given (None = not given); flags win.
+
+    Raises:
+        ConfigError: Invalid or contradictory options.
+    """
+    merged: dict[str, Any] = read_toml(config) if config else {}
+    merged.update({key: value for key, value in flags.items() if value is not None})
+    if "out" not in merged:
+        raise ConfigError("choose an output folder with --out DIR")
+    for key in ("techniques", "export"):
+        if key in merged:
+            merged[key] = parse_list(merged[key], key)
+    if "custom_objects" in merged:
+        merged["custom_objects"] = tuple(merged["custom_objects"])
+    merged["block_size"] = parse_block_size(merged.get("block_size"))
+    for key in ("out", "plan", "cache_dir"):
+        if merged.get(key) is not None:
+            merged[key] = Path(merged[key])
+    for key in ("data", "test_data"):
+        if merged.get(key) is not None:
+            merged[key] = str(merged[key])
+    try:
+        return CompressOptions(model=Path(model), **merged)
+    except TypeError as exc:
+        raise ConfigError(f"invalid option value: {exc}") from exc
