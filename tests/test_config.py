@@ -1,0 +1,110 @@
+"""Options of `compress`: validation, TOML config, flags over file, data split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compressor.config import ConfigError, build_options
+from compressor.io.data import Dataset
+from compressor.pipeline import split_data
+
+
+def _opts(**flags):
+    flags.setdefault("out", Path("out"))
+    return build_options(Path("m.keras"), flags)
+
+
+def test_fixed_loss_options_and_budget():
+    options = _opts(method="fixed_loss", max_acc_loss=0.02, data="val.npz", techniques="tucker,sparsity")
+    assert options.techniques == ("tucker", "sparsity")
+    budget = options.budget()
+    assert (budget.kind, budget.limit) == ("accuracy_drop", 0.02)
+
+
+def test_fixed_params_budget_on_flops():
+    budget = _opts(method="fixed_params", compression_factor=0.25, budget_on="flops").budget()
+    assert (budget.kind, budget.limit) == ("flops", 0.25)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({}, "choose a method"),
+        ({"method": "fast"}, "Invalid method"),
+        ({"method": "fixed_loss", "data": "d.npz"}, "needs --max-acc-loss"),
+        ({"method": "fixed_loss", "max_acc_loss": 0.02}, "needs labelled --data"),
+        ({"method": "fixed_params"}, "needs --compression-factor"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "budget_on": "latency"}, "Invalid budget-on"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "pruning_structure": "diagonal"}, "Invalid pruning structure"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "pruning_structure": "block"}, "needs --block-size"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "block_size": "2,zero"}, "Invalid block size"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "runs": 0}, "Invalid runs"),
+    ],
+)
+def test_invalid_options(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        _opts(**flags)
+
+
+@pytest.mark.parametrize("factor", [0.0, 1.0, 1.5, -0.1])
+def test_compression_factor_outside_unit_interval(factor):
+    from compressor.search.budgets import BudgetError
+
+    with pytest.raises(BudgetError, match="Expected 0 < F < 1"):
+        _opts(method="fixed_params", compression_factor=factor).budget()
+
+
+@pytest.mark.parametrize("loss", [-0.01, 2.0])
+def test_negative_or_point_valued_accuracy_loss(loss):
+    from compressor.search.budgets import BudgetError
+
+    with pytest.raises(BudgetError, match="max_acc_loss"):
+        _opts(method="fixed_loss", max_acc_loss=loss, data="d.npz").budget()
+
+
+def test_structures_give_patterns():
+    nm = _opts(method="fixed_params", compression_factor=0.5, pruning_structure="2:4").pattern()
+    assert (nm.structure, nm.n, nm.m, nm.density) == ("n:m", 2, 4, 0.5)
+    block = _opts(method="fixed_params", compression_factor=0.5, pruning_structure="block", block_size="2x4").pattern()
+    assert (block.structure, block.block_size) == ("block", (2, 4))
+    with pytest.raises(ConfigError, match="0 < N < M"):
+        _opts(method="fixed_params", compression_factor=0.5, pruning_structure="4:2").pattern()
+
+
+def test_toml_config_and_flags_win(tmp_path):
+    config = tmp_path / "compress.toml"
+    config.write_text('method = "fixed_params"\ncompression-factor = 0.5\nexport = ["tflite"]\nout = "from_file"\n')
+    options = build_options(Path("m.keras"), {"compression_factor": 0.3, "out": None}, config)
+    assert options.method == "fixed_params"
+    assert options.compression_factor == 0.3  # the flag wins
+    assert options.export == ("tflite",)
+    assert options.out == Path("from_file")
+
+
+def test_toml_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("method = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        build_options(Path("m.keras"), {"out": "o"}, bad)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('speed = "max"\n')
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) speed"):
+        build_options(Path("m.keras"), {"out": "o"}, unknown)
+    with pytest.raises(ConfigError, match="config file not found"):
+        build_options(Path("m.keras"), {"out": "o"}, tmp_path / "absent.toml")
+
+
+def test_split_is_stratified_disjoint_and_seeded():
+    y = np.repeat(np.arange(4), 25)
+    data = Dataset(np.arange(100, dtype=np.float32)[:, None], y, "d")
+    search, held = split_data(data, 0.4, seed=3)
+    assert len(search) + len(held) == 100
+    assert not set(search.x[:, 0]) & set(held.x[:, 0])
+    np.testing.assert_array_equal(np.bincount(held.y), [10, 10, 10, 10])
+    again, _ = split_data(data, 0.4, seed=3)
+    np.testing.assert_array_equal(search.x, again.x)
+    with pytest.raises(Exception, match="at least 4"):
+        split_data(Dataset(np.zeros((2, 1), np.float32), np.array([0, 1]), "tiny"), 0.5, 0)
