@@ -142,19 +142,24 @@ def _datasets(options: CompressOptions, shape: tuple, load_data: Callable) -> tu
 
 def _search(options: CompressOptions, model: Any, budget: Any, data: Optional[Dataset], progress: Optional[Progress]):
     from compressor.search.candidates import layer_candidates
+    from compressor.search.kernels import KernelCache
 
     pattern = options.pattern() if "sparsity" in options.techniques else None
-    candidates, skipped = layer_candidates(model, options.techniques, pattern)
+    kernels = KernelCache()  # effective kernels built for the candidates, reused by the search
+    candidates, skipped = layer_candidates(model, options.techniques, pattern, kernels=kernels)
+    if not candidates:
+        reasons = "; ".join(f"{skip.layer}: {skip.reason}" for skip in skipped[:3]) or "it has no layers with weights"
+        raise CompressorError(f"no layer can be compressed with --techniques {','.join(options.techniques)} ({reasons})")
     if options.method == "fixed_params":
         from compressor.search.fixed_params import search_fixed_params
 
-        result = search_fixed_params(model, candidates, budget, progress=progress)
-    else:
-        from compressor.search.fixed_loss import search_fixed_loss
+        return search_fixed_params(model, candidates, budget, progress=progress, skipped=skipped)
+    from compressor.search.fixed_loss import search_fixed_loss
 
-        cache = options.cache_dir or default_cache_dir()
-        result = search_fixed_loss(model, candidates, data, budget, cache_dir=cache, progress=progress)
-    return result.with_skipped(skipped) if hasattr(result, "with_skipped") else result
+    cache = options.cache_dir or default_cache_dir()
+    return search_fixed_loss(
+        model, candidates, data, budget, cache_dir=cache, progress=progress, skipped=skipped, kernels=kernels
+    )
 
 
 def default_cache_dir() -> Path:

@@ -58,8 +58,8 @@ def compress_command(
         "custom_objects": tuple(custom_objects) if custom_objects else None,
     }
     options = build_options(model, flags, config)
-    _validate_names(options)
     load_tensorflow()
+    _validate_names(options)
     from compressor.pipeline import compress
 
     try:

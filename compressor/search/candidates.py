@@ -19,11 +19,11 @@ import keras
 from compressor.errors import CompressorError, first_line
 from compressor.graph.calls import LayerCall, layer_calls
 from compressor.graph.cost import model_cost
+from compressor.search.kernels import KernelCache
 from compressor.surgery.editable import editable_layers, why_not_editable
 from compressor.surgery.plan import LayerEdit, SkippedLayer, SparsitySpec
 from compressor.techniques.base import call_shapes, edit_cost, layer_cost
-from compressor.techniques.registry import TECHNIQUES, parse_techniques, technique_for
-from compressor.search.kernels import KernelCache
+from compressor.techniques.registry import parse_techniques, technique_for
 
 NO_OPTION = "no edit of it lowers both its params and its FLOPs"
 

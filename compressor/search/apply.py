@@ -1,0 +1,63 @@
+"""Apply a plan to the model it was made for: build each edit's layers, rewrite the graph."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import keras
+
+from compressor.search.fingerprint import model_fingerprint
+from compressor.surgery.editable import check_editable
+from compressor.surgery.plan import LayerEdit, Plan, PlanError
+from compressor.surgery.replacement import Replacement
+from compressor.surgery.rewrite import rewrite_model
+from compressor.techniques.registry import TECHNIQUES
+
+__all__ = ["apply_plan", "model_fingerprint"]
+
+
+def apply_plan(model: keras.Model, plan: Plan, strict: bool = True) -> keras.Model:
+    """A compressed copy of `model`: every edit of the plan built and wired in.
+
+    Args:
+        model: The model the plan was made for; left unchanged.
+        plan: The plan (e.g. `Plan.load("plan.json")`).
+        strict: When the plan records a model fingerprint that differs from the
+            model's, raise (True) or only warn (False).
+
+    Returns:
+        A new model.
+
+    Raises:
+        PlanError: The plan was made for another model (strict), names layers the
+            model does not have or that cannot be replaced, or an edit does not fit
+            its layer.
+        ModelLoadError: The model has no layer graph.
+    """
+    _check_fingerprint(model, plan, strict)
+    check_editable(model, [edit.layer for edit in plan.edits])
+    return rewrite_model(model, {edit.layer: _factory(edit) for edit in plan.edits})
+
+
+def _factory(edit: LayerEdit) -> Any:
+    def build(layer: Any) -> Replacement:
+        return TECHNIQUES[edit.technique].build(layer, edit)
+
+    return build
+
+
+def _check_fingerprint(model: keras.Model, plan: Plan, strict: bool) -> None:
+    expected = plan.model.get("fingerprint")
+    if not expected:
+        return
+    actual = model_fingerprint(model)
+    if actual == expected:
+        return
+    message = (
+        f"the plan was made for model '{plan.model.get('name', '?')}' ({expected[:19]}…), but model "
+        f"'{model.name}' has fingerprint {actual[:19]}…: its architecture or weights differ"
+    )
+    if strict:
+        raise PlanError(message + "; apply it anyway with strict=False")
+    warnings.warn(message, stacklevel=3)

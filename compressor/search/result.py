@@ -1,0 +1,158 @@
+"""What a search returns: the plan, whether it meets the budget, and what it predicts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import keras
+
+from compressor.search.budgets import Budget
+from compressor.search.candidates import LayerCandidates, Option
+from compressor.search.fingerprint import model_fingerprint
+from compressor.surgery.plan import Plan, SkippedLayer
+
+Progress = Callable[[str, int, int], None]
+"""Called as progress(stage, done, total) while a search runs, e.g. ("sensitivity", 12, 140)."""
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What the search chose for one edited layer.
+
+    Attributes:
+        name: Qualified layer name.
+        technique: The edit's technique.
+        params_before, params_after: Its params as it was and as edited.
+        flops_before, flops_after: Its FLOPs (summed over its calls) before and after.
+        error: Relative Frobenius error of its effective kernel.
+        accuracy: Search-data accuracy with only this layer edited (fixed_loss); None otherwise.
+    """
+
+    name: str
+    technique: str
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    error: float
+    accuracy: Optional[float] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """A plan and what the search knows about it.
+
+    Attributes:
+        method: "fixed_loss" or "fixed_params".
+        plan: The plan (edits, skipped layers, model identity).
+        budget: The budget searched for.
+        achieved: For an accuracy budget, the drop on the search data; for a cost
+            budget, the fraction of the baseline params/FLOPs kept (predicted).
+        met: Whether `achieved` meets the budget.
+        evaluations: Whole-model evaluations the search used: for fixed_loss the
+            baseline and per-option sensitivity evaluations plus the confirmation
+            evaluations, including those read from the cache; 0 for fixed_params.
+        cached_evaluations: How many of `evaluations` were read from the cache.
+        sensitivity_evaluations: The baseline and single-layer evaluations.
+        confirmation_evaluations: Evaluations of combined plans.
+        baseline_params, baseline_flops: The original model's totals.
+        params, flops: Predicted totals of the compressed model.
+        baseline_accuracy, accuracy: Top-1 accuracy on the search data of the
+            original and of the planned model (fixed_loss); None for fixed_params.
+        seconds: Wall time of the search.
+        layers: One entry per edit, in plan order.
+    """
+
+    method: str
+    plan: Plan
+    budget: Budget
+    achieved: float
+    met: bool
+    baseline_params: int
+    baseline_flops: int
+    params: int
+    flops: int
+    seconds: float
+    evaluations: int = 0
+    cached_evaluations: int = 0
+    sensitivity_evaluations: int = 0
+    confirmation_evaluations: int = 0
+    baseline_accuracy: Optional[float] = None
+    accuracy: Optional[float] = None
+    layers: tuple[LayerChoice, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the plan as `Plan.to_dict`)."""
+        return {
+            "method": self.method,
+            "budget": {**self.budget.to_dict(), "achieved": self.achieved, "met": self.met},
+            "baseline": {
+                "params": self.baseline_params,
+                "flops": self.baseline_flops,
+                "accuracy": self.baseline_accuracy,
+            },
+            "predicted": {"params": self.params, "flops": self.flops, "accuracy": self.accuracy},
+            "evaluations": {
+                "total": self.evaluations,
+                "cached": self.cached_evaluations,
+                "sensitivity": self.sensitivity_evaluations,
+                "confirmation": self.confirmation_evaluations,
+            },
+            "seconds": self.seconds,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "plan": self.plan.to_dict(),
+        }
+
+
+def plan_for(
+    model: keras.Model,
+    chosen: Mapping[str, Option],
+    candidates: Sequence[LayerCandidates],
+    skipped: Sequence[SkippedLayer],
+    kept_reason: str,
+) -> Plan:
+    """The plan of the chosen options, in candidate order, with its model's identity.
+
+    Candidate layers without a chosen option join `skipped` with `kept_reason`.
+    """
+    edits = tuple(chosen[c.name].edit for c in candidates if c.name in chosen)
+    kept = tuple(SkippedLayer(c.name, kept_reason) for c in candidates if c.name not in chosen)
+    identity = {"name": model.name, "params": int(model.count_params()), "fingerprint": model_fingerprint(model)}
+    return Plan(model=identity, edits=edits, skipped=tuple(skipped) + kept)
+
+
+def predicted_cost(
+    baseline: tuple[int, int], candidates: Sequence[LayerCandidates], chosen: Mapping[str, Option]
+) -> tuple[int, int]:
+    """(params, FLOPs) of the model with the chosen options: baseline − originals + options."""
+    params, flops = baseline
+    for candidate in candidates:
+        option = chosen.get(candidate.name)
+        if option is not None:
+            params += option.params - candidate.params
+            flops += option.flops - candidate.flops
+    return params, flops
+
+
+def layer_choices(
+    candidates: Sequence[LayerCandidates],
+    chosen: Mapping[str, Option],
+    accuracies: Optional[Mapping[str, float]] = None,
+) -> tuple[LayerChoice, ...]:
+    """A LayerChoice per chosen option, in candidate order."""
+    found = []
+    for c in candidates:
+        option = chosen.get(c.name)
+        if option is None:
+            continue
+        accuracy = None if accuracies is None else accuracies.get(c.name)
+        found.append(
+            LayerChoice(
+                c.name, option.edit.technique, c.params, option.params, c.flops, option.flops, option.error, accuracy
+            )
+        )
+    return tuple(found)

@@ -1,0 +1,129 @@
+"""`compress` end to end on a tiny model, through the CLI a pipeline would call.
+
+The tiny residual model's labels are its own predictions, so the original is 100%
+accurate on them and every lost point is the compression's doing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from compressor.cli.app import app
+from conftest import build_residual, write_npz
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compress")
+    model = build_residual()
+    model.save(folder / "model.keras")
+    write_npz(folder / "val.npz", model, n=64, seed=1)
+    write_npz(folder / "test.npz", model, n=48, seed=2)
+    return folder
+
+
+def _compress(workdir, out, *args):
+    result = runner.invoke(
+        app,
+        ["compress", str(workdir / "model.keras"), "--out", str(out), "--runs", "5", "--cache-dir", str(workdir / "cache"), "--json", *map(str, args)],
+    )
+    return result
+
+
+def _report(result):
+    return json.loads(result.stdout)
+
+
+def test_fixed_params_end_to_end_and_plan_replay(workdir, tmp_path):
+    import keras
+
+    out = tmp_path / "fp"
+    result = _compress(workdir, out, "--method", "fixed_params", "--compression-factor", "0.6", "--data", workdir / "test.npz")
+    assert result.exit_code == 0, result.output
+    report = _report(result)
+    assert report["status"] == "ok" and report["method"] == "fixed_params"
+    budget = report["budget"]
+    assert budget["kind"] == "params" and budget["met"] is True
+    assert budget["achieved"] <= 0.6 + 1e-9
+    assert report["compressed"]["params"] / report["baseline"]["params"] == pytest.approx(budget["achieved"])
+    assert {a["format"] for a in report["artifacts"]} == {"tflite", "onnx", "keras"}
+    tflite = next(a for a in report["artifacts"] if a["format"] == "tflite")
+    assert tflite["latency_ms"]["median"] > 0 and tflite["baseline_latency_ms"]["median"] > 0
+    assert 0.0 <= tflite["accuracy"] <= 1.0 and tflite["max_abs_diff"] <= 1e-4
+    assert any(row["technique"] in ("tucker", "svd") for row in report["layers"])
+    assert all(row.get("reason") for row in report["layers"] if row["technique"] == "skipped")
+    for name in ("model.keras", "model.tflite", "model.onnx", "plan.json", "report.json"):
+        assert (out / name).is_file()
+    assert json.loads((out / "report.json").read_text())["status"] == "ok"
+
+    replay = _compress(workdir, tmp_path / "replay", "--plan", out / "plan.json", "--data", workdir / "test.npz")
+    assert replay.exit_code == 0, replay.output
+    x = np.load(workdir / "test.npz")["x"]
+    first = keras.saving.load_model(out / "model.keras")
+    second = keras.saving.load_model(tmp_path / "replay" / "model.keras")
+    np.testing.assert_allclose(np.asarray(first(x)), np.asarray(second(x)), atol=1e-6)
+
+
+def test_fixed_loss_measures_the_artifact_on_held_out_data(workdir, tmp_path):
+    result = _compress(
+        workdir, tmp_path / "fl", "--method", "fixed_loss", "--max-acc-loss", "0.1",
+        "--data", workdir / "val.npz", "--test-data", workdir / "test.npz",
+    )
+    assert result.exit_code in (0, 2), result.output
+    report = _report(result)
+    budget = report["budget"]
+    tflite = next(a for a in report["artifacts"] if a["format"] == "tflite")
+    assert report["baseline"]["accuracy"] == tflite["baseline_accuracy"]
+    assert report["compressed"]["accuracy"] == tflite["accuracy"]
+    assert budget["achieved"] == pytest.approx(tflite["baseline_accuracy"] - tflite["accuracy"])
+    assert (result.exit_code == 0) == budget["met"]
+    assert report["search"]["evaluations"] > 0
+    assert report["search"]["held_out_samples"] == 48 and report["search"]["search_samples"] == 64
+
+    again = _compress(
+        workdir, tmp_path / "fl2", "--method", "fixed_loss", "--max-acc-loss", "0.3",
+        "--data", workdir / "val.npz", "--test-data", workdir / "test.npz",
+    )
+    search = _report(again)["search"]
+    assert search["cached_evaluations"] > 0  # the sensitivity table came from the cache
+
+
+def test_budget_not_met_exits_2_and_still_writes(workdir, tmp_path):
+    out = tmp_path / "tight"
+    result = _compress(workdir, out, "--method", "fixed_params", "--compression-factor", "0.01", "--export", "tflite")
+    assert result.exit_code == 2, result.output
+    report = _report(result)
+    assert report["status"] == "budget_not_met" and report["budget"]["met"] is False
+    assert (out / "model.tflite").is_file() and (out / "plan.json").is_file()
+    assert "budget not met" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "fixed_params", "--compression-factor", "1.5"], "Expected 0 < F < 1"),
+        (["--method", "fixed_params", "--compression-factor", "0"], "Expected 0 < F < 1"),
+        (["--method", "fixed_loss", "--max-acc-loss", "-0.1", "--data", "VAL"], "max_acc_loss"),
+        (["--method", "fixed_loss", "--max-acc-loss", "0.02"], "needs labelled --data"),
+        (["--method", "fixed_loss", "--max-acc-loss", "0.02", "--data", "UNLABELLED"], "needs labels"),
+        (["--method", "fixed_params", "--compression-factor", "0.5", "--techniques", "sparsity", "--pruning-structure", "diagonal"], "Invalid pruning structure"),
+        (["--method", "fixed_params", "--compression-factor", "0.5", "--techniques", "sparsity", "--pruning-structure", "block", "--block-size", "3,3"], "3"),
+        (["--method", "fixed_params", "--compression-factor", "0.5", "--techniques", "pruning"], "Invalid techniques"),
+        (["--compression-factor", "0.5"], "choose a method"),
+        (["--plan", "MISSING"], "plan not found"),
+    ],
+)
+def test_bad_inputs_give_one_clear_line(workdir, tmp_path, args, message):
+    np.savez(tmp_path / "unlabelled.npz", x=np.load(workdir / "val.npz")["x"])
+    replace = {"VAL": str(workdir / "val.npz"), "UNLABELLED": str(tmp_path / "unlabelled.npz"), "MISSING": str(tmp_path / "nope.json")}
+    result = _compress(workdir, tmp_path / "out", *[replace.get(a, a) for a in args])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.strip().startswith("error:")
+    assert message in " ".join(result.stderr.split())
