@@ -14,7 +14,14 @@ import typer
 from rich import box
 from rich.table import Table
 
-from compressor.cli.console import console, err_console, handle_errors, print_json, stdout_to_stderr
+from compressor.cli.console import (
+    console,
+    err_console,
+    handle_errors,
+    human_bytes,
+    print_json,
+    stdout_to_stderr,
+)
 from compressor.cli.options import DataOpt, JsonOpt
 
 if TYPE_CHECKING:
@@ -81,7 +88,7 @@ def _table(report: BenchReport) -> Table:
         table.add_row(
             result.path + note,
             result.format,
-            _size(result.bytes),
+            human_bytes(result.bytes),
             *(_ms(v) for v in (latency.median, latency.p90, latency.min, latency.max)),
             "-" if result.ratio_to_first is None else f"{result.ratio_to_first:.2f}×",
             "-" if result.accuracy is None else f"{result.accuracy:.1%}",
@@ -96,10 +103,3 @@ def _ms(value: float) -> str:
     decimals = min(4, max(0, 2 - math.floor(math.log10(value))))
     return f"{value:.{decimals}f}"
 
-
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    if n < 1024**2:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n / 1024**2:.1f} MiB"

@@ -11,7 +11,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from compressor.cli.console import console, err_console, fail, handle_errors, load_tensorflow, print_json, stdout_to_stderr
+from compressor.cli.console import (
+    console,
+    err_console,
+    fail,
+    handle_errors,
+    human_bytes,
+    load_tensorflow,
+    print_json,
+    stdout_to_stderr,
+)
 from compressor.cli.options import CustomObjectsOpt, JsonOpt, ModelArg
 
 EXIT_BUDGET_NOT_MET = 2
@@ -153,7 +162,7 @@ def _render(report: dict) -> None:
     for entry in report["artifacts"]:
         lat, base_lat = entry.get("latency_ms"), entry.get("baseline_latency_ms")
         artifacts.add_row(
-            entry["format"], entry["path"], f"{entry['bytes'] / 1024:,.1f} KiB", acc(entry.get("accuracy")),
+            entry["format"], entry["path"], human_bytes(entry["bytes"]), acc(entry.get("accuracy")),
             "-" if not lat else f"{lat['median']:.3f}", "-" if not base_lat else f"{base_lat['median']:.3f}",
             "-" if entry.get("latency_ratio") is None else f"{entry['latency_ratio']:.2f}×",
         )

@@ -72,6 +72,15 @@ def stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+def human_bytes(count: int) -> str:
+    """A file size for people: 512 B, 12.3 KiB, 4.5 MiB."""
+    if count < 1024:
+        return f"{count} B"
+    if count < 1024**2:
+        return f"{count / 1024:.1f} KiB"
+    return f"{count / 1024**2:.1f} MiB"
+
+
 def print_json(payload: Any) -> None:
     """Write one JSON document to stdout."""
     sys.stdout.write(json.dumps(payload, indent=2) + "\n")

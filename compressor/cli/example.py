@@ -9,7 +9,14 @@ from typing import Annotated, Mapping, Optional
 import typer
 from rich.table import Table
 
-from compressor.cli.console import load_tensorflow, err_console, handle_errors, print_json, stdout_to_stderr
+from compressor.cli.console import (
+    err_console,
+    handle_errors,
+    human_bytes,
+    load_tensorflow,
+    print_json,
+    stdout_to_stderr,
+)
 from compressor.cli.options import JsonOpt, OutDirOpt
 from compressor.io.atomic import ensure_dir
 from compressor.models.examples import EXAMPLES, ExampleResult, build_example, get_example
@@ -91,7 +98,7 @@ def _print_summary(result: ExampleResult, seconds: float) -> None:
     table.add_column("samples", justify="right")
     for key, path in result.files.items():
         samples = str(result.samples[key]) if key in result.samples else ""
-        table.add_row(path, _human_bytes(result.bytes[key]), samples)
+        table.add_row(path, human_bytes(result.bytes[key]), samples)
     err_console.print(table)
     err_console.print(
         f"{result.architecture}: {result.params:,} parameters, {result.epochs} epochs, "
@@ -101,10 +108,3 @@ def _print_summary(result: ExampleResult, seconds: float) -> None:
     )
     err_console.print(f"Next: [bold]compressor inspect {result.files['model']}[/]", soft_wrap=True)
 
-
-def _human_bytes(count: int) -> str:
-    if count < 1024:
-        return f"{count} B"
-    if count < 1024**2:
-        return f"{count / 1024:.1f} KB"
-    return f"{count / 1024**2:.1f} MB"

@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from compressor.cli.console import load_tensorflow, console, handle_errors, print_json, stdout_to_stderr
+from compressor.cli.console import (
+    console,
+    handle_errors,
+    human_bytes,
+    load_tensorflow,
+    print_json,
+    stdout_to_stderr,
+)
 from compressor.errors import CompressorError
 from compressor.cli.options import CustomObjectsOpt, DataOpt, JsonOpt, ModelArg, OutDirOpt
 
@@ -69,5 +76,5 @@ def _render(checks, source: str) -> None:
     for check in checks:
         agreement = "n/a" if check.top1_agreement is None else f"{check.top1_agreement:.2%}"
         verdict = "[green]ok[/]" if check.passed else f"[red]over atol {check.atol:g}[/]"
-        table.add_row(check.format, check.path, f"{check.bytes / 1024:,.1f} KiB", f"{check.max_abs_diff:.2e}", agreement, verdict)
+        table.add_row(check.format, check.path, human_bytes(check.bytes), f"{check.max_abs_diff:.2e}", agreement, verdict)
     console.print(table)

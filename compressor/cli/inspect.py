@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from compressor.cli.console import load_tensorflow, console, err_console, handle_errors, print_json, stdout_to_stderr
+from compressor.cli.console import (
+    console,
+    err_console,
+    handle_errors,
+    load_tensorflow,
+    print_json,
+    stdout_to_stderr,
+)
 from compressor.cli.options import CustomObjectsOpt, JsonOpt, ModelArg
 
 if TYPE_CHECKING:
