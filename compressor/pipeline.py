@@ -107,7 +107,7 @@ def compress(options: CompressOptions, progress: Optional[Progress] = None, log:
         "budget": budget_entry,
         "baseline": baseline,
         "compressed": result,
-        "layers": _layer_rows(model, plan, base_cost),
+        "layers": _layer_rows(model, plan, base_cost, search),
         "artifacts": artifacts,
         "search": _search_entry(search, search_data, held_out),
         "timings_s": {"search": round(search_s, 3), "export": round(export_s, 3), "total": round(time.perf_counter() - started, 3)},
@@ -275,15 +275,21 @@ def _search_entry(search: Any, search_data: Optional[Dataset], held_out: Optiona
     return entry
 
 
-def _layer_rows(model: Any, plan: Any, cost: Any) -> list[dict[str, Any]]:
+def _layer_rows(model: Any, plan: Any, cost: Any, search: Any) -> list[dict[str, Any]]:
+    """One row per edited layer (its cost before and after) and per layer left alone (why)."""
     from compressor.surgery.editable import editable_layers
     from compressor.techniques.base import edit_cost
 
     layers = editable_layers(model)
     before = {row.name: row for row in cost.layers}
+    # The search summed FLOPs over every call of shared layers; a replayed plan costs each layer by its first call.
+    chosen = {choice.name: choice for choice in search.layers} if search is not None else {}
     rows = []
     for edit in plan.edits:
-        params_after, flops_after = edit_cost(layers[edit.layer], edit)
+        choice = chosen.get(edit.layer)
+        params_after, flops_after = (
+            (choice.params_after, choice.flops_after) if choice else edit_cost(layers[edit.layer], edit)
+        )
         row = before.get(edit.layer)
         rows.append(
             {

@@ -6,10 +6,15 @@ replaced by its effective kernel Ŵ. The evaluator keeps one working copy of the
 model, sets the Ŵ of a plan into the copy's layers, runs one compiled forward pass
 over the search data, and puts the original kernels back. No graph is rewritten and
 nothing is retraced between evaluations.
+
+Each pass measures two things: how many samples are classified right, and how far
+the outputs moved from the original model's, as Σ‖f̂(x) − f(x)‖² / Σ‖f(x)‖² over the
+samples (a noise-to-signal ratio; the original's outputs come from the first pass).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import keras
@@ -26,8 +31,23 @@ from compressor.techniques.base import kernel_index, kernel_name
 DEFAULT_BATCH_SIZE = 256
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """One evaluation of the model with some edits.
+
+    Attributes:
+        correct: Samples classified right (top-1).
+        output_error: Σ‖f̂(x) − f(x)‖² / Σ‖f(x)‖² of the first output against the
+            original model's, over all samples; 0 for the original, inf when the
+            outputs are not finite.
+    """
+
+    correct: int
+    output_error: float
+
+
 class Evaluator:
-    """Top-1 accuracy on fixed labelled data of the model with some edits applied.
+    """Top-1 accuracy and output change on fixed labelled data, with some edits applied.
 
     Args:
         model: The original model; never modified.
@@ -62,6 +82,7 @@ class Evaluator:
         self._saved: dict[str, np.ndarray] = {}
         self._predict = _compiled_predict(self._copy, data)
         self._batches = _batches(data, batch_size)
+        self._references: Optional[list[np.ndarray]] = None  # the original's outputs, per batch
         classes = _output_classes(self._copy)
         if int(data.y.max()) >= max(classes, 2):
             raise DataError(
@@ -69,25 +90,50 @@ class Evaluator:
                 f"outputs {classes} class score(s)"
             )
 
-    def correct(self, edits: Iterable[LayerEdit] = ()) -> int:
-        """How many samples the model with `edits` applied classifies right.
+    def measure(self, edits: Iterable[LayerEdit] = ()) -> Measurement:
+        """Correct samples and output change of the model with `edits` applied.
+
+        The original model's outputs come from the first call without edits; a call
+        with edits before any such call runs the original once more (one evaluation).
 
         Raises:
-            PlanError: An edit names a layer that is not an editable layer of the model.
+            PlanError: An edit names a layer that is not an editable layer of the model,
+                or names a layer twice.
         """
         edits = list(edits)
-        try:
-            for edit in edits:
-                self._set(edit)
-            total = sum(int(self._predict(x, y)) for x, y in self._batches)
-        finally:
-            self._restore()
-        self.evaluations += 1
-        return total
+        if self._references is None and edits:
+            self.measure()
+        correct, outputs = self._run(edits)
+        if self._references is None:
+            self._references = outputs
+        signal = sum(float(np.sum(np.square(ref))) for ref in self._references)
+        noise = sum(float(np.sum(np.square(out - ref))) for out, ref in zip(outputs, self._references))
+        error = noise / signal if signal else noise
+        return Measurement(correct, error if np.isfinite(error) else float("inf"))  # non-finite outputs: infinitely far
+
+    def correct(self, edits: Iterable[LayerEdit] = ()) -> int:
+        """How many samples the model with `edits` applied classifies right (one evaluation).
+
+        Raises:
+            PlanError: As `measure`.
+        """
+        return self._run(list(edits))[0]
 
     def accuracy(self, edits: Iterable[LayerEdit] = ()) -> float:
         """Top-1 accuracy of the model with `edits` applied (see `correct`)."""
         return self.correct(edits) / self.samples
+
+    def _run(self, edits: list[LayerEdit]) -> tuple[int, list[np.ndarray]]:
+        """One forward pass with `edits` set: (correct count, outputs per batch); kernels restored."""
+        try:
+            for edit in edits:
+                self._set(edit)
+            results = [self._predict(x, y) for x, y in self._batches]
+        finally:
+            self._restore()
+        self.evaluations += 1
+        correct = sum(int(batch_correct) for batch_correct, _ in results)
+        return correct, [np.asarray(outputs, dtype=np.float64) for _, outputs in results]
 
     def _set(self, edit: LayerEdit) -> None:
         if edit.layer not in self._layers or kernel_name(self._layers[edit.layer]) is None:
@@ -134,7 +180,7 @@ def _batches(data: Dataset, batch_size: int) -> list[tuple[Any, Any]]:
 
 
 def _compiled_predict(model: keras.Model, data: Dataset) -> Any:
-    """A tf.function (samples, labels) → number classified right; outputs never leave the graph.
+    """A tf.function (samples, labels) → (number classified right, outputs flattened per sample).
 
     Read like `compressor.bench.benchmark.top1_accuracy`: the first output, flattened
     per sample; a single column is a sigmoid probability thresholded at 0.5.
@@ -149,11 +195,12 @@ def _compiled_predict(model: keras.Model, data: Dataset) -> Any:
     @tf.function(input_signature=signature)
     def predict(x: Any, y: Any) -> Any:
         outputs = keras.tree.flatten(model(x, training=False))[0]
-        outputs = tf.reshape(outputs, (tf.shape(outputs)[0], -1))
-        if outputs.shape[-1] == 1:
+        width = int(np.prod(outputs.shape[1:]))  # static: the model's output shape is known
+        outputs = tf.reshape(outputs, (-1, width))
+        if width == 1:
             predicted = tf.cast(outputs[:, 0] > 0.5, tf.int64)
         else:
             predicted = tf.argmax(outputs, axis=-1, output_type=tf.int64)
-        return tf.reduce_sum(tf.cast(tf.equal(predicted, tf.cast(y, tf.int64)), tf.int32))
+        return tf.reduce_sum(tf.cast(tf.equal(predicted, tf.cast(y, tf.int64)), tf.int32)), outputs
 
     return predict

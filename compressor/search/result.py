@@ -27,6 +27,7 @@ class LayerChoice:
         flops_before, flops_after: Its FLOPs (summed over its calls) before and after.
         error: Relative Frobenius error of its effective kernel.
         accuracy: Search-data accuracy with only this layer edited (fixed_loss); None otherwise.
+        output_error: Output change with only this layer edited (fixed_loss); None otherwise.
     """
 
     name: str
@@ -37,6 +38,7 @@ class LayerChoice:
     flops_after: int
     error: float
     accuracy: Optional[float] = None
+    output_error: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -142,6 +144,7 @@ def layer_choices(
     candidates: Sequence[LayerCandidates],
     chosen: Mapping[str, Option],
     accuracies: Optional[Mapping[str, float]] = None,
+    output_errors: Optional[Mapping[str, float]] = None,
 ) -> tuple[LayerChoice, ...]:
     """A LayerChoice per chosen option, in candidate order."""
     found = []
@@ -149,10 +152,17 @@ def layer_choices(
         option = chosen.get(c.name)
         if option is None:
             continue
-        accuracy = None if accuracies is None else accuracies.get(c.name)
         found.append(
             LayerChoice(
-                c.name, option.edit.technique, c.params, option.params, c.flops, option.flops, option.error, accuracy
+                c.name,
+                option.edit.technique,
+                c.params,
+                option.params,
+                c.flops,
+                option.flops,
+                option.error,
+                None if accuracies is None else accuracies.get(c.name),
+                None if output_errors is None else output_errors.get(c.name),
             )
         )
     return tuple(found)

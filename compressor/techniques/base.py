@@ -303,7 +303,7 @@ def compose_kernels(kernels: Sequence[np.ndarray]) -> np.ndarray:
     after = np.eye(kernels[at].shape[-1])
     for k in kernels[at + 1 :]:
         after = after @ k.reshape(k.shape[-2:])
-    return np.einsum("ia,...ab,bo->...io", before, kernels[at], after)
+    return np.einsum("ia,...ab,bo->...io", before, kernels[at], after, optimize=True)
 
 
 def reconstruction_error(layer: Any, edit: LayerEdit, replacement: Optional[Replacement] = None) -> float:

@@ -77,7 +77,7 @@ def tucker2(kernel: np.ndarray, ranks: tuple[int, int]) -> Factors:
 
 def compose_tucker2(core: np.ndarray, u_in: np.ndarray, u_out: np.ndarray) -> np.ndarray:
     """The (kh, kw, Cin, Cout) kernel the Tucker-2 factors amount to."""
-    return np.einsum("hwab,ia,ob->hwio", core, u_in, u_out)
+    return np.einsum("hwab,ia,ob->hwio", core, u_in, u_out, optimize=True)
 
 
 def truncated_svd(matrix: np.ndarray, rank: int) -> Factors:
