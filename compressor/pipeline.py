@@ -69,6 +69,7 @@ def compress(options: CompressOptions, progress: Optional[Progress] = None, log:
     from compressor.io.data import load_data
     from compressor.io.models import load_model
     from compressor.search.apply import apply_plan
+    from compressor.surgery.plan import Plan
 
     log = log or (lambda message: None)
     started = time.perf_counter()
@@ -82,7 +83,7 @@ def compress(options: CompressOptions, progress: Optional[Progress] = None, log:
     log("searching" if options.plan is None else f"replaying {options.plan}")
     search_started = time.perf_counter()
     search = _search(options, model, budget, search_data, progress) if options.plan is None else None
-    plan = search.plan if search else _load_plan(options.plan, model)
+    plan = search.plan if search else Plan.load(options.plan)
     compressed = apply_plan(model, plan)
     search_s = time.perf_counter() - search_started
 
@@ -168,12 +169,6 @@ def default_cache_dir() -> Path:
 
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "compressor"
-
-
-def _load_plan(path: Path, model: Any):
-    from compressor.surgery.plan import Plan
-
-    return Plan.load(path)
 
 
 def _export(options: CompressOptions, model: Any, compressed: Any, plan: Any, held_out: Optional[Dataset], out: Path) -> list[dict]:
