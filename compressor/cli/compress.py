@@ -156,13 +156,14 @@ def _render(report: dict) -> None:
         "-" if comp["accuracy"] is None or base["accuracy"] is None else f"{comp['accuracy'] - base['accuracy']:+.2%}",
     )
     console.print(table)
-    artifacts = Table(title="artifacts (latency at batch 1, interleaved with the original's)")
-    for column in ("format", "path", "size", "accuracy", "median ms", "original ms", "× original"):
-        artifacts.add_column(column, overflow="fold")
+    folder = Path(report["artifacts"][0]["path"]).parent if report["artifacts"] else Path(".")
+    artifacts = Table(title=f"artifacts in {folder} (latency at batch 1, interleaved with the original's)")
+    for column in ("format", "file", "size", "accuracy", "ms", "original ms", "ratio"):
+        artifacts.add_column(column, no_wrap=True, justify="left" if column in ("format", "file") else "right")
     for entry in report["artifacts"]:
         lat, base_lat = entry.get("latency_ms"), entry.get("baseline_latency_ms")
         artifacts.add_row(
-            entry["format"], entry["path"], human_bytes(entry["bytes"]), acc(entry.get("accuracy")),
+            entry["format"], Path(entry["path"]).name, human_bytes(entry["bytes"]), acc(entry.get("accuracy")),
             "-" if not lat else f"{lat['median']:.3f}", "-" if not base_lat else f"{base_lat['median']:.3f}",
             "-" if entry.get("latency_ratio") is None else f"{entry['latency_ratio']:.2f}×",
         )
