@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from compressor.errors import CompressorError
+from compressor.surgery.plan import STRUCTURES
 
 METHODS = ("fixed_loss", "fixed_params")
 BUDGET_ON = ("params", "flops")
-STRUCTURES = ("unstructured", "filter", "channel", "block", "n:m")
 
 
 class ConfigError(CompressorError):

@@ -92,16 +92,12 @@ def compress_command(
 
 
 def _validate_names(options: Any) -> None:
-    """Check technique and format names before TensorFlow loads."""
+    """Check format, technique and pattern names before any model work starts."""
     from compressor.export.writers import parse_formats
+    from compressor.techniques.registry import parse_techniques
 
     parse_formats(",".join(options.export))
-    known = ("tucker", "svd", "sparsity")
-    unknown = [t for t in options.techniques if t not in known]
-    if unknown:
-        from compressor.config import ConfigError
-
-        raise ConfigError(f"Invalid techniques. Expected some of {known}. Received: {', '.join(unknown)}")
+    parse_techniques(options.techniques)
     options.pattern()
 
 
