@@ -23,6 +23,9 @@ from compressor.surgery.plan import STRUCTURES
 
 METHODS = ("fixed_loss", "fixed_params")
 BUDGET_ON = ("params", "flops")
+# Kept in step with compressor.techniques.scores.CRITERIA (tested); here so that
+# validating options imports no TensorFlow.
+CRITERIA = ("magnitude", "snip", "synflow", "fpgm", "hessian")
 
 
 class ConfigError(CompressorError):
@@ -41,12 +44,16 @@ class CompressOptions:
     method: Optional[str] = None
     data: Optional[str] = None
     test_data: Optional[str] = None
+    train_data: Optional[str] = None
     max_acc_loss: Optional[float] = None
     compression_factor: Optional[float] = None
     budget_on: str = "params"
     techniques: tuple[str, ...] = ("tucker",)
     pruning_structure: str = "unstructured"
     block_size: Optional[tuple[int, int]] = None
+    criterion: str = "magnitude"
+    finetune_epochs: int = 0
+    max_channel_fraction: float = 0.9
     export: tuple[str, ...] = ("tflite", "onnx", "keras")
     plan: Optional[Path] = None
     seed: int = 0
@@ -80,6 +87,16 @@ class CompressOptions:
             )
         if structure == "block" and self.block_size is None:
             raise ConfigError("--pruning-structure block needs --block-size ROWS,COLS (e.g. 2,2)")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"Invalid criterion. Expected one of {CRITERIA}. Received: criterion={self.criterion!r}")
+        if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
+            raise ConfigError(f"Invalid finetune epochs. Expected an integer >= 0. Received: finetune_epochs={self.finetune_epochs!r}")
+        if self.finetune_epochs and self.train_data is None:
+            raise ConfigError("--finetune-epochs needs --train-data (the data the compressed model is fine-tuned on)")
+        if not 0.0 < self.max_channel_fraction < 1.0:
+            raise ConfigError(
+                f"Invalid max channel fraction. Expected 0 < f < 1. Received: max_channel_fraction={self.max_channel_fraction}"
+            )
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"Invalid test fraction. Expected 0 < f < 1. Received: test_fraction={self.test_fraction}")
         for name in ("runs", "warmup", "threads"):
@@ -195,7 +212,7 @@ def build_options(model: Path, flags: Mapping[str, Any], config: Optional[Path] 
     for key in ("out", "plan", "cache_dir"):
         if merged.get(key) is not None:
             merged[key] = Path(merged[key])
-    for key in ("data", "test_data"):
+    for key in ("data", "test_data", "train_data"):
         if merged.get(key) is not None:
             merged[key] = str(merged[key])
     try:

@@ -68,7 +68,6 @@ def compress(options: CompressOptions, progress: Optional[Progress] = None, log:
     from compressor.io.atomic import ensure_dir
     from compressor.io.data import load_data
     from compressor.io.models import load_model
-    from compressor.search.apply import apply_plan
     from compressor.surgery.plan import Plan
 
     log = log or (lambda message: None)
@@ -77,14 +76,17 @@ def compress(options: CompressOptions, progress: Optional[Progress] = None, log:
     model = load_model(options.model, options.custom_objects)
     sample_shape = single_input_shape(model)[1:]
     search_data, held_out = _datasets(options, sample_shape, load_data)
+    train_data = load_data(options.train_data, input_shape=sample_shape) if options.train_data else None
     budget = options.budget()
     base_cost = model_cost(model)
 
     log("searching" if options.plan is None else f"replaying {options.plan}")
     search_started = time.perf_counter()
-    search = _search(options, model, budget, search_data, progress) if options.plan is None else None
-    plan = search.plan if search else Plan.load(options.plan)
-    compressed = apply_plan(model, plan)
+    if options.plan is None:
+        outcome = _search_all(options, model, budget, search_data, train_data, progress, log)
+    else:
+        outcome = _replay(options, model, Plan.load(options.plan), search_data, train_data, log)
+    plan, compressed, search = outcome.plan, outcome.compressed, outcome.search
     search_s = time.perf_counter() - search_started
 
     log("exporting and verifying artifacts")
@@ -101,22 +103,236 @@ def compress(options: CompressOptions, progress: Optional[Progress] = None, log:
         "accuracy": _accuracy(artifacts, "accuracy"),
         "dense_params": comp_cost.params,
     }
-    budget_entry = _budget_entry(budget, baseline, result, search)
+    budget_entry = _budget_entry(budget, baseline, result, outcome.search_achieved(budget))
     report = {
         "status": "ok" if budget_entry["met"] in (True, None) else "budget_not_met",
         "method": options.method or "plan",
         "budget": budget_entry,
         "baseline": baseline,
         "compressed": result,
-        "layers": _layer_rows(model, plan, base_cost, search),
+        "layers": _channel_rows(outcome) + _layer_rows(outcome.working, plan, model_cost(outcome.working), search),
         "artifacts": artifacts,
         "search": _search_entry(search, search_data, held_out),
+        "channels": outcome.channels.to_dict() if outcome.channels is not None else None,
+        "finetune": outcome.finetune_entry(),
         "timings_s": {"search": round(search_s, 3), "export": round(export_s, 3), "total": round(time.perf_counter() - started, 3)},
         "options": options.to_dict(),
         "notes": _notes(plan),
     }
     write_report(out / "report.json", report)
     return report
+
+
+class _Outcome:
+    """What the search (or a replay) made: the plan, the models, and how they were reached."""
+
+    def __init__(self, plan: Any, compressed: Any, working: Any, search: Any = None, channels: Any = None, tuning: Any = None) -> None:
+        self.plan, self.compressed, self.working = plan, compressed, working
+        self.search, self.channels, self.tuning = search, channels, tuning
+
+    def search_achieved(self, budget: Any) -> Optional[float]:
+        """The search data's measure of the budget, when one search alone made the result."""
+        if budget is None:
+            return None
+        if self.channels is None:
+            return None if self.search is None else self.search.achieved
+        if self.search is None and budget.kind == "accuracy_drop" and self.channels.accuracy is not None:
+            return self.channels.baseline_accuracy - self.channels.accuracy
+        return None
+
+    def finetune_entry(self) -> dict[str, Any]:
+        channel_epochs = self.channels.epochs if self.channels is not None else 0
+        final = self.tuning.epochs_run if self.tuning is not None else 0
+        return {
+            "epochs": channel_epochs + final,
+            "channel_steps_epochs": channel_epochs,
+            "final_epochs": final,
+            "stopped_early": bool(self.tuning.stopped_early) if self.tuning is not None else None,
+            "history": list(self.tuning.history) if self.tuning is not None else [],
+        }
+
+
+def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: Optional[Dataset],
+                train_data: Optional[Dataset], progress: Optional[Progress], log: Log) -> _Outcome:
+    """Channels first (when asked for), then the per-layer techniques on what is left, then fine-tuning."""
+    from compressor.search.apply import apply_plan
+    from compressor.surgery.plan import Plan
+
+    layer_techniques = tuple(t for t in options.techniques if t != "channels")
+    working, channels = model, None
+    if "channels" in options.techniques:
+        channels = _search_channels(options, model, budget, search_data, train_data, layer_techniques, log)
+        working = channels.model
+    search, statistics, compressed = None, None, working
+    remaining = _remaining_budget(budget, model, working, channels) if layer_techniques else None
+    if remaining is not None:
+        with _layer_statistics(options, working, search_data, train_data, log) as statistics:
+            search = _search(options, working, remaining, search_data, progress, layer_techniques)
+            compressed = apply_plan(working, search.plan)
+    tuning = None
+    if options.finetune_epochs and search is not None and search.plan.edits:
+        tuning = _finetune(options, compressed, model, train_data, search_data, budget, log)
+    plan = Plan(
+        model=_identity(model),
+        edits=search.plan.edits if search else (),
+        skipped=search.plan.skipped if search else (),
+        channels=channels.removals if channels else (),
+        finetune=_finetune_record(options, channels, tuning),
+        statistics=statistics,
+    )
+    if channels is None and search is not None:
+        plan = Plan(model=search.plan.model, edits=plan.edits, skipped=plan.skipped, finetune=plan.finetune, statistics=statistics)
+    return _Outcome(plan, compressed, working, search, channels, tuning)
+
+
+def _search_channels(options, model, budget, search_data, train_data, layer_techniques, log):
+    from compressor.search.budgets import Budget
+    from compressor.search.channels import ChannelSettings, search_channels
+
+    channel_budget = budget
+    if budget.kind != "accuracy_drop" and layer_techniques:
+        # Two stages share one cost budget: channels take the square root of it.
+        channel_budget = Budget(budget.kind, budget.limit ** 0.5)
+    settings = ChannelSettings(
+        criterion=options.criterion,
+        max_fraction=options.max_channel_fraction,
+        finetune=_finetune_config(options),
+        objective=options.budget_on if budget.kind != "accuracy_drop" else "flops",
+        seed=options.seed,
+    )
+    log(f"removing channels ({options.criterion})")
+    return search_channels(model, channel_budget, settings, search_data, train_data, log)
+
+
+def _remaining_budget(budget: Any, model: Any, working: Any, channels: Any) -> Any:
+    """The budget left for the per-layer search after channel pruning; None when nothing is left."""
+    from compressor.graph.cost import model_cost
+    from compressor.search.budgets import Budget
+
+    if channels is None:
+        return budget
+    if budget.kind == "accuracy_drop":
+        spent = channels.baseline_accuracy - channels.accuracy
+        left = budget.limit - max(spent, 0.0)
+        return Budget.accuracy_drop(left) if left > 0 else None
+    base, now = model_cost(model), model_cost(working)
+    base_value, now_value = (base.params, now.params) if budget.kind == "params" else (base.flops, now.flops)
+    fraction = budget.limit * base_value / max(now_value, 1)
+    return Budget(budget.kind, fraction) if fraction < 1.0 else None
+
+
+def _finetune_config(options: CompressOptions) -> Any:
+    if not options.finetune_epochs:
+        return None
+    from compressor.finetune import FinetuneConfig
+
+    return FinetuneConfig(epochs=options.finetune_epochs, seed=options.seed)
+
+
+def _finetune(options, compressed, teacher, train_data, search_data, budget, log):
+    """Fine-tune the rewritten model with the original as teacher; masked kernels stay sparse."""
+    from compressor.finetune import finetune, fixed_masks
+
+    target = None
+    if budget is not None and budget.kind == "accuracy_drop" and search_data is not None and search_data.y is not None:
+        from compressor.export.verify import keras_outputs
+
+        base = float(np.mean(keras_outputs(teacher, search_data.x).argmax(-1) == search_data.y))
+        target = base - budget.limit / 4
+    log(f"fine-tuning up to {options.finetune_epochs} epoch(s)")
+    return finetune(
+        compressed, teacher, train_data, _finetune_config(options),
+        val=search_data if search_data is not None and search_data.y is not None else None,
+        target_accuracy=target, masks=fixed_masks(compressed),
+    )
+
+
+def _finetune_record(options: CompressOptions, channels: Any, tuning: Any) -> Optional[dict[str, Any]]:
+    epochs = (channels.epochs if channels is not None else 0) + (tuning.epochs_run if tuning is not None else 0)
+    if not epochs:
+        return None
+    return {"epochs": epochs, "epochs_per_run": options.finetune_epochs, "teacher": "original", "seed": options.seed}
+
+
+class _layer_statistics:
+    """Gathers K-FAC statistics and registers the Hessian technique while "hessian" is asked for."""
+
+    def __init__(self, options: CompressOptions, model: Any, search_data: Optional[Dataset], train_data: Optional[Dataset], log: Log) -> None:
+        self.options, self.model, self.log = options, model, log
+        self.data, self.source = (train_data, "train") if train_data is not None else (search_data, "search")
+        self._context = None
+
+    def __enter__(self) -> Optional[dict[str, Any]]:
+        if "hessian" not in self.options.techniques:
+            return None
+        from compressor.surgery.editable import editable_layers
+        from compressor.techniques.hessian import Hessian, eigen_decompose, kfac_factors
+        from compressor.techniques.registry import use_technique
+
+        if self.data is None:
+            raise CompressorError("--techniques hessian gathers K-FAC statistics on data: pass --train-data or --data")
+        self.log("gathering K-FAC statistics")
+        factors = kfac_factors(self.model, self.data, seed=self.options.seed, samples=KFAC_SAMPLES)
+        layers = editable_layers(self.model)
+        bases = {name: eigen_decompose(layers[name], factor) for name, factor in factors.items() if name in layers}
+        self._context = use_technique(Hessian(bases))
+        self._context.__enter__()
+        return {"data": self.source, "samples": min(KFAC_SAMPLES, len(self.data)), "labels": "sampled", "seed": self.options.seed}
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._context is not None:
+            self._context.__exit__(*exc)
+
+
+KFAC_SAMPLES = 512
+
+
+def _replay(options: CompressOptions, model: Any, plan: Any, search_data: Optional[Dataset],
+            train_data: Optional[Dataset], log: Log) -> _Outcome:
+    """Re-apply a saved plan; recompute K-FAC statistics and re-fine-tune where it says so."""
+    from compressor.search.apply import apply_plan, prune_planned_channels
+
+    if plan.finetune and train_data is None:
+        raise CompressorError(f"{options.plan} was fine-tuned ({plan.finetune.get('epochs')} epochs): pass --train-data to replay it")
+    working = prune_planned_channels(model, plan) if plan.channels else model
+    uses_hessian = any(edit.technique == "hessian" for edit in plan.edits)
+    replay_options = options if not uses_hessian else _with_hessian(options)
+    with _layer_statistics(replay_options, working, search_data, train_data, log):
+        compressed = apply_plan(model, plan)
+    tuning = None
+    if plan.finetune:
+        from compressor.finetune import FinetuneConfig, finetune, fixed_masks
+
+        config = FinetuneConfig(epochs=int(plan.finetune["epochs"]), seed=int(plan.finetune.get("seed", options.seed)))
+        log(f"fine-tuning {config.epochs} epoch(s), as the plan records")
+        tuning = finetune(compressed, model, train_data, config, masks=fixed_masks(compressed))
+    return _Outcome(plan, compressed, working, tuning=tuning)
+
+
+def _with_hessian(options: CompressOptions) -> CompressOptions:
+    import dataclasses
+
+    return dataclasses.replace(options, techniques=tuple(dict.fromkeys((*options.techniques, "hessian"))))
+
+
+def _identity(model: Any) -> dict[str, Any]:
+    from compressor.search.fingerprint import model_fingerprint
+
+    return {"name": model.name, "params": int(model.count_params()), "fingerprint": model_fingerprint(model)}
+
+
+def _channel_rows(outcome: _Outcome) -> list[dict[str, Any]]:
+    """One row per pruned channel group."""
+    return [
+        {
+            "name": removal.group,
+            "technique": "channels",
+            "criterion": removal.criterion,
+            "channels_before": removal.size,
+            "channels_after": removal.size - len(removal.remove),
+        }
+        for removal in outcome.plan.channels
+    ]
 
 
 def write_report(path: Path, report: dict[str, Any]) -> Path:
@@ -141,16 +357,16 @@ def _datasets(options: CompressOptions, shape: tuple, load_data: Callable) -> tu
     return None, data  # data-free search: all of --data measures the result
 
 
-def _search(options: CompressOptions, model: Any, budget: Any, data: Optional[Dataset], progress: Optional[Progress]):
+def _search(options: CompressOptions, model: Any, budget: Any, data: Optional[Dataset], progress: Optional[Progress], techniques: tuple[str, ...]):
     from compressor.search.candidates import layer_candidates
     from compressor.search.kernels import KernelCache
 
-    pattern = options.pattern() if "sparsity" in options.techniques else None
+    pattern = options.pattern() if "sparsity" in techniques else None
     kernels = KernelCache()  # effective kernels built for the candidates, reused by the search
-    candidates, skipped = layer_candidates(model, options.techniques, pattern, kernels=kernels)
+    candidates, skipped = layer_candidates(model, techniques, pattern, kernels=kernels)
     if not candidates:
         reasons = "; ".join(f"{skip.layer}: {skip.reason}" for skip in skipped[:3]) or "it has no layers with weights"
-        raise CompressorError(f"no layer can be compressed with --techniques {','.join(options.techniques)} ({reasons})")
+        raise CompressorError(f"no layer can be compressed with --techniques {','.join(techniques)} ({reasons})")
     if options.method == "fixed_params":
         from compressor.search.fixed_params import search_fixed_params
 
@@ -234,7 +450,7 @@ def _accuracy(artifacts: list[dict], key: str) -> Optional[float]:
     return None
 
 
-def _budget_entry(budget: Any, baseline: dict, result: dict, search: Any) -> dict[str, Any]:
+def _budget_entry(budget: Any, baseline: dict, result: dict, search_achieved: Optional[float]) -> dict[str, Any]:
     from compressor.search.budgets import achieved_drop, achieved_fraction
 
     if budget is None:
@@ -248,8 +464,8 @@ def _budget_entry(budget: Any, baseline: dict, result: dict, search: Any) -> dic
         achieved = achieved_fraction(result[budget.kind], baseline[budget.kind])
         measured_on = f"{budget.kind} of the compressed model"
     entry = {"kind": budget.kind, "limit": budget.limit, "achieved": achieved, "met": budget.met(achieved), "measured_on": measured_on}
-    if search is not None:
-        entry["search_achieved"] = search.achieved
+    if search_achieved is not None:
+        entry["search_achieved"] = search_achieved
     return entry
 
 

@@ -42,6 +42,10 @@ def test_fixed_params_budget_on_flops():
         ({"method": "fixed_params", "compression_factor": 0.5, "pruning_structure": "block"}, "needs --block-size"),
         ({"method": "fixed_params", "compression_factor": 0.5, "block_size": "2,zero"}, "Invalid block size"),
         ({"method": "fixed_params", "compression_factor": 0.5, "runs": 0}, "Invalid runs"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "criterion": "random"}, "Invalid criterion"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "finetune_epochs": 2}, "needs --train-data"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "finetune_epochs": -1, "train_data": "t.npz"}, "Invalid finetune epochs"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "max_channel_fraction": 1.0}, "Invalid max channel fraction"),
     ],
 )
 def test_invalid_options(flags, message):
@@ -108,3 +112,19 @@ def test_split_is_stratified_disjoint_and_seeded():
     np.testing.assert_array_equal(search.x, again.x)
     with pytest.raises(Exception, match="at least 4"):
         split_data(Dataset(np.zeros((2, 1), np.float32), np.array([0, 1]), "tiny"), 0.5, 0)
+
+
+def test_fine_tuning_options_from_toml(tmp_path):
+    config = tmp_path / "compress.toml"
+    config.write_text('method = "fixed_loss"\nmax-acc-loss = 0.02\ndata = "v.npz"\ntrain-data = "t.npz"\n'
+                      'techniques = "channels,tucker"\ncriterion = "fpgm"\nfinetune-epochs = 3\n')
+    options = build_options(Path("m.keras"), {"out": tmp_path / "o", "finetune_epochs": 1}, config)
+    assert (options.train_data, options.criterion, options.finetune_epochs) == ("t.npz", "fpgm", 1)
+    assert options.techniques == ("channels", "tucker")
+
+
+def test_config_criteria_match_the_scores_module():
+    from compressor.config import CRITERIA
+    from compressor.techniques.scores import CRITERIA as SCORED
+
+    assert CRITERIA == SCORED

@@ -35,11 +35,15 @@ def compress_command(
     model: ModelArg,
     data: Annotated[Optional[str], _opt("--data", help="Labelled data for the search (.npz, image folder, or pkg.module:function); needed by fixed_loss.")] = None,
     test_data: Annotated[Optional[str], _opt("--test-data", help="Held-out data the final accuracy is measured on (default: a stratified split of --data).")] = None,
+    train_data: Annotated[Optional[str], _opt("--train-data", help="Data to fine-tune on (and to gather scores/K-FAC statistics on); needed by --finetune-epochs.")] = None,
     method: Annotated[Optional[str], _opt("--method", help="fixed_loss (stay within --max-acc-loss) or fixed_params (keep --compression-factor of the cost).")] = None,
     max_acc_loss: Annotated[Optional[float], _opt("--max-acc-loss", help="fixed_loss: largest top-1 accuracy drop, as a fraction (0.02 = 2 points).")] = None,
     compression_factor: Annotated[Optional[float], _opt("--compression-factor", help="fixed_params: fraction of params (or FLOPs) kept, 0 < F < 1.")] = None,
     budget_on: Annotated[Optional[str], _opt("--budget-on", help="fixed_params: params (default) or flops.")] = None,
-    techniques: Annotated[Optional[str], _opt("--techniques", help="tucker (low-rank: Tucker-2 / SVD; default), svd, sparsity; tucker,sparsity = low-rank plus a sparse residual.")] = None,
+    techniques: Annotated[Optional[str], _opt("--techniques", help="channels (remove whole channels), tucker (Tucker-2 / SVD; default), svd, hessian (K-FAC eigenbasis), sparsity; combine with commas, e.g. channels,tucker.")] = None,
+    criterion: Annotated[Optional[str], _opt("--criterion", help="Channel/weight importance: magnitude (default), snip, synflow, fpgm, hessian.")] = None,
+    finetune_epochs: Annotated[Optional[int], _opt("--finetune-epochs", help="Fine-tune the compressed model this many epochs (per pruning step) with the original as teacher; needs --train-data.")] = None,
+    max_channel_fraction: Annotated[Optional[float], _opt("--max-channel-fraction", help="Most of a channel group that may be removed (default 0.9).")] = None,
     pruning_structure: Annotated[Optional[str], _opt("--pruning-structure", help="Sparsity pattern: unstructured (default), filter, channel, block, or N:M such as 2:4.")] = None,
     block_size: Annotated[Optional[str], _opt("--block-size", help="Block for --pruning-structure block, e.g. 2,2.")] = None,
     export: Annotated[Optional[str], _opt("--export", help="Artifacts to write: tflite,onnx,keras (default: all).")] = None,
@@ -60,7 +64,8 @@ def compress_command(
     from compressor.config import build_options
 
     flags = {
-        "data": data, "test_data": test_data, "method": method, "max_acc_loss": max_acc_loss,
+        "data": data, "test_data": test_data, "train_data": train_data, "criterion": criterion,
+        "finetune_epochs": finetune_epochs, "max_channel_fraction": max_channel_fraction, "method": method, "max_acc_loss": max_acc_loss,
         "compression_factor": compression_factor, "budget_on": budget_on, "techniques": techniques,
         "pruning_structure": pruning_structure, "block_size": block_size, "export": export, "out": out,
         "plan": plan, "seed": seed, "cache_dir": cache_dir, "runs": runs, "threads": threads,

@@ -1,4 +1,4 @@
-"""Apply a plan to the model it was made for: build each edit's layers, rewrite the graph."""
+"""Apply a plan to the model it was made for: remove its channels, build each edit's layers, rewrite the graph."""
 
 from __future__ import annotations
 
@@ -36,8 +36,32 @@ def apply_plan(model: keras.Model, plan: Plan, strict: bool = True) -> keras.Mod
         ModelLoadError: The model has no layer graph.
     """
     _check_fingerprint(model, plan, strict)
+    if plan.channels:
+        model = prune_planned_channels(model, plan)
     check_editable(model, [edit.layer for edit in plan.edits])
     return rewrite_model(model, {edit.layer: _factory(edit) for edit in plan.edits})
+
+
+def prune_planned_channels(model: keras.Model, plan: Plan) -> keras.Model:
+    """`model` with the plan's channel removals applied (a new model).
+
+    Raises:
+        PlanError: A group of the plan is not in the model, or has another size.
+    """
+    from compressor.graph.groups import channel_groups
+    from compressor.surgery.channels import prune_channels
+
+    groups = channel_groups(model)
+    sizes = {group.name: group.size for group in groups}
+    for removal in plan.channels:
+        if removal.group not in sizes:
+            raise PlanError(f"the plan removes channels of group {removal.group!r}, which model '{model.name}' does not have")
+        if sizes[removal.group] != removal.size:
+            raise PlanError(
+                f"the plan's group {removal.group!r} has {removal.size} channels; in model '{model.name}' it has "
+                f"{sizes[removal.group]}"
+            )
+    return prune_channels(model, plan.removals, groups)
 
 
 def _factory(edit: LayerEdit) -> Any:

@@ -15,8 +15,19 @@ same model reproduces the compressed model exactly.
         {"layer": "stage3_block3_conv2", "technique": "sparsity",
          "sparsity": {"density": 0.5, "structure": "n:m", "n": 2, "m": 4}}
       ],
-      "skipped": [{"layer": "stem_conv", "reason": "factorizing does not lower its cost"}]
+      "skipped": [{"layer": "stem_conv", "reason": "factorizing does not lower its cost"}],
+      "channels": [{"group": "stage1_block1_conv1", "size": 16, "remove": [3, 7],
+                    "criterion": "magnitude"}],
+      "finetune": {"epochs": 6, "teacher": "original"}
     }
+
+Channel removals (optional) come first: `compressor.surgery.channels.prune_channels`
+removes each group's channels (indices of the original model's groups), then the
+edits apply to the pruned model (layer names do not change). A plan with "hessian"
+edits needs the K-FAC statistics it was made with ("statistics": how they were
+gathered), and a plan with "finetune" was fine-tuned after the rewrite: replaying
+either recomputes them from data, so weights match the first run only up to
+training noise.
 
 Layer names are qualified (`outer/inner`) inside nested models, as in `compressor inspect`.
 """
@@ -33,7 +44,7 @@ from compressor.io.atomic import write_bytes_atomic
 
 PLAN_VERSION = 1
 STRUCTURES = ("unstructured", "filter", "channel", "block", "n:m")
-TECHNIQUES = ("tucker", "svd", "sparsity")
+TECHNIQUES = ("tucker", "svd", "sparsity", "hessian")
 
 
 class PlanError(CompressorError):
@@ -93,6 +104,7 @@ class LayerEdit:
     Attributes:
         layer: Qualified layer name.
         technique: "tucker" (k×k conv → 1×1, k×k, 1×1 with ranks (r_in, r_out)),
+            "hessian" (the same three layers in the K-FAC eigenbasis, ranks (R1, R2)),
             "svd" (1×1 conv, Conv1D or Dense → two layers through `rank`), or
             "sparsity" (same layer, masked kernel).
         ranks: For "tucker": (R1, R2), the input- and output-channel ranks.
@@ -115,9 +127,9 @@ class LayerEdit:
                 f"Invalid technique for layer {self.layer!r}. Expected one of {TECHNIQUES}. "
                 f"Received: technique={self.technique!r}"
             )
-        if self.technique == "tucker":
+        if self.technique in ("tucker", "hessian"):
             if not self.ranks or len(self.ranks) != 2 or min(self.ranks) < 1:
-                raise PlanError(f"tucker edit of {self.layer!r} needs ranks=(R1, R2) >= 1. Received: {self.ranks}")
+                raise PlanError(f"{self.technique} edit of {self.layer!r} needs ranks=(R1, R2) >= 1. Received: {self.ranks}")
             object.__setattr__(self, "ranks", (int(self.ranks[0]), int(self.ranks[1])))
         if self.technique == "svd" and not (self.rank and self.rank >= 1):
             raise PlanError(f"svd edit of {self.layer!r} needs rank >= 1. Received: {self.rank}")
@@ -160,32 +172,88 @@ class SkippedLayer:
 
 
 @dataclass(frozen=True)
+class ChannelRemoval:
+    """Channels removed from one dependency group (`compressor.graph.groups`).
+
+    Attributes:
+        group: The group's name (its first producer's qualified name).
+        size: How many channels the group has in the original model.
+        remove: Indices (0..size-1) of the removed channels, ascending.
+        criterion: The importance score that chose them.
+    """
+
+    group: str
+    size: int
+    remove: tuple[int, ...]
+    criterion: str = "magnitude"
+
+    def __post_init__(self) -> None:
+        remove = tuple(sorted(int(i) for i in self.remove))
+        if len(set(remove)) != len(remove) or (remove and (remove[0] < 0 or remove[-1] >= self.size)):
+            raise PlanError(
+                f"channel removal of group {self.group!r} must list distinct indices in [0, {self.size}). "
+                f"Received: remove={list(self.remove)}"
+            )
+        if len(remove) >= self.size:
+            raise PlanError(f"channel removal of group {self.group!r} removes all {self.size} channels; keep at least one")
+        object.__setattr__(self, "remove", remove)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"group": self.group, "size": self.size, "remove": list(self.remove), "criterion": self.criterion}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ChannelRemoval":
+        try:
+            return cls(data["group"], int(data["size"]), tuple(data["remove"]), data.get("criterion", "magnitude"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"malformed channel removal {data!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
 class Plan:
     """All edits for one model.
 
     Attributes:
         model: Identity of the model the plan was made for: name, params, fingerprint.
-        edits: At most one edit per layer.
+        edits: At most one edit per layer, applied after the channel removals.
         skipped: Layers considered and left alone, with reasons.
+        channels: Channel removals, at most one per group, applied first.
+        finetune: How the rewritten model was fine-tuned (None: it was not).
+        statistics: How the K-FAC statistics of "hessian" edits were gathered.
     """
 
     model: dict[str, Any]
     edits: tuple[LayerEdit, ...] = ()
     skipped: tuple[SkippedLayer, ...] = ()
+    channels: tuple[ChannelRemoval, ...] = ()
+    finetune: Optional[dict[str, Any]] = None
+    statistics: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
-        names = [edit.layer for edit in self.edits]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise PlanError(f"plan edits layers more than once: {', '.join(duplicates)}")
+        for what, names in (("edits layers", [e.layer for e in self.edits]), ("removes channels of groups", [c.group for c in self.channels])):
+            duplicates = sorted({name for name in names if names.count(name) > 1})
+            if duplicates:
+                raise PlanError(f"plan {what} more than once: {', '.join(duplicates)}")
+
+    @property
+    def removals(self) -> dict[str, tuple[int, ...]]:
+        """Group name → removed channel indices, as `prune_channels` takes them."""
+        return {removal.group: removal.remove for removal in self.channels if removal.remove}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "version": PLAN_VERSION,
             "model": dict(self.model),
             "edits": [edit.to_dict() for edit in self.edits],
             "skipped": [asdict(skip) for skip in self.skipped],
         }
+        if self.channels:
+            out["channels"] = [removal.to_dict() for removal in self.channels]
+        if self.finetune is not None:
+            out["finetune"] = dict(self.finetune)
+        if self.statistics is not None:
+            out["statistics"] = dict(self.statistics)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
@@ -198,6 +266,9 @@ class Plan:
             model=dict(data.get("model", {})),
             edits=tuple(LayerEdit.from_dict(edit) for edit in data.get("edits", [])),
             skipped=tuple(SkippedLayer(**skip) for skip in data.get("skipped", [])),
+            channels=tuple(ChannelRemoval.from_dict(removal) for removal in data.get("channels", [])),
+            finetune=data.get("finetune"),
+            statistics=data.get("statistics"),
         )
 
     def save(self, path: Path | str) -> Path:

@@ -207,7 +207,7 @@ def edit_cost(
 
     Args:
         layer: The original, built layer.
-        edit: An edit of it ("tucker", "svd" or "sparsity").
+        edit: An edit of it ("tucker", "hessian", "svd" or "sparsity").
         input_shape, output_shape: Shapes of its call, batch first (`call_shapes`).
 
     Returns:
@@ -219,6 +219,10 @@ def edit_cost(
     input_shape, output_shape = call_shapes(layer, input_shape, output_shape)
     if edit.technique == "sparsity":
         return _sparsity_cost(layer, edit.sparsity, input_shape, output_shape)
+    if edit.technique == "hessian":
+        from compressor.techniques.hessian import hessian_cost  # imports this module
+
+        return hessian_cost(layer, edit, input_shape, output_shape)
     kernel_shape = tuple(layer.kernel.shape)
     c_in, c_out = kernel_shape[-2], kernel_shape[-1]
     out_size = math.prod(output_shape[1:])

@@ -5,23 +5,45 @@ Users name techniques on the command line (`--techniques tucker,sparsity`):
 - "tucker": low-rank. Tucker-2 for k×k Conv2D layers, truncated SVD for 1×1 Conv2D,
   Conv1D and Dense layers.
 - "svd": truncated SVD only (1×1 Conv2D, Conv1D, Dense); k×k convolutions are left.
+- "hessian": EigenDamage: the layer rotated into the eigenbases of its K-FAC factors
+  and cut to its most important directions (1×1 → k×k → 1×1, as Tucker-2). Needs the
+  K-FAC statistics, gathered on data before the search (`use_technique`); layers it
+  does not apply to fall back to "tucker"/"svd" when those are asked for too.
 - "sparsity": alone, masked kernels. With "tucker" or "svd": hybrid, a sparse
   residual on each low-rank edit; layers that cannot be factorized (depthwise,
   grouped, or where factorizing cannot lower the cost) get a masked kernel instead.
+- "channels": not a per-layer technique: whole channels of dependency groups are
+  removed first (`compressor.search.channels`); the others then edit what is left.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from compressor.surgery.plan import PlanError
 from compressor.techniques.base import Shape, Technique
+from compressor.techniques.hessian import Hessian
 from compressor.techniques.lowrank import SVD, Tucker
 from compressor.techniques.sparsity import Sparsity
 
-TECHNIQUES: dict[str, Technique] = {technique.name: technique for technique in (Tucker(), SVD(), Sparsity())}
-USER_TECHNIQUES = ("tucker", "svd", "sparsity")
+TECHNIQUES: dict[str, Technique] = {
+    technique.name: technique for technique in (Tucker(), SVD(), Sparsity(), Hessian({}))
+}
+USER_TECHNIQUES = ("channels", "tucker", "svd", "hessian", "sparsity")
+LAYER_TECHNIQUES = ("tucker", "svd", "hessian", "sparsity")  # the ones that edit single layers
+
+
+@contextmanager
+def use_technique(technique: Technique) -> Iterator[None]:
+    """Register a technique instance (e.g. a Hessian holding K-FAC bases) for a block of work."""
+    previous = TECHNIQUES[technique.name]
+    TECHNIQUES[technique.name] = technique
+    try:
+        yield
+    finally:
+        TECHNIQUES[technique.name] = previous
 
 
 @dataclass(frozen=True)
@@ -71,15 +93,16 @@ def technique_for(
         PlanError: Unknown technique names.
     """
     wanted = parse_techniques(wanted)
+    candidates = [TECHNIQUES["hessian"]] if "hessian" in wanted else []
     if "tucker" in wanted:
-        candidates = [TECHNIQUES["tucker"], TECHNIQUES["svd"]]
-    else:
-        candidates = [TECHNIQUES["svd"]] if "svd" in wanted else []
+        candidates += [TECHNIQUES["tucker"], TECHNIQUES["svd"]]
+    elif "svd" in wanted:
+        candidates += [TECHNIQUES["svd"]]
     reasons = []
     for technique in candidates:
         reason = technique.check(layer, input_shape, output_shape)
         if reason is None:
-            return Choice(technique, residual="sparsity" in wanted)
+            return Choice(technique, residual="sparsity" in wanted and technique.name != "hessian")
         reasons.append(reason)
     if "sparsity" in wanted:
         reason = TECHNIQUES["sparsity"].check(layer, input_shape, output_shape)
@@ -92,4 +115,4 @@ def technique_for(
 def _best_reason(reasons: list[str]) -> str:
     """The most telling reason: not the one that points to another low-rank technique."""
     telling = [reason for reason in reasons if "use svd" not in reason and "use tucker" not in reason]
-    return (telling or reasons)[0]
+    return (telling or reasons or ["no per-layer technique was asked for"])[0]
