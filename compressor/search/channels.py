@@ -19,8 +19,9 @@ Budgets:
   model after each step (gradual pruning recovers more than one big cut).
 - An accuracy budget (fixed_loss): the same steps, each fine-tuned (early stop once
   the search data is within a quarter of the budget) and checked on the search data;
-  a step that loses more than `margin` × budget is retried once at half the size, and
-  the search stops at the first step that misses. Without fine-tuning, pruning once
+  a step that loses more than MARGIN × budget is retried with a smaller step (the
+  square root of the kept fraction, up to RETRIES times), and the search stops at the
+  first step that still misses. Without fine-tuning, pruning once
   from the original is monotone enough for a bisection on the kept fraction.
 
 Removals are tracked as each producer's original output indices, so the result is a
@@ -47,6 +48,7 @@ Log = Callable[[str], None]
 
 MIN_KEEP = 0.03  # never aim below this fraction of the baseline cost
 MARGIN = 0.75  # fraction of an accuracy budget a step may spend on the search data
+RETRIES = 2  # smaller steps tried after a step that misses, before the search stops
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class ChannelSettings:
 
     criterion: str = "magnitude"
     max_fraction: float = 0.9
-    step: float = 0.7
+    step: float = 0.5
     finetune: Any = None  # compressor.finetune.FinetuneConfig
     objective: str = "flops"
     seed: int = 0
@@ -383,7 +385,7 @@ class _Run:
         """Fine-tuned steps down in cost while the search-data accuracy holds."""
         allowed = MARGIN * self.budget.limit
         step = self.settings.step
-        retried = False
+        retries = 0
         while self._value(self.cost) > MIN_KEEP * self._base():
             aim = self._value(self.cost) * step
             candidate, removals, groups, cost = self._cut(self.current, self.groups, aim)
@@ -397,9 +399,9 @@ class _Run:
                 self._accept(candidate, groups, removals, cost, accuracy, aim, epochs, started)
                 continue
             self._reject(cost, accuracy, aim, epochs, started)
-            if retried:
+            if retries == RETRIES:
                 return
-            retried, step = True, math.sqrt(step)
+            retries, step = retries + 1, math.sqrt(step)
 
     def bisect_accuracy(self) -> None:
         """Without fine-tuning: the smallest kept fraction, pruned once, whose accuracy holds."""
