@@ -142,3 +142,99 @@ def test_sparsity_shrinks_the_tflite_file(workdir, tmp_path):
     assert tflite["bytes"] < 0.85 * tflite["baseline_bytes"], (tflite["bytes"], tflite["baseline_bytes"])
     assert report["compressed"]["flops"] == report["baseline"]["flops"]  # zeros still run dense
     assert any("TFLite runs convolutions dense" in note for note in report["notes"])
+
+
+# --- channels, hessian, fine-tuning --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trainable(workdir):
+    """The tiny model's folder with training data labelled like val/test (the model's own argmax)."""
+    import keras
+
+    model = keras.models.load_model(workdir / "model.keras")
+    write_npz(workdir / "train.npz", model, n=96, seed=3)
+    return workdir
+
+
+def _plan(out):
+    return json.loads((out / "plan.json").read_text())
+
+
+def test_channel_pruning_to_a_flops_budget_with_fine_tuning_and_replay(trainable, tmp_path):
+    import keras
+
+    out = tmp_path / "ch"
+    result = _compress(
+        trainable, out, "--method", "fixed_params", "--compression-factor", "0.5", "--budget-on", "flops",
+        "--techniques", "channels", "--criterion", "fpgm", "--data", trainable / "test.npz",
+        "--train-data", trainable / "train.npz", "--finetune-epochs", "1",
+    )
+    assert result.exit_code == 0, result.output
+    report = _report(result)
+    assert report["budget"]["met"] is True
+    # FLOPs are whole channels' worth: at most the budget, and the model really is narrower.
+    assert report["compressed"]["flops"] <= 0.5 * report["baseline"]["flops"]
+    assert report["channels"]["channels_removed"] > 0 and report["channels"]["groups_pruned"] > 0
+    rows = [row for row in report["layers"] if row["technique"] == "channels"]
+    assert rows and all(row["channels_after"] < row["channels_before"] and row["criterion"] == "fpgm" for row in rows)
+    # Fine-tuned once per pruning step.
+    assert report["finetune"]["epochs"] == len(report["channels"]["steps"]) >= 1
+    plan = _plan(out)
+    assert plan["channels"] and plan["finetune"]["epochs"] == report["finetune"]["epochs"]
+    compressed = keras.models.load_model(out / "model.keras")
+    assert compressed.count_params() < keras.models.load_model(trainable / "model.keras").count_params()
+
+    # Replaying rebuilds the same structure (weights differ by fine-tuning noise).
+    replay = _compress(trainable, tmp_path / "re", "--plan", out / "plan.json", "--data", trainable / "test.npz",
+                       "--train-data", trainable / "train.npz")
+    assert replay.exit_code == 0, replay.output
+    again = keras.models.load_model(tmp_path / "re" / "model.keras")
+    assert [tuple(w.shape) for w in again.weights] == [tuple(w.shape) for w in compressed.weights]
+
+    # A fine-tuned plan cannot be replayed without training data.
+    missing = _compress(trainable, tmp_path / "re2", "--plan", out / "plan.json", "--data", trainable / "test.npz")
+    assert missing.exit_code == 1 and "pass --train-data to replay it" in missing.output
+
+
+def test_channel_pruning_under_an_accuracy_budget_without_fine_tuning(trainable, tmp_path):
+    result = _compress(trainable, tmp_path / "cl", "--method", "fixed_loss", "--max-acc-loss", "0.1",
+                       "--techniques", "channels", "--data", trainable / "val.npz", "--test-data", trainable / "test.npz")
+    assert result.exit_code in (0, 2), result.output
+    report = _report(result)
+    channels = report["channels"]
+    # Every accepted bisection step stayed within 3/4 of the budget on the search data.
+    for step in channels["steps"]:
+        if step["accepted"]:
+            assert channels["baseline_accuracy"] - step["accuracy"] <= 0.75 * 0.1 + 1e-9
+    assert report["finetune"]["epochs"] == 0
+
+
+def test_hessian_edits_record_their_statistics_and_compose_with_channels(trainable, tmp_path):
+    out = tmp_path / "he"
+    result = _compress(
+        trainable, out, "--method", "fixed_params", "--compression-factor", "0.5",
+        "--techniques", "channels,hessian,tucker", "--data", trainable / "test.npz", "--train-data", trainable / "train.npz",
+    )
+    assert result.exit_code == 0, result.output
+    report = _report(result)
+    techniques = {row["technique"] for row in report["layers"]}
+    assert "channels" in techniques and techniques & {"hessian", "tucker", "svd"}
+    assert report["compressed"]["params"] <= 0.5 * report["baseline"]["params"] * 1.001
+    plan = _plan(out)
+    if any(edit["technique"] == "hessian" for edit in plan["edits"]):
+        assert plan["statistics"]["data"] == "train"
+    replay = _compress(trainable, tmp_path / "he2", "--plan", out / "plan.json", "--data", trainable / "test.npz",
+                       "--train-data", trainable / "train.npz")
+    assert replay.exit_code == 0, replay.output
+    first = next(a for a in report["artifacts"] if a["format"] == "keras")
+    second = next(a for a in _report(replay)["artifacts"] if a["format"] == "keras")
+    # Same data, same seed: the K-FAC statistics and so the rebuilt layers are the same.
+    assert second["accuracy"] == pytest.approx(first["accuracy"], abs=1e-9)
+
+
+def test_fine_tuning_needs_training_data_and_hessian_needs_data(workdir, tmp_path):
+    result = _compress(workdir, tmp_path / "x", "--method", "fixed_params", "--compression-factor", "0.5", "--finetune-epochs", "2")
+    assert result.exit_code == 1 and "needs --train-data" in result.output
+    result = _compress(workdir, tmp_path / "y", "--method", "fixed_params", "--compression-factor", "0.5", "--techniques", "hessian")
+    assert result.exit_code == 1 and "K-FAC statistics on data" in result.output

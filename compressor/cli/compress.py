@@ -141,8 +141,16 @@ def _render(report: dict) -> None:
     from rich.table import Table
 
     base, comp, budget = report["baseline"], report["compressed"], report["budget"]
-    edited = [row for row in report["layers"] if row["technique"] not in ("skipped", "none")]
-    console.print(f"{len(edited)} layer(s) compressed, {len(report['layers']) - len(edited)} left as they were (see report.json)")
+    rows = [row for row in report["layers"] if row["technique"] != "channels"]
+    edited = [row for row in rows if row["technique"] not in ("skipped", "none")]
+    channels = report.get("channels")
+    if channels:
+        console.print(
+            f"{channels['channels_removed']} channel(s) removed from {channels['groups_pruned']} group(s), "
+            f"{len(channels['groups_blocked'])} group(s) kept whole"
+        )
+    if rows:
+        console.print(f"{len(edited)} layer(s) compressed, {len(rows) - len(edited)} left as they were (see report.json)")
     table = Table(title=f"compress · {report['method']} · status: {report['status']}")
     for column in ("", "params", "FLOPs", "accuracy (held-out)"):
         table.add_column(column, justify="right" if column else "left")
@@ -173,9 +181,12 @@ def _render(report: dict) -> None:
         verdict = "[green]met[/]" if budget["met"] else "[red]NOT met[/]"
         console.print(f"budget {budget['kind']} ≤ {budget['limit']:g}: achieved {budget['achieved']:.4g} ({budget['measured_on']}) → {verdict}")
     search = report["search"]
+    evaluations = search["evaluations"] + (channels["evaluations"] if channels else 0)
+    epochs = (report.get("finetune") or {}).get("epochs", 0)
     console.print(
-        f"search: {search['evaluations']} whole-model evaluations ({search['cached_evaluations']} from cache), "
-        f"{report['timings_s']['search']:.1f} s; total {report['timings_s']['total']:.1f} s"
+        f"search: {evaluations} whole-model evaluations ({search['cached_evaluations']} from cache)"
+        + (f", {epochs} fine-tuning epoch(s)" if epochs else "")
+        + f", {report['timings_s']['search']:.1f} s; total {report['timings_s']['total']:.1f} s"
     )
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")

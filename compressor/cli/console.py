@@ -47,6 +47,11 @@ def load_tensorflow() -> None:
     with muted_stderr():
         import keras  # noqa: F401
         import tensorflow  # noqa: F401
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3":
+        # tf.function retracing notices: fine-tuning and evaluating many candidate models trace each anew.
+        import logging
+
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
