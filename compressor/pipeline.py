@@ -13,8 +13,9 @@ timed in the same interleaved run.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -171,7 +172,7 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
             compressed = apply_plan(working, search.plan)
     tuning = None
     if options.finetune_epochs and search is not None and search.plan.edits:
-        tuning = _finetune(options, compressed, model, train_data, search_data, budget, log)
+        tuning = _finetune(options, compressed, model, working, search.plan.edits, train_data, search_data, budget, log)
     plan = Plan(
         model=_identity(model),
         edits=search.plan.edits if search else (),
@@ -229,10 +230,23 @@ def _finetune_config(options: CompressOptions) -> Any:
     return FinetuneConfig(epochs=options.finetune_epochs, seed=options.seed)
 
 
-def _finetune(options, compressed, teacher, train_data, search_data, budget, log):
-    """Fine-tune the rewritten model with the original as teacher; masked kernels stay sparse."""
-    from compressor.finetune import finetune, fixed_masks
+def _finetune(options, compressed, teacher, working, edits, train_data, search_data, budget, log):
+    """Fine-tune the rewritten model with the original as teacher.
 
+    Kernels the plan masks by magnitude are pruned gradually instead (tfmot's
+    PolynomialDecay schedule, from dense to the planned density over the first 60% of
+    the steps), which recovers more than fine-tuning a one-shot mask; other zeros
+    (masks by another criterion, sparse residual branches) stay fixed.
+    """
+    from compressor.finetune import GradualSparsity, finetune, fixed_masks
+    from compressor.surgery.editable import editable_layers
+
+    gradual = {}
+    if options.criterion == "magnitude":
+        gradual = {edit.layer: edit.sparsity for edit in edits if edit.technique == "sparsity"}
+        dense, sparse = editable_layers(working), editable_layers(compressed)
+        for name in gradual:
+            sparse[name].set_weights(dense[name].get_weights())
     target = None
     if budget is not None and budget.kind == "accuracy_drop" and search_data is not None and search_data.y is not None:
         from compressor.export.verify import keras_outputs
@@ -243,7 +257,9 @@ def _finetune(options, compressed, teacher, train_data, search_data, budget, log
     return finetune(
         compressed, teacher, train_data, _finetune_config(options),
         val=search_data if search_data is not None and search_data.y is not None else None,
-        target_accuracy=target, masks=fixed_masks(compressed),
+        target_accuracy=target,
+        masks={name: mask for name, mask in fixed_masks(compressed).items() if name not in gradual},
+        sparsity=GradualSparsity(targets=gradual) if gradual else None,
     )
 
 
@@ -254,34 +270,50 @@ def _finetune_record(options: CompressOptions, channels: Any, tuning: Any) -> Op
     return {"epochs": epochs, "epochs_per_run": options.finetune_epochs, "teacher": "original", "seed": options.seed}
 
 
-class _layer_statistics:
-    """Gathers K-FAC statistics and registers the Hessian technique while "hessian" is asked for."""
+@contextmanager
+def _layer_statistics(options: CompressOptions, model: Any, search_data: Optional[Dataset],
+                      train_data: Optional[Dataset], log: Log) -> Iterator[Optional[dict[str, Any]]]:
+    """Register the data-driven per-layer techniques for a block of work; yield how their data was gathered.
 
-    def __init__(self, options: CompressOptions, model: Any, search_data: Optional[Dataset], train_data: Optional[Dataset], log: Log) -> None:
-        self.options, self.model, self.log = options, model, log
-        self.data, self.source = (train_data, "train") if train_data is not None else (search_data, "search")
-        self._context = None
+    "hessian" needs K-FAC eigenbases of each layer; "sparsity" with a --criterion other
+    than magnitude ranks weights by that criterion's scores. Both come from
+    --train-data (or --data) and are recomputed the same way when a plan is replayed.
+    """
+    from compressor.techniques.registry import use_technique
 
-    def __enter__(self) -> Optional[dict[str, Any]]:
-        if "hessian" not in self.options.techniques:
-            return None
-        from compressor.surgery.editable import editable_layers
-        from compressor.techniques.hessian import Hessian, eigen_decompose, kfac_factors
-        from compressor.techniques.registry import use_technique
+    data, source = (train_data, "train") if train_data is not None else (search_data, "search")
+    hessian = "hessian" in options.techniques
+    scored = "sparsity" in options.techniques and options.criterion != "magnitude"
+    if not (hessian or scored):
+        yield None
+        return
+    if data is None:
+        what = "K-FAC statistics" if hessian else f"{options.criterion} scores"
+        raise CompressorError(f"--techniques {','.join(options.techniques)} gathers {what} on data: pass --train-data or --data")
+    record: dict[str, Any] = {"data": source, "seed": options.seed}
+    with ExitStack() as stack:
+        if hessian:
+            stack.enter_context(use_technique(_hessian_technique(model, data, options.seed, log)))
+            record.update(kfac_samples=min(KFAC_SAMPLES, len(data)), labels="sampled")
+        if scored:
+            from compressor.techniques.scores import weight_scores
+            from compressor.techniques.sparsity import Sparsity
 
-        if self.data is None:
-            raise CompressorError("--techniques hessian gathers K-FAC statistics on data: pass --train-data or --data")
-        self.log("gathering K-FAC statistics")
-        factors = kfac_factors(self.model, self.data, seed=self.options.seed, samples=KFAC_SAMPLES)
-        layers = editable_layers(self.model)
-        bases = {name: eigen_decompose(layers[name], factor) for name, factor in factors.items() if name in layers}
-        self._context = use_technique(Hessian(bases))
-        self._context.__enter__()
-        return {"data": self.source, "samples": min(KFAC_SAMPLES, len(self.data)), "labels": "sampled", "seed": self.options.seed}
+            log(f"scoring weights ({options.criterion})")
+            scores = weight_scores(model, options.criterion, data, seed=options.seed)
+            stack.enter_context(use_technique(Sparsity(scores)))
+            record["criterion"] = options.criterion
+        yield record
 
-    def __exit__(self, *exc: Any) -> None:
-        if self._context is not None:
-            self._context.__exit__(*exc)
+
+def _hessian_technique(model: Any, data: Dataset, seed: int, log: Log) -> Any:
+    from compressor.surgery.editable import editable_layers
+    from compressor.techniques.hessian import Hessian, eigen_decompose, kfac_factors
+
+    log("gathering K-FAC statistics")
+    factors = kfac_factors(model, data, seed=seed, samples=KFAC_SAMPLES)
+    layers = editable_layers(model)
+    return Hessian({name: eigen_decompose(layers[name], factor) for name, factor in factors.items() if name in layers})
 
 
 KFAC_SAMPLES = 512
@@ -295,9 +327,7 @@ def _replay(options: CompressOptions, model: Any, plan: Any, search_data: Option
     if plan.finetune and train_data is None:
         raise CompressorError(f"{options.plan} was fine-tuned ({plan.finetune.get('epochs')} epochs): pass --train-data to replay it")
     working = prune_planned_channels(model, plan) if plan.channels else model
-    uses_hessian = any(edit.technique == "hessian" for edit in plan.edits)
-    replay_options = options if not uses_hessian else _with_hessian(options)
-    with _layer_statistics(replay_options, working, search_data, train_data, log):
+    with _layer_statistics(_replay_options(options, plan), working, search_data, train_data, log):
         compressed = apply_plan(model, plan)
     tuning = None
     if plan.finetune:
@@ -309,10 +339,13 @@ def _replay(options: CompressOptions, model: Any, plan: Any, search_data: Option
     return _Outcome(plan, compressed, working, tuning=tuning)
 
 
-def _with_hessian(options: CompressOptions) -> CompressOptions:
+def _replay_options(options: CompressOptions, plan: Any) -> CompressOptions:
+    """The options that rebuild the plan's data-driven edits as they were made."""
     import dataclasses
 
-    return dataclasses.replace(options, techniques=tuple(dict.fromkeys((*options.techniques, "hessian"))))
+    techniques = {edit.technique for edit in plan.edits} & {"hessian", "sparsity"}
+    criterion = (plan.statistics or {}).get("criterion", "magnitude")
+    return dataclasses.replace(options, techniques=tuple(sorted(techniques)) or ("tucker",), criterion=criterion)
 
 
 def _identity(model: Any) -> dict[str, Any]:

@@ -238,3 +238,38 @@ def test_fine_tuning_needs_training_data_and_hessian_needs_data(workdir, tmp_pat
     assert result.exit_code == 1 and "needs --train-data" in result.output
     result = _compress(workdir, tmp_path / "y", "--method", "fixed_params", "--compression-factor", "0.5", "--techniques", "hessian")
     assert result.exit_code == 1 and "K-FAC statistics on data" in result.output
+
+
+def test_sparsity_masks_by_a_criterion_and_gradual_pruning_while_fine_tuning(trainable, tmp_path):
+    import keras
+
+    from compressor.surgery.editable import editable_layers
+
+    out = tmp_path / "sp"
+    result = _compress(
+        trainable, out, "--method", "fixed_params", "--compression-factor", "0.6", "--techniques", "sparsity",
+        "--data", trainable / "test.npz", "--train-data", trainable / "train.npz", "--finetune-epochs", "2",
+    )
+    assert result.exit_code == 0, result.output
+    report = _report(result)
+    assert report["finetune"]["final_epochs"] == 2
+    plan = _plan(out)
+    model = keras.models.load_model(out / "model.keras")
+    layers = editable_layers(model)
+    for edit in plan["edits"]:
+        kernel = np.asarray(layers[edit["layer"]].kernel)
+        # Pruned gradually from dense during fine-tuning, the kernel ends at exactly the planned density.
+        kept = np.count_nonzero(kernel) / kernel.size
+        assert kept == pytest.approx(edit["sparsity"]["density"], abs=1.0 / kernel.size + 1e-9), edit["layer"]
+
+    scored = _compress(
+        trainable, tmp_path / "snip", "--method", "fixed_params", "--compression-factor", "0.6", "--techniques", "sparsity",
+        "--criterion", "snip", "--data", trainable / "test.npz", "--train-data", trainable / "train.npz",
+    )
+    assert scored.exit_code == 0, scored.output
+    assert _plan(tmp_path / "snip")["statistics"] == {"data": "train", "seed": 0, "criterion": "snip"}
+    fpgm = _compress(
+        trainable, tmp_path / "fpgm", "--method", "fixed_params", "--compression-factor", "0.6", "--techniques", "sparsity",
+        "--criterion", "fpgm", "--data", trainable / "test.npz",
+    )
+    assert fpgm.exit_code == 1 and "fpgm" in fpgm.output

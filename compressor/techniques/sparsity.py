@@ -16,7 +16,7 @@ need tf_keras imported. The n:m mask agrees with `generate_m_by_n_mask` (tested)
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import keras
 import numpy as np
@@ -37,7 +37,9 @@ from compressor.techniques.base import (
     restore_kernel,
 )
 
-DENSITIES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+# A kernel with fewer than 30% zeros is stored dense (compressor.graph.cost.SPARSE_STORAGE_MIN_ZEROS):
+# a lighter mask would cost accuracy and save nothing in the artifact.
+DENSITIES = (0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 SUPPORTED = CONV + CONV_TRANSPOSE + DEPTHWISE + SEPARABLE + (keras.layers.Dense,)
 
 
@@ -122,9 +124,17 @@ class Sparsity:
     depthwise filter is the only path for its channel. A depthwise kernel is masked
     per output channel: "filter" drops whole output channels; "channel" and "n:m"
     (which need several input channels per output) do not apply to it.
+
+    Args:
+        scores: Qualified layer name → importance of each weight of its masked kernel,
+            shaped as Keras stores it (`compressor.techniques.scores.weight_scores`);
+            layers without scores are ranked by |w|².
     """
 
     name = "sparsity"
+
+    def __init__(self, scores: Optional[Mapping[str, np.ndarray]] = None) -> None:
+        self.scores = dict(scores or {})
 
     def check(
         self, layer: Any, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
@@ -144,7 +154,7 @@ class Sparsity:
         input_shape: Optional[Shape] = None,
         output_shape: Optional[Shape] = None,
     ) -> list[LayerEdit]:
-        """Masks at densities 0.9 … 0.1 in the pattern of `residual` (default unstructured).
+        """Masks at densities 0.7 … 0.1 in the pattern of `residual` (default unstructured).
 
         An "n:m" pattern gives one edit (density n/m). Masks that keep the same number
         of weights are listed once; a mask that keeps none is not offered.
@@ -180,7 +190,10 @@ class Sparsity:
         weights = layer.get_weights()
         at = kernel_index(layer)
         kernel = pattern_kernel(layer, weights[at])
-        weights[at] = restore_kernel(layer, masked(kernel, edit.sparsity))
+        scores = self.scores.get(edit.layer)
+        if scores is not None:
+            scores = pattern_kernel(layer, np.asarray(scores))
+        weights[at] = restore_kernel(layer, masked(kernel, edit.sparsity, scores))
         clone = type(layer).from_config(layer.get_config())
         error = relative_error(np.asarray(kernel, np.float64), pattern_kernel(layer, weights[at]).astype(np.float64))
         return Replacement(
