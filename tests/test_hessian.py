@@ -48,7 +48,7 @@ ATOL = 1e-4
 
 @pytest.fixture(autouse=True)
 def hessian_edits(monkeypatch):
-    """LayerEdit accepts technique="hessian" (the integrator registers it in plan.py)."""
+    """LayerEdit accepts technique="hessian" (registered in plan.TECHNIQUES)."""
     if "hessian" not in plan.TECHNIQUES:
         monkeypatch.setattr(plan, "TECHNIQUES", plan.TECHNIQUES + ("hessian",))
 
