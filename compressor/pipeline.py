@@ -213,8 +213,11 @@ def _remaining_budget(budget: Any, model: Any, working: Any, channels: Any) -> A
     if channels is None:
         return budget
     if budget.kind == "accuracy_drop":
+        # Both stages keep the channel search's margin for held-out noise.
+        from compressor.search.channels import MARGIN
+
         spent = channels.baseline_accuracy - channels.accuracy
-        left = budget.limit - max(spent, 0.0)
+        left = MARGIN * budget.limit - max(spent, 0.0)
         return Budget.accuracy_drop(left) if left > 0 else None
     base, now = model_cost(model), model_cost(working)
     base_value, now_value = (base.params, now.params) if budget.kind == "params" else (base.flops, now.flops)
