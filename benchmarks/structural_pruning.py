@@ -8,7 +8,8 @@ process, searched on val.npz, fine-tuned (where it says so) on train.npz with th
 original model as teacher, and measured on test.npz, which nothing saw before. The
 last row of a model is tfmot's `prune_low_magnitude` on the same architecture rebuilt
 in tf_keras, pruned to the parameter count of the first fine-tuned channel row with
-the same fine-tuning epochs (see benchmarks/tfmot_baseline.py). Latency is the TFLite
+as many fine-tuning epochs as that row spent in all its steps (see
+benchmarks/tfmot_baseline.py). Latency is the TFLite
 artifact's median at batch 1, 1 thread, interleaved with the original's file in one
 run (`compressor bench`); the tfmot files are timed in one run with our row's file.
 """
@@ -83,8 +84,8 @@ def row(name: str, label: str, report: dict) -> str:
     )
 
 
-def tfmot_rows(name: str, folder: Path, reference: dict, epochs: int, work: Path) -> list[str]:
-    """tfmot at our reference row's stored-parameter count, timed against our artifact."""
+def tfmot_rows(name: str, folder: Path, reference: dict, work: Path) -> list[str]:
+    """tfmot at our reference row's stored-parameter count and total fine-tuning epochs, timed against our artifact."""
     from benchmarks.tfmot_baseline import tfmot_prune
 
     from compressor.bench.benchmark import benchmark
@@ -92,6 +93,7 @@ def tfmot_rows(name: str, folder: Path, reference: dict, epochs: int, work: Path
 
     train, test = load_data(str(folder / "train.npz")), load_data(str(folder / "test.npz"))
     target = int(reference["compressed"]["params"])
+    epochs = max(1, int(reference["finetune"]["epochs"]))
     result = tfmot_prune(folder / "model.keras", train, test, target, epochs, work / f"{name}-tfmot")
     ours = next(a for a in reference["artifacts"] if a["format"] == "tflite")
     timing = benchmark([ours["baseline_path"], ours["path"], result["tflite"], result["sparse_tflite"]], data=test, runs=100, warmup=10)
@@ -119,7 +121,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--budget", type=float, default=0.02)
     parser.add_argument("--quick", action="store_true", help="only " + ", ".join(sorted(QUICK)) + " (and tfmot)")
+    parser.add_argument("--only", help="only these row labels, separated by ';' (e.g. 'channels snip;channels,tucker')")
     parser.add_argument("--no-tfmot", action="store_true")
+    parser.add_argument("--tfmot-from", type=Path, help="only the tfmot rows, against this earlier compress output folder")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     print(
@@ -129,11 +133,19 @@ def main() -> None:
     )
     print("| example | technique / criterion | status | params kept | FLOPs reduction | TFLite test accuracy | TFLite ms | TFLite KiB | fine-tune epochs | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    if args.tfmot_from is not None:
+        reference = json.loads((args.tfmot_from / "report.json").read_text())
+        name = args.examples.split(",")[0]
+        for line in tfmot_rows(name, ensure_example(name, args.work), reference, args.work):
+            print(line, flush=True)
+        return
     for name in args.examples.split(","):
         folder = ensure_example(name, args.work)
         reference = None
         for i, (label, techniques, criterion, tuned) in enumerate(CONFIGS):
             if args.quick and label not in QUICK and not label.endswith("(no fine-tuning)"):
+                continue
+            if args.only and label not in args.only.split(";"):
                 continue
             epochs = args.epochs if tuned else 0
             report = compress(folder, args.work / f"{name}-prune{i}", techniques, criterion, epochs, args.budget)
@@ -141,7 +153,7 @@ def main() -> None:
             if reference is None and tuned and techniques == "channels" and "error" not in report:
                 reference = report
         if reference is not None and not args.no_tfmot:
-            for line in tfmot_rows(name, folder, reference, args.epochs, args.work):
+            for line in tfmot_rows(name, folder, reference, args.work):
                 print(line, flush=True)
 
 
