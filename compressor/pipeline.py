@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -124,12 +125,20 @@ def compress(options: CompressOptions, progress: Optional[Progress] = None, log:
     return report
 
 
+@dataclass
 class _Outcome:
-    """What the search (or a replay) made: the plan, the models, and how they were reached."""
+    """What the search (or a replay) made: the plan, the models, and how they were reached.
 
-    def __init__(self, plan: Any, compressed: Any, working: Any, search: Any = None, channels: Any = None, tuning: Any = None) -> None:
-        self.plan, self.compressed, self.working = plan, compressed, working
-        self.search, self.channels, self.tuning = search, channels, tuning
+    `working` is the model the per-layer edits apply to: the original, or the original
+    without its removed channels.
+    """
+
+    plan: Any
+    compressed: Any
+    working: Any
+    search: Any = None
+    channels: Any = None
+    tuning: Any = None
 
     def search_achieved(self, budget: Any) -> Optional[float]:
         """The search data's measure of the budget, when one search alone made the result."""
@@ -157,6 +166,7 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
                 train_data: Optional[Dataset], progress: Optional[Progress], log: Log) -> _Outcome:
     """Channels first (when asked for), then the per-layer techniques on what is left, then fine-tuning."""
     from compressor.search.apply import apply_plan
+    from compressor.search.result import model_identity
     from compressor.surgery.plan import Plan
 
     layer_techniques = tuple(t for t in options.techniques if t != "channels")
@@ -174,15 +184,13 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
     if options.finetune_epochs and search is not None and search.plan.edits:
         tuning = _finetune(options, compressed, model, working, search.plan.edits, train_data, search_data, budget, log)
     plan = Plan(
-        model=_identity(model),
+        model=model_identity(model),
         edits=search.plan.edits if search else (),
         skipped=search.plan.skipped if search else (),
         channels=channels.removals if channels else (),
         finetune=_finetune_record(options, channels, tuning),
         statistics=statistics,
     )
-    if channels is None and search is not None:
-        plan = Plan(model=search.plan.model, edits=plan.edits, skipped=plan.skipped, finetune=plan.finetune, statistics=statistics)
     return _Outcome(plan, compressed, working, search, channels, tuning)
 
 
@@ -349,12 +357,6 @@ def _replay_options(options: CompressOptions, plan: Any) -> CompressOptions:
     techniques = {edit.technique for edit in plan.edits} & {"hessian", "sparsity"}
     criterion = (plan.statistics or {}).get("criterion", "magnitude")
     return dataclasses.replace(options, techniques=tuple(sorted(techniques)) or ("tucker",), criterion=criterion)
-
-
-def _identity(model: Any) -> dict[str, Any]:
-    from compressor.search.fingerprint import model_fingerprint
-
-    return {"name": model.name, "params": int(model.count_params()), "fingerprint": model_fingerprint(model)}
 
 
 def _channel_rows(outcome: _Outcome) -> list[dict[str, Any]]:

@@ -123,8 +123,12 @@ def plan_for(
     """
     edits = tuple(chosen[c.name].edit for c in candidates if c.name in chosen)
     kept = tuple(SkippedLayer(c.name, kept_reason) for c in candidates if c.name not in chosen)
-    identity = {"name": model.name, "params": int(model.count_params()), "fingerprint": model_fingerprint(model)}
-    return Plan(model=identity, edits=edits, skipped=tuple(skipped) + kept)
+    return Plan(model=model_identity(model), edits=edits, skipped=tuple(skipped) + kept)
+
+
+def model_identity(model: keras.Model) -> dict[str, Any]:
+    """What a plan records of the model it was made for: name, params, fingerprint."""
+    return {"name": model.name, "params": int(model.count_params()), "fingerprint": model_fingerprint(model)}
 
 
 def predicted_cost(
