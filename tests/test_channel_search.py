@@ -26,6 +26,11 @@ def test_removal_order_is_global_least_important_first_within_caps():
     # Cap 0.9 of 4 is 3; a group always keeps one channel.
     order = removal_order(groups, scores, 0.99)
     assert sum(1 for name, _ in order if name == "a") == 3
+    # Caps count what earlier steps removed: "a" had 6 channels, 2 went already; half of 6 leaves 1 more.
+    order = removal_order(groups, scores, 0.5, original_sizes={"a": 6, "b": 4})
+    assert [name for name, _ in order].count("a") == 1 and [name for name, _ in order].count("b") == 2
+    order = removal_order(groups, scores, 0.5, original_sizes={"a": 12, "b": 4})  # 8 of 12 gone: cap 6 - 8 < 0
+    assert [name for name, _ in order].count("a") == 0
 
 
 def test_removals_of_takes_a_prefix_sorted_per_group():

@@ -179,9 +179,16 @@ def group_scores(
     return out
 
 
-def removal_order(groups: Sequence[Any], scores: Mapping[str, np.ndarray], max_fraction: float) -> list[tuple[str, int]]:
+def removal_order(
+    groups: Sequence[Any],
+    scores: Mapping[str, np.ndarray],
+    max_fraction: float,
+    original_sizes: Optional[Mapping[str, int]] = None,
+) -> list[tuple[str, int]]:
     """(group, channel) pairs, least important first, within each group's cap.
 
+    A group may lose at most `max_fraction` of its original size (`original_sizes`,
+    default: its size now) counting what earlier steps removed, and keeps one channel.
     Ties go to the group earlier in graph order, then the lower channel index, so the
     order is deterministic.
     """
@@ -192,7 +199,11 @@ def removal_order(groups: Sequence[Any], scores: Mapping[str, np.ndarray], max_f
         for channel, score in enumerate(values)
     ]
     entries.sort()
-    caps = {group.name: min(int(math.floor(max_fraction * group.size)), group.size - 1) for group in groups}
+    original = dict(original_sizes or {})
+    caps = {}
+    for group in groups:
+        size = original.get(group.name, group.size)
+        caps[group.name] = min(int(math.floor(max_fraction * size)) - (size - group.size), group.size - 1)
     taken: dict[str, int] = {}
     order = []
     for _, _, channel, name in entries:
@@ -355,6 +366,7 @@ class _Run:
         self.original, self.budget, self.settings, self.log = model, budget, settings, log
         self.search_data, self.train_data = search_data, train_data
         self.tracker = _Tracker(groups)
+        self.sizes = {group.name: group.size for group in groups}  # the original's, for the caps
         self.current, self.groups = model, groups
         cost = model_cost(model)
         self.baseline = (cost.params, cost.flops)
@@ -432,7 +444,7 @@ class _Run:
         from compressor.surgery.channels import prune_channels
 
         scores = group_scores(model, groups, self.settings.criterion, self._score_data(), self.settings.seed)
-        order = removal_order(groups, scores, self.settings.max_fraction)
+        order = removal_order(groups, scores, self.settings.max_fraction, self.sizes)
         removals, cost = prune_to(model, groups, order, self.kind, aim)
         if not removals:
             return model, {}, groups, self.cost
