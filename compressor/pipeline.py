@@ -249,7 +249,7 @@ def _finetune(options, compressed, teacher, working, edits, train_data, search_d
     the steps), which recovers more than fine-tuning a one-shot mask; other zeros
     (masks by another criterion, sparse residual branches) stay fixed.
     """
-    from compressor.finetune import GradualSparsity, finetune, fixed_masks
+    from compressor.finetune import GradualSparsity, accuracy, finetune, fixed_masks
     from compressor.surgery.editable import editable_layers
 
     gradual = {}
@@ -260,10 +260,7 @@ def _finetune(options, compressed, teacher, working, edits, train_data, search_d
             sparse[name].set_weights(dense[name].get_weights())
     target = None
     if budget is not None and budget.kind == "accuracy_drop" and search_data is not None and search_data.y is not None:
-        from compressor.export.verify import keras_outputs
-
-        base = float(np.mean(keras_outputs(teacher, search_data.x).argmax(-1) == search_data.y))
-        target = base - budget.limit / 4
+        target = accuracy(teacher, search_data) - budget.limit / 4
     log(f"fine-tuning up to {options.finetune_epochs} epoch(s)")
     return finetune(
         compressed, teacher, train_data, _finetune_config(options),
@@ -468,15 +465,11 @@ def _export(options: CompressOptions, model: Any, compressed: Any, plan: Any, he
                 baseline_bytes=base.bytes,
             )
         elif held_out is not None and held_out.y is not None:
-            entry.update(accuracy=_keras_accuracy(compressed, held_out), baseline_accuracy=_keras_accuracy(model, held_out))
+            from compressor.finetune import accuracy
+
+            entry.update(accuracy=accuracy(compressed, held_out), baseline_accuracy=accuracy(model, held_out))
         entries.append(entry)
     return entries
-
-
-def _keras_accuracy(model: Any, data: Dataset) -> float:
-    from compressor.export.verify import keras_outputs
-
-    return float(np.mean(keras_outputs(model, data.x).argmax(-1) == data.y))
 
 
 def _accuracy(artifacts: list[dict], key: str) -> Optional[float]:

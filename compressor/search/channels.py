@@ -284,8 +284,8 @@ class _Tracker:
             if not group.prunable:
                 continue
             first = group.name if group.name in group.producers else group.producers[0]
-            index = np.asarray(group.indices[first])
-            gone = [k for k in range(group.size) if index[k] >= 0 and index[k] not in set(self.kept[first].tolist())]
+            index, kept = np.asarray(group.indices[first]), set(self.kept[first].tolist())
+            gone = [k for k in range(group.size) if index[k] >= 0 and index[k] not in kept]
             if gone:
                 out.append(ChannelRemoval(group.name, group.size, tuple(gone), criterion))
         return tuple(out)
@@ -410,7 +410,7 @@ class _Run:
             if self.baseline_accuracy - accuracy <= allowed:
                 self._accept(candidate, groups, removals, cost, accuracy, aim, epochs, started)
                 continue
-            self._reject(cost, accuracy, aim, epochs, started)
+            self._record(cost, accuracy, aim, epochs, False, started)
             if retries == RETRIES:
                 return
             retries, step = retries + 1, math.sqrt(step)
@@ -456,9 +456,6 @@ class _Run:
         self.groups = self._groups(candidate)
         self._record(cost, accuracy, aim, epochs, True, started)
 
-    def _reject(self, cost, accuracy, aim, epochs, started) -> None:
-        self._record(cost, accuracy, aim, epochs, False, started)
-
     def _record(self, cost, accuracy, aim, epochs, accepted, started) -> None:
         seconds = 0.0 if started is None else time.perf_counter() - started
         step = ChannelStep(round(aim / self._base(), 4), cost[0], cost[1], accuracy, epochs, accepted, round(seconds, 3))
@@ -487,10 +484,10 @@ class _Run:
         return channel_groups(model)
 
     def _accuracy(self, model) -> float:
-        from compressor.export.verify import keras_outputs
+        from compressor.finetune import accuracy
 
         self.evaluations += 1
-        return float(np.mean(keras_outputs(model, self.search_data.x).argmax(-1) == self.search_data.y))
+        return accuracy(model, self.search_data)
 
     def _score_data(self) -> Optional[Dataset]:
         return self.train_data if self.train_data is not None else self.search_data
