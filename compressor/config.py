@@ -26,6 +26,8 @@ BUDGET_ON = ("params", "flops")
 # Kept in step with compressor.techniques.scores.CRITERIA (tested); here so that
 # validating options imports no TensorFlow.
 CRITERIA = ("magnitude", "snip", "synflow", "fpgm", "hessian")
+# Kept in step with compressor.export.quantize.QUANTIZE_MODES (tested).
+QUANTIZE_MODES = ("none", "dynamic", "float16", "int8")
 
 
 class ConfigError(CompressorError):
@@ -64,6 +66,12 @@ class CompressOptions:
     threads: int = 1
     atol: float = 1e-4
     custom_objects: tuple[str, ...] = ()
+    quantize: str = "none"
+    calibration_samples: int = 200
+    int8_io: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    json: bool = False
 
     def __post_init__(self) -> None:
         if self.method is None and self.plan is None:
@@ -105,6 +113,26 @@ class CompressOptions:
                 raise ConfigError(f"Invalid {name}. Expected an integer >= {1 if name == 'runs' else 0}. Received: {name}={value}")
         if not (math.isfinite(self.atol) and self.atol >= 0):
             raise ConfigError(f"Invalid atol. Expected a number >= 0. Received: atol={self.atol}")
+        self._check_quantization()
+        for name in ("int8_io", "overwrite", "quiet", "json"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Invalid {name}. Expected true or false. Received: {name}={getattr(self, name)!r}")
+
+    def _check_quantization(self) -> None:
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(
+                f"Invalid quantization mode. Expected one of {QUANTIZE_MODES}. Received: quantize={self.quantize!r}"
+            )
+        if isinstance(self.calibration_samples, bool) or not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
+            raise ConfigError(
+                f"Invalid calibration samples. Expected an integer >= 1. Received: calibration_samples={self.calibration_samples!r}"
+            )
+        if self.int8_io and self.quantize != "int8":
+            raise ConfigError(f"--int8-io needs --quantize int8. Received: quantize={self.quantize!r}")
+        if self.quantize == "int8" and self.data is None and self.train_data is None:
+            raise ConfigError("--quantize int8 calibrates on real inputs: pass --train-data or --data")
+        if self.quantize != "none" and not {"tflite", "onnx"} & set(self.export):
+            raise ConfigError(f"--quantize {self.quantize} quantizes tflite and onnx artifacts; --export {','.join(self.export)} has neither")
 
     def budget(self):
         """The Budget of the chosen method, or None when replaying a plan without one."""
@@ -136,7 +164,7 @@ class CompressOptions:
         return out
 
 
-def parse_list(value: Any, name: str) -> tuple[str, ...]:
+def parse_list(value: Any, name: str, lower: bool = True) -> tuple[str, ...]:
     """Accept "a,b" or ["a", "b"]."""
     if isinstance(value, str):
         items = value.split(",")
@@ -144,7 +172,7 @@ def parse_list(value: Any, name: str) -> tuple[str, ...]:
         items = [str(v) for v in value]
     else:
         raise ConfigError(f"{name} must be a comma-separated string or a list. Received: {value!r}")
-    items = [item.strip().lower() for item in items if item.strip()]
+    items = [item.strip().lower() if lower else item.strip() for item in items if item.strip()]
     if not items:
         raise ConfigError(f"{name} is empty")
     return tuple(dict.fromkeys(items))
@@ -207,7 +235,9 @@ def build_options(model: Path, flags: Mapping[str, Any], config: Optional[Path] 
         if key in merged:
             merged[key] = parse_list(merged[key], key)
     if "custom_objects" in merged:
-        merged["custom_objects"] = tuple(merged["custom_objects"])
+        merged["custom_objects"] = parse_list(merged["custom_objects"], "custom_objects", lower=False)
+    if isinstance(merged.get("quantize"), str):
+        merged["quantize"] = merged["quantize"].strip().lower()
     merged["block_size"] = parse_block_size(merged.get("block_size"))
     for key in ("out", "plan", "cache_dir"):
         if merged.get(key) is not None:

@@ -56,25 +56,41 @@ def split_data(data: Dataset, test_fraction: float, seed: int) -> tuple[Dataset,
     return part(~mask, "search split"), part(mask, "held-out split")
 
 
+SCHEMA = 1
+"""Version of report.json's layout; raised only when a key changes meaning or goes away."""
+
+
 def compress(options: CompressOptions, progress: Optional[Progress] = None, log: Optional[Log] = None) -> dict[str, Any]:
     """Run one compression and write its outputs into `options.out`.
 
+    Everything is written into a staging folder first and moved into `options.out`
+    only when the run finishes, so an interrupted or failed run leaves the folder as
+    it was. A folder that holds earlier results is refused unless `options.overwrite`.
+
     Returns:
-        The report (also written to `out/report.json`), schema in DESIGN.md.
+        The report (also written to `out/report.json`, with `out/report.md`), schema
+        in the README.
 
     Raises:
         CompressorError: Bad input, or a failure the user can act on.
     """
+    from compressor.io.outdir import check_output_folder, staged_output
+
+    check_output_folder(options.out, options.overwrite)
+    with staged_output(options.out) as staging:
+        report = _compress(options, staging, progress or (lambda stage, done, total: None), log or (lambda message: None))
+    return report
+
+
+def _compress(options: CompressOptions, staging: Path, progress: Progress, log: Log) -> dict[str, Any]:
     from compressor.export.writers import single_input_shape
     from compressor.graph.cost import model_cost, stored_params
-    from compressor.io.atomic import ensure_dir
     from compressor.io.data import load_data
     from compressor.io.models import load_model
     from compressor.surgery.plan import Plan
 
-    log = log or (lambda message: None)
     started = time.perf_counter()
-    out = ensure_dir(options.out)
+    log(f"loading {options.model}")
     model = load_model(options.model, options.custom_objects)
     sample_shape = single_input_shape(model)[1:]
     search_data, held_out = _datasets(options, sample_shape, load_data)
@@ -91,38 +107,60 @@ def compress(options: CompressOptions, progress: Optional[Progress] = None, log:
     plan, compressed, search = outcome.plan, outcome.compressed, outcome.search
     search_s = time.perf_counter() - search_started
 
-    log("exporting and verifying artifacts")
+    log("exporting, verifying and timing artifacts")
     export_started = time.perf_counter()
-    plan.save(out / "plan.json")
-    artifacts = _export(options, model, compressed, plan, held_out, out)
+    plan.save(staging / "plan.json")
+    calibration, calibration_source = _calibration(options, train_data, search_data, held_out)
+    artifacts = _export(options, model, compressed, plan, held_out, staging, calibration, progress)
     export_s = time.perf_counter() - export_started
 
     comp_cost = model_cost(compressed)
+    counted = _counted_artifact(artifacts)
     baseline = {"params": stored_params(model), "flops": base_cost.flops, "accuracy": _accuracy(artifacts, "baseline_accuracy")}
     result = {
         "params": stored_params(compressed),
         "flops": comp_cost.flops,
-        "accuracy": _accuracy(artifacts, "accuracy"),
+        "accuracy": None if counted is None else counted.get("accuracy"),
         "dense_params": comp_cost.params,
     }
-    budget_entry = _budget_entry(budget, baseline, result, outcome.search_achieved(budget))
+    budget_entry = _budget_entry(budget, baseline, result, outcome.search_achieved(budget), counted)
     report = {
+        "schema": SCHEMA,
         "status": "ok" if budget_entry["met"] in (True, None) else "budget_not_met",
         "method": options.method or "plan",
         "budget": budget_entry,
         "baseline": baseline,
         "compressed": result,
+        "quantize": options.quantize,
         "layers": _channel_rows(outcome) + _layer_rows(outcome.working, plan, model_cost(outcome.working), search),
         "artifacts": artifacts,
-        "search": _search_entry(search, search_data, held_out),
+        "search": _search_entry(outcome, search_data, held_out),
         "channels": outcome.channels.to_dict() if outcome.channels is not None else None,
         "finetune": outcome.finetune_entry(),
+        "calibration": None if calibration is None else {"samples": len(calibration), "data": calibration_source},
         "timings_s": {"search": round(search_s, 3), "export": round(export_s, 3), "total": round(time.perf_counter() - started, 3)},
         "options": options.to_dict(),
-        "notes": _notes(plan),
+        "notes": _notes(plan, calibration_source),
     }
-    write_report(out / "report.json", report)
+    _relocate(report, staging, options.out)
+    write_report(staging / "report.json", report)
+    _write_markdown(report, staging, log)
     return report
+
+
+def _relocate(report: dict[str, Any], staging: Path, out: Path) -> None:
+    """Point the artifact paths of the report at where the files will be after the move."""
+    for entry in report["artifacts"]:
+        for key in ("path", "baseline_path"):
+            if entry.get(key):
+                entry[key] = str(Path(out) / Path(entry[key]).relative_to(staging))
+
+
+def _write_markdown(report: dict[str, Any], folder: Path, log: Log) -> None:
+    from compressor.report.markdown import write_markdown_report
+
+    log("writing report.md and plots")
+    write_markdown_report(report, folder)
 
 
 @dataclass
@@ -182,7 +220,7 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
             compressed = apply_plan(working, search.plan)
     tuning = None
     if options.finetune_epochs and search is not None and search.plan.edits:
-        tuning = _finetune(options, compressed, model, working, search.plan.edits, train_data, search_data, budget, log)
+        tuning = _finetune(options, compressed, model, working, search.plan.edits, train_data, search_data, budget, log, progress)
     plan = Plan(
         model=model_identity(model),
         edits=search.plan.edits if search else (),
@@ -241,7 +279,7 @@ def _finetune_config(options: CompressOptions) -> Any:
     return FinetuneConfig(epochs=options.finetune_epochs, seed=options.seed)
 
 
-def _finetune(options, compressed, teacher, working, edits, train_data, search_data, budget, log):
+def _finetune(options, compressed, teacher, working, edits, train_data, search_data, budget, log, progress):
     """Fine-tune the rewritten model with the original as teacher.
 
     Kernels the plan masks by magnitude are pruned gradually instead (tfmot's
@@ -268,6 +306,7 @@ def _finetune(options, compressed, teacher, working, edits, train_data, search_d
         target_accuracy=target,
         masks={name: mask for name, mask in fixed_masks(compressed).items() if name not in gradual},
         sparsity=GradualSparsity(targets=gradual) if gradual else None,
+        on_epoch=lambda epoch, epochs, _entry: progress("fine-tuning", epoch, epochs),
     )
 
 
@@ -422,66 +461,114 @@ def default_cache_dir() -> Path:
     return Path(root) / "compressor"
 
 
-def _export(options: CompressOptions, model: Any, compressed: Any, plan: Any, held_out: Optional[Dataset], out: Path) -> list[dict]:
-    from compressor.bench.benchmark import benchmark
+def _calibration(options: CompressOptions, train_data: Optional[Dataset], search_data: Optional[Dataset],
+                 held_out: Optional[Dataset]) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """Samples that calibrate quantization: training data first, never held-out data when avoidable."""
+    if options.quantize == "none":
+        return None, None
+    from compressor.export.quantize import calibration_set
+
+    for data, name in ((train_data, "train"), (search_data, "search"), (held_out, "held-out")):
+        if data is not None:
+            return calibration_set(data.x, options.calibration_samples, seed=options.seed), name
+    return None, None
+
+
+def _export(options: CompressOptions, model: Any, compressed: Any, plan: Any, held_out: Optional[Dataset], out: Path,
+            calibration: Optional[np.ndarray], progress: Progress) -> list[dict]:
+    """Write and verify the artifacts (float, then quantized), then time each format against the original's."""
     from compressor.export.verify import ensure_passed, export_and_verify, verification_inputs
 
     x = verification_inputs(compressed, held_out, samples=64, seed=options.seed)
     sparse = any(edit.residual is not None or edit.technique == "sparsity" for edit in plan.edits)
-    checks = export_and_verify(compressed, out, options.export, x, atol=options.atol, sparse_tflite=sparse)
-    ensure_passed(checks)
     runtime = [fmt for fmt in options.export if fmt in RUNTIME_FORMATS]
-    baselines = {}
-    if runtime:
-        base_checks = export_and_verify(model, out / "baseline", runtime, x, atol=options.atol)
-        ensure_passed(base_checks)
-        baselines = {check.format: check for check in base_checks}
-    entries = []
-    for check in checks:
-        entry = {
-            "format": check.format,
-            "path": check.path,
-            "bytes": check.bytes,
-            "accuracy": None,
-            "max_abs_diff": check.max_abs_diff,
-            "top1_agreement": check.top1_agreement,
-            "latency_ms": None,
-            "baseline_latency_ms": None,
-        }
-        base = baselines.get(check.format)
-        if base is not None:
-            bench = benchmark(
-                [base.path, check.path], data=held_out if held_out is not None and held_out.y is not None else None,
-                runs=options.runs, warmup=options.warmup, threads=options.threads, seed=options.seed,
-            )
-            original, ours = bench.results
+    steps = len(options.export) + len(runtime)
+    checks, baselines = [], {}
+    for done, fmt in enumerate(options.export):
+        progress("exporting artifacts", done, steps)
+        checks += export_and_verify(
+            compressed, out, [fmt], x, atol=options.atol, sparse_tflite=sparse,
+            quantize=options.quantize if fmt in RUNTIME_FORMATS else "none", calibration=calibration,
+            int8_io=options.int8_io and fmt == "tflite",
+        )
+    for done, fmt in enumerate(runtime, start=len(options.export)):
+        progress("exporting artifacts", done, steps)
+        baselines.update({check.format: check for check in export_and_verify(model, out / "baseline", [fmt], x, atol=options.atol)})
+    progress("exporting artifacts", steps, steps)
+    ensure_passed(checks + list(baselines.values()))
+    labelled = held_out if held_out is not None and held_out.y is not None else None
+    entries = [_artifact_entry(check) for check in checks]
+    for done, fmt in enumerate(runtime):
+        progress("timing artifacts", done, len(runtime))
+        mine = [entry for entry in entries if entry["format"] == fmt]
+        bench = benchmark_against(baselines[fmt].path, [entry["path"] for entry in mine], labelled, options)
+        original, *ours = bench.results
+        for entry, result in zip(mine, ours):
             entry.update(
-                accuracy=ours.accuracy,
+                accuracy=result.accuracy,
                 baseline_accuracy=original.accuracy,
-                latency_ms=ours.latency_ms.to_dict(),
+                latency_ms=result.latency_ms.to_dict(),
                 baseline_latency_ms=original.latency_ms.to_dict(),
-                latency_ratio=ours.ratio_to_first,
-                baseline_path=base.path,
-                baseline_bytes=base.bytes,
+                latency_ratio=result.ratio_to_first,
+                baseline_path=baselines[fmt].path,
+                baseline_bytes=baselines[fmt].bytes,
             )
-        elif held_out is not None and held_out.y is not None:
-            from compressor.finetune import accuracy
+    if runtime:
+        progress("timing artifacts", len(runtime), len(runtime))
+    if labelled is not None:
+        from compressor.finetune import accuracy
 
-            entry.update(accuracy=accuracy(compressed, held_out), baseline_accuracy=accuracy(model, held_out))
-        entries.append(entry)
+        for entry in entries:
+            if entry["format"] == "keras":
+                entry.update(accuracy=accuracy(compressed, labelled), baseline_accuracy=accuracy(model, labelled))
     return entries
 
 
+def benchmark_against(original: str, artifacts: list[str], data: Optional[Dataset], options: CompressOptions) -> Any:
+    """Time the original's artifact and ours in one interleaved run (ratios stay fair on a noisy machine)."""
+    from compressor.bench.benchmark import benchmark
+
+    return benchmark([original, *artifacts], data=data, runs=options.runs, warmup=options.warmup,
+                     threads=options.threads, seed=options.seed)
+
+
+def _artifact_entry(check: Any) -> dict[str, Any]:
+    return {
+        "format": check.format,
+        "quantize": check.quantize,
+        "path": check.path,
+        "bytes": check.bytes,
+        "accuracy": None,
+        "max_abs_diff": check.max_abs_diff,
+        "top1_agreement": check.top1_agreement,
+        "latency_ms": None,
+        "baseline_latency_ms": None,
+    }
+
+
+FORMAT_ORDER = {"tflite": 0, "onnx": 1, "keras": 2}
+
+
+def _counted_artifact(artifacts: list[dict]) -> Optional[dict]:
+    """The artifact whose accuracy the budget is measured on: the one asked for.
+
+    That is the quantized one when quantization was asked for, TFLite before ONNX before
+    Keras, among those with a measured accuracy.
+    """
+    measured = [entry for entry in artifacts if entry.get("accuracy") is not None]
+    if not measured:
+        return None
+    return min(measured, key=lambda e: (e.get("quantize", "none") == "none", FORMAT_ORDER[e["format"]]))
+
+
 def _accuracy(artifacts: list[dict], key: str) -> Optional[float]:
-    """The accuracy of the artifact that counts: TFLite first, then ONNX, then Keras."""
-    order = {"tflite": 0, "onnx": 1, "keras": 2}
-    for entry in sorted(artifacts, key=lambda e: order[e["format"]]):
-        if entry.get(key) is not None:
-            return entry[key]
-    return None
+    """The original's accuracy, from the artifact the budget is measured against."""
+    counted = _counted_artifact(artifacts)
+    return None if counted is None else counted.get(key)
 
 
-def _budget_entry(budget: Any, baseline: dict, result: dict, search_achieved: Optional[float]) -> dict[str, Any]:
+def _budget_entry(budget: Any, baseline: dict, result: dict, search_achieved: Optional[float],
+                  counted: Optional[dict]) -> dict[str, Any]:
     from compressor.search.budgets import achieved_drop, achieved_fraction
 
     if budget is None:
@@ -490,23 +577,30 @@ def _budget_entry(budget: Any, baseline: dict, result: dict, search_achieved: Op
         if baseline["accuracy"] is None or result["accuracy"] is None:
             raise CompressorError("the accuracy budget needs labelled held-out data")
         achieved = achieved_drop(baseline["accuracy"], result["accuracy"])
-        measured_on = "held-out data, on the artifact (TFLite first)"
+        name = Path(counted["path"]).name
+        measured_on = f"held-out data, on {name} against the original's {counted['format']} artifact"
     else:
         achieved = achieved_fraction(result[budget.kind], baseline[budget.kind])
         measured_on = f"{budget.kind} of the compressed model"
     entry = {"kind": budget.kind, "limit": budget.limit, "achieved": achieved, "met": budget.met(achieved), "measured_on": measured_on}
+    if counted is not None:
+        entry["artifact"] = Path(counted["path"]).name
     if search_achieved is not None:
         entry["search_achieved"] = search_achieved
     return entry
 
 
-def _search_entry(search: Any, search_data: Optional[Dataset], held_out: Optional[Dataset]) -> dict[str, Any]:
+def _search_entry(outcome: _Outcome, search_data: Optional[Dataset], held_out: Optional[Dataset]) -> dict[str, Any]:
+    search = outcome.search
     entry = {
         "search_samples": 0 if search_data is None else len(search_data),
         "held_out_samples": 0 if held_out is None else len(held_out),
         "evaluations": 0,
         "cached_evaluations": 0,
+        "trials": [],
     }
+    if outcome.channels is not None:
+        entry["trials"] += [trial.to_dict() for trial in outcome.channels.trials]
     if search is not None:
         entry.update(
             evaluations=search.evaluations,
@@ -514,6 +608,7 @@ def _search_entry(search: Any, search_data: Optional[Dataset], held_out: Optiona
             baseline_accuracy=search.baseline_accuracy,
             accuracy=search.accuracy,
         )
+        entry["trials"] += [trial.to_dict() for trial in search.trials]
     return entry
 
 
@@ -560,8 +655,13 @@ def _layer_rows(model: Any, plan: Any, cost: Any, search: Any) -> list[dict[str,
     return rows
 
 
-def _notes(plan: Any) -> list[str]:
+def _notes(plan: Any, calibration_source: Optional[str]) -> list[str]:
     notes = []
+    if calibration_source == "held-out":
+        notes.append(
+            "Quantization was calibrated on the held-out data the accuracy is measured on (no --train-data "
+            "or search data was given), which flatters the quantized artifact's accuracy a little."
+        )
     if any(edit.residual is not None or edit.technique == "sparsity" for edit in plan.edits):
         notes.append(
             "Sparse weights make the TFLite file smaller (stored sparsely), but TFLite runs "

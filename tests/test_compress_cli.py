@@ -7,6 +7,7 @@ accurate on them and every lost point is the compression's doing.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,9 +59,13 @@ def test_fixed_params_end_to_end_and_plan_replay(workdir, tmp_path):
     assert 0.0 <= tflite["accuracy"] <= 1.0 and tflite["max_abs_diff"] <= 1e-4
     assert any(row["technique"] in ("tucker", "svd") for row in report["layers"])
     assert all(row.get("reason") for row in report["layers"] if row["technique"] == "skipped")
-    for name in ("model.keras", "model.tflite", "model.onnx", "plan.json", "report.json"):
-        assert (out / name).is_file()
-    assert json.loads((out / "report.json").read_text())["status"] == "ok"
+    for name in ("model.keras", "model.tflite", "model.onnx", "plan.json", "report.json", "report.md",
+                 "plots/accuracy_vs_compression.png", "plots/layer_params.png"):
+        assert (out / name).is_file(), name
+    written = json.loads((out / "report.json").read_text())
+    assert written["status"] == "ok" and written["schema"] == 1
+    assert tflite["path"] == str(out / "model.tflite")  # the final path, not the staging folder's
+    assert [p.name for p in tmp_path.iterdir()] == ["fp"]  # no staging folder left beside it
 
     replay = _compress(workdir, tmp_path / "replay", "--plan", out / "plan.json", "--data", workdir / "test.npz")
     assert replay.exit_code == 0, replay.output
@@ -273,3 +278,88 @@ def test_sparsity_masks_by_a_criterion_and_gradual_pruning_while_fine_tuning(tra
         "--criterion", "fpgm", "--data", trainable / "test.npz",
     )
     assert fpgm.exit_code == 1 and "fpgm" in fpgm.output
+
+
+# --- pipeline integration: output folder, interruption, quiet, quantization --------------------
+
+FAST_FP = ["--method", "fixed_params", "--compression-factor", "0.6", "--export", "tflite"]
+
+
+def test_earlier_results_need_overwrite(workdir, tmp_path):
+    out = tmp_path / "again"
+    assert _compress(workdir, out, *FAST_FP).exit_code == 0
+    first = (out / "report.json").read_text()
+    refused = _compress(workdir, out, *FAST_FP)
+    assert refused.exit_code == 1 and "already holds results" in refused.stderr and "--overwrite" in refused.stderr
+    assert (out / "report.json").read_text() == first  # untouched, not even an error report
+    replaced = _compress(workdir, out, *FAST_FP, "--overwrite", "--export", "onnx")
+    assert replaced.exit_code == 0, replaced.output
+    # The earlier run's TFLite file does not linger beside a report that does not list it.
+    assert not (out / "model.tflite").exists() and (out / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_an_interrupted_run_leaves_the_output_folder_as_it_was(workdir, tmp_path, monkeypatch, earlier):
+    import compressor.export.verify as verify
+
+    out = tmp_path / "out"
+    if earlier:
+        assert _compress(workdir, out, *FAST_FP).exit_code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if earlier else None
+    real = verify.export_and_verify
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)  # an artifact is written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verify, "export_and_verify", interrupted)
+    result = _compress(workdir, out, *FAST_FP, "--overwrite")
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    if earlier:
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    else:
+        assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if earlier else [])
+
+
+def test_a_failed_run_writes_an_error_report_into_a_fresh_folder(workdir, tmp_path, monkeypatch):
+    import compressor.export.verify as verify
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("converter exploded")
+
+    monkeypatch.setattr(verify, "export_and_verify", broken)
+    result = _compress(workdir, tmp_path / "err", *FAST_FP)
+    assert result.exit_code == 1 and "converter exploded" in result.stderr
+    report = json.loads((tmp_path / "err" / "report.json").read_text())
+    assert report == {"schema": 1, "status": "error", "method": "fixed_params", "error": "converter exploded"}
+    assert sorted(p.name for p in (tmp_path / "err").iterdir()) == ["report.json"]
+
+
+def test_quiet_prints_nothing_but_keeps_the_exit_code(workdir, tmp_path):
+    ok = runner.invoke(app, ["compress", str(workdir / "model.keras"), "--out", str(tmp_path / "q"), "--runs", "3", "--quiet", *FAST_FP])
+    assert ok.exit_code == 0 and ok.stdout == "", ok.output
+    missed = runner.invoke(app, ["compress", str(workdir / "model.keras"), "--out", str(tmp_path / "q2"), "--runs", "3", "--quiet",
+                                 "--method", "fixed_params", "--compression-factor", "0.01", "--export", "tflite"])
+    assert missed.exit_code == 2 and missed.stdout == ""
+    assert "budget not met" in missed.stderr  # the one line that says why
+
+
+def test_int8_artifacts_carry_the_budget(workdir, tmp_path):
+    result = _compress(
+        workdir, tmp_path / "q8", "--method", "fixed_loss", "--max-acc-loss", "0.3", "--data", workdir / "val.npz",
+        "--test-data", workdir / "test.npz", "--quantize", "int8", "--calibration-samples", "32", "--export", "tflite,onnx",
+    )
+    assert result.exit_code in (0, 2), result.output
+    report = _report(result)
+    names = {Path(a["path"]).name: a for a in report["artifacts"]}
+    assert set(names) == {"model.tflite", "model.onnx", "model.int8.tflite", "model.int8.onnx"}
+    counted = names["model.int8.tflite"]
+    assert counted["quantize"] == "int8" and names["model.tflite"]["quantize"] == "none"
+    assert report["budget"]["artifact"] == "model.int8.tflite"
+    assert report["compressed"]["accuracy"] == counted["accuracy"]
+    assert report["budget"]["achieved"] == pytest.approx(counted["baseline_accuracy"] - counted["accuracy"])
+    assert report["calibration"] == {"samples": 32, "data": "search"}
+    # Both TFLite artifacts were timed in one run against the same original.
+    assert counted["baseline_latency_ms"] == names["model.tflite"]["baseline_latency_ms"]
+    assert counted["bytes"] < names["model.tflite"]["bytes"]

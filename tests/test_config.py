@@ -128,3 +128,82 @@ def test_config_criteria_match_the_scores_module():
     from compressor.techniques.scores import CRITERIA as SCORED
 
     assert CRITERIA == SCORED
+
+
+# --- every flag in the config file ------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _compress_flags() -> dict[str, str]:
+    """Option name -> its first flag, read from the `compress` command itself."""
+    import typer.main
+
+    from compressor.cli.compress import app
+
+    command = typer.main.get_command(app)
+    return {param.name: param.opts[0] for param in command.params if param.opts[0].startswith("--")}
+
+
+def test_every_flag_has_a_config_key():
+    from dataclasses import fields
+
+    from compressor.config import CompressOptions
+
+    keys = {f.name for f in fields(CompressOptions)}
+    flags = _compress_flags()
+    names = {name if name != "json_out" else "json" for name in flags} - {"config"}
+    assert names - keys == set(), f"flags without a config key: {sorted(names - keys)}"
+    # And each key is spelled like its flag.
+    for name, flag in flags.items():
+        if name not in ("config", "json_out"):
+            assert flag == "--" + name.replace("_", "-"), (name, flag)
+
+
+def test_config_file_equals_the_same_flags(tmp_path):
+    (tmp_path / "c.toml").write_text(
+        'method = "fixed_loss"\nmax-acc-loss = 0.03\ndata = "val.npz"\ntrain_data = "train.npz"\n'
+        'techniques = ["channels", "tucker"]\ncriterion = "fpgm"\nfinetune-epochs = 2\n'
+        'quantize = "INT8"\ncalibration-samples = 50\nint8-io = true\noverwrite = true\nquiet = true\njson = true\n'
+        'export = "tflite,onnx"\nout = "build"\nseed = 3\nruns = 7\nthreads = 2\ncustom-objects = ["pkg.layers"]\n'
+        'block-size = "2x2"\npruning-structure = "block"\ncache-dir = "cache"\n'
+    )
+    from_file = build_options(Path("m.keras"), {}, tmp_path / "c.toml")
+    from_flags = build_options(Path("m.keras"), {
+        "method": "fixed_loss", "max_acc_loss": 0.03, "data": "val.npz", "train_data": "train.npz",
+        "techniques": "channels,tucker", "criterion": "fpgm", "finetune_epochs": 2, "quantize": "int8",
+        "calibration_samples": 50, "int8_io": True, "overwrite": True, "quiet": True, "json": True,
+        "export": "tflite,onnx", "out": Path("build"), "seed": 3, "runs": 7, "threads": 2,
+        "custom_objects": ("pkg.layers",), "block_size": "2,2", "pruning_structure": "block", "cache_dir": Path("cache"),
+    })
+    assert from_file == from_flags
+    # A flag given on the command line wins over the file.
+    assert build_options(Path("m.keras"), {"quantize": "dynamic", "int8_io": False}, tmp_path / "c.toml").quantize == "dynamic"
+
+
+def test_example_config_is_valid():
+    options = build_options(Path("example/model.keras"), {}, ROOT / "examples" / "compress.toml")
+    assert options.method == "fixed_loss" and options.quantize == "int8" and options.techniques == ("channels",)
+
+
+def test_quantize_modes_match_the_exporter():
+    from compressor.config import QUANTIZE_MODES
+    from compressor.export.quantize import QUANTIZE_MODES as EXPORTED
+
+    assert QUANTIZE_MODES == EXPORTED
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"quantize": "int4"}, "Invalid quantization mode"),
+        ({"quantize": "dynamic", "int8_io": True}, "needs --quantize int8"),
+        ({"quantize": "int8"}, "calibrates on real inputs"),
+        ({"quantize": "int8", "data": "d.npz", "calibration_samples": 0}, "Invalid calibration samples"),
+        ({"quantize": "float16", "export": "keras"}, "has neither"),
+        ({"overwrite": "yes"}, "Invalid overwrite"),
+    ],
+)
+def test_invalid_quantization_and_output_options(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        _opts(method="fixed_params", compression_factor=0.5, **flags)

@@ -123,7 +123,7 @@ def benchmark(
             artifacts with different inputs.
         DataError: The data cannot be read or does not fit the artifacts.
     """
-    _check_options(paths, runs, warmup, threads)
+    check_options(paths, runs, warmup, threads)
     runners = [open_artifact(path, threads) for path in paths]
     sample_shape = common_sample_shape(runners)
     dataset = _load(data, sample_shape)
@@ -233,7 +233,12 @@ def top1_accuracy(runner: ArtifactRunner, data: Dataset) -> float:
     return float(np.mean(predicted == data.y))
 
 
-def _check_options(paths: Sequence[Any], runs: int, warmup: int, threads: int) -> None:
+def check_options(paths: Sequence[Any], runs: int, warmup: int, threads: int) -> None:
+    """Check the options of `benchmark` before any artifact is loaded.
+
+    Raises:
+        CompressorError: No artifacts, or a count out of range.
+    """
     if isinstance(paths, (str, Path)) or len(paths) == 0:
         raise CompressorError(
             f"expected a list of one or more .tflite/.onnx artifacts. Received: paths={paths!r}"

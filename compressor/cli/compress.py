@@ -1,7 +1,8 @@
 """`compress`: shrink a model under a budget, export verified artifacts, measure them.
 
-Exit codes: 0 budget met; 2 budget not met (the best candidate is still written and
-reported); 1 any other failure (report.json then says "status": "error").
+Exit codes (stable): 0 budget met; 2 budget not met (the best candidate is still
+written and reported); 1 any other failure (a fresh output folder then gets a
+report.json that says "status": "error"); 130 interrupted (Ctrl-C), nothing written.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from compressor.cli.console import (
     print_json,
     stdout_to_stderr,
 )
-from compressor.cli.options import CustomObjectsOpt, JsonOpt, ModelArg
+from compressor.cli.options import CustomObjectsOpt, ModelArg
+from compressor.errors import CompressorError
 
 EXIT_BUDGET_NOT_MET = 2
+EXIT_INTERRUPTED = 130
 
 
 def _opt(*names: str, help: str, **kwargs: Any) -> Any:
@@ -54,8 +57,13 @@ def compress_command(
     cache_dir: Annotated[Optional[Path], _opt("--cache-dir", help="Where sensitivity tables are cached (default ~/.cache/compressor).")] = None,
     runs: Annotated[Optional[int], _opt("--runs", help="Timed runs per artifact (default 50).")] = None,
     threads: Annotated[Optional[int], _opt("--threads", help="Runtime threads when timing (default 1).")] = None,
+    quantize: Annotated[Optional[str], _opt("--quantize", help="Also write quantized tflite/onnx artifacts: none (default), dynamic (int8 weights), float16, int8 (full integer, calibrated); the budget is measured on the quantized artifact.")] = None,
+    calibration_samples: Annotated[Optional[int], _opt("--calibration-samples", help="Samples that calibrate int8 quantization, from --train-data (else --data); default 200.")] = None,
+    int8_io: Annotated[Optional[bool], _opt("--int8-io/--float-io", help="With --quantize int8: int8 input and output tensors in the TFLite artifact (default float).")] = None,
+    overwrite: Annotated[Optional[bool], _opt("--overwrite", help="Replace earlier results in --out (refused otherwise).")] = None,
     custom_objects: CustomObjectsOpt = None,
-    json_out: JsonOpt = False,
+    quiet: Annotated[Optional[bool], _opt("--quiet", "-q", help="No progress or tables; errors only (the exit code and report.json tell the rest).")] = None,
+    json_out: Annotated[Optional[bool], _opt("--json", help="Print the report as one JSON document on stdout instead of tables.")] = None,
 ) -> None:
     """Compress MODEL under a budget and write model.keras/.tflite/.onnx, plan.json and report.json into --out.
 
@@ -70,23 +78,34 @@ def compress_command(
         "pruning_structure": pruning_structure, "block_size": block_size, "export": export, "out": out,
         "plan": plan, "seed": seed, "cache_dir": cache_dir, "runs": runs, "threads": threads,
         "custom_objects": tuple(custom_objects) if custom_objects else None,
+        "quantize": quantize, "calibration_samples": calibration_samples, "int8_io": int8_io,
+        "overwrite": overwrite, "quiet": quiet, "json": json_out,
     }
     options = build_options(model, flags, config)
+    from compressor.io.outdir import check_output_folder, existing_results
+
+    check_output_folder(options.out, options.overwrite)
+    had_report = "report.json" in existing_results(options.out)
     load_tensorflow()
     _validate_names(options)
     from compressor.pipeline import compress
 
     try:
-        if json_out:
+        if options.json or options.quiet:
             with stdout_to_stderr():
                 report = compress(options)
-            print_json(report)
         else:
             report = _run_with_progress(compress, options)
-            _render(report)
+    except KeyboardInterrupt:
+        raise fail(f"interrupted; {options.out} is as it was before this run", code=EXIT_INTERRUPTED) from None
     except Exception as exc:
-        _write_error_report(options, exc)
+        if not had_report:
+            _write_error_report(options, exc)
         raise
+    if options.json:
+        print_json(report)
+    elif not options.quiet:
+        _render(report)
     if report["status"] == "budget_not_met":
         budget = report["budget"]
         raise fail(
@@ -107,14 +126,16 @@ def _validate_names(options: Any) -> None:
 
 
 def _write_error_report(options: Any, exc: Exception) -> None:
+    """Tell a pipeline that reads report.json what went wrong (only where no earlier report would be lost)."""
     from compressor.errors import first_line
-    from compressor.pipeline import write_report
+    from compressor.pipeline import SCHEMA, write_report
 
-    if options.out.is_dir():
-        try:
-            write_report(options.out / "report.json", {"status": "error", "method": options.method, "error": first_line(exc)})
-        except OSError:
-            pass
+    try:
+        options.out.mkdir(parents=True, exist_ok=True)
+        error = {"schema": SCHEMA, "status": "error", "method": options.method, "error": first_line(exc)}
+        write_report(options.out / "report.json", error)
+    except (OSError, CompressorError):
+        pass
 
 
 def _run_with_progress(compress: Any, options: Any) -> dict:
@@ -172,7 +193,7 @@ def _render(report: dict) -> None:
     for entry in report["artifacts"]:
         lat, base_lat = entry.get("latency_ms"), entry.get("baseline_latency_ms")
         artifacts.add_row(
-            entry["format"], Path(entry["path"]).name, human_bytes(entry["bytes"]), acc(entry.get("accuracy")),
+            entry["format"] + ("" if entry.get("quantize", "none") == "none" else f" {entry['quantize']}"), Path(entry["path"]).name, human_bytes(entry["bytes"]), acc(entry.get("accuracy")),
             "-" if not lat else f"{lat['median']:.3f}", "-" if not base_lat else f"{base_lat['median']:.3f}",
             "-" if entry.get("latency_ratio") is None else f"{entry['latency_ratio']:.2f}×",
         )
@@ -190,6 +211,7 @@ def _render(report: dict) -> None:
     )
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
+    console.print(f"report for people: {folder / 'report.md'}")
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
