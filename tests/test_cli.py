@@ -130,3 +130,21 @@ def test_export_refuses_to_overwrite_its_input(tmp_path):
 def test_export_unknown_format(saved_model, tmp_path):
     result, _, err = _run("export", saved_model / "model.keras", "-o", tmp_path, "--format", "tflite,coreml")
     _assert_one_line_error(result, err, "invalid export format coreml")
+
+
+def test_a_runtime_only_install_is_told_how_to_get_tensorflow():
+    """Where TensorFlow is missing, `compress` ends with one line naming the extra to install."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('tensorflow', 'keras'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from compressor.cli.app import main\n"
+        "sys.argv = ['compressor', 'compress', 'm.keras', '--method', 'fixed_params', '--compression-factor', '0.5', '--out', 'o']\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "pip install 'compressor[full]'" in result.stderr and "Traceback" not in result.stderr

@@ -41,12 +41,23 @@ def load_tensorflow() -> None:
     TensorFlow's native start-up prints absl and CUDA notices before any log level
     applies; a user of a CPU-only tool gains nothing from them. Python errors
     raised by the import still surface, after stderr is restored.
+
+    Raises:
+        CompressorError: TensorFlow or Keras is not installed (a `[runtime]` install).
     """
     if "tensorflow" in sys.modules:
         return
-    with muted_stderr():
-        import keras  # noqa: F401
-        import tensorflow  # noqa: F401
+    try:
+        with muted_stderr():
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("keras", "tensorflow"):
+            raise
+        raise CompressorError(
+            f"this command needs {exc.name}, which this install lacks (a runtime-only install "
+            "runs `compressor bench`): pip install 'compressor[full]'"
+        ) from None
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3":
         # tf.function retracing notices: fine-tuning and evaluating many candidate models trace each anew.
         import logging
@@ -94,7 +105,9 @@ def print_json(payload: Any) -> None:
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a one-line error and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
