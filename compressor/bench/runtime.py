@@ -1,5 +1,11 @@
 """Run exported artifacts with the edge runtimes: LiteRT for .tflite, onnxruntime for .onnx.
 
+A TFLite artifact with int8 (or uint8) input and output tensors still takes float
+data and returns float scores: `ArtifactRunner.prepare` quantizes the inputs with the
+input tensor's scale and zero point (once, outside any timed loop), and `invoke`
+dequantizes the output, so accuracy is computed as for a float artifact while the
+timed graph runs on integer inputs.
+
 This module must not import TensorFlow or Keras: it is what runs on a target board,
 where only numpy, ai-edge-litert and onnxruntime are installed.
 """
@@ -17,6 +23,9 @@ from compressor.quiet import muted_stderr
 
 FORMATS = {".tflite": "tflite", ".onnx": "onnx"}
 
+QuantParams = tuple[float, int]
+"""(scale, zero_point) of an integer tensor: real = scale * (q - zero_point)."""
+
 
 @dataclass
 class ArtifactRunner:
@@ -26,9 +35,12 @@ class ArtifactRunner:
         path: The artifact file.
         format: "tflite" or "onnx".
         input_shape: Input shape with None for dynamic dimensions (batch first).
-        input_dtype: numpy dtype the artifact expects.
-        invoke: Runs one batch that already has the artifact's batch size; returns
-            the first output.
+        input_dtype: numpy dtype the artifact expects (int8 for an int8-I/O model).
+        invoke: Runs one prepared batch (see `prepare`); returns the first output,
+            dequantized to float32 when the artifact outputs a quantized tensor.
+        output_dtype: dtype of the artifact's raw output tensor.
+        input_quantization: (scale, zero_point) of a quantized integer input, else None.
+        output_quantization: (scale, zero_point) of a quantized integer output, else None.
     """
 
     path: Path
@@ -36,6 +48,14 @@ class ArtifactRunner:
     input_shape: tuple[Optional[int], ...]
     input_dtype: np.dtype
     invoke: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    output_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
+    input_quantization: Optional[QuantParams] = None
+    output_quantization: Optional[QuantParams] = None
+
+    @property
+    def quantized_io(self) -> bool:
+        """Whether the artifact takes or returns quantized integer tensors."""
+        return self.input_quantization is not None or self.output_quantization is not None
 
     @property
     def fixed_batch(self) -> Optional[int]:
@@ -69,7 +89,13 @@ class ArtifactRunner:
         return np.concatenate(outputs, axis=0)
 
     def prepare(self, x: np.ndarray) -> np.ndarray:
-        """Check the per-sample shape and cast to the artifact's input dtype."""
+        """Check the per-sample shape and convert to what `invoke` takes.
+
+        For a quantized integer input, data in any other dtype holds the model's
+        real input values and is quantized with the input's scale and zero point;
+        data already in the input's dtype is taken as quantized.
+        """
+        x = np.asarray(x)
         expected = self.input_shape[1:]
         got = tuple(x.shape[1:])
         if len(expected) != len(got) or any(e not in (None, g) for e, g in zip(expected, got)):
@@ -77,7 +103,27 @@ class ArtifactRunner:
                 f"data samples have shape {got} but {self.path.name} expects "
                 f"{tuple('?' if d is None else d for d in expected)}"
             )
+        if self.input_quantization is not None and x.dtype != self.input_dtype:
+            return np.ascontiguousarray(quantize_values(x, self.input_quantization, self.input_dtype))
         return np.ascontiguousarray(x, dtype=self.input_dtype)
+
+
+def quantize_values(x: np.ndarray, params: QuantParams, dtype: np.dtype) -> np.ndarray:
+    """Real values to an integer tensor: round(x / scale) + zero_point, clipped to dtype.
+
+    Rounds half away from zero, like TFLite's own Quantize kernel.
+    """
+    scale, zero_point = params
+    scaled = np.asarray(x, dtype=np.float32) / np.float32(scale)
+    rounded = np.trunc(scaled + np.copysign(np.float32(0.5), scaled)) + zero_point
+    info = np.iinfo(dtype)
+    return np.clip(rounded, info.min, info.max).astype(dtype)
+
+
+def dequantize_values(q: np.ndarray, params: QuantParams) -> np.ndarray:
+    """An integer tensor to real values: scale * (q - zero_point), as float32."""
+    scale, zero_point = params
+    return (np.float32(scale) * (q.astype(np.float32) - np.float32(zero_point))).astype(np.float32)
 
 
 def open_artifact(path: Path | str, threads: int = 1) -> ArtifactRunner:
@@ -129,11 +175,13 @@ def _open_tflite(path: Path, threads: int) -> ArtifactRunner:
     signature = tuple(int(d) for d in inp.get("shape_signature", inp["shape"]))
     shape = tuple(None if d < 0 else d for d in signature)
     state = {"batch": int(inp["shape"][0]), "resizable": shape[0] is None}
+    out_params = _tflite_quantization(out)
 
     def run(x: np.ndarray) -> np.ndarray:
         interpreter.set_tensor(inp["index"], x)
         interpreter.invoke()
-        return interpreter.get_tensor(out["index"]).copy()
+        result = interpreter.get_tensor(out["index"])
+        return dequantize_values(result, out_params) if out_params else result.copy()
 
     def invoke(x: np.ndarray) -> np.ndarray:
         if x.shape[0] != state["batch"] and state["resizable"]:
@@ -149,7 +197,20 @@ def _open_tflite(path: Path, threads: int) -> ArtifactRunner:
             return np.concatenate([run(x[i : i + state["batch"]]) for i in range(0, len(x), state["batch"])])
         return run(x)
 
-    return ArtifactRunner(path, "tflite", shape, np.dtype(inp["dtype"]), invoke)
+    return ArtifactRunner(
+        path, "tflite", shape, np.dtype(inp["dtype"]), invoke,
+        output_dtype=np.dtype(out["dtype"]),
+        input_quantization=_tflite_quantization(inp),
+        output_quantization=out_params,
+    )
+
+
+def _tflite_quantization(detail: dict) -> Optional[QuantParams]:
+    """(scale, zero_point) of a quantized integer tensor; None for float or plain integer ones."""
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    if not np.issubdtype(np.dtype(detail["dtype"]), np.integer) or not scale > 0:
+        return None  # a scale of 0 marks an unquantized tensor (e.g. int32 token ids)
+    return float(scale), int(zero_point)
 
 
 _ONNX_DTYPES = {
@@ -174,7 +235,7 @@ def _open_onnx(path: Path, threads: int) -> ArtifactRunner:
         str(path), sess_options=options, providers=["CPUExecutionProvider"]
     )
     inp = _single(session.get_inputs(), "input", path)
-    _single(session.get_outputs(), "output", path)
+    out = _single(session.get_outputs(), "output", path)
     shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
     dtype = np.dtype(_ONNX_DTYPES.get(inp.type, np.float32))
     name = inp.name
@@ -182,4 +243,6 @@ def _open_onnx(path: Path, threads: int) -> ArtifactRunner:
     def invoke(x: np.ndarray) -> np.ndarray:
         return session.run(None, {name: x})[0]
 
-    return ArtifactRunner(path, "onnx", shape, dtype, invoke)
+    # Quantized ONNX models (QDQ) keep float inputs and outputs: nothing to convert.
+    output_dtype = np.dtype(_ONNX_DTYPES.get(out.type, np.float32))
+    return ArtifactRunner(path, "onnx", shape, dtype, invoke, output_dtype=output_dtype)

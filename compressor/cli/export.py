@@ -34,15 +34,37 @@ def export_command(
         float, typer.Option(help="Largest absolute output difference an artifact may show.", min=0.0)
     ] = 1e-4,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    quantize: Annotated[
+        str,
+        typer.Option(
+            "--quantize",
+            help="Also write a quantized MODEL.MODE.tflite/.onnx: none, dynamic (int8 weights), "
+            "float16, int8 (int8 weights and activations, calibrated on --data).",
+        ),
+    ] = "none",
+    calibration_samples: Annotated[
+        int, typer.Option(help="Samples of --data (seeded random choice) that calibrate --quantize int8.", min=1)
+    ] = 200,
+    int8_io: Annotated[
+        bool,
+        typer.Option("--int8-io", help="With --quantize int8: the TFLite artifact takes and returns int8 tensors."),
+    ] = False,
     custom_objects: CustomObjectsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Export MODEL to TFLite, ONNX and .keras, load each artifact back and check parity.
 
-    Exits 1 when an artifact differs from the Keras model by more than --atol
-    (the artifacts stay written, so they can be inspected).
+    Exits 1 when a float artifact differs from the Keras model by more than --atol
+    (the artifacts stay written, so they can be inspected). Quantized artifacts
+    differ by design: they are listed with their numbers and fail only on
+    non-finite outputs; judge them by accuracy (`compressor bench --data`).
     """
+    from compressor.export.quantize import parse_quantize
+
+    mode = parse_quantize(quantize)
+    _check_quantize_flags(mode, data, int8_io)
     load_tensorflow()
+    from compressor.export.quantize import QUANTIZED_FORMATS, calibration_set
     from compressor.export.verify import ensure_passed, export_and_verify, verification_inputs
     from compressor.export.writers import parse_formats, single_input_shape
     from compressor.io.atomic import ensure_dir
@@ -50,6 +72,10 @@ def export_command(
     from compressor.io.models import load_model
 
     wanted = parse_formats(formats)
+    if mode != "none" and not set(QUANTIZED_FORMATS) & set(wanted):
+        raise CompressorError(
+            f"--quantize {mode} quantizes tflite and onnx artifacts; --format {','.join(wanted)} has neither"
+        )
     if "keras" in wanted and (Path(out) / f"{Path(model).stem}.keras").resolve() == Path(model).resolve():
         raise CompressorError(f"exporting .keras into {out} would overwrite the input model; choose another --out")
     ensure_dir(out)
@@ -58,7 +84,11 @@ def export_command(
         shape = single_input_shape(keras_model)[1:]
         dataset = load_data(data, input_shape=shape) if data else None
         x = verification_inputs(keras_model, dataset, samples)
-        checks = export_and_verify(keras_model, out, wanted, x, atol=atol, opset=opset, stem=Path(model).stem)
+        calibration = calibration_set(dataset.x, calibration_samples) if mode == "int8" else None
+        checks = export_and_verify(
+            keras_model, out, wanted, x, atol=atol, opset=opset, stem=Path(model).stem,
+            quantize=mode, calibration=calibration, int8_io=int8_io,
+        )
     if json_out:
         print_json({"artifacts": [check.to_dict() for check in checks]})
     else:
@@ -66,15 +96,35 @@ def export_command(
     ensure_passed(checks)
 
 
+def _check_quantize_flags(mode: str, data, int8_io: bool) -> None:
+    """Refuse flag combinations that cannot work, before TensorFlow loads."""
+    if int8_io and mode != "int8":
+        raise CompressorError(f"--int8-io needs --quantize int8. Received: --quantize {mode}")
+    if mode == "int8" and not data:
+        raise CompressorError("--quantize int8 calibrates on real inputs: pass --data")
+
+
 def _render(checks, source: str) -> None:
     from rich.table import Table
 
-    table = Table(title=f"Artifacts, compared with the Keras model on {checks[0].samples} {source}")
+    quantized = any(check.quantized for check in checks)
+    table = Table(
+        title=f"Artifacts, compared with the Keras model on {checks[0].samples} {source}",
+        caption="Quantized artifacts differ by design: measure their accuracy with `compressor bench --data`."
+        if quantized
+        else None,
+    )
     for column in ("format", "path", "size", "max |diff|", "top-1 agreement", "parity"):
         numeric = column in ("size", "max |diff|", "top-1 agreement")
         table.add_column(column, justify="right" if numeric else "left", overflow="fold", no_wrap=numeric)
     for check in checks:
         agreement = "n/a" if check.top1_agreement is None else f"{check.top1_agreement:.2%}"
-        verdict = "[green]ok[/]" if check.passed else f"[red]over atol {check.atol:g}[/]"
-        table.add_row(check.format, check.path, human_bytes(check.bytes), f"{check.max_abs_diff:.2e}", agreement, verdict)
+        name = f"{check.format} {check.quantize}" if check.quantized else check.format
+        table.add_row(name, check.path, human_bytes(check.bytes), f"{check.max_abs_diff:.2e}", agreement, _verdict(check))
     console.print(table)
+
+
+def _verdict(check) -> str:
+    if check.quantized:
+        return "[yellow]quantized[/]" if check.passed else "[red]non-finite[/]"
+    return "[green]ok[/]" if check.passed else f"[red]over atol {check.atol:g}[/]"

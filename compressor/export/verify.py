@@ -3,6 +3,10 @@
 TFLite runs in the LiteRT interpreter and ONNX in onnxruntime (the runtimes users
 deploy with); the `.keras` file is reloaded with Keras. Parity is the largest absolute
 difference of the outputs, plus top-1 agreement for classifiers.
+
+Quantized artifacts (`quantize` other than "none") are checked too, but their
+quantization error is by design: they pass when their outputs are finite, and their
+real check is accuracy on held-out data.
 """
 
 from __future__ import annotations
@@ -17,6 +21,14 @@ import numpy as np
 
 from compressor.bench.runtime import open_artifact
 from compressor.errors import ExportError, VerificationError
+from compressor.export.quantize import (
+    QUANTIZED_FORMATS,
+    check_calibration_shape,
+    check_quantize_options,
+    export_onnx_quantized,
+    export_tflite_quantized,
+    quantized_name,
+)
 from compressor.export.writers import SUFFIXES, export_keras, export_onnx, export_tflite, single_input_shape
 from compressor.io.data import Dataset
 
@@ -36,7 +48,8 @@ class ArtifactCheck:
         top1_agreement: Fraction of samples with the same argmax; None when the output
             is not a class-score vector.
         samples: Number of inputs compared.
-        atol: Tolerance on max_abs_diff.
+        atol: Tolerance on max_abs_diff (float artifacts only).
+        quantize: "none" for a float artifact, else its quantization mode.
     """
 
     format: str
@@ -46,9 +59,18 @@ class ArtifactCheck:
     top1_agreement: Optional[float]
     samples: int
     atol: float
+    quantize: str = "none"
+
+    @property
+    def quantized(self) -> bool:
+        """Whether this is a quantized artifact."""
+        return self.quantize != "none"
 
     @property
     def passed(self) -> bool:
+        """Float artifacts: within atol. Quantized ones: finite outputs (their error is by design)."""
+        if self.quantized:
+            return math.isfinite(self.max_abs_diff)
         return self.max_abs_diff <= self.atol
 
     def to_dict(self) -> dict:
@@ -59,9 +81,14 @@ class ArtifactCheck:
 
     def describe(self) -> str:
         agreement = "n/a" if self.top1_agreement is None else f"{self.top1_agreement:.2%}"
+        if self.quantized:
+            kind = f"{self.quantize}-quantized {self.format}"
+            bound = "not held to atol" if self.passed else "non-finite outputs"
+        else:
+            kind, bound = self.format, f"atol {self.atol:g}"
         return (
-            f"{self.format} artifact {self.path} differs from the Keras model by "
-            f"max_abs_diff={self.max_abs_diff:.3g} (atol {self.atol:g}), "
+            f"{kind} artifact {self.path} differs from the Keras model by "
+            f"max_abs_diff={self.max_abs_diff:.3g} ({bound}), "
             f"top-1 agreement {agreement} on {self.samples} samples"
         )
 
@@ -95,7 +122,7 @@ def keras_outputs(model: keras.Model, x: np.ndarray, batch_size: int = 64) -> np
 
 
 def compare(
-    fmt: str, path: Path, expected: np.ndarray, got: np.ndarray, atol: float
+    fmt: str, path: Path, expected: np.ndarray, got: np.ndarray, atol: float, quantize: str = "none"
 ) -> ArtifactCheck:
     """Build the parity record of two output arrays."""
     got = np.asarray(got, dtype=np.float64).reshape(expected.shape)
@@ -104,7 +131,7 @@ def compare(
     agreement = None
     if expected.ndim >= 2 and expected.shape[-1] > 1:
         agreement = float(np.mean(expected.argmax(-1) == got.argmax(-1)))
-    return ArtifactCheck(fmt, str(path), path.stat().st_size, max_diff, agreement, len(expected), atol)
+    return ArtifactCheck(fmt, str(path), path.stat().st_size, max_diff, agreement, len(expected), atol, quantize)
 
 
 def artifact_outputs(fmt: str, path: Path, x: np.ndarray) -> np.ndarray:
@@ -124,8 +151,15 @@ def export_and_verify(
     opset: int = 17,
     stem: str = "model",
     sparse_tflite: bool = False,
+    quantize: str = "none",
+    calibration: Optional[np.ndarray] = None,
+    int8_io: bool = False,
 ) -> list[ArtifactCheck]:
     """Write each format into out_dir and check it against the model.
+
+    With `quantize`, each TFLite and ONNX format also gets a quantized artifact
+    `{stem}.{quantize}.tflite|onnx`, written after all float ones (the ONNX one is
+    quantized from the float ONNX file). `.keras` has no quantized form.
 
     Args:
         model: The Keras model.
@@ -136,16 +170,24 @@ def export_and_verify(
         opset: ONNX opset.
         stem: File name without suffix.
         sparse_tflite: Store mostly-zero TFLite weights sparsely (see `export_tflite`).
+        quantize: "none", "dynamic", "float16" or "int8" (see `compressor.export.quantize`).
+        calibration: Real inputs that calibrate int8 activation ranges (e.g. from
+            `quantize.calibration_set`); needed for int8, ignored otherwise.
+        int8_io: With int8, the TFLite artifact takes and returns int8 tensors.
 
     Returns:
-        One check per format, in order.
+        One check per format, in order, then one per quantized artifact.
 
     Raises:
-        ExportError: A conversion failed.
+        ExportError: A conversion failed, or bad quantization options (checked
+            before anything is written).
     """
     if not atol >= 0:
         raise ExportError(f"atol must be >= 0, got {atol}")
-    single_input_shape(model)
+    mode = check_quantize_options(quantize, calibration, int8_io)
+    shape = single_input_shape(model)
+    if mode == "int8":
+        check_calibration_shape(calibration, shape[1:])
     expected = keras_outputs(model, x).astype(np.float64)
     checks = []
     for fmt in formats:
@@ -157,6 +199,15 @@ def export_and_verify(
         else:
             written = export_keras(model, path)
         checks.append(compare(fmt, written, expected, artifact_outputs(fmt, written, x), atol))
+    if mode == "none":
+        return checks
+    for fmt in (f for f in formats if f in QUANTIZED_FORMATS):
+        path = Path(out_dir) / quantized_name(stem, mode, SUFFIXES[fmt])
+        if fmt == "onnx":
+            written = export_onnx_quantized(Path(out_dir) / f"{stem}.onnx", path, mode, calibration)
+        else:
+            written = export_tflite_quantized(model, path, mode, calibration, int8_io=int8_io)
+        checks.append(compare(fmt, written, expected, artifact_outputs(fmt, written, x), atol, quantize=mode))
     return checks
 
 
