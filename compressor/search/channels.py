@@ -41,7 +41,8 @@ import numpy as np
 
 from compressor.errors import CompressorError
 from compressor.io.data import Dataset
-from compressor.search.budgets import Budget, BudgetError
+from compressor.search.budgets import Budget, BudgetError, achieved_drop, achieved_fraction
+from compressor.search.result import Trial, with_chosen
 from compressor.surgery.plan import ChannelRemoval
 
 Log = Callable[[str], None]
@@ -115,6 +116,9 @@ class ChannelResult:
         epochs: Fine-tuning epochs spent, over all steps.
         evaluations: Whole-model accuracy evaluations on the search data.
         seconds: Wall time.
+        trials: Each pruned model the search measured (after its fine-tuning), in
+            order; the one returned is chosen. When no step was kept, the original
+            model comes first, chosen.
     """
 
     model: keras.Model
@@ -130,6 +134,7 @@ class ChannelResult:
     epochs: int = 0
     evaluations: int = 0
     seconds: float = 0.0
+    trials: tuple[Trial, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +148,7 @@ class ChannelResult:
             "finetune_epochs": self.epochs,
             "evaluations": self.evaluations,
             "steps": [step.to_dict() for step in self.steps],
+            "trials": [trial.to_dict() for trial in self.trials],
             "seconds": round(self.seconds, 3),
         }
 
@@ -354,6 +360,7 @@ def search_channels(
         epochs=run.epochs,
         evaluations=run.evaluations,
         seconds=time.perf_counter() - started,
+        trials=run.final_trials(),
     )
 
 
@@ -372,6 +379,8 @@ class _Run:
         self.baseline = (cost.params, cost.flops)
         self.cost = self.baseline
         self.steps: list[ChannelStep] = []
+        self.trials: list[Trial] = []
+        self.kept_trial: Optional[int] = None  # index in trials of the model kept last
         self.epochs = self.evaluations = 0
         self.baseline_accuracy = self._accuracy(model) if _labelled(search_data) else None
         self.accuracy = self.baseline_accuracy
@@ -427,6 +436,7 @@ class _Run:
             accuracy = self._accuracy(candidate)
             holds = bool(removals) and self.baseline_accuracy - accuracy <= allowed
             self.steps.append(ChannelStep(middle, cost[0], cost[1], accuracy, 0, holds, round(time.perf_counter() - started, 3)))
+            self._trial(cost, accuracy, holds)
             if holds:
                 high, best = middle, (candidate, groups, removals, cost, accuracy)
             else:
@@ -460,9 +470,28 @@ class _Run:
         seconds = 0.0 if started is None else time.perf_counter() - started
         step = ChannelStep(round(aim / self._base(), 4), cost[0], cost[1], accuracy, epochs, accepted, round(seconds, 3))
         self.steps.append(step)
+        self._trial(cost, accuracy, accepted)
         kept = self._value(cost) / self._base()
         accuracy_text = "" if accuracy is None else f", accuracy {accuracy:.4f}"
         self.log(f"channels: {self.kind} {kept:.3f} of the original{accuracy_text}, {epochs} epochs, {'kept' if accepted else 'rejected'}")
+
+    def _trial(self, cost, accuracy, accepted: bool) -> None:
+        if accepted:
+            self.kept_trial = len(self.trials)
+        self.trials.append(Trial("channels", cost[0], cost[1], accuracy, self._meets(cost, accuracy)))
+
+    def _meets(self, cost, accuracy: Optional[float]) -> bool:
+        """Whether a model of this cost and search-data accuracy meets the budget (not the step margin)."""
+        if self.budget.kind == "accuracy_drop":
+            return accuracy is not None and self.budget.met(achieved_drop(self.baseline_accuracy, accuracy))
+        return self.budget.met(achieved_fraction(self._value(cost), self._base()))
+
+    def final_trials(self) -> tuple[Trial, ...]:
+        """The trials with the returned model chosen: the last kept, else the original (put first)."""
+        if self.kept_trial is not None:
+            return with_chosen(self.trials, self.kept_trial)
+        original = Trial("channels", *self.baseline, self.baseline_accuracy, self._meets(self.baseline, self.baseline_accuracy))
+        return with_chosen([original, *self.trials], 0)
 
     def _finetune(self, candidate, target_accuracy: Optional[float]) -> int:
         from compressor.finetune import finetune, teacher_predictions

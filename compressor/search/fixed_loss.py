@@ -6,7 +6,9 @@ AIMET-style greedy compression-ratio selection, in three steps:
    edited is evaluated once on the search data (through the effective-kernel
    `Evaluator`): its accuracy and how far its outputs moved from the original's.
    The table is cached on disk, keyed by the model's fingerprint, the data, and the
-   option list, so another budget on the same model and data reuses it.
+   option list, so another budget on the same model and data reuses it. It is saved
+   as it grows (after each layer), so a run interrupted in this long step resumes
+   where it stopped.
 2. Allocation on one level τ of a sensitivity score: every layer takes its most
    compressing option (by the objective, FLOPs or params) whose single-layer score
    is at most τ, or stays as it is. Raising τ only ever compresses more.
@@ -32,7 +34,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -46,7 +48,15 @@ from compressor.search.candidates import LayerCandidates, baseline_cost
 from compressor.search.evaluate import DEFAULT_BATCH_SIZE, Evaluator, check_labels
 from compressor.search.fingerprint import data_fingerprint, model_fingerprint
 from compressor.search.kernels import KernelCache
-from compressor.search.result import Progress, SearchResult, layer_choices, plan_for, predicted_cost
+from compressor.search.result import (
+    Progress,
+    SearchResult,
+    Trial,
+    chosen_options,
+    layer_choices,
+    plan_for,
+    predicted_cost,
+)
 from compressor.surgery.plan import SkippedLayer
 
 CACHE_VERSION = 1
@@ -108,8 +118,9 @@ def search_fixed_loss(
         budget: An "accuracy_drop" budget.
         cache_dir: Folder for the sensitivity table (created if missing); None: no cache.
         progress: Called as progress("sensitivity", done, total) for each single-layer
-            evaluation (once with done == total when the table comes from the cache)
-            and progress("search", done, total) for each confirmation evaluation
+            evaluation (first once with done = the evaluations read from the cache,
+            when it holds any: done == total when it holds the whole table) and
+            progress("search", done, total) for each confirmation evaluation
             (`total` is the binary search's upper bound).
         objective: "flops" or "params": what "most compressing" means.
         skipped: Layers `layer_candidates` skipped, carried into the plan.
@@ -137,8 +148,9 @@ def search_fixed_loss(
     evaluator = Evaluator(model, data, kernels, batch_size)
     table, cached = sensitivity_table(model, candidates, data, evaluator, cache_dir, progress)
     levels = allocations(candidates, table, objective, score)
-    chosen_at, correct, confirmations = _confirm(candidates, levels, table, budget, evaluator, progress)
-    chosen = {c.name: c.options[i] for c in candidates if (i := chosen_at.get(c.name)) is not None}
+    at, correct, tried = _confirm(candidates, levels, table, budget, evaluator, progress)
+    chosen_at = levels[at] if at >= 0 else {}
+    chosen = chosen_options(candidates, chosen_at)
     baseline = baseline_cost(model, candidates)
     params, flops = predicted_cost(baseline, candidates, chosen)
     base_accuracy, accuracy = table.baseline / table.samples, correct / table.samples
@@ -156,13 +168,14 @@ def search_fixed_loss(
         params=params,
         flops=flops,
         seconds=time.perf_counter() - started,
-        evaluations=table.evaluations + confirmations,
-        cached_evaluations=table.evaluations if cached else 0,
+        evaluations=table.evaluations + len(tried),
+        cached_evaluations=cached,
         sensitivity_evaluations=table.evaluations,
-        confirmation_evaluations=confirmations,
+        confirmation_evaluations=len(tried),
         baseline_accuracy=base_accuracy,
         accuracy=accuracy,
         layers=layer_choices(candidates, chosen, single, moved),
+        trials=_trials(candidates, levels, tried, at, baseline, table, budget),
     )
 
 
@@ -176,26 +189,28 @@ def sensitivity_table(
     evaluator: Evaluator,
     cache_dir: Optional[Path | str] = None,
     progress: Optional[Progress] = None,
-) -> tuple[Sensitivity, bool]:
-    """The sensitivity table, from the cache when it holds it, else evaluated (and cached).
+) -> tuple[Sensitivity, int]:
+    """The sensitivity table: what the cache holds of it, the rest evaluated.
+
+    The cache file is rewritten after each layer's options (and when an evaluation
+    is interrupted, e.g. by Ctrl-C), so an interrupted run loses at most the layer
+    it was in, and the next run evaluates only what is missing.
 
     Returns:
-        (table, whether it came from the cache).
+        (table, how many of its evaluations were read from the cache).
     """
-    path = None
     total = 1 + sum(len(c.options) for c in candidates)
+    store = None
+    measured = _Measured(evaluator.samples)
     if cache_dir is not None:
         key = sensitivity_key(model, data, candidates)
-        path = Path(cache_dir).expanduser() / f"sensitivity-{key[:24]}.json"
-        table = _load_table(path, key, candidates)
-        if table is not None:
-            if progress is not None:
-                progress("sensitivity", total, total)
-            return table, True
-    table = _evaluate_table(candidates, evaluator, progress, total)
-    if path is not None:
-        _save_table(path, key, candidates, table)
-    return table, False
+        store = _TableFile(Path(cache_dir).expanduser() / f"sensitivity-{key[:24]}.json", key, candidates)
+        measured = store.load(evaluator.samples) or measured
+    cached = measured.count
+    if progress is not None and cached:
+        progress("sensitivity", cached, total)
+    _evaluate_missing(candidates, evaluator, measured, store, progress, total)
+    return measured.table(), cached
 
 
 def sensitivity_key(model: keras.Model, data: Dataset, candidates: Sequence[LayerCandidates]) -> str:
@@ -212,10 +227,35 @@ def sensitivity_key(model: keras.Model, data: Dataset, candidates: Sequence[Laye
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def _evaluate_table(
-    candidates: Sequence[LayerCandidates], evaluator: Evaluator, progress: Optional[Progress], total: int
-) -> Sensitivity:
-    done = 0
+@dataclass
+class _Measured:
+    """The part of a sensitivity table measured so far: per layer, a prefix of its options."""
+
+    samples: int
+    baseline: Optional[int] = None
+    correct: dict[str, list[int]] = field(default_factory=dict)
+    output_error: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        """Evaluations it holds: the baseline's and one per measured option."""
+        return (self.baseline is not None) + sum(len(counts) for counts in self.correct.values())
+
+    def table(self) -> Sensitivity:
+        assert self.baseline is not None, "the baseline is measured first"
+        return Sensitivity(self.samples, self.baseline, self.correct, self.output_error)
+
+
+def _evaluate_missing(
+    candidates: Sequence[LayerCandidates],
+    evaluator: Evaluator,
+    measured: _Measured,
+    store: Optional["_TableFile"],
+    progress: Optional[Progress],
+    total: int,
+) -> None:
+    """Evaluate the baseline and the options `measured` lacks, saving after each layer."""
+    done = measured.count
 
     def step() -> None:
         nonlocal done
@@ -223,61 +263,75 @@ def _evaluate_table(
         if progress is not None:
             progress("sensitivity", done, total)
 
-    baseline = evaluator.measure().correct
-    step()
-    correct: dict[str, list[int]] = {}
-    output_error: dict[str, list[float]] = {}
+    if measured.baseline is None:
+        measured.baseline = evaluator.measure().correct
+        step()
     for candidate in candidates:
-        correct[candidate.name], output_error[candidate.name] = [], []
-        for option in candidate.options:
-            measured = evaluator.measure([option.edit])
-            correct[candidate.name].append(measured.correct)
-            output_error[candidate.name].append(measured.output_error)
-            step()
-    return Sensitivity(evaluator.samples, baseline, correct, output_error)
+        counts = measured.correct.setdefault(candidate.name, [])
+        errors = measured.output_error.setdefault(candidate.name, [])
+        if len(counts) == len(candidate.options):
+            continue
+        try:
+            for option in candidate.options[len(counts):]:
+                result = evaluator.measure([option.edit])
+                counts.append(result.correct)
+                errors.append(result.output_error)
+                step()
+        finally:
+            # Also on an interruption: what was measured stays measured.
+            if store is not None:
+                store.save(measured)
 
 
-def _save_table(path: Path, key: str, candidates: Sequence[LayerCandidates], table: Sensitivity) -> None:
-    content = {
-        "version": CACHE_VERSION,
-        "key": key,
-        "samples": table.samples,
-        "baseline_correct": table.baseline,
-        "layers": {
-            c.name: {
-                "options": [option.edit.to_dict() for option in c.options],
-                "correct": table.correct[c.name],
-                "output_error": table.output_error[c.name],
-            }
-            for c in candidates
-        },
-    }
-    try:
-        write_bytes_atomic(path, (json.dumps(content, indent=1) + "\n").encode())
-    except (CompressorError, OSError):
-        pass  # an unwritable cache only costs the next run its sensitivity evaluations
+class _TableFile:
+    """The cache file of one sensitivity table, complete or in progress.
 
+    Its layers hold a prefix of their options' results (all of them once evaluated);
+    layers not reached yet are absent.
+    """
 
-def _load_table(path: Path, key: str, candidates: Sequence[LayerCandidates]) -> Optional[Sensitivity]:
-    """The cached table at `path` if it is intact and made for `key`; None otherwise."""
-    try:
-        content = json.loads(path.read_text())
-        if content["version"] != CACHE_VERSION or content["key"] != key:
-            return None
-        samples, baseline = content["samples"], content["baseline_correct"]
-        correct, output_error = {}, {}
-        for c in candidates:
-            entry = content["layers"][c.name]
-            counts, errors = entry["correct"], entry["output_error"]
-            if entry["options"] != [option.edit.to_dict() for option in c.options]:
+    def __init__(self, path: Path, key: str, candidates: Sequence[LayerCandidates]) -> None:
+        self.path, self.key = path, key
+        self.options = {c.name: [option.edit.to_dict() for option in c.options] for c in candidates}
+
+    def save(self, measured: _Measured) -> None:
+        content = {
+            "version": CACHE_VERSION,
+            "key": self.key,
+            "samples": measured.samples,
+            "baseline_correct": measured.baseline,
+            "layers": {
+                name: {"options": self.options[name], "correct": counts, "output_error": measured.output_error[name]}
+                for name, counts in measured.correct.items()
+                if counts
+            },
+        }
+        try:
+            write_bytes_atomic(self.path, (json.dumps(content, indent=1) + "\n").encode())
+        except (CompressorError, OSError):
+            pass  # an unwritable cache only costs the next run its sensitivity evaluations
+
+    def load(self, samples: int) -> Optional[_Measured]:
+        """What the file holds, if it is intact and made for this key and number of samples; None otherwise."""
+        try:
+            content = json.loads(self.path.read_text())
+            if content["version"] != CACHE_VERSION or content["key"] != self.key or content["samples"] != samples:
                 return None
-            if len(counts) != len(c.options) or len(errors) != len(c.options):
-                return None
-            correct[c.name] = [_count(value, samples) for value in counts]
-            output_error[c.name] = [_error(value) for value in errors]
-        return Sensitivity(_count(samples, math.inf), _count(baseline, samples), correct, output_error)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # missing or corrupt: evaluated again and rewritten
+            baseline = content["baseline_correct"]
+            measured = _Measured(samples, None if baseline is None else _count(baseline, samples))
+            for name, entry in content["layers"].items():
+                counts, errors = entry["correct"], entry["output_error"]
+                if entry["options"] != self.options[name]:
+                    return None
+                if len(counts) != len(errors) or len(counts) > len(self.options[name]):
+                    return None
+                measured.correct[name] = [_count(value, samples) for value in counts]
+                measured.output_error[name] = [_error(value) for value in errors]
+            if measured.baseline is None and measured.correct:
+                return None  # options without the baseline they are compared with
+            return measured
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # missing or corrupt: evaluated again and rewritten
 
 
 def _count(value: Any, most: float) -> int:
@@ -326,32 +380,54 @@ def _confirm(
     budget: Budget,
     evaluator: Evaluator,
     progress: Optional[Progress],
-) -> tuple[Allocation, int, int]:
+) -> tuple[int, int, list[tuple[int, int]]]:
     """Binary search for the last allocation whose combined drop meets the budget.
 
     Returns:
-        (the accepted allocation, its correct count, confirmation evaluations). Of the
-        evaluated allocations that meet the budget, the last in `levels` order (the
-        most compressed) is accepted; the empty allocation (the original model)
-        always meets it.
+        (index in `levels` of the accepted allocation, -1 for none; its correct
+        count; (index, correct count) of each evaluated allocation, in order). Of
+        the evaluated allocations that meet the budget, the last in `levels` order
+        (the most compressed) is accepted; the empty allocation (the original
+        model) always meets it.
     """
     allowed = _allowed_loss(budget, table.samples)
     by_name = {c.name: c for c in candidates}
-    accepted: tuple[Allocation, int] = ({}, table.baseline)
+    accepted, accepted_correct = -1, table.baseline
+    tried: list[tuple[int, int]] = []
     low, high = -1, len(levels)  # low: meets the budget (-1 = no edits); high: does not (or beyond)
-    total, done = math.ceil(math.log2(len(levels) + 1)), 0
+    total = math.ceil(math.log2(len(levels) + 1))
     while high - low > 1:
         middle = (low + high) // 2
-        allocation = levels[middle]
-        correct = evaluator.correct(by_name[name].options[i].edit for name, i in allocation.items())
-        done += 1
+        correct = evaluator.correct(by_name[name].options[i].edit for name, i in levels[middle].items())
+        tried.append((middle, correct))
         if progress is not None:
-            progress("search", done, max(total, done))
+            progress("search", len(tried), max(total, len(tried)))
         if table.baseline - correct <= allowed:
-            low, accepted = middle, (allocation, correct)
+            low, accepted, accepted_correct = middle, middle, correct
         else:
             high = middle
-    return accepted[0], accepted[1], done
+    return accepted, accepted_correct, tried
+
+
+def _trials(
+    candidates: Sequence[LayerCandidates],
+    levels: list[Allocation],
+    tried: list[tuple[int, int]],
+    accepted: int,
+    baseline: tuple[int, int],
+    table: Sensitivity,
+    budget: Budget,
+) -> tuple[Trial, ...]:
+    """A trial per evaluated allocation, at its predicted cost; first the original when it was kept."""
+    allowed = _allowed_loss(budget, table.samples)
+    found = []
+    if accepted < 0:  # measured as the sensitivity baseline
+        found.append(Trial("layers", baseline[0], baseline[1], table.baseline / table.samples, True, True))
+    for index, correct in tried:
+        params, flops = predicted_cost(baseline, candidates, chosen_options(candidates, levels[index]))
+        met = table.baseline - correct <= allowed
+        found.append(Trial("layers", params, flops, correct / table.samples, met, index == accepted))
+    return tuple(found)
 
 
 def _allowed_loss(budget: Budget, samples: int) -> int:

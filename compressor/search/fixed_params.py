@@ -30,7 +30,7 @@ import keras
 
 from compressor.search.budgets import Budget, BudgetError, achieved_fraction
 from compressor.search.candidates import LayerCandidates, Option, baseline_cost
-from compressor.search.result import Progress, SearchResult, layer_choices, plan_for, predicted_cost
+from compressor.search.result import Progress, SearchResult, Trial, layer_choices, plan_for, predicted_cost
 from compressor.surgery.plan import SkippedLayer
 
 KEPT_REASON = "left as it is: the budget was met at less error without compressing it"
@@ -53,8 +53,9 @@ def search_fixed_params(
         skipped: Layers `layer_candidates` skipped, carried into the plan.
 
     Returns:
-        The result. When even the most compressing option of every layer cannot
-        reach the budget, the most compressed plan with `met=False`.
+        The result, with one trial (the chosen allocation, no accuracy). When even
+        the most compressing option of every layer cannot reach the budget, the
+        most compressed plan with `met=False`.
 
     Raises:
         BudgetError: An accuracy budget (it needs data: use fixed_loss).
@@ -71,18 +72,21 @@ def search_fixed_params(
         progress("allocation", 1, 1)
     params, flops = predicted_cost(baseline, candidates, chosen)
     achieved = achieved_fraction(params if budget.kind == "params" else flops, total)
+    met = budget.met(achieved)
     return SearchResult(
         method="fixed_params",
         plan=plan_for(model, chosen, candidates, skipped, KEPT_REASON),
         budget=budget,
         achieved=achieved,
-        met=budget.met(achieved),
+        met=met,
         baseline_params=baseline[0],
         baseline_flops=baseline[1],
         params=params,
         flops=flops,
         seconds=time.perf_counter() - started,
         layers=layer_choices(candidates, chosen),
+        # The greedy builds one allocation and evaluates no model: its trace is that allocation.
+        trials=(Trial("layers", params, flops, None, met, chosen=True),),
     )
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import keras
 
+from compressor.errors import CompressorError
 from compressor.search.budgets import Budget
 from compressor.search.candidates import LayerCandidates, Option
 from compressor.search.fingerprint import model_fingerprint
@@ -14,6 +16,48 @@ from compressor.surgery.plan import Plan, SkippedLayer
 
 Progress = Callable[[str, int, int], None]
 """Called as progress(stage, done, total) while a search runs, e.g. ("sensitivity", 12, 140)."""
+
+STAGES = ("channels", "layers")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One whole-model candidate a search evaluated: what it costs, how it scored, whether it won.
+
+    The trials of a search are its trace: plotted against the fraction of the cost
+    kept, they show how accuracy fell as the search compressed further.
+
+    Attributes:
+        stage: "channels" (channel pruning) or "layers" (per-layer edits).
+        params, flops: Whole-model totals of the candidate, counted as
+            `SearchResult.params` and `SearchResult.flops` are.
+        accuracy: Its top-1 accuracy on the search data; None when the search
+            evaluated no accuracy (fixed_params, or a channel search without labels).
+        met: Whether it met the budget of the search that tried it.
+        chosen: Whether it is what the search returned.
+
+    Raises:
+        CompressorError: An unknown stage.
+    """
+
+    stage: str
+    params: int
+    flops: int
+    accuracy: Optional[float]
+    met: bool
+    chosen: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise CompressorError(f"Invalid trial stage. Expected one of {STAGES}. Received: stage={self.stage!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def with_chosen(trials: Sequence[Trial], index: int) -> tuple[Trial, ...]:
+    """The trials with only `trials[index]` marked chosen."""
+    return tuple(dataclasses.replace(trial, chosen=i == index) for i, trial in enumerate(trials))
 
 
 @dataclass(frozen=True)
@@ -67,6 +111,8 @@ class SearchResult:
             original and of the planned model (fixed_loss); None for fixed_params.
         seconds: Wall time of the search.
         layers: One entry per edit, in plan order.
+        trials: The whole-model candidates the search evaluated, in the order it
+            evaluated them; exactly one is chosen (see `Trial`).
     """
 
     method: str
@@ -86,6 +132,7 @@ class SearchResult:
     baseline_accuracy: Optional[float] = None
     accuracy: Optional[float] = None
     layers: tuple[LayerChoice, ...] = ()
+    trials: tuple[Trial, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the plan as `Plan.to_dict`)."""
@@ -106,6 +153,7 @@ class SearchResult:
             },
             "seconds": self.seconds,
             "layers": [layer.to_dict() for layer in self.layers],
+            "trials": [trial.to_dict() for trial in self.trials],
             "plan": self.plan.to_dict(),
         }
 
@@ -129,6 +177,11 @@ def plan_for(
 def model_identity(model: keras.Model) -> dict[str, Any]:
     """What a plan records of the model it was made for: name, params, fingerprint."""
     return {"name": model.name, "params": int(model.count_params()), "fingerprint": model_fingerprint(model)}
+
+
+def chosen_options(candidates: Sequence[LayerCandidates], allocation: Mapping[str, int]) -> dict[str, Option]:
+    """Layer name → option for an allocation of option indices."""
+    return {c.name: c.options[i] for c in candidates if (i := allocation.get(c.name)) is not None}
 
 
 def predicted_cost(

@@ -1,0 +1,365 @@
+"""report.md: the compression report for people, rendered from the report dict alone.
+
+    write_markdown_report(json.loads(Path("build/report.json").read_text()), Path("build"))
+
+The page reads top-down: did it work (status and budget), what changed (original
+against compressed), what was produced (artifacts, with measured accuracy and
+latency), how the search got there (plot of its trials), where the parameters went
+(per layer), then notes and timings. Every key may be missing or null (an error
+report holds only status, method and error); what is missing is left out or shown
+as "—", never a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+from compressor.errors import CompressorError, first_line
+from compressor.io.atomic import ensure_dir, write_bytes_atomic
+from compressor.report.plots import Plot, accuracy_vs_compression, is_number, layer_params, list_of, mapping_of
+
+MISSING = "—"
+PLOTS_DIR = "plots"
+TRACE_PNG = "accuracy_vs_compression.png"
+LAYERS_PNG = "layer_params.png"
+STATUS_TEXT = {"ok": "ok", "budget_not_met": "budget not met", "error": "error"}
+COST_NAMES = {"params": "parameters", "flops": "FLOPs"}
+
+
+def write_markdown_report(report: Mapping[str, Any], out_dir: Path) -> Path:
+    """Write `out_dir/report.md` and its plots (`out_dir/plots/*.png`), each atomically.
+
+    Args:
+        report: The report dict (report.json's content), complete or an error report.
+        out_dir: The folder report.json is in; created if missing.
+
+    Returns:
+        The path of report.md.
+
+    Raises:
+        CompressorError: `report` is not a dict, or the folder cannot be written.
+    """
+    if not isinstance(report, Mapping):
+        raise CompressorError(
+            f"Invalid report. Expected a dict (report.json's content). Received: {type(report).__name__}"
+        )
+    out_dir = ensure_dir(Path(out_dir))
+    plots = {} if report.get("status") == "error" else _draw_plots(report, out_dir)
+    return write_bytes_atomic(out_dir / "report.md", render_markdown(report, plots, out_dir).encode())
+
+
+def render_markdown(
+    report: Mapping[str, Any], plots: Optional[Mapping[str, Plot]] = None, out_dir: Optional[Path] = None
+) -> str:
+    """The report.md text.
+
+    Args:
+        report: The report dict.
+        plots: "trace" and "layers" → `compressor.report.plots.Plot`, as drawn into
+            `out_dir/plots`; missing plots are not linked.
+        out_dir: The folder report.md goes into. Artifacts in the run's output
+            folder (`options.out`) or in `out_dir` are linked relative to report.md.
+
+    Returns:
+        Markdown text, ending with a newline.
+    """
+    plots = plots or {}
+    sections = [_headline(report)]
+    if report.get("status") != "error":
+        sections += [
+            _summary(report),
+            _artifacts(report, out_dir),
+            _search(report, plots.get("trace")),
+            _layers(report, plots.get("layers")),
+            _notes(report),
+            _timings(report),
+        ]
+    return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def _draw_plots(report: Mapping[str, Any], out_dir: Path) -> dict[str, Plot]:
+    folder = out_dir / PLOTS_DIR
+    return {
+        "trace": _draw(accuracy_vs_compression, report, folder / TRACE_PNG),
+        "layers": _draw(layer_params, report, folder / LAYERS_PNG),
+    }
+
+
+def _draw(draw: Callable[[Mapping[str, Any], Path], Plot], report: Mapping[str, Any], path: Path) -> Plot:
+    """A plot, or a note saying why there is none: a plot is never worth losing the report over."""
+    try:
+        return draw(report, path)
+    except ImportError:
+        return Plot(None, ("No plot: matplotlib is not installed (pip install matplotlib).",))
+    except (OSError, ValueError, RuntimeError) as exc:
+        return Plot(None, (f"The plot could not be drawn: {first_line(exc)}",))
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+def _headline(report: Mapping[str, Any]) -> str:
+    status = report.get("status")
+    status_text = STATUS_TEXT.get(status, str(status)) if isinstance(status, str) else MISSING
+    lines = ["# Compression report", "", f"**Status: {status_text}** · method `{report.get('method') or MISSING}`"]
+    if status == "error":
+        lines += ["", f"The run failed: {report.get('error') or 'no message was recorded'}"]
+        return "\n".join(lines)
+    budget = mapping_of(report.get("budget"))
+    if budget.get("kind"):
+        lines += ["", _budget_sentence(budget)]
+    quantize = report.get("quantize")
+    if quantize and quantize != "none":
+        calibration = mapping_of(report.get("calibration"))
+        calibrated = ""
+        if calibration.get("samples"):
+            source = f" {calibration['data']}" if calibration.get("data") else ""
+            calibrated = f", calibrated on {calibration['samples']}{source} samples"
+        lines += ["", f"Quantization: {quantize}{calibrated}."]
+    return "\n".join(lines)
+
+
+def _budget_sentence(budget: Mapping[str, Any]) -> str:
+    kind, limit, achieved = budget["kind"], budget.get("limit"), budget.get("achieved")
+    met = {True: "met", False: "**not met**"}.get(budget.get("met"), "not measured")
+    where = f", measured on {budget['measured_on']}" if budget.get("measured_on") else ""
+    if kind == "accuracy_drop":
+        text = f"Budget: lose at most {_points(limit)} of accuracy; lost {_points(achieved)} ({met}){where}."
+        if budget.get("search_achieved") is not None:
+            text += f" On the search data: {_points(budget['search_achieved'])}."
+        return text
+    name = COST_NAMES.get(kind, kind)
+    return f"Budget: keep at most {_percent(limit)} of the {name}; kept {_percent(achieved)} ({met}){where}."
+
+
+def _summary(report: Mapping[str, Any]) -> str:
+    base, comp = mapping_of(report.get("baseline")), mapping_of(report.get("compressed"))
+    rows = [
+        [name, _int(base.get(key)), _int(comp.get(key)), _ratio(comp.get(key), base.get(key))]
+        for name, key in (("parameters", "params"), ("FLOPs", "flops"))
+    ]
+    before, after = base.get("accuracy"), comp.get("accuracy")
+    rows.append(["accuracy (held-out)", _percent(before, 2), _percent(after, 2), _change_points(before, after)])
+    text = "## Original and compressed\n\n" + _table(["", "original", "compressed", "compressed / original"], rows, "lrrr")
+    dense = comp.get("dense_params")
+    if is_number(dense) and dense != comp.get("params"):
+        text += (
+            "\n\nParameters count what a sparse-storage artifact keeps; "
+            f"stored dense, the compressed model has {_int(dense)}."
+        )
+    return text
+
+
+def _artifacts(report: Mapping[str, Any], out_dir: Optional[Path]) -> str:
+    artifacts = [mapping_of(entry) for entry in list_of(report.get("artifacts"))]
+    if not artifacts:
+        return ""
+    out = mapping_of(report.get("options")).get("out")
+    rows = []
+    for entry in artifacts:
+        latency, original = mapping_of(entry.get("latency_ms")), mapping_of(entry.get("baseline_latency_ms"))
+        rows.append([
+            entry.get("format") or MISSING,
+            entry.get("quantize") or "none",
+            _file_link(entry.get("path"), out_dir, out),
+            _bytes(entry.get("bytes")),
+            _bytes(entry.get("baseline_bytes")),
+            _percent(entry.get("accuracy"), 2),
+            _ms(latency.get("median")),
+            _ms(original.get("median")),
+            _times(entry.get("latency_ratio")),
+        ])
+    headers = ["format", "quantization", "file", "size", "original's size", "accuracy (held-out)",
+               "median latency", "original's median", "latency ratio"]
+    text = "## Artifacts\n\n" + _table(headers, rows, "lllrrrrrr")
+    return text + "\n\nLatency ratio: our median over the original's, timed interleaved in one run (below 1: faster)."
+
+
+def _search(report: Mapping[str, Any], plot: Optional[Plot]) -> str:
+    search = mapping_of(report.get("search"))
+    trials = [mapping_of(trial) for trial in list_of(search.get("trials"))]
+    parts = ["## Search"]
+    facts = []
+    if search.get("evaluations"):
+        cached = search.get("cached_evaluations") or 0
+        facts.append(f"{search['evaluations']} whole-model evaluations of the layer search ({cached} from the cache)")
+    if trials:
+        chosen = sum(1 for trial in trials if trial.get("chosen"))
+        stages = " (one per search stage)" if chosen > 1 else ""
+        facts.append(f"{_count(len(trials), 'candidate model')} in the trace, {chosen} chosen{stages}")
+    if search.get("search_samples"):
+        facts.append(f"{search['search_samples']} search samples, {search.get('held_out_samples') or 0} held out")
+    if facts:
+        parts.append("; ".join(facts) + ".")
+    channels = _channels_sentence(mapping_of(report.get("channels")))
+    if channels:
+        parts.append(channels)
+    parts += _plot_lines(plot, "Search-data accuracy against the fraction of the cost kept")
+    return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
+def _channels_sentence(channels: Mapping[str, Any]) -> str:
+    if not channels:
+        return ""
+    removed = _count(channels.get("channels_removed") or 0, "channel")
+    text = f"Channel pruning removed {removed} from {_count(channels.get('groups_pruned') or 0, 'group')}"
+    if channels.get("finetune_epochs"):
+        text += f", fine-tuning {_count(channels['finetune_epochs'], 'epoch')} along the way"
+    if channels.get("evaluations"):
+        text += f" ({_count(channels['evaluations'], 'search-data evaluation')})"
+    blocked = list_of(channels.get("groups_blocked"))
+    if blocked:
+        text += f"; {_count(len(blocked), 'group')} could not be pruned"
+    return text + "."
+
+
+def _layers(report: Mapping[str, Any], plot: Optional[Plot]) -> str:
+    rows = [mapping_of(row) for row in list_of(report.get("layers"))]
+    if not rows:
+        return ""
+    table = [
+        [f"`{row.get('name', '?')}`", row.get("technique") or MISSING,
+         _arrow(row.get("params_before"), row.get("params_after")),
+         _arrow(row.get("flops_before"), row.get("flops_after")), _layer_detail(row)]
+        for row in rows
+    ]
+    parts = ["## Layers", *_plot_lines(plot, "Parameters (and channels) per layer, before and after")]
+    headers = ["layer", "technique", "params before → after", "FLOPs before → after", "detail"]
+    parts.append(_table(headers, table, "llrrl"))
+    return "\n\n".join(parts)
+
+
+def _layer_detail(row: Mapping[str, Any]) -> str:
+    """What the layer became, or why it was left alone."""
+    if row.get("technique") == "channels":
+        detail = f"channels {_arrow(row.get('channels_before'), row.get('channels_after'))}"
+        return detail + (f" ({row['criterion']})" if row.get("criterion") else "")
+    if row.get("reason"):
+        return str(row["reason"])
+    found = []
+    if row.get("ranks"):
+        found.append("ranks " + "×".join(str(rank) for rank in list_of(row["ranks"])))
+    if row.get("rank") is not None:
+        found.append(f"rank {row['rank']}")
+    if row.get("sparsity"):
+        found.append(_sparsity(mapping_of(row["sparsity"])))
+    if row.get("residual"):
+        found.append("+ sparse residual, " + _sparsity(mapping_of(row["residual"])))
+    return ", ".join(found)
+
+
+def _sparsity(spec: Mapping[str, Any]) -> str:
+    structure = spec.get("structure") or "unstructured"
+    if structure == "n:m":
+        structure = f"{spec.get('n')}:{spec.get('m')}"
+    elif structure == "block" and spec.get("block_size"):
+        structure = "block " + "×".join(str(v) for v in list_of(spec["block_size"]))
+    density = spec.get("density")
+    return f"density {density:.2f} {structure}" if is_number(density) else structure
+
+
+def _notes(report: Mapping[str, Any]) -> str:
+    notes = [str(note) for note in list_of(report.get("notes"))]
+    return "## Notes\n\n" + "\n".join(f"- {note}" for note in notes) if notes else ""
+
+
+def _timings(report: Mapping[str, Any]) -> str:
+    timings = mapping_of(report.get("timings_s"))
+    if not timings:
+        return ""
+    rows = [[name, f"{seconds:.1f} s" if is_number(seconds) else MISSING] for name, seconds in timings.items()]
+    return "## Timings\n\n" + _table(["step", "wall time"], rows, "lr")
+
+
+def _plot_lines(plot: Optional[Plot], alt: str) -> list[str]:
+    if plot is None:
+        return []
+    lines = [f"![{alt}]({PLOTS_DIR}/{Path(plot.path).name})"] if plot.path is not None else []
+    return lines + [f"*{note}*" for note in plot.notes]
+
+
+# --- formatting ------------------------------------------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> str:
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = [_row(headers), _row(rule)] + [_row(row) for row in rows]
+    return "\n".join(lines)
+
+
+def _row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
+
+
+def _file_link(path: Optional[str], out_dir: Optional[Path], out: Optional[str]) -> str:
+    """The artifact as a link relative to report.md when it lies in the report's folder, else its name.
+
+    Paths in the report point into the run's output folder (`options.out`, as given),
+    which is where report.md ends up even when it is written elsewhere first.
+    """
+    if not path:
+        return MISSING
+    path, relative = str(path), None
+    if out:
+        try:
+            relative = Path(path).relative_to(Path(str(out)))
+        except ValueError:
+            pass
+    if relative is None and out_dir is not None:
+        inside = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(out_dir)))
+        relative = None if inside.parts[:1] == ("..",) else inside
+    if relative is None:
+        return Path(path).name
+    target = relative.as_posix()
+    return f"[{target}]({f'<{target}>' if ' ' in target else target})"  # <…>: a link target with spaces
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def _int(value: Any) -> str:
+    return f"{value:,}" if is_number(value) else MISSING
+
+
+def _percent(value: Any, digits: int = 1) -> str:
+    return f"{100 * value:.{digits}f}%" if is_number(value) else MISSING
+
+
+def _points(value: Any) -> str:
+    return f"{100 * value:.2f} points" if is_number(value) else MISSING
+
+
+def _change_points(before: Any, after: Any) -> str:
+    if not is_number(before) or not is_number(after):
+        return MISSING
+    return f"{100 * (after - before):+.2f} points"
+
+
+def _ratio(value: Any, base: Any) -> str:
+    return _times(value / base) if is_number(value) and is_number(base) and base else MISSING
+
+
+def _times(value: Any) -> str:
+    return f"{value:.3f}×" if is_number(value) else MISSING
+
+
+def _ms(value: Any) -> str:
+    return f"{value:.3f} ms" if is_number(value) else MISSING
+
+
+def _bytes(value: Any) -> str:
+    if not is_number(value):
+        return MISSING
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{int(value)} B"
+
+
+def _arrow(before: Any, after: Any) -> str:
+    if before is None and after is None:
+        return MISSING
+    return f"{_int(before)} → {_int(after)}"
