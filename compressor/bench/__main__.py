@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with _stdout_to_stderr():
             report = _run(args)
     except ImportError as exc:
-        return _error(_missing_package(exc, sys.executable) or f"import failed: {exc}")
+        return _error(_missing_package(exc, sys.executable) or f"cannot import what the benchmark needs: {exc}")
     except CompressorError as exc:
         missing = _missing_package(exc.__cause__, sys.executable)
         return _error(f"{exc} ({missing})" if missing else str(exc))
@@ -87,8 +87,9 @@ def _missing_package(exc: Optional[BaseException], python: str) -> Optional[str]
     """A hint naming the pip package to install, when `exc` is a missing import."""
     if not isinstance(exc, ModuleNotFoundError) or not exc.name:
         return None
-    top = exc.name.split(".")[0]
-    pip_name = PIP_NAMES.get(top, top)
+    pip_name = PIP_NAMES.get(exc.name.split(".")[0])
+    if pip_name is None:
+        return None
     return (
         f"{pip_name} is not installed for {python}; install the runtimes with: "
         "pip install numpy ai-edge-litert onnxruntime"

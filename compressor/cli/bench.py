@@ -1,17 +1,23 @@
 """`compressor bench`: time .tflite and .onnx artifacts side by side, and check accuracy.
 
 Runs without TensorFlow (numpy, ai-edge-litert and onnxruntime only), so it works on
-a target board.
+a target board; with `--remote` it times them on a board reached by a command such as
+`ssh user@board`, and with `--baseline` it fails (exit 3) when they got slower.
+
+Exit codes (stable): 0 ok; 1 any error; 3 a median slower than the baseline allows.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from compressor.cli.console import (
@@ -23,9 +29,12 @@ from compressor.cli.console import (
     stdout_to_stderr,
 )
 from compressor.cli.options import DataOpt, JsonOpt
+from compressor.errors import CompressorError
 
 if TYPE_CHECKING:
-    from compressor.bench.benchmark import BenchReport
+    from compressor.bench.gate import GateResult
+
+EXIT_REGRESSION = 3
 
 ArtifactsArg = Annotated[
     list[Path],
@@ -43,6 +52,60 @@ RunsOpt = Annotated[int, typer.Option("--runs", help="Timed calls per artifact."
 WarmupOpt = Annotated[
     int, typer.Option("--warmup", help="Untimed calls per artifact before timing.")
 ]
+RemoteOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--remote",
+        help="Time on another machine: the command that reaches it, e.g. 'ssh user@board' or "
+        "'docker exec -i ctr'. It needs sh and Python 3.10+ with numpy, ai-edge-litert and "
+        "onnxruntime there; the artifacts travel with the call and are removed after.",
+        show_default=False,
+    ),
+]
+RemotePythonOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--remote-python",
+        help="The Python to run on the remote machine (default python3), e.g. ~/venv/bin/python.",
+        show_default=False,
+    ),
+]
+RemoteTimeoutOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--remote-timeout",
+        help="Seconds to wait for the remote run before giving up (default: no limit).",
+        show_default=False,
+    ),
+]
+BaselineOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--baseline",
+        help="A JSON report of an earlier run (--output, --json, or compress's report.json): "
+        "exit 3 when an artifact's median is slower than it by more than --max-regression.",
+        show_default=False,
+    ),
+]
+MaxRegressionOpt = Annotated[
+    float,
+    typer.Option(
+        "--max-regression",
+        help="Allowed slow-down against --baseline, as a fraction of its median (0.10: 10%).",
+    ),
+]
+OutputOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--output",
+        "-o",
+        help="Also write the JSON report to this file (atomically), e.g. as the next --baseline.",
+        show_default=False,
+    ),
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No tables or progress; errors still print.")
+]
 
 
 @handle_errors
@@ -52,48 +115,146 @@ def bench_command(
     threads: ThreadsOpt = 1,
     runs: RunsOpt = 100,
     warmup: WarmupOpt = 10,
+    remote: RemoteOpt = None,
+    remote_python: RemotePythonOpt = None,
+    remote_timeout: RemoteTimeoutOpt = None,
+    baseline: BaselineOpt = None,
+    max_regression: MaxRegressionOpt = 0.10,
+    output: OutputOpt = None,
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Time artifacts at batch 1 (interleaved, so ratios are fair) and measure accuracy on --data."""
+    """Time artifacts at batch 1 (interleaved, so ratios are fair) and measure accuracy on --data.
+
+    With --remote they run on another machine (a target board); with --baseline the
+    command exits 3 when a median got slower than --max-regression allows.
+    """
+    from compressor.bench.gate import check_max_regression, compare_latency, load_report
+
+    check_max_regression(max_regression)
+    if remote is None and (remote_python is not None or remote_timeout is not None):
+        raise CompressorError("--remote-python and --remote-timeout apply only with --remote")
+    previous = None if baseline is None else load_report(baseline)  # fail before timing
+    options = dict(data=data, runs=runs, warmup=warmup, threads=threads)
+    remote_options = dict(prefix=remote, timeout=remote_timeout)
+    if remote_python is not None:
+        remote_options["python"] = remote_python
+    report = _measure_showing_progress(artifacts, options, remote_options, not (json_output or quiet), json_output)
+    gate = None if previous is None else compare_latency(report, previous, max_regression)
+    if gate is not None:
+        report["gate"] = gate.to_dict()
+    if output is not None:
+        _write_report(output, report)
+    _render(report, gate, baseline, json_output, quiet)
+    if gate is not None and not gate.passed:
+        err_console.print(f"[bold red]latency regression:[/] {escape(_regression_line(gate))}", soft_wrap=True)
+        raise typer.Exit(EXIT_REGRESSION)
+
+
+def _measure_showing_progress(
+    artifacts: list[Path], options: dict[str, Any], remote: dict[str, Any], progress: bool, json_output: bool
+) -> dict[str, Any]:
+    if json_output:
+        with stdout_to_stderr():  # stdout carries the JSON document alone
+            return _measure(artifacts, options, remote)
+    if not progress:
+        return _measure(artifacts, options, remote)
+    where = "" if remote["prefix"] is None else escape(f" on {remote['prefix']!r}")
+    with err_console.status(f"Timing {len(artifacts)} artifact(s){where}, {options['runs']} runs each..."):
+        return _measure(artifacts, options, remote)
+
+
+def _measure(artifacts: list[Path], options: dict[str, Any], remote: dict[str, Any]) -> dict[str, Any]:
+    """The report as a dict, timed here or on the remote machine."""
+    if remote["prefix"] is not None:
+        from compressor.bench.remote import bench_remote
+
+        return bench_remote(artifacts, **remote, **options)
     from compressor.bench.benchmark import benchmark
 
+    report = benchmark(artifacts, **options).to_dict()
+    report["host"] = {"machine": platform.machine(), "name": platform.node()}
+    return report
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    from compressor.io.atomic import write_bytes_atomic
+
+    write_bytes_atomic(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
+
+
+def _render(
+    report: dict[str, Any], gate: Optional[GateResult], baseline: Optional[Path], json_output: bool, quiet: bool
+) -> None:
     if json_output:
-        with stdout_to_stderr():
-            report = benchmark(artifacts, data=data, runs=runs, warmup=warmup, threads=threads)
-        print_json(report.to_dict())
+        print_json(report)
         return
-    with err_console.status(f"Timing {len(artifacts)} artifact(s), {runs} runs each..."):
-        report = benchmark(artifacts, data=data, runs=runs, warmup=warmup, threads=threads)
+    if quiet:
+        return
     console.print(_table(report))
+    if gate is not None:
+        console.print(_gate_table(report, gate, baseline))
+        if gate.warning:
+            err_console.print(f"[yellow]warning:[/] {escape(gate.warning)}", soft_wrap=True)
 
 
-def _table(report: BenchReport) -> Table:
-    source = "generated input" if report.input == "generated" else f"inputs from {report.input}"
-    batch = "batch 1" if all(r.batch == 1 for r in report.results) else "batch 1 unless noted"
+def _table(report: dict[str, Any]) -> Table:
+    results = report["results"]
+    source = "generated input" if report["input"] == "generated" else f"inputs from {report['input']}"
+    batch = "batch 1" if all(r["batch"] == 1 for r in results) else "batch 1 unless noted"
     caption = (
-        f"latency in ms at {batch}: {report.runs} interleaved runs after {report.warmup} "
-        f"warm-up, threads {report.threads or 'default'}, {source}"
+        f"latency in ms at {batch}: {report['runs']} interleaved runs after {report['warmup']} "
+        f"warm-up, threads {report['threads'] or 'default'}, {source}"
     )
-    if report.samples:
-        caption += f"; accuracy on {report.samples} samples"
+    if report["samples"]:
+        caption += f"; accuracy on {report['samples']} samples"
+    host = report.get("host")
+    if isinstance(host, dict) and host.get("name"):
+        caption += f"; on {host['name']} ({host.get('machine', '?')})"
     # Fits 80 columns (CI logs): two spaces between columns, long paths fold.
-    table = Table(caption=caption, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+    table = Table(caption=escape(caption), box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
     table.add_column("artifact", overflow="fold", min_width=12)
     table.add_column("format", no_wrap=True)
     for name in ("size", "median", "p90", "min", "max", "× first", "top-1"):
         table.add_column(name, justify="right", no_wrap=True)
-    for result in report.results:
-        latency = result.latency_ms
-        note = f" (batch {result.batch})" if result.batch != 1 else ""
+    for result in results:
+        latency = result["latency_ms"]
+        note = f" (batch {result['batch']})" if result["batch"] != 1 else ""
+        ratio, accuracy = result["ratio_to_first"], result["accuracy"]
         table.add_row(
-            result.path + note,
-            result.format,
-            human_bytes(result.bytes),
-            *(_ms(v) for v in (latency.median, latency.p90, latency.min, latency.max)),
-            "-" if result.ratio_to_first is None else f"{result.ratio_to_first:.2f}×",
-            "-" if result.accuracy is None else f"{result.accuracy:.1%}",
+            escape(result["path"] + note),
+            result["format"],
+            human_bytes(result["bytes"]),
+            *(_ms(latency[key]) for key in ("median", "p90", "min", "max")),
+            "-" if ratio is None else f"{ratio:.2f}×",
+            "-" if accuracy is None else f"{accuracy:.1%}",
         )
     return table
+
+
+def _gate_table(report: dict[str, Any], gate: GateResult, baseline: Optional[Path]) -> Table:
+    caption = (
+        f"median latency in ms against {baseline}; slower by more than "
+        f"{gate.max_regression:.0%} fails (exit {EXIT_REGRESSION})"
+    )
+    table = Table(caption=escape(caption), box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+    table.add_column("artifact", overflow="fold", min_width=12)
+    for name in ("baseline", "now", "change"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    slow = {r.name for r in gate.regressions}
+    for row in gate.compared:
+        verdict = "[bold red]slower[/]" if row.name in slow else "ok"
+        table.add_row(escape(row.name), _ms(row.baseline_ms), _ms(row.ms), f"{row.change:+.1%}", verdict)
+    now = {r["path"]: r["latency_ms"]["median"] for r in report["results"]}
+    for name in gate.missing:
+        table.add_row(escape(name), "-", _ms(now[name]), "-", "new (not in baseline)")
+    return table
+
+
+def _regression_line(gate: GateResult) -> str:
+    slower = ", ".join(f"{r.name} {r.change:+.1%} ({_ms(r.baseline_ms)} → {_ms(r.ms)} ms)" for r in gate.regressions)
+    return f"{slower}; allowed +{gate.max_regression:.0%}"
 
 
 def _ms(value: float) -> str:
@@ -102,4 +263,3 @@ def _ms(value: float) -> str:
         return "0"
     decimals = min(4, max(0, 2 - math.floor(math.log10(value))))
     return f"{value:.{decimals}f}"
-
