@@ -210,7 +210,7 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
     layer_techniques = tuple(t for t in options.techniques if t != "channels")
     working, channels = model, None
     if "channels" in options.techniques:
-        channels = _search_channels(options, model, budget, search_data, train_data, layer_techniques, log)
+        channels = _search_channels(options, model, budget, search_data, train_data, layer_techniques, log, progress)
         working = channels.model
     search, statistics, compressed = None, None, working
     remaining = _remaining_budget(budget, model, working, channels) if layer_techniques else None
@@ -232,7 +232,7 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
     return _Outcome(plan, compressed, working, search, channels, tuning)
 
 
-def _search_channels(options, model, budget, search_data, train_data, layer_techniques, log):
+def _search_channels(options, model, budget, search_data, train_data, layer_techniques, log, progress):
     from compressor.search.budgets import Budget
     from compressor.search.channels import ChannelSettings, search_channels
 
@@ -248,7 +248,7 @@ def _search_channels(options, model, budget, search_data, train_data, layer_tech
         seed=options.seed,
     )
     log(f"removing channels ({options.criterion})")
-    return search_channels(model, channel_budget, settings, search_data, train_data, log)
+    return search_channels(model, channel_budget, settings, search_data, train_data, log, progress)
 
 
 def _remaining_budget(budget: Any, model: Any, working: Any, channels: Any) -> Any:

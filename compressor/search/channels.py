@@ -304,6 +304,7 @@ def search_channels(
     search_data: Optional[Dataset] = None,
     train_data: Optional[Dataset] = None,
     log: Optional[Log] = None,
+    progress: Optional[Callable[[str, int, int], None]] = None,
 ) -> ChannelResult:
     """Remove channels of `model` to meet `budget`.
 
@@ -316,6 +317,8 @@ def search_channels(
         train_data: What fine-tuning trains on (and data-driven criteria score on);
             required with fine-tuning.
         log: Called with one line per step.
+        progress: Called as progress("fine-tuning", epoch, epochs) after each
+            fine-tuning epoch of a step.
 
     Returns:
         The pruned model and its record.
@@ -338,7 +341,7 @@ def search_channels(
     if not any(group.prunable for group in groups):
         reasons = "; ".join(f"{name}: {reason}" for name, reason in blocked[:3]) or "it has no channel groups"
         raise CompressorError(f"no channel group of '{model.name}' can be pruned ({reasons})")
-    run = _Run(model, groups, budget, settings, search_data, train_data, log)
+    run = _Run(model, groups, budget, settings, search_data, train_data, log, progress)
     if budget.kind != "accuracy_drop":
         run.to_cost(budget.limit)
     elif tuning:
@@ -367,10 +370,11 @@ def search_channels(
 class _Run:
     """The state of one channel search: the current model, its cost, the steps taken."""
 
-    def __init__(self, model, groups, budget, settings, search_data, train_data, log) -> None:
+    def __init__(self, model, groups, budget, settings, search_data, train_data, log, progress=None) -> None:
         from compressor.graph.cost import model_cost
 
         self.original, self.budget, self.settings, self.log = model, budget, settings, log
+        self.progress = progress or (lambda stage, done, total: None)
         self.search_data, self.train_data = search_data, train_data
         self.tracker = _Tracker(groups)
         self.sizes = {group.name: group.size for group in groups}  # the original's, for the caps
@@ -502,6 +506,7 @@ class _Run:
             candidate, None, self.train_data, self.settings.finetune,
             val=self.search_data if _labelled(self.search_data) else None,
             target_accuracy=target_accuracy, teacher_outputs=self.teacher_outputs,
+            on_epoch=lambda epoch, epochs, _entry: self.progress("fine-tuning", epoch, epochs),
         )
         self.epochs += result.epochs_run
         return result.epochs_run
