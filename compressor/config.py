@@ -8,6 +8,9 @@ underscores; flags given on the command line win over the file:
     techniques = "tucker,sparsity"     # or a list: ["tucker", "sparsity"]
     pruning-structure = "2:4"
     export = ["tflite", "onnx"]
+    quantize = "int8"
+
+Every flag has a key (tested); examples/compress.toml lists them all.
 """
 
 from __future__ import annotations
