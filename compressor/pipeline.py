@@ -132,7 +132,7 @@ def _compress(options: CompressOptions, staging: Path, progress: Progress, log: 
         "baseline": baseline,
         "compressed": result,
         "quantize": options.quantize,
-        "layers": _channel_rows(outcome) + _layer_rows(outcome.working, plan, model_cost(outcome.working), search),
+        "layers": _channel_rows(outcome, base_cost) + _layer_rows(outcome.working, plan, model_cost(outcome.working), search),
         "artifacts": artifacts,
         "search": _search_entry(outcome, search_data, held_out),
         "channels": outcome.channels.to_dict() if outcome.channels is not None else None,
@@ -395,18 +395,34 @@ def _replay_options(options: CompressOptions, plan: Any) -> CompressOptions:
     return dataclasses.replace(options, techniques=tuple(sorted(techniques)) or ("tucker",), criterion=criterion)
 
 
-def _channel_rows(outcome: _Outcome) -> list[dict[str, Any]]:
-    """One row per pruned channel group."""
-    return [
-        {
-            "name": removal.group,
-            "technique": "channels",
-            "criterion": removal.criterion,
-            "channels_before": removal.size,
-            "channels_after": removal.size - len(removal.remove),
-        }
-        for removal in outcome.plan.channels
-    ]
+def _channel_rows(outcome: _Outcome, base_cost: Any) -> list[dict[str, Any]]:
+    """One row per layer with weights that channel removal narrowed, and per pruned group.
+
+    A group is named after its first producer layer: that layer's row also says how many
+    of the group's channels went. Costs compare the original with the pruned model,
+    before any per-layer edit (those have rows of their own).
+    """
+    from compressor.graph.cost import model_cost
+
+    if not outcome.plan.channels:
+        return []
+    removals = {removal.group: removal for removal in outcome.plan.channels}
+    after = {row.name: row for row in model_cost(outcome.working).layers}
+    rows = []
+    for before in base_cost.layers:
+        now, removal = after.get(before.name), removals.pop(before.name, None)
+        if now is None or not before.params or (removal is None and (now.params, now.flops) == (before.params, before.flops)):
+            continue
+        row = {"name": before.name, "technique": "channels", "params_before": before.params, "params_after": now.params,
+               "flops_before": before.flops, "flops_after": now.flops}
+        if removal is not None:
+            row.update(_group_fields(removal))
+        rows.append(row)
+    return rows + [{"name": removal.group, "technique": "channels", **_group_fields(removal)} for removal in removals.values()]
+
+
+def _group_fields(removal: Any) -> dict[str, Any]:
+    return {"criterion": removal.criterion, "channels_before": removal.size, "channels_after": removal.size - len(removal.remove)}
 
 
 def write_report(path: Path, report: dict[str, Any]) -> Path:
@@ -463,9 +479,9 @@ def default_cache_dir() -> Path:
 
 def _calibration(options: CompressOptions, train_data: Optional[Dataset], search_data: Optional[Dataset],
                  held_out: Optional[Dataset]) -> tuple[Optional[np.ndarray], Optional[str]]:
-    """Samples that calibrate quantization: training data first, never held-out data when avoidable."""
-    if options.quantize == "none":
-        return None, None
+    """Samples that calibrate int8 quantization: training data first, held-out data only as a last resort."""
+    if options.quantize != "int8":
+        return None, None  # dynamic-range and float16 need no activation ranges
     from compressor.export.quantize import calibration_set
 
     for data, name in ((train_data, "train"), (search_data, "search"), (held_out, "held-out")):

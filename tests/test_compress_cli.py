@@ -182,7 +182,16 @@ def test_channel_pruning_to_a_flops_budget_with_fine_tuning_and_replay(trainable
     assert report["compressed"]["flops"] <= 0.5 * report["baseline"]["flops"]
     assert report["channels"]["channels_removed"] > 0 and report["channels"]["groups_pruned"] > 0
     rows = [row for row in report["layers"] if row["technique"] == "channels"]
-    assert rows and all(row["channels_after"] < row["channels_before"] and row["criterion"] == "fpgm" for row in rows)
+    groups = [row for row in rows if "channels_before" in row]
+    assert groups and all(row["channels_after"] < row["channels_before"] and row["criterion"] == "fpgm" for row in groups)
+    # Every narrowed layer with weights has its own params row; together they account for all that went.
+    layers = [row for row in rows if "params_before" in row]
+    assert layers and all(row["params_after"] <= row["params_before"] for row in layers)
+    removed = sum(row["params_before"] - row["params_after"] for row in layers)
+    from compressor.graph.cost import model_cost
+
+    original = model_cost(keras.models.load_model(trainable / "model.keras")).params
+    assert removed == original - report["compressed"]["dense_params"]
     # Fine-tuned once per pruning step.
     assert report["finetune"]["epochs"] == len(report["channels"]["steps"]) >= 1
     plan = _plan(out)

@@ -234,7 +234,9 @@ def _layers(report: Mapping[str, Any], plot: Optional[Plot]) -> str:
 def _layer_detail(row: Mapping[str, Any]) -> str:
     """What the layer became, or why it was left alone."""
     if row.get("technique") == "channels":
-        detail = f"channels {_arrow(row.get('channels_before'), row.get('channels_after'))}"
+        if row.get("channels_before") is None:
+            return "narrowed: channels of its inputs or outputs went"
+        detail = f"group's channels {_arrow(row.get('channels_before'), row.get('channels_after'))}"
         return detail + (f" ({row['criterion']})" if row.get("criterion") else "")
     if row.get("reason"):
         return str(row["reason"])

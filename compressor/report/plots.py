@@ -152,10 +152,10 @@ def accuracy_vs_compression(report: Mapping[str, Any], path: Path) -> Plot:
 
 
 def layer_params(report: Mapping[str, Any], path: Path, most: int = MAX_LAYERS) -> Plot:
-    """Draw each layer's params before (light) and after (coloured by technique), largest first.
+    """Draw each changed layer's params before (light) and after (coloured by technique), largest first.
 
-    Channel-group rows (technique "channels") count channels, not params: they get
-    a panel of their own below.
+    Rows of pruned channel groups (those with `channels_before`) also get a panel of
+    channels below.
 
     Args:
         report: The report dict.
@@ -167,8 +167,9 @@ def layer_params(report: Mapping[str, Any], path: Path, most: int = MAX_LAYERS) 
     """
     rows = [mapping_of(row) for row in list_of(report.get("layers"))]
     panels, notes = [], []
-    for unit, key, channels in (("parameters", "params", False), ("channels", "channels", True)):
-        picked = [r for r in rows if (r.get("technique") == "channels") == channels and is_number(r.get(f"{key}_before"))]
+    for unit, key in (("parameters", "params"), ("channels", "channels")):
+        # Layers left as they were are in the table; the chart shows what changed.
+        picked = [r for r in rows if is_number(r.get(f"{key}_before")) and r.get(f"{key}_after") != r[f"{key}_before"]]
         if not picked:
             continue
         picked = sorted(picked, key=lambda row: -row[f"{key}_before"])
@@ -179,7 +180,7 @@ def layer_params(report: Mapping[str, Any], path: Path, most: int = MAX_LAYERS) 
     if not panels:
         return Plot(None, ("No per-layer parameter or channel counts to plot.",))
     heights = [1.0 + 0.3 * len(picked) for _, _, picked in panels]
-    figure, _ = _figure((8, 0.4 + sum(heights)), subplot=False)
+    figure, _ = _figure((8, max(3.0, 0.4 + sum(heights))), subplot=False)
     grid = figure.subplots(len(panels), 1, height_ratios=heights, squeeze=False)
     for axes, (unit, key, picked) in zip(grid[:, 0], panels):
         _draw_bars(axes, picked, key, unit)
