@@ -75,6 +75,17 @@ def test_export_table_mentions_each_artifact(saved_model, tmp_path):
     assert "tflite" in out and "ok" in out and "generated" in out
 
 
+def test_export_quiet_prints_nothing_but_still_fails_on_parity(saved_model, tmp_path, monkeypatch):
+    from compressor.export import verify
+
+    result, out, _ = _run("export", saved_model / "model.keras", "-o", tmp_path / "a", "--format", "tflite", "--quiet")
+    assert result.exit_code == 0 and out == "" and (tmp_path / "a" / "model.tflite").is_file()
+    real = verify.artifact_outputs
+    monkeypatch.setattr(verify, "artifact_outputs", lambda fmt, path, x: real(fmt, path, x) + 0.5)
+    result, out, err = _run("export", saved_model / "model.keras", "-o", tmp_path / "b", "--format", "tflite", "--quiet")
+    assert result.exit_code == 1 and out == "" and "max_abs_diff" in err
+
+
 def test_export_parity_failure_exits_1_with_numbers(saved_model, tmp_path, monkeypatch):
     from compressor.export import verify
 

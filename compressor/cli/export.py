@@ -51,6 +51,7 @@ def export_command(
     ] = False,
     custom_objects: CustomObjectsOpt = None,
     json_out: JsonOpt = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table; errors only (the exit code tells the rest).")] = False,
 ) -> None:
     """Export MODEL to TFLite, ONNX and .keras, load each artifact back and check parity.
 
@@ -91,7 +92,7 @@ def export_command(
         )
     if json_out:
         print_json({"artifacts": [check.to_dict() for check in checks]})
-    else:
+    elif not quiet:
         _render(checks, source="samples of --data" if dataset else "generated inputs")
     ensure_passed(checks)
 
