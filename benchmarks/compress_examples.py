@@ -40,7 +40,7 @@ def compress(folder: Path, method: str, budget: list[str], out: Path, cache: Pat
         sys.executable, "-m", "compressor", "compress", str(folder / "model.keras"),
         "--data", str(folder / "val.npz"), "--test-data", str(folder / "test.npz"),
         "--method", method, *budget, "--techniques", techniques, "--out", str(out),
-        "--cache-dir", str(cache), "--runs", "100", "--json",
+        "--cache-dir", str(cache), "--runs", "100", "--json", "--overwrite",
     ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode not in (0, 2):

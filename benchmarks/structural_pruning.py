@@ -55,7 +55,7 @@ def compress(folder: Path, out: Path, techniques: str, criterion: str, epochs: i
         "--data", str(folder / "val.npz"), "--test-data", str(folder / "test.npz"),
         "--method", "fixed_loss", "--max-acc-loss", str(budget), "--techniques", techniques,
         "--criterion", criterion, "--out", str(out), "--cache-dir", str(out.parent / "cache"),
-        "--runs", "100", "--export", "tflite,keras", "--json",
+        "--runs", "100", "--export", "tflite,keras", "--json", "--overwrite",
     ]
     if epochs:
         command += ["--train-data", str(folder / "train.npz"), "--finetune-epochs", str(epochs)]
