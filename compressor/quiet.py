@@ -31,3 +31,24 @@ def muted_stderr() -> Iterator[None]:
         os.dup2(saved, fd)
         os.close(saved)
         os.close(devnull)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout (Python and C level) to stderr meanwhile."""
+    sys.stdout.flush()
+    try:
+        fd, err_fd = sys.stdout.fileno(), sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # captured streams (tests): the Python level only
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    saved = os.dup(fd)
+    try:
+        os.dup2(err_fd, fd)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, fd)
+        os.close(saved)

@@ -10,13 +10,12 @@ exit status 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-from typing import Iterator, NoReturn, Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from compressor.errors import CompressorError
+from compressor.quiet import stdout_to_stderr
 
 # The import name of each package the benchmark needs, and what pip calls it.
 PIP_NAMES = {"numpy": "numpy", "ai_edge_litert": "ai-edge-litert", "onnxruntime": "onnxruntime"}
@@ -56,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        with _stdout_to_stderr():
+        with stdout_to_stderr():
             report = _run(args)
     except ImportError as exc:
         return _error(_missing_package(exc, sys.executable) or f"cannot import what the benchmark needs: {exc}")
@@ -100,27 +99,6 @@ def _error(message: str) -> int:
     sys.stderr.write(f"error: {' '.join(message.split())}\n")
     sys.stderr.flush()
     return 1
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Keep stdout for the JSON alone: whatever the runtimes print goes to stderr."""
-    sys.stdout.flush()
-    try:
-        fd, err_fd = sys.stdout.fileno(), sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # captured streams: Python level only
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-        return
-    saved = os.dup(fd)
-    try:
-        os.dup2(err_fd, fd)
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, fd)
-        os.close(saved)
 
 
 if __name__ == "__main__":

@@ -8,19 +8,18 @@ command works, `stdout_to_stderr` sends those prints to stderr.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import sys
 import traceback
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
 
 from compressor.errors import CompressorError
-from compressor.quiet import muted_stderr
+from compressor.quiet import muted_stderr, stdout_to_stderr  # noqa: F401 - re-exported for the commands
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,29 +62,6 @@ def load_tensorflow() -> None:
         import logging
 
         logging.getLogger("tensorflow").setLevel(logging.ERROR)
-
-
-@contextlib.contextmanager
-def stdout_to_stderr() -> Iterator[None]:
-    """Send everything written to stdout (Python and C level) to stderr meanwhile."""
-    sys.stdout.flush()
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):
-        fd = None  # captured stdout (tests): redirect the Python level only
-    if fd is None:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-        return
-    saved = os.dup(fd)
-    try:
-        os.dup2(sys.stderr.fileno(), fd)
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, fd)
-        os.close(saved)
 
 
 def human_bytes(count: int) -> str:
