@@ -72,6 +72,9 @@ class CompressOptions:
     quantize: str = "none"
     calibration_samples: int = 200
     int8_io: bool = False
+    gating_target: float = 0.6
+    gating_epochs: int = 5
+    gating_network: bool = False
     overwrite: bool = False
     quiet: bool = False
     json: bool = False
@@ -117,7 +120,8 @@ class CompressOptions:
         if not (math.isfinite(self.atol) and self.atol >= 0):
             raise ConfigError(f"Invalid atol. Expected a number >= 0. Received: atol={self.atol}")
         self._check_quantization()
-        for name in ("int8_io", "overwrite", "quiet", "json"):
+        self._check_gating()
+        for name in ("int8_io", "gating_network", "overwrite", "quiet", "json"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Invalid {name}. Expected true or false. Received: {name}={getattr(self, name)!r}")
 
@@ -136,6 +140,16 @@ class CompressOptions:
             raise ConfigError("--quantize int8 calibrates on real inputs: pass --train-data or --data")
         if self.quantize != "none" and not {"tflite", "onnx"} & set(self.export):
             raise ConfigError(f"--quantize {self.quantize} quantizes tflite and onnx artifacts; --export {','.join(self.export)} has neither")
+
+    def _check_gating(self) -> None:
+        target = self.gating_target
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+            raise ConfigError(f"Invalid gating target. Expected a fraction of compute in (0, 1]. Received: gating_target={target!r}")
+        epochs = self.gating_epochs
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"Invalid gating epochs. Expected an integer >= 1. Received: gating_epochs={epochs!r}")
+        if "gating" in self.techniques and self.plan is None and self.train_data is None:
+            raise ConfigError("--techniques gating trains the gates: pass --train-data (labelled)")
 
     def budget(self):
         """The Budget of the chosen method, or None when replaying a plan without one."""

@@ -43,7 +43,7 @@ def compress_command(
     max_acc_loss: Annotated[Optional[float], _opt("--max-acc-loss", help="fixed_loss: largest top-1 accuracy drop, as a fraction (0.02 = 2 points).")] = None,
     compression_factor: Annotated[Optional[float], _opt("--compression-factor", help="fixed_params: fraction of params (or FLOPs) kept, 0 < F < 1.")] = None,
     budget_on: Annotated[Optional[str], _opt("--budget-on", help="fixed_params: params (default) or flops.")] = None,
-    techniques: Annotated[Optional[str], _opt("--techniques", help="channels (remove whole channels), tucker (Tucker-2 / SVD; default), svd, hessian (K-FAC eigenbasis), sparsity; combine with commas, e.g. channels,tucker.")] = None,
+    techniques: Annotated[Optional[str], _opt("--techniques", help="channels (remove whole channels), tucker (Tucker-2 / SVD; default), svd, hessian (K-FAC eigenbasis), sparsity, gating (learned per-input skipping of residual blocks); combine with commas, e.g. channels,tucker,gating.")] = None,
     criterion: Annotated[Optional[str], _opt("--criterion", help="Channel/weight importance: magnitude (default), snip, synflow, fpgm, hessian.")] = None,
     finetune_epochs: Annotated[Optional[int], _opt("--finetune-epochs", help="Fine-tune the compressed model this many epochs (per pruning step) with the original as teacher; needs --train-data.")] = None,
     max_channel_fraction: Annotated[Optional[float], _opt("--max-channel-fraction", help="Most of a channel group that may be removed (default 0.9).")] = None,
@@ -60,6 +60,9 @@ def compress_command(
     quantize: Annotated[Optional[str], _opt("--quantize", help="Also write quantized tflite/onnx artifacts: none (default), dynamic (int8 weights), float16, int8 (full integer, calibrated); the budget is measured on the quantized artifact.")] = None,
     calibration_samples: Annotated[Optional[int], _opt("--calibration-samples", help="Samples that calibrate int8 quantization, from --train-data (else --data); default 200.")] = None,
     int8_io: Annotated[Optional[bool], _opt("--int8-io/--float-io", help="With --quantize int8: int8 input and output tensors in the TFLite artifact (default float).")] = None,
+    gating_target: Annotated[Optional[float], _opt("--gating-target", help="With --techniques ...,gating: fraction of the compute each input should run on average, 0 < T <= 1 (default 0.6).")] = None,
+    gating_epochs: Annotated[Optional[int], _opt("--gating-epochs", help="Epochs of gate training on --train-data (default 5).")] = None,
+    gating_network: Annotated[Optional[bool], _opt("--gating-network/--gates-only", help="Train the network's weights along with the gates (default: gates only).")] = None,
     overwrite: Annotated[Optional[bool], _opt("--overwrite", help="Replace earlier results in --out (refused otherwise).")] = None,
     custom_objects: CustomObjectsOpt = None,
     quiet: Annotated[Optional[bool], _opt("--quiet", "-q", help="No progress or tables; errors only (the exit code and report.json tell the rest).")] = None,
@@ -79,6 +82,7 @@ def compress_command(
         "plan": plan, "seed": seed, "cache_dir": cache_dir, "runs": runs, "threads": threads,
         "custom_objects": tuple(custom_objects) if custom_objects else None,
         "quantize": quantize, "calibration_samples": calibration_samples, "int8_io": int8_io,
+        "gating_target": gating_target, "gating_epochs": gating_epochs, "gating_network": gating_network,
         "overwrite": overwrite, "quiet": quiet, "json": json_out,
     }
     options = build_options(model, flags, config)

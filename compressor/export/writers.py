@@ -3,7 +3,9 @@
 TFLite goes through the TFLite converter's Keras path (batch 1, the shape edge
 runtimes run); ONNX through tf2onnx from a frozen trace with an explicit input signature
 and a dynamic batch axis (tf2onnx's own Keras entry point trips over Keras 3 output
-names).
+names). A gated model (`compressor.techniques.gating`) is exported at a fixed batch of
+1 in both formats, where each gate's decision is one condition: TFLite gets IF ops,
+ONNX `If` nodes (`compressor.export.onnx_gating`), and a skipped block costs nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import keras
 from compressor.errors import ExportError, first_line
 from compressor.io.atomic import atomic_path, write_bytes_atomic
 from compressor.io.models import save_model
+from compressor.techniques.gating import is_gated
 
 FORMATS = ("tflite", "onnx", "keras")
 SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx", "keras": ".keras"}
@@ -61,10 +64,17 @@ def export_tflite(model: keras.Model, path: Path | str, sparse: bool = False) ->
     """
     import tensorflow as tf
 
-    single_input_shape(model)
+    shape = single_input_shape(model)
     try:
         with _quiet():
-            converter = tf.lite.TFLiteConverter.from_keras_model(model)
+            if is_gated(model):
+                # Batch 1 makes each gate's decision a scalar: a real IF op. Frozen first: a
+                # READ_VARIABLE left inside an IF branch fails at run time.
+                spec = [tf.TensorSpec((1, *shape[1:]), model.inputs[0].dtype, name=ONNX_INPUT_NAME)]
+                frozen = _frozen_function(model, spec)
+                converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen], model)
+            else:
+                converter = tf.lite.TFLiteConverter.from_keras_model(model)
             if sparse:
                 converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
             flatbuffer = converter.convert()
@@ -74,7 +84,7 @@ def export_tflite(model: keras.Model, path: Path | str, sparse: bool = False) ->
 
 
 def export_onnx(model: keras.Model, path: Path | str, opset: int = DEFAULT_OPSET) -> Path:
-    """Convert to ONNX with a dynamic batch axis and write it atomically.
+    """Convert to ONNX with a dynamic batch axis (batch 1 for a gated model) and write it atomically.
 
     The graph has one input named "input" and one output named "output".
 
@@ -82,12 +92,26 @@ def export_onnx(model: keras.Model, path: Path | str, opset: int = DEFAULT_OPSET
         ExportError: The opset is out of range or tf2onnx rejects the model.
     """
     import onnx
-    import tensorflow as tf
-    import tf2onnx
 
     if not 7 <= opset <= 21:
         raise ExportError(f"unsupported ONNX opset {opset}; expected a value from 7 to 21 (default {DEFAULT_OPSET})")
     shape = single_input_shape(model)
+    if is_gated(model):
+        from compressor.export.onnx_gating import convert_gated
+
+        proto = convert_gated(model, opset)
+    else:
+        proto = _convert(model, shape, opset)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return Path(path)
+
+
+def _convert(model: keras.Model, shape: tuple, opset: int) -> object:
+    """tf2onnx's model from a frozen trace with a dynamic batch axis."""
+    import tensorflow as tf
+    import tf2onnx
+
     spec = [tf.TensorSpec((None, *shape[1:]), model.inputs[0].dtype, name=ONNX_INPUT_NAME)]
     try:
         with _quiet():
@@ -102,9 +126,7 @@ def export_onnx(model: keras.Model, path: Path | str, opset: int = DEFAULT_OPSET
             )
     except Exception as exc:
         raise ExportError(f"ONNX conversion failed: {first_line(exc)}") from exc
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
-    return Path(path)
+    return proto
 
 
 def _frozen_graph(model: keras.Model, spec: list) -> tuple[object, str, str]:
@@ -114,14 +136,17 @@ def _frozen_graph(model: keras.Model, spec: list) -> tuple[object, str, str]:
     (e.g. the mean/variance of EfficientNet's Normalization layer) as extra graph
     inputs; freezing first turns all of them into constants.
     """
+    frozen = _frozen_function(model, spec)
+    return frozen.graph.as_graph_def(add_shapes=True), frozen.inputs[0].name, frozen.outputs[0].name
+
+
+def _frozen_function(model: keras.Model, spec: list) -> object:
+    """The model traced for `spec` in inference mode, variables frozen into constants, control flow kept."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     forward = tf.function(lambda x: model(x, training=False), input_signature=spec, autograph=False)
-    frozen = convert_variables_to_constants_v2(
-        forward.get_concrete_function(), lower_control_flow=False, aggressive_inlining=True
-    )
-    return frozen.graph.as_graph_def(add_shapes=True), frozen.inputs[0].name, frozen.outputs[0].name
+    return convert_variables_to_constants_v2(forward.get_concrete_function(), lower_control_flow=False, aggressive_inlining=True)
 
 
 def export_keras(model: keras.Model, path: Path | str) -> Path:

@@ -110,8 +110,14 @@ def _walk(graph: _Graph, input_specs: list, prefix: str, calls: list[LayerCall])
             continue  # not reachable from these inputs
         inputs = [values[id(x)] for x in node.inputs]
         inner = _graph(node.operation) if isinstance(node.operation, keras.Model) else None
+        branch = getattr(node.operation, "gated_branch", None)
         if inner is not None:
             outputs = _walk(inner, inputs, f"{prefix}{node.operation.name}/", calls)
+        elif branch is not None:
+            # A gated residual block: its branch's layers, then the block itself (the Add).
+            _walk(_graph(branch), inputs[:1], f"{prefix}{node.operation.name}/", calls)
+            outputs = list(node.outputs)
+            calls.append(LayerCall(prefix + node.operation.name, node.operation, _shapes(inputs), _shapes(outputs)))
         else:
             same = all(a.shape == b.shape for a, b in zip(inputs, node.inputs))
             outputs = list(node.outputs) if same else node.infer(values)

@@ -22,6 +22,10 @@ Conventions (one sample, i.e. batch 1; the batch axis of every shape is ignored)
   output element.
 - Activation functions (Activation, ReLU, LeakyReLU, PReLU, ELU, Softmax layers, and
   fused `activation=`): 1 per element, whatever the function; "linear" is free.
+- Gated residual blocks (`compressor.techniques.gating`): the branch's layers count
+  as they are (every gate open: the most an input can cost), the block's Add 1 per
+  element; a gate: its global average pooling (1 per input element), its Dense (2 per
+  channel) and 2 for its bias and offset.
 - Data movement is free: InputLayer, ZeroPadding, Cropping, Reshape, Flatten,
   Permute, Concatenate, Dropout and the other regularization layers.
 - Any other layer, and any layer whose shapes have free (None) dimensions besides the
@@ -35,6 +39,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import keras
 import numpy as np
+
+from compressor.techniques.gating import GatedResidual, SkipGate
 
 Shape = tuple[Optional[int], ...]
 
@@ -154,6 +160,10 @@ def _activation(config: dict, ins: list, outs: list) -> int:
     return _size(outs[0])
 
 
+def _gate(config: dict, ins: list, outs: list) -> int:
+    return _size(ins[0]) + 2 * _channels({}, ins[0]) + 2
+
+
 _Rule = Callable[[dict, list, list], int]
 _RULES: tuple[tuple[tuple[type, ...], _Rule], ...] = (
     (CONV, _conv),
@@ -168,4 +178,6 @@ _RULES: tuple[tuple[tuple[type, ...], _Rule], ...] = (
     (GLOBAL_POOLING, lambda c, ins, outs: _size(ins[0])),
     (MERGE, lambda c, ins, outs: (len(ins) - 1) * _size(outs[0])),
     (ACTIVATION, _activation),
+    ((SkipGate,), _gate),
+    ((GatedResidual,), lambda c, ins, outs: _size(outs[0])),
 )

@@ -14,6 +14,9 @@ Users name techniques on the command line (`--techniques tucker,sparsity`):
   grouped, or where factorizing cannot lower the cost) get a masked kernel instead.
 - "channels": not a per-layer technique: whole channels of dependency groups are
   removed first (`compressor.search.channels`); the others then edit what is left.
+- "gating": not a per-layer technique either: after the static ones, a learned gate
+  before each residual block decides per input whether the block runs
+  (`compressor.techniques.gating`, trained by `compressor.search.gating`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from compressor.techniques.sparsity import Sparsity
 TECHNIQUES: dict[str, Technique] = {
     technique.name: technique for technique in (Tucker(), SVD(), Sparsity(), Hessian({}))
 }
-USER_TECHNIQUES = ("channels", "tucker", "svd", "hessian", "sparsity")
+USER_TECHNIQUES = ("channels", "tucker", "svd", "hessian", "sparsity", "gating")
 LAYER_TECHNIQUES = ("tucker", "svd", "hessian", "sparsity")  # the ones that edit single layers
 
 

@@ -1,0 +1,256 @@
+"""Train the gates of a gated model, tune them to an accuracy budget, and measure what they skip.
+
+Training (`train_gates`) minimizes, per batch,
+
+    distillation + cross-entropy  +  penalty · max(0, mean_i c_i − target)²
+
+where c_i is the fraction of the ungated model's FLOPs that input i runs:
+(F − Σ_b F_b · skip_b,i) / F, with F_b the FLOPs of block b's branch. The decisions
+are hard (0/1) in the forward pass and reach the gates' weights through their
+probabilities (straight-through), so each block's share of the penalty is weighted by
+its FLOPs: gates in front of costly blocks learn to close first. The teacher is the
+model before gating: the gated model learns to answer as it did.
+
+By default only the gates train (the network's weights and batch-norm statistics stay
+as they are); `network=True` trains both, the network at a lower learning rate.
+
+`fit_offset` then moves every gate's decision by one offset, searched on the search
+data, so that the gated model's accuracy stays within an accuracy budget: open more
+blocks when the trained gates lose too much.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import keras
+import numpy as np
+
+from compressor.errors import CompressorError
+from compressor.io.data import Dataset
+from compressor.techniques.gating import OPEN, ResidualBlock, gate_layers, set_offsets
+
+EpochCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class GatingConfig:
+    """How to train gates.
+
+    Attributes:
+        target: Fraction of the ungated model's FLOPs to aim for per input, in (0, 1].
+        epochs: Passes over the training data, >= 1.
+        network: Train the network's weights too (at `network_learning_rate`).
+        penalty: Weight of the compute penalty.
+        learning_rate: Adam's learning rate for the gates (cosine-decayed).
+        network_learning_rate: Adam's learning rate for the network's weights.
+        batch_size: Samples per step.
+        seed: Shuffling and initialization seed.
+    """
+
+    target: float = 0.6
+    epochs: int = 5
+    network: bool = False
+    penalty: float = 10.0
+    learning_rate: float = 0.05
+    network_learning_rate: float = 1e-4
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.target, (int, float)) and 0 < self.target <= 1):
+            raise CompressorError(f"Invalid gating target. Expected a fraction of compute in (0, 1]. Received: target={self.target!r}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise CompressorError(f"Invalid gating epochs. Expected an integer >= 1. Received: epochs={self.epochs!r}")
+
+
+@dataclass(frozen=True)
+class GatingResult:
+    """What training did.
+
+    Attributes:
+        history: Per epoch: {"epoch", "loss", "compute"} (compute: mean fraction of FLOPs run).
+        seconds: Wall-clock time.
+    """
+
+    history: tuple[dict, ...]
+    seconds: float
+
+
+def block_flops(model: keras.Model, blocks: list[ResidualBlock]) -> dict[str, int]:
+    """FLOPs at batch 1 that skipping each block saves: its branch's layers and the Add."""
+    from compressor.graph.cost import model_cost
+
+    rows = {row.name: row.flops for row in model_cost(model).layers}
+    return {block.add: sum(rows.get(name, 0) for name in (*block.layers, block.add)) for block in blocks}
+
+
+def train_gates(gated: keras.Model, teacher: keras.Model, train: Dataset, flops: dict[str, int], total_flops: int,
+                config: GatingConfig, on_epoch: Optional[EpochCallback] = None) -> GatingResult:
+    """Train the gates of `gated` in place (module docstring).
+
+    Args:
+        gated: The model from `insert_gates`.
+        teacher: The model before gating (its outputs are distilled).
+        train: Training data with labels.
+        flops: Add name -> FLOPs its block costs (`block_flops`).
+        total_flops: FLOPs of the ungated model.
+        config: The run's settings.
+        on_epoch: Called with (epoch, epochs) after each epoch.
+
+    Raises:
+        CompressorError: Training data without labels, or a model that is not gated.
+    """
+    import tensorflow as tf
+
+    from compressor.finetune import EPSILON, _kl, _student_outputs_probabilities, _teacher_logits
+
+    if train.y is None:
+        raise CompressorError(f"training gates needs labels: {train.source} has no 'y'")
+    pairs = gate_layers(gated)
+    if not pairs:
+        raise CompressorError(f"model '{gated.name}' has no gates to train")
+    start = time.perf_counter()
+    keras.utils.set_random_seed(config.seed)
+    classes = int(gated.outputs[0].shape[-1])
+    soft = _teacher_logits(teacher, None, train, classes)
+    probabilities = _student_outputs_probabilities(gated, train.x)
+    both = keras.Model(gated.inputs, [gated.outputs[0], *[gate.output for gate, _ in pairs]])
+    share = tf.constant([flops[block.name[: -len("_gated")]] / total_flops for _, block in pairs], tf.float32)
+    gate_vars = [v for gate, _ in pairs for v in gate.trainable_variables]
+    gate_ids = {id(v) for v in gate_vars}
+    net_vars = [v for v in gated.trainable_variables if id(v) not in gate_ids] if config.network else []
+    steps = config.epochs * math.ceil(len(train) / config.batch_size)
+    optimizers = [(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(config.learning_rate, steps)), gate_vars)]
+    if net_vars:
+        optimizers.append((keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(config.network_learning_rate, steps)), net_vars))
+    for optimizer, variables in optimizers:
+        optimizer.build(variables)
+    variables = gate_vars + net_vars
+    target, penalty = float(config.target), float(config.penalty)
+
+    @tf.function(reduce_retracing=True)
+    def step(x, y, t):
+        with tf.GradientTape() as tape:
+            out, *logits = both(x, training=False)  # batch-norm statistics stay: open and shut blocks see the same ones
+            out = tf.cast(out, tf.float32)
+            student = tf.math.log(tf.clip_by_value(out, EPSILON, 1.0)) if probabilities else out
+            ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=student))
+            loss = 0.5 * ce + 0.5 * 16.0 * _kl(t / 4.0, student / 4.0)
+            logit = tf.concat(logits, axis=1)  # (batch, blocks)
+            p = tf.sigmoid(logit)
+            run = p + tf.stop_gradient(tf.cast(logit > 0, tf.float32) - p)
+            compute = 1.0 - tf.reduce_sum((1.0 - run) * share, axis=1)
+            mean_compute = tf.reduce_mean(compute)
+            loss += penalty * tf.square(tf.nn.relu(mean_compute - target))
+        grads = tape.gradient(loss, variables)
+        offset = 0
+        for optimizer, group in optimizers:
+            chunk = grads[offset : offset + len(group)]
+            optimizer.apply_gradients([(g, v) for g, v in zip(chunk, group) if g is not None])
+            offset += len(group)
+        return loss, mean_compute
+
+    rng = np.random.default_rng(config.seed)
+    y = train.y.astype(np.int64)
+    history = []
+    for epoch in range(1, config.epochs + 1):
+        order = rng.permutation(len(train))
+        losses, computes = [], []
+        for lo in range(0, len(order), config.batch_size):
+            batch = order[lo : lo + config.batch_size]
+            loss, compute = step(train.x[batch], y[batch], soft[batch])
+            losses.append(float(loss) * len(batch))
+            computes.append(float(compute) * len(batch))
+        history.append({"epoch": epoch, "loss": sum(losses) / len(order), "compute": sum(computes) / len(order)})
+        if on_epoch is not None:
+            on_epoch(epoch, config.epochs)
+    return GatingResult(tuple(history), time.perf_counter() - start)
+
+
+def fit_offset(gated: keras.Model, data: Dataset, min_accuracy: float, steps: int = 8) -> tuple[float, float]:
+    """The lowest offset (most skipping) at or above 0 whose accuracy on `data` reaches `min_accuracy`.
+
+    Accuracy rises (roughly) as the offset opens more gates; a bisection between the
+    trained gates (0) and the first offset that opens every gate for every input
+    finds the point. The chosen offset is set on the model.
+
+    Returns:
+        (offset, accuracy at that offset).
+    """
+    from compressor.finetune import accuracy
+
+    def measure(offset: float) -> float:
+        set_offsets(gated, offset)
+        return accuracy(gated, data)
+
+    at_zero = measure(0.0)
+    if at_zero >= min_accuracy:
+        return 0.0, at_zero
+    logits = gate_logits(gated, data.x)  # at offset 0
+    high = float(max(0.0, -logits.min())) + 1e-3  # every gate open for every input
+    low, best = 0.0, (high, measure(high))
+    if best[1] < min_accuracy:
+        return best
+    for _ in range(steps):
+        middle = (low + best[0]) / 2
+        reached = measure(middle)
+        if reached >= min_accuracy:
+            best = (middle, reached)
+        else:
+            low = middle
+    set_offsets(gated, best[0])
+    return best
+
+
+def gate_logits(gated: keras.Model, x: np.ndarray) -> np.ndarray:
+    """Each gate's logit (offset included) per input: (samples, gated blocks), graph order; > 0 runs the block."""
+    pairs = gate_layers(gated)
+    probe = keras.Model(gated.inputs, [gate.output for gate, _ in pairs])
+    logits = probe.predict(x, batch_size=256, verbose=0)
+    logits = [logits] if len(pairs) == 1 else logits
+    return np.concatenate([np.asarray(l).reshape(len(x), 1) for l in logits], axis=1)
+
+
+def gating_statistics(gated: keras.Model, x: np.ndarray, flops: dict[str, int], gated_total: int) -> dict[str, Any]:
+    """Skip rate per block and the FLOPs each input runs, over `x`.
+
+    Args:
+        gated: A gated model.
+        x: Inputs (the held-out data).
+        flops: Add name -> FLOPs skipping that block saves.
+        gated_total: FLOPs of the gated model with every block running (gates included).
+
+    Returns:
+        {"samples", "flops_per_input": {"mean", "min", "p10", "median", "p90", "max",
+        "histogram": {"edges", "counts"}}, "blocks": [{"name", "flops", "skip_rate"}]}.
+    """
+    names = [block.name[: -len("_gated")] for _, block in gate_layers(gated)]
+    runs = gate_logits(gated, x) > 0
+    saved = np.array([flops[name] for name in names], dtype=np.float64)
+    per_input = gated_total - ((~runs) * saved).sum(axis=1)
+    counts, edges = np.histogram(per_input, bins=10)
+    return {
+        "samples": int(len(x)),
+        "flops_per_input": {
+            "mean": float(per_input.mean()),
+            "min": float(per_input.min()),
+            "p10": float(np.percentile(per_input, 10)),
+            "median": float(np.median(per_input)),
+            "p90": float(np.percentile(per_input, 90)),
+            "max": float(per_input.max()),
+            "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]},
+        },
+        "blocks": [
+            {"name": name, "flops": int(f), "skip_rate": float(1.0 - runs[:, i].mean())}
+            for i, (name, f) in enumerate(zip(names, saved))
+        ],
+    }
+
+
+def force(gated: keras.Model, open_: bool) -> None:
+    """Force every gate open (True) or shut (False)."""
+    set_offsets(gated, OPEN if open_ else -OPEN)
