@@ -74,7 +74,7 @@ class CompressOptions:
     int8_io: bool = False
     gating_target: float = 0.6
     gating_epochs: int = 5
-    gating_network: bool = False
+    gating_network: bool = True
     overwrite: bool = False
     quiet: bool = False
     json: bool = False

@@ -111,7 +111,7 @@ def _compress(options: CompressOptions, staging: Path, progress: Progress, log: 
     export_started = time.perf_counter()
     plan.save(staging / "plan.json")
     calibration, calibration_source = _calibration(options, train_data, search_data, held_out)
-    artifacts = _export(options, model, compressed, plan, held_out, staging, calibration, progress)
+    artifacts, static_tflite = _export(options, model, compressed, plan, held_out, staging, calibration, progress, outcome.static)
     export_s = time.perf_counter() - export_started
 
     comp_cost = model_cost(compressed)
@@ -136,12 +136,15 @@ def _compress(options: CompressOptions, staging: Path, progress: Progress, log: 
         "artifacts": artifacts,
         "search": _search_entry(outcome, search_data, held_out),
         "channels": outcome.channels.to_dict() if outcome.channels is not None else None,
+        "gating": _gating_entry(options, outcome, *_gating_data(held_out, train_data), static_tflite, artifacts),
         "finetune": outcome.finetune_entry(),
         "calibration": None if calibration is None else {"samples": len(calibration), "data": calibration_source},
         "timings_s": {"search": round(search_s, 3), "export": round(export_s, 3), "total": round(time.perf_counter() - started, 3)},
         "options": options.to_dict(),
         "notes": _notes(plan, calibration_source),
     }
+    if report["gating"] and report["gating"]["applied"]:
+        result["expected_flops"] = report["gating"]["flops_per_input"]["mean"]
     _relocate(report, staging, options.out)
     write_report(staging / "report.json", report)
     _write_markdown(report, staging, log)
@@ -150,10 +153,63 @@ def _compress(options: CompressOptions, staging: Path, progress: Progress, log: 
 
 def _relocate(report: dict[str, Any], staging: Path, out: Path) -> None:
     """Point the artifact paths of the report at where the files will be after the move."""
-    for entry in report["artifacts"]:
-        for key in ("path", "baseline_path"):
+    tflite = (report.get("gating") or {}).get("tflite") or {}
+    for entry in [*report["artifacts"], tflite]:
+        for key in ("path", "baseline_path", "static_path"):
             if entry.get(key):
                 entry[key] = str(Path(out) / Path(entry[key]).relative_to(staging))
+
+
+def _gating_data(held_out: Optional[Dataset], train_data: Optional[Dataset]) -> tuple[Optional[Dataset], str]:
+    """The inputs the gates' skip rates are measured on: held-out data, else the training data."""
+    return (held_out, "held-out") if held_out is not None else (train_data, "train")
+
+
+def _gating_entry(options: CompressOptions, outcome: _Outcome, data: Optional[Dataset], data_name: str,
+                  static_tflite: Optional[dict], artifacts: list[dict]) -> Optional[dict[str, Any]]:
+    """What the gates do: skip rate per block, FLOPs per input, TFLite latency per input against the static model."""
+    record = outcome.plan.gating
+    if record is None and outcome.gating is None:
+        return None
+    trained = outcome.gating
+    attempts = trained.attempts if trained is not None else []
+    if record is None:
+        return {"applied": False, "target": options.gating_target, "attempts": attempts,
+                "reason": "no gate training kept the accuracy within the budget on the search data"}
+    from compressor.graph.cost import model_cost
+    from compressor.search.gating import block_flops, gating_statistics
+    from compressor.techniques.gating import find_residual_blocks
+
+    static_cost = model_cost(outcome.static)
+    flops = trained.flops if trained is not None else block_flops(outcome.static, find_residual_blocks(outcome.static))
+    entry = {
+        "applied": True,
+        "blocks": len(record["blocks"]),
+        "target": options.gating_target if trained is not None else record["target"],
+        "trained_target": record["target"],
+        "network": record["network"],
+        "epochs": record["epochs"],
+        "offset": record["offset"],
+        "attempts": attempts,
+        "history": list(trained.history) if trained is not None else [],
+        "measured_on": data_name,
+        "static_flops": static_cost.flops,
+    }
+    if data is not None:
+        stats = gating_statistics(outcome.compressed, data.x, flops, model_cost(outcome.compressed).flops)
+        entry.update(stats)
+        entry["expected_flops_fraction"] = stats["flops_per_input"]["mean"] / static_cost.flops
+    gated = next((a for a in artifacts if a["format"] == "tflite" and a.get("quantize", "none") == "none"), None)
+    if static_tflite is not None and gated is not None and gated.get("latency_ms"):
+        entry["tflite"] = {
+            "path": gated["path"],
+            "latency_ms": gated["latency_ms"],
+            "static_path": static_tflite["path"],
+            "static_latency_ms": static_tflite["latency_ms"],
+            "static_bytes": static_tflite["bytes"],
+            "mean_latency_ratio": gated["latency_ms"]["mean"] / static_tflite["latency_ms"]["mean"],
+        }
+    return entry
 
 
 def _write_markdown(report: dict[str, Any], folder: Path, log: Log) -> None:
@@ -177,6 +233,8 @@ class _Outcome:
     search: Any = None
     channels: Any = None
     tuning: Any = None
+    static: Any = None  # the compressed model before gates were added (None: no gating)
+    gating: Any = None  # the GatingOutcome, when gating was asked for
 
     def search_achieved(self, budget: Any) -> Optional[float]:
         """The search data's measure of the budget, when one search alone made the result."""
@@ -207,13 +265,15 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
     from compressor.search.result import model_identity
     from compressor.surgery.plan import Plan
 
-    layer_techniques = tuple(t for t in options.techniques if t != "channels")
+    layer_techniques = tuple(t for t in options.techniques if t not in STAGE_TECHNIQUES)
+    gating = "gating" in options.techniques
+    static_budget = _static_budget(budget, options)
     working, channels = model, None
     if "channels" in options.techniques:
-        channels = _search_channels(options, model, budget, search_data, train_data, layer_techniques, log, progress)
+        channels = _search_channels(options, model, static_budget, search_data, train_data, layer_techniques, log, progress)
         working = channels.model
     search, statistics, compressed = None, None, working
-    remaining = _remaining_budget(budget, model, working, channels) if layer_techniques else None
+    remaining = _remaining_budget(static_budget, model, working, channels) if layer_techniques else None
     if remaining is not None:
         with _layer_statistics(options, working, search_data, train_data, log) as statistics:
             search = _search(options, working, remaining, search_data, progress, layer_techniques)
@@ -221,6 +281,11 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
     tuning = None
     if options.finetune_epochs and search is not None and search.plan.edits:
         tuning = _finetune(options, compressed, model, working, search.plan.edits, train_data, search_data, budget, log, progress)
+    static, gated = compressed, None
+    if gating:
+        gated = _gate(options, model, static, budget, search_data, train_data, log, progress)
+        if gated.model is not None:
+            compressed = gated.model
     plan = Plan(
         model=model_identity(model),
         edits=search.plan.edits if search else (),
@@ -228,8 +293,59 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
         channels=channels.removals if channels else (),
         finetune=_finetune_record(options, channels, tuning),
         statistics=statistics,
+        gating=_gating_record(gated),
     )
-    return _Outcome(plan, compressed, working, search, channels, tuning)
+    return _Outcome(plan, compressed, working, search, channels, tuning, static if gating else None, gated)
+
+
+STAGE_TECHNIQUES = ("channels", "gating")
+"""Techniques that are stages of their own, not per-layer edits."""
+
+GATING_SHARE = 0.5
+"""Under an accuracy budget with gating, the static stages may spend this share of it; gating gets the rest."""
+
+
+def _static_budget(budget: Any, options: CompressOptions) -> Any:
+    """The budget of the static stages: all of it, or a share when gating must fit in it too."""
+    from compressor.search.budgets import Budget
+
+    static = set(options.techniques) - {"gating"}
+    if budget is None or "gating" not in options.techniques or not static or budget.kind != "accuracy_drop":
+        return budget
+    return Budget.accuracy_drop(budget.limit * GATING_SHARE)
+
+
+def _gate(options: CompressOptions, model: Any, static: Any, budget: Any, search_data: Optional[Dataset],
+          train_data: Optional[Dataset], log: Log, progress: Progress) -> Any:
+    """Gate the residual blocks of the statically compressed model and train the gates.
+
+    Under an accuracy budget the gated model must stay within it on the search data
+    (with the same margin for held-out noise as the static stages), measured against
+    the original model: whatever the static stages left is gating's to spend.
+    """
+    from compressor.finetune import accuracy
+    from compressor.search.channels import MARGIN
+    from compressor.search.gating import GatingConfig, gate_model
+
+    floor = None
+    if budget is not None and budget.kind == "accuracy_drop" and search_data is not None and search_data.y is not None:
+        floor = accuracy(model, search_data) - MARGIN * budget.limit
+    config = GatingConfig(target=options.gating_target, epochs=options.gating_epochs, network=options.gating_network, seed=options.seed)
+    outcome = gate_model(
+        static, train_data, config, search=search_data, min_accuracy=floor, log=log,
+        on_epoch=lambda epoch, epochs: progress("training gates", epoch, epochs),
+    )
+    if outcome.model is None:
+        log("gating: no training kept the accuracy within the budget; the artifacts are not gated")
+    return outcome
+
+
+def _gating_record(gated: Any) -> Optional[dict[str, Any]]:
+    if gated is None or gated.model is None:
+        return None
+    from compressor.search.gating import gating_record
+
+    return gating_record(gated)
 
 
 def _search_channels(options, model, budget, search_data, train_data, layer_techniques, log, progress):
@@ -383,7 +499,13 @@ def _replay(options: CompressOptions, model: Any, plan: Any, search_data: Option
         config = FinetuneConfig(epochs=int(plan.finetune["epochs"]), seed=int(plan.finetune.get("seed", options.seed)))
         log(f"fine-tuning {config.epochs} epoch(s), as the plan records")
         tuning = finetune(compressed, model, train_data, config, masks=fixed_masks(compressed))
-    return _Outcome(plan, compressed, working, tuning=tuning)
+    static = None
+    if plan.gating:
+        from compressor.search.gating import replay_gates
+
+        log("adding the plan's gates")
+        static, compressed = compressed, replay_gates(compressed, plan.gating, train_data)
+    return _Outcome(plan, compressed, working, tuning=tuning, static=static)
 
 
 def _replay_options(options: CompressOptions, plan: Any) -> CompressOptions:
@@ -491,15 +613,22 @@ def _calibration(options: CompressOptions, train_data: Optional[Dataset], search
 
 
 def _export(options: CompressOptions, model: Any, compressed: Any, plan: Any, held_out: Optional[Dataset], out: Path,
-            calibration: Optional[np.ndarray], progress: Progress) -> list[dict]:
-    """Write and verify the artifacts (float, then quantized), then time each format against the original's."""
+            calibration: Optional[np.ndarray], progress: Progress, static: Any = None) -> tuple[list[dict], Optional[dict]]:
+    """Write and verify the artifacts (float, then quantized), then time each format against the original's.
+
+    With `static` (the model before gating), its float TFLite artifact is written to
+    `static/` and timed in the same run as the gated one.
+
+    Returns:
+        The artifact entries, and the static TFLite artifact's measurements (or None).
+    """
     from compressor.export.verify import ensure_passed, export_and_verify, verification_inputs
 
     x = verification_inputs(compressed, held_out, samples=64, seed=options.seed)
     sparse = any(edit.residual is not None or edit.technique == "sparsity" for edit in plan.edits)
     runtime = [fmt for fmt in options.export if fmt in RUNTIME_FORMATS]
     steps = len(options.export) + len(runtime)
-    checks, baselines = [], {}
+    checks, baselines, extra = [], {}, {}
     for done, fmt in enumerate(options.export):
         progress("exporting artifacts", done, steps)
         checks += export_and_verify(
@@ -510,15 +639,22 @@ def _export(options: CompressOptions, model: Any, compressed: Any, plan: Any, he
     for done, fmt in enumerate(runtime, start=len(options.export)):
         progress("exporting artifacts", done, steps)
         baselines.update({check.format: check for check in export_and_verify(model, out / "baseline", [fmt], x, atol=options.atol)})
+    if static is not None and "tflite" in runtime:
+        extra["tflite"] = export_and_verify(static, out / "static", ["tflite"], x, atol=options.atol, sparse_tflite=sparse)[0]
     progress("exporting artifacts", steps, steps)
-    ensure_passed(checks + list(baselines.values()))
+    ensure_passed(checks + list(baselines.values()) + list(extra.values()))
     labelled = held_out if held_out is not None and held_out.y is not None else None
     entries = [_artifact_entry(check) for check in checks]
+    static_entry = None
     for done, fmt in enumerate(runtime):
         progress("timing artifacts", done, len(runtime))
         mine = [entry for entry in entries if entry["format"] == fmt]
-        bench = benchmark_against(baselines[fmt].path, [entry["path"] for entry in mine], labelled, options)
+        others = [extra[fmt].path] if fmt in extra else []
+        bench = benchmark_against(baselines[fmt].path, others + [entry["path"] for entry in mine], labelled, options)
         original, *ours = bench.results
+        if others:
+            static_result, *ours = ours
+            static_entry = {**static_result.to_dict(), "max_abs_diff": extra[fmt].max_abs_diff}
         for entry, result in zip(mine, ours):
             entry.update(
                 accuracy=result.accuracy,
@@ -537,7 +673,7 @@ def _export(options: CompressOptions, model: Any, compressed: Any, plan: Any, he
         for entry in entries:
             if entry["format"] == "keras":
                 entry.update(accuracy=accuracy(compressed, labelled), baseline_accuracy=accuracy(model, labelled))
-    return entries
+    return entries, static_entry
 
 
 def benchmark_against(original: str, artifacts: list[str], data: Optional[Dataset], options: CompressOptions) -> Any:

@@ -31,12 +31,15 @@ class LatencyStats:
         p90: 90th percentile (linear interpolation between runs).
         min: Fastest run.
         max: Slowest run.
+        mean: Mean run: with inputs that take different paths (a gated model skips
+            blocks for some inputs), the expected latency per input.
     """
 
     median: float
     p90: float
     min: float
     max: float
+    mean: float
 
     @classmethod
     def from_ns(cls, samples_ns: Sequence[int]) -> "LatencyStats":
@@ -49,6 +52,7 @@ class LatencyStats:
             p90=float(np.percentile(ms, 90)),
             min=float(ms.min()),
             max=float(ms.max()),
+            mean=float(ms.mean()),
         )
 
     def to_dict(self) -> dict[str, float]:

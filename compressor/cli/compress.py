@@ -62,7 +62,7 @@ def compress_command(
     int8_io: Annotated[Optional[bool], _opt("--int8-io/--float-io", help="With --quantize int8: int8 input and output tensors in the TFLite artifact (default float).")] = None,
     gating_target: Annotated[Optional[float], _opt("--gating-target", help="With --techniques ...,gating: fraction of the compute each input should run on average, 0 < T <= 1 (default 0.6).")] = None,
     gating_epochs: Annotated[Optional[int], _opt("--gating-epochs", help="Epochs of gate training on --train-data (default 5).")] = None,
-    gating_network: Annotated[Optional[bool], _opt("--gating-network/--gates-only", help="Train the network's weights along with the gates (default: gates only).")] = None,
+    gating_network: Annotated[Optional[bool], _opt("--gating-network/--gates-only", help="Train the network's weights along with the gates (default), or the gates alone.")] = None,
     overwrite: Annotated[Optional[bool], _opt("--overwrite", help="Replace earlier results in --out (refused otherwise).")] = None,
     custom_objects: CustomObjectsOpt = None,
     quiet: Annotated[Optional[bool], _opt("--quiet", "-q", help="No progress or tables; errors only (the exit code and report.json tell the rest).")] = None,

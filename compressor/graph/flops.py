@@ -24,8 +24,8 @@ Conventions (one sample, i.e. batch 1; the batch axis of every shape is ignored)
   fused `activation=`): 1 per element, whatever the function; "linear" is free.
 - Gated residual blocks (`compressor.techniques.gating`): the branch's layers count
   as they are (every gate open: the most an input can cost), the block's Add 1 per
-  element; a gate: its global average pooling (1 per input element), its Dense (2 per
-  channel) and 2 for its bias and offset.
+  element; a gate: its global average pooling (1 per input element), its
+  standardization and Dense (4 per channel) and 2 for its bias and offset.
 - Data movement is free: InputLayer, ZeroPadding, Cropping, Reshape, Flatten,
   Permute, Concatenate, Dropout and the other regularization layers.
 - Any other layer, and any layer whose shapes have free (None) dimensions besides the
@@ -161,7 +161,7 @@ def _activation(config: dict, ins: list, outs: list) -> int:
 
 
 def _gate(config: dict, ins: list, outs: list) -> int:
-    return _size(ins[0]) + 2 * _channels({}, ins[0]) + 2
+    return _size(ins[0]) + 4 * _channels({}, ins[0]) + 2
 
 
 _Rule = Callable[[dict, list, list], int]

@@ -21,7 +21,7 @@ from typing import Iterator
 from compressor.errors import CompressorError
 
 RESULT_FILES = ("report.json", "report.md", "plan.json")
-RESULT_FOLDERS = ("baseline", "plots")
+RESULT_FOLDERS = ("baseline", "plots", "static")
 _ARTIFACT = re.compile(r"^model(\.[a-z0-9]+)?\.(tflite|onnx|keras)$")
 
 

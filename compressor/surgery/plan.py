@@ -220,6 +220,8 @@ class Plan:
         channels: Channel removals, at most one per group, applied first.
         finetune: How the rewritten model was fine-tuned (None: it was not).
         statistics: How the K-FAC statistics of "hessian" edits were gathered.
+        gating: The gates put before residual blocks after all other edits, and how
+            they were trained (`compressor.search.gating.gating_record`); None: no gates.
     """
 
     model: dict[str, Any]
@@ -228,6 +230,7 @@ class Plan:
     channels: tuple[ChannelRemoval, ...] = ()
     finetune: Optional[dict[str, Any]] = None
     statistics: Optional[dict[str, Any]] = None
+    gating: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         for what, names in (("edits layers", [e.layer for e in self.edits]), ("removes channels of groups", [c.group for c in self.channels])):
@@ -253,6 +256,8 @@ class Plan:
             out["finetune"] = dict(self.finetune)
         if self.statistics is not None:
             out["statistics"] = dict(self.statistics)
+        if self.gating is not None:
+            out["gating"] = dict(self.gating)
         return out
 
     @classmethod
@@ -269,6 +274,7 @@ class Plan:
             channels=tuple(ChannelRemoval.from_dict(removal) for removal in data.get("channels", [])),
             finetune=data.get("finetune"),
             statistics=data.get("statistics"),
+            gating=data.get("gating"),
         )
 
     def save(self, path: Path | str) -> Path:

@@ -41,7 +41,11 @@ GATE_BIAS = 3.0
 
 @keras.saving.register_keras_serializable(package="compressor")
 class SkipGate(keras.layers.Layer):
-    """Global average pooling → Dense(1): the logit of running a residual block.
+    """Global average pooling → standardization → Dense(1): the logit of running a residual block.
+
+    The pooled features are standardized with a fixed mean and scale per channel
+    (`standardize`, from data) so that the dense layer sees features that differ
+    from input to input on one scale, and its decision can depend on the input.
 
     Args:
         offset: Added to the logit; the block runs when `logit + offset > 0`.
@@ -58,11 +62,22 @@ class SkipGate(keras.layers.Layer):
         self.offset = self.add_weight(
             name="offset", shape=(), initializer=keras.initializers.Constant(self.initial_offset), trainable=False
         )
+        self.mean = self.add_weight(name="mean", shape=(channels,), initializer="zeros", trainable=False)
+        self.scale = self.add_weight(name="scale", shape=(channels,), initializer="ones", trainable=False)
 
     def call(self, x: Any) -> Any:
+        return ops.matmul((self.pooled(x) - self.mean) * self.scale, self.kernel) + self.bias + self.offset
+
+    @staticmethod
+    def pooled(x: Any) -> Any:
+        """Global average pooling over every axis between batch and channels."""
         axes = tuple(range(1, len(x.shape) - 1))
-        pooled = ops.mean(x, axis=axes) if axes else x
-        return ops.matmul(pooled, self.kernel) + self.bias + self.offset
+        return ops.mean(x, axis=axes) if axes else x
+
+    def standardize(self, pooled: np.ndarray) -> None:
+        """Set the mean and scale from pooled features of real inputs, (samples, channels)."""
+        self.mean.assign(pooled.mean(axis=0))
+        self.scale.assign(1.0 / (pooled.std(axis=0) + 1e-3))
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return (input_shape[0], 1)
