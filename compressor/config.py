@@ -150,6 +150,11 @@ class CompressOptions:
             raise ConfigError(f"Invalid gating epochs. Expected an integer >= 1. Received: gating_epochs={epochs!r}")
         if "gating" in self.techniques and self.plan is None and self.train_data is None:
             raise ConfigError("--techniques gating trains the gates: pass --train-data (labelled)")
+        if "gating" in self.techniques and self.quantize != "none" and "onnx" in self.export:
+            raise ConfigError(
+                f"--quantize {self.quantize} with gating: ONNX quantization does not reach the weights inside "
+                "the gates' If branches; pass --export tflite,keras (TFLite quantizes gated models)"
+            )
 
     def budget(self):
         """The Budget of the chosen method, or None when replaying a plan without one."""

@@ -184,7 +184,7 @@ def _gating_entry(options: CompressOptions, outcome: _Outcome, data: Optional[Da
     flops = trained.flops if trained is not None else block_flops(outcome.static, find_residual_blocks(outcome.static))
     entry = {
         "applied": True,
-        "blocks": len(record["blocks"]),
+        "blocks": [{"name": name, "flops": flops[name], "skip_rate": None} for name in record["blocks"]],
         "target": options.gating_target if trained is not None else record["target"],
         "trained_target": record["target"],
         "network": record["network"],
@@ -237,9 +237,12 @@ class _Outcome:
     gating: Any = None  # the GatingOutcome, when gating was asked for
 
     def search_achieved(self, budget: Any) -> Optional[float]:
-        """The search data's measure of the budget, when one search alone made the result."""
+        """The search data's measure of the budget, when one search alone made the result (or gating last)."""
         if budget is None:
             return None
+        gated = self.gating
+        if gated is not None and gated.model is not None and budget.kind == "accuracy_drop":
+            return None if gated.accuracy is None else gated.baseline_accuracy - gated.accuracy
         if self.channels is None:
             return None if self.search is None else self.search.achieved
         if self.search is None and budget.kind == "accuracy_drop" and self.channels.accuracy is not None:
@@ -267,6 +270,8 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
 
     layer_techniques = tuple(t for t in options.techniques if t not in STAGE_TECHNIQUES)
     gating = "gating" in options.techniques
+    if gating:
+        _check_gateable(model)  # before minutes of static search, not after
     static_budget = _static_budget(budget, options)
     working, channels = model, None
     if "channels" in options.techniques:
@@ -301,8 +306,18 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
 STAGE_TECHNIQUES = ("channels", "gating")
 """Techniques that are stages of their own, not per-layer edits."""
 
-GATING_SHARE = 0.5
-"""Under an accuracy budget with gating, the static stages may spend this share of it; gating gets the rest."""
+STATIC_SHARE = 0.75
+"""Under an accuracy budget with gating, the static stages may spend this share of it; gating gets the rest
+(and whatever the static stages left), training the network along with the gates, which recovers some."""
+
+
+def _check_gateable(model: Any) -> None:
+    from compressor.techniques.gating import find_residual_blocks
+
+    if not find_residual_blocks(model):
+        raise CompressorError(
+            f"--techniques gating: model '{model.name}' has no residual block (a branch added back to its own input) to gate"
+        )
 
 
 def _static_budget(budget: Any, options: CompressOptions) -> Any:
@@ -312,7 +327,7 @@ def _static_budget(budget: Any, options: CompressOptions) -> Any:
     static = set(options.techniques) - {"gating"}
     if budget is None or "gating" not in options.techniques or not static or budget.kind != "accuracy_drop":
         return budget
-    return Budget.accuracy_drop(budget.limit * GATING_SHARE)
+    return Budget.accuracy_drop(budget.limit * STATIC_SHARE)
 
 
 def _gate(options: CompressOptions, model: Any, static: Any, budget: Any, search_data: Optional[Dataset],
@@ -327,9 +342,10 @@ def _gate(options: CompressOptions, model: Any, static: Any, budget: Any, search
     from compressor.search.channels import MARGIN
     from compressor.search.gating import GatingConfig, gate_model
 
-    floor = None
+    floor = baseline = None
     if budget is not None and budget.kind == "accuracy_drop" and search_data is not None and search_data.y is not None:
-        floor = accuracy(model, search_data) - MARGIN * budget.limit
+        baseline = accuracy(model, search_data)
+        floor = baseline - MARGIN * budget.limit
     config = GatingConfig(target=options.gating_target, epochs=options.gating_epochs, network=options.gating_network, seed=options.seed)
     outcome = gate_model(
         static, train_data, config, search=search_data, min_accuracy=floor, log=log,
@@ -337,6 +353,7 @@ def _gate(options: CompressOptions, model: Any, static: Any, budget: Any, search
     )
     if outcome.model is None:
         log("gating: no training kept the accuracy within the budget; the artifacts are not gated")
+    outcome.baseline_accuracy = baseline
     return outcome
 
 

@@ -167,6 +167,7 @@ def test_config_file_equals_the_same_flags(tmp_path):
         'quantize = "INT8"\ncalibration-samples = 50\nint8-io = true\noverwrite = true\nquiet = true\njson = true\n'
         'export = "tflite,onnx"\nout = "build"\nseed = 3\nruns = 7\nthreads = 2\ncustom-objects = ["pkg.layers"]\n'
         'block-size = "2x2"\npruning-structure = "block"\ncache-dir = "cache"\n'
+        'gating-target = 0.5\ngating-epochs = 3\ngating-network = false\n'
     )
     from_file = build_options(Path("m.keras"), {}, tmp_path / "c.toml")
     from_flags = build_options(Path("m.keras"), {
@@ -175,6 +176,7 @@ def test_config_file_equals_the_same_flags(tmp_path):
         "calibration_samples": 50, "int8_io": True, "overwrite": True, "quiet": True, "json": True,
         "export": "tflite,onnx", "out": Path("build"), "seed": 3, "runs": 7, "threads": 2,
         "custom_objects": ("pkg.layers",), "block_size": "2,2", "pruning_structure": "block", "cache_dir": Path("cache"),
+        "gating_target": 0.5, "gating_epochs": 3, "gating_network": False,
     })
     assert from_file == from_flags
     # A flag given on the command line wins over the file.

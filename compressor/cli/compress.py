@@ -219,9 +219,31 @@ def _render(report: dict) -> None:
         + (f", {epochs} fine-tuning epoch(s)" if epochs else "")
         + f", {report['timings_s']['search']:.1f} s; total {report['timings_s']['total']:.1f} s"
     )
+    _render_gating(report.get("gating"))
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"report for people: {folder / 'report.md'}")
+
+
+def _render_gating(gating: Optional[dict]) -> None:
+    """Two lines: what the gates skip per input, and what that does to the TFLite latency."""
+    if not gating:
+        return
+    if not gating["applied"]:
+        console.print(f"[yellow]gating not applied:[/] {gating['reason']}")
+        return
+    flops = gating.get("flops_per_input")
+    if flops:
+        console.print(
+            f"gating: {len(gating['blocks'])} gated block(s); FLOPs per input {flops['mean']:,.0f} on average "
+            f"({gating['expected_flops_fraction']:.2f} of the static model; p10–p90 {flops['p10']:,.0f}–{flops['p90']:,.0f})"
+        )
+    tflite = gating.get("tflite")
+    if tflite:
+        console.print(
+            f"gated TFLite: {tflite['latency_ms']['mean']:.3f} ms per input on average against "
+            f"{tflite['static_latency_ms']['mean']:.3f} ms without gates ({tflite['mean_latency_ratio']:.2f}×, same run)"
+        )
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")

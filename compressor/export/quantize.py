@@ -137,14 +137,14 @@ def export_tflite_quantized(
     """
     import tensorflow as tf
 
-    from compressor.export.writers import single_input_shape
+    from compressor.export.writers import single_input_shape, tflite_model
 
     mode = _quantized_mode(mode, calibration, int8_io)
     if mode == "int8":
         check_calibration_shape(calibration, single_input_shape(model)[1:])
     try:
         with _quiet_tflite_converter():
-            converter = tf.lite.TFLiteConverter.from_keras_model(model)
+            converter = tf.lite.TFLiteConverter.from_keras_model(tflite_model(model))
             _configure_tflite(tf, converter, mode, calibration, int8_io)
             flatbuffer = converter.convert()
     except Exception as exc:
@@ -204,6 +204,11 @@ def export_onnx_quantized(
         proto = onnx.load(str(float_onnx))
     except Exception as exc:
         raise ExportError(f"cannot read ONNX model {float_onnx}: {first_line(exc)}") from exc
+    if any(node.op_type == "If" for node in proto.graph.node):
+        raise ExportError(
+            f"ONNX {mode} quantization of a gated model is not supported: onnxruntime's quantization tools "
+            "leave the weights inside If branches as they are (quantize the TFLite artifact instead)"
+        )
     input_name, input_shape = _onnx_input(proto, float_onnx)
     if mode == "int8":
         check_calibration_shape(calibration, input_shape)

@@ -64,13 +64,10 @@ def export_tflite(model: keras.Model, path: Path | str, sparse: bool = False) ->
     """
     import tensorflow as tf
 
-    shape = single_input_shape(model)
+    single_input_shape(model)
     try:
         with _quiet():
-            if is_gated(model):
-                converter = tf.lite.TFLiteConverter.from_keras_model(_batch_one(model, shape))
-            else:
-                converter = tf.lite.TFLiteConverter.from_keras_model(model)
+            converter = tf.lite.TFLiteConverter.from_keras_model(tflite_model(model))
             if sparse:
                 converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
             flatbuffer = converter.convert()
@@ -79,14 +76,19 @@ def export_tflite(model: keras.Model, path: Path | str, sparse: bool = False) ->
     return write_bytes_atomic(path, flatbuffer)
 
 
-def _batch_one(model: keras.Model, shape: tuple) -> keras.Model:
-    """The model called on a batch-1 input: each gate's decision is then one scalar, a real IF op.
+def tflite_model(model: keras.Model) -> keras.Model:
+    """What the TFLite converter gets: the model, or a gated model called on a batch-1 input.
+
+    At batch 1 each gate's decision is one scalar: a real IF op.
 
     Converted through the Keras path, every IF branch holds its own weights as
     constants (batch norm folded into the convolutions), which XNNPACK runs. A frozen
     trace passes the weights into the branches as inputs instead: XNNPACK leaves such
     convolutions to the reference kernels, 3x slower on the digits ResNet-20.
     """
+    if not is_gated(model):
+        return model
+    shape = single_input_shape(model)
     inputs = keras.Input(batch_shape=(1, *shape[1:]), dtype=model.inputs[0].dtype, name=ONNX_INPUT_NAME)
     return keras.Model(inputs, model(inputs), name=model.name)
 

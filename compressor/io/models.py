@@ -57,6 +57,7 @@ def load_model(path: Path | str, custom_objects: Optional[Iterable[str]] = None)
     """
     path = Path(path)
     import_custom_objects(custom_objects)
+    import compressor.techniques.gating  # noqa: F401  (registers the gate layers of gated models)
     if not path.exists():
         raise ModelLoadError(f"model not found: {path}")
     if path.is_dir():

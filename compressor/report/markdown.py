@@ -72,6 +72,7 @@ def render_markdown(
             _summary(report),
             _artifacts(report, out_dir),
             _search(report, plots.get("trace")),
+            _gating(report),
             _layers(report, plots.get("layers")),
             _notes(report),
             _timings(report),
@@ -213,6 +214,42 @@ def _channels_sentence(channels: Mapping[str, Any]) -> str:
     if blocked:
         text += f"; {_count(len(blocked), 'group')} could not be pruned"
     return text + "."
+
+
+def _gating(report: Mapping[str, Any]) -> str:
+    """What the gates skip: FLOPs per input, TFLite latency per input against the static model, skip rate per block."""
+    gating = mapping_of(report.get("gating"))
+    if not gating:
+        return ""
+    if not gating.get("applied"):
+        return f"## Dynamic gating\n\nNot applied: {gating.get('reason') or MISSING}."
+    flops = mapping_of(gating.get("flops_per_input"))
+    tflite = mapping_of(gating.get("tflite"))
+    static_latency, latency = mapping_of(tflite.get("static_latency_ms")), mapping_of(tflite.get("latency_ms"))
+    rows = [
+        ["FLOPs per input", _int(gating.get("static_flops")),
+         f"{_int(_rounded(flops.get('mean')))} mean ({_ratio(flops.get('mean'), gating.get('static_flops'))}); "
+         f"p10–p90 {_int(_rounded(flops.get('p10')))}–{_int(_rounded(flops.get('p90')))}"],
+        ["TFLite latency per input (mean, same run)", _ms(static_latency.get("mean")),
+         f"{_ms(latency.get('mean'))} ({_times(tflite.get('mean_latency_ratio'))})"],
+        ["TFLite latency per input (median)", _ms(static_latency.get("median")), _ms(latency.get("median"))],
+    ]
+    blocks = [mapping_of(block) for block in list_of(gating.get("blocks"))]
+    intro = (
+        f"{_count(len(blocks), 'residual block')} gated, measured on {gating.get('samples', MISSING)} "
+        f"{gating.get('measured_on') or ''} inputs; gates trained {gating.get('epochs', MISSING)} epoch(s) towards "
+        f"{_percent(gating.get('trained_target'), 0)} of the compute"
+        + (" with the network" if gating.get("network") else ", network frozen") + "."
+    )
+    parts = ["## Dynamic gating", intro, _table(["", "without gates", "with gates"], rows, "lrr")]
+    if blocks:
+        table = [[f"`{block.get('name', '?')}`", _int(block.get("flops")), _percent(block.get("skip_rate"))] for block in blocks]
+        parts.append(_table(["block", "FLOPs it costs", "skipped for"], table, "lrr"))
+    return "\n\n".join(parts)
+
+
+def _rounded(value: Any) -> Any:
+    return round(value) if is_number(value) else value
 
 
 def _layers(report: Mapping[str, Any], plot: Optional[Plot]) -> str:

@@ -101,6 +101,8 @@ class GatingOutcome:
         history: The kept training's history.
         attempts: Per training: {"target", "offset", "accuracy", "compute", "met"}.
         seconds: Wall-clock time of all trainings.
+        accuracy: The kept model's accuracy on the search data (None without a floor).
+        baseline_accuracy: The original model's accuracy there, when the caller measured it.
     """
 
     model: Optional[keras.Model]
@@ -111,6 +113,8 @@ class GatingOutcome:
     history: tuple[dict, ...] = ()
     attempts: list[dict] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    accuracy: Optional[float] = None
+    baseline_accuracy: Optional[float] = None
 
 
 def gate_model(static: keras.Model, train: Dataset, config: GatingConfig, search: Optional[Dataset] = None,
@@ -150,6 +154,7 @@ def gate_model(static: keras.Model, train: Dataset, config: GatingConfig, search
         attempt.update(offset=offset, accuracy=reached, met=reached >= min_accuracy)
         if attempt["met"]:
             outcome.model, outcome.config, outcome.history, outcome.offset = gated, settings, result.history, offset
+            outcome.accuracy = reached
             break
         target = (target + 1.0) / 2
     outcome.seconds = time.perf_counter() - start

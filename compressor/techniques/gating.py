@@ -288,7 +288,12 @@ def insert_gates(model: keras.Model, blocks: Optional[list[ResidualBlock]] = Non
             outputs = tree.flatten(node.operation(*args, **kwargs))
         values.update(zip(map(id, node.outputs), outputs))
     graph_outputs = [values[id(t)] for t in copy.outputs]
-    return keras.Model(inputs, graph_outputs if len(graph_outputs) > 1 else graph_outputs[0], name=model.name)
+    # One input or output as a tensor, not a list: Keras warns when a list-input model is called on a tensor.
+    return keras.Model(_one_or_list(inputs), _one_or_list(graph_outputs), name=model.name)
+
+
+def _one_or_list(tensors: list[Any]) -> Any:
+    return tensors[0] if len(tensors) == 1 else tensors
 
 
 def _gated(block: ResidualBlock, add: _GraphNode, nodes: list[_GraphNode], values: dict[int, Any]) -> Any:

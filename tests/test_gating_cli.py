@@ -1,0 +1,91 @@
+"""`compress --techniques ...,gating` end to end on a tiny residual model, through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from compressor.cli.app import app
+from conftest import build_residual, write_npz
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gating")
+    model = build_residual()
+    model.save(folder / "model.keras")
+    write_npz(folder / "val.npz", model, n=48, seed=1)
+    write_npz(folder / "test.npz", model, n=32, seed=2)
+    write_npz(folder / "train.npz", model, n=64, seed=3)
+    plain(input_shape=(16, 16, 3)).save(folder / "plain.keras")
+    return folder
+
+
+def plain(input_shape):
+    import keras
+
+    layers = keras.layers
+    return keras.Sequential(
+        [keras.Input(input_shape), layers.Conv2D(4, 3), layers.GlobalAveragePooling2D(), layers.Dense(4, activation="softmax")]
+    )
+
+
+def _compress(workdir, out, *args, model="model.keras"):
+    command = ["compress", str(workdir / model), "--out", str(out), "--runs", "20", "--json",
+               "--data", str(workdir / "val.npz"), "--test-data", str(workdir / "test.npz"), *map(str, args)]
+    return runner.invoke(app, command)
+
+
+def test_gating_end_to_end_with_report_static_artifact_and_exact_replay(workdir, tmp_path):
+    import keras
+
+    out = tmp_path / "gated"
+    result = _compress(
+        workdir, out, "--method", "fixed_loss", "--max-acc-loss", "0.1", "--techniques", "gating",
+        "--train-data", workdir / "train.npz", "--gating-epochs", "2", "--gates-only",
+    )
+    assert result.exit_code in (0, 2), result.output
+    report = json.loads(result.stdout)
+    gating = report["gating"]
+    assert gating["applied"] is True and gating["network"] is False and gating["epochs"] == 2
+    assert [block["name"] for block in gating["blocks"]] == ["add"]
+    assert all(0.0 <= block["skip_rate"] <= 1.0 for block in gating["blocks"])
+    flops = gating["flops_per_input"]
+    assert flops["min"] <= flops["p10"] <= flops["median"] <= flops["p90"] <= flops["max"] <= report["compressed"]["flops"]
+    assert sum(gating["flops_per_input"]["histogram"]["counts"]) == gating["samples"] == 32
+    assert report["compressed"]["expected_flops"] == pytest.approx(flops["mean"])
+    # The static model's TFLite artifact was timed in the same run, over the held-out inputs.
+    assert (out / "static" / "model.tflite").is_file()
+    assert gating["tflite"]["static_latency_ms"]["mean"] > 0 and gating["tflite"]["latency_ms"]["mean"] > 0
+    assert all(entry["max_abs_diff"] <= 1e-4 for entry in report["artifacts"])
+    assert "## Dynamic gating" in (out / "report.md").read_text()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["gating"]["blocks"] == ["add"] and set(plan["gating"]["gates"]) == {"add_gate"}
+
+    # Gates trained alone replay from the plan's weights, exactly, without training data.
+    replay = _compress(workdir, tmp_path / "replay", "--plan", out / "plan.json")
+    assert replay.exit_code in (0, 2), replay.output
+    x = np.load(workdir / "test.npz")["x"]
+    first, again = (keras.models.load_model(folder / "model.keras") for folder in (out, tmp_path / "replay"))
+    np.testing.assert_allclose(again.predict(x, verbose=0), first.predict(x, verbose=0), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, model, message",
+    [
+        (["--techniques", "gating"], "model.keras", "--techniques gating trains the gates: pass --train-data"),
+        (["--techniques", "gating", "--train-data", "train.npz", "--gating-target", "1.5"], "model.keras", "Invalid gating target"),
+        (["--techniques", "gating", "--train-data", "train.npz"], "plain.keras", "has no residual block"),
+        (["--techniques", "gating", "--train-data", "train.npz", "--quantize", "dynamic"], "model.keras", "pass --export tflite,keras"),
+    ],
+)
+def test_bad_gating_options_give_one_clear_line(workdir, tmp_path, args, model, message):
+    args = [str(workdir / arg) if arg.endswith(".npz") else arg for arg in args]
+    result = _compress(workdir, tmp_path / "bad", "--method", "fixed_loss", "--max-acc-loss", "0.1", *args, model=model)
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
