@@ -89,3 +89,18 @@ def test_bad_gating_options_give_one_clear_line(workdir, tmp_path, args, model, 
     result = _compress(workdir, tmp_path / "bad", "--method", "fixed_loss", "--max-acc-loss", "0.1", *args, model=model)
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_gates_trained_with_the_network_replay_by_training_again(workdir, tmp_path):
+    out = tmp_path / "net"
+    args = ("--method", "fixed_params", "--compression-factor", "0.9", "--techniques", "gating", "--gating-epochs", "1")
+    result = _compress(workdir, out, *args, "--train-data", workdir / "train.npz", "--export", "tflite")
+    assert result.exit_code == 2, result.output  # gates add parameters: a params budget is not met by gating alone
+    report = json.loads(result.stdout)
+    # A cost budget leaves the gates without an accuracy floor: one training, kept.
+    assert report["gating"]["network"] is True and len(report["gating"]["attempts"]) == 1
+    missing = _compress(workdir, tmp_path / "re", "--plan", out / "plan.json", "--export", "tflite")
+    assert missing.exit_code == 1 and "pass --train-data to replay them" in missing.output
+    again = _compress(workdir, tmp_path / "re2", "--plan", out / "plan.json", "--export", "tflite", "--train-data", workdir / "train.npz")
+    assert again.exit_code in (0, 2), again.output
+    assert json.loads(again.stdout)["gating"]["applied"] is True
