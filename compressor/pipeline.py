@@ -174,8 +174,7 @@ def _gating_entry(options: CompressOptions, outcome: _Outcome, data: Optional[Da
     trained = outcome.gating
     attempts = trained.attempts if trained is not None else []
     if record is None:
-        return {"applied": False, "target": options.gating_target, "attempts": attempts,
-                "reason": "no gate training kept the accuracy within the budget on the search data"}
+        return {"applied": False, "target": options.gating_target, "attempts": attempts, "reason": trained.reason}
     from compressor.graph.cost import model_cost
     from compressor.search.gating import block_flops, gating_statistics
     from compressor.techniques.gating import find_residual_blocks
@@ -272,13 +271,12 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
     gating = "gating" in options.techniques
     if gating:
         _check_gateable(model)  # before minutes of static search, not after
-    static_budget = _static_budget(budget, options)
     working, channels = model, None
     if "channels" in options.techniques:
-        channels = _search_channels(options, model, static_budget, search_data, train_data, layer_techniques, log, progress)
+        channels = _search_channels(options, model, budget, search_data, train_data, layer_techniques, log, progress)
         working = channels.model
     search, statistics, compressed = None, None, working
-    remaining = _remaining_budget(static_budget, model, working, channels) if layer_techniques else None
+    remaining = _remaining_budget(budget, model, working, channels) if layer_techniques else None
     if remaining is not None:
         with _layer_statistics(options, working, search_data, train_data, log) as statistics:
             search = _search(options, working, remaining, search_data, progress, layer_techniques)
@@ -300,16 +298,12 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
         statistics=statistics,
         gating=_gating_record(gated),
     )
-    return _Outcome(plan, compressed, working, search, channels, tuning, static if gating else None, gated)
+    applied = gated is not None and gated.model is not None
+    return _Outcome(plan, compressed, working, search, channels, tuning, static if applied else None, gated)
 
 
 STAGE_TECHNIQUES = ("channels", "gating")
 """Techniques that are stages of their own, not per-layer edits."""
-
-STATIC_SHARE = 0.75
-"""Under an accuracy budget with gating, the static stages may spend this share of it; gating gets the rest
-(and whatever the static stages left), training the network along with the gates, which recovers some."""
-
 
 def _check_gateable(model: Any) -> None:
     from compressor.techniques.gating import find_residual_blocks
@@ -320,23 +314,15 @@ def _check_gateable(model: Any) -> None:
         )
 
 
-def _static_budget(budget: Any, options: CompressOptions) -> Any:
-    """The budget of the static stages: all of it, or a share when gating must fit in it too."""
-    from compressor.search.budgets import Budget
-
-    static = set(options.techniques) - {"gating"}
-    if budget is None or "gating" not in options.techniques or not static or budget.kind != "accuracy_drop":
-        return budget
-    return Budget.accuracy_drop(budget.limit * STATIC_SHARE)
-
-
 def _gate(options: CompressOptions, model: Any, static: Any, budget: Any, search_data: Optional[Dataset],
           train_data: Optional[Dataset], log: Log, progress: Progress) -> Any:
     """Gate the residual blocks of the statically compressed model and train the gates.
 
-    Under an accuracy budget the gated model must stay within it on the search data
-    (with the same margin for held-out noise as the static stages), measured against
-    the original model: whatever the static stages left is gating's to spend.
+    The static stages spend the budget as they would alone; gating comes on top. Under
+    an accuracy budget the gated model must stay within it on the search data (with
+    the same margin for held-out noise as the static stages), measured against the
+    original: gating spends what the static stages left, and training the network with
+    the gates (distilling the static model) wins some back.
     """
     from compressor.finetune import accuracy
     from compressor.search.channels import MARGIN
@@ -352,7 +338,7 @@ def _gate(options: CompressOptions, model: Any, static: Any, budget: Any, search
         on_epoch=lambda epoch, epochs: progress("training gates", epoch, epochs),
     )
     if outcome.model is None:
-        log("gating: no training kept the accuracy within the budget; the artifacts are not gated")
+        log(f"gating: not applied, {outcome.reason}")
     outcome.baseline_accuracy = baseline
     return outcome
 

@@ -41,18 +41,27 @@ def _compress(workdir, out, *args, model="model.keras"):
     return runner.invoke(app, command)
 
 
-def test_gating_end_to_end_with_report_static_artifact_and_exact_replay(workdir, tmp_path):
+@pytest.fixture
+def keep_any_gates(monkeypatch):
+    """Keep gates that skip nothing: a tiny model's few training steps barely move them, and
+    these tests are about what a gated run writes (test_gating.py tests that gates learn to skip)."""
+    from compressor.search import gating
+
+    monkeypatch.setattr(gating, "MIN_SAVING", -1.0)
+
+
+def test_gating_end_to_end_with_report_static_artifact_and_exact_replay(workdir, tmp_path, keep_any_gates):
     import keras
 
     out = tmp_path / "gated"
     result = _compress(
         workdir, out, "--method", "fixed_loss", "--max-acc-loss", "0.1", "--techniques", "gating",
-        "--train-data", workdir / "train.npz", "--gating-epochs", "2", "--gates-only",
+        "--train-data", workdir / "train.npz", "--gating-epochs", "3", "--gating-target", "0.1", "--gates-only",
     )
     assert result.exit_code in (0, 2), result.output
     report = json.loads(result.stdout)
     gating = report["gating"]
-    assert gating["applied"] is True and gating["network"] is False and gating["epochs"] == 2
+    assert gating["applied"] is True and gating["network"] is False and gating["epochs"] == 3
     assert [block["name"] for block in gating["blocks"]] == ["add"]
     assert all(0.0 <= block["skip_rate"] <= 1.0 for block in gating["blocks"])
     flops = gating["flops_per_input"]
@@ -91,9 +100,25 @@ def test_bad_gating_options_give_one_clear_line(workdir, tmp_path, args, model, 
     assert message in result.output and "Traceback" not in result.output
 
 
-def test_gates_trained_with_the_network_replay_by_training_again(workdir, tmp_path):
+def test_gates_that_skip_too_little_are_not_kept(workdir, tmp_path):
+    out = tmp_path / "plain"
+    result = _compress(
+        workdir, out, "--method", "fixed_loss", "--max-acc-loss", "0.1", "--techniques", "gating",
+        "--train-data", workdir / "train.npz", "--gating-epochs", "1", "--export", "tflite",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    gating = report["gating"]
+    assert gating["applied"] is False and "too little skipped" in gating["reason"]
+    assert gating["attempts"][0]["compute"] > 0.97
+    assert "expected_flops" not in report["compressed"] and not (out / "static").exists()
+    assert "gating" not in json.loads((out / "plan.json").read_text())
+    assert "Not applied" in (out / "report.md").read_text()
+
+
+def test_gates_trained_with_the_network_replay_by_training_again(workdir, tmp_path, keep_any_gates):
     out = tmp_path / "net"
-    args = ("--method", "fixed_params", "--compression-factor", "0.9", "--techniques", "gating", "--gating-epochs", "1")
+    args = ("--method", "fixed_params", "--compression-factor", "0.9", "--techniques", "gating", "--gating-epochs", "2", "--gating-target", "0.1")
     result = _compress(workdir, out, *args, "--train-data", workdir / "train.npz", "--export", "tflite")
     assert result.exit_code == 2, result.output  # gates add parameters: a params budget is not met by gating alone
     report = json.loads(result.stdout)

@@ -91,6 +91,10 @@ DISTILLATION = 0.5  # weight of the teacher term; the labels' cross-entropy gets
 ATTEMPTS = 3
 """Trainings tried under an accuracy budget: each one that misses aims at more compute."""
 
+MIN_SAVING = 0.03
+"""Gates that skip less than this fraction of the compute are not kept: an open gate costs
+a little (its pooling, and the IF op around the block), so they would save nothing."""
+
 
 @dataclass
 class GatingOutcome:
@@ -103,10 +107,12 @@ class GatingOutcome:
         config: The settings of the training kept (its target may be above the asked one).
         offset: The offset set on every gate after training.
         history: The kept training's history.
-        attempts: Per training: {"target", "offset", "accuracy", "compute", "met"}.
+        attempts: Per training: {"target", "offset", "accuracy" and "met" (on the search data,
+            against the floor), "train_compute" (last epoch), "compute" (measured, when it met)}.
         seconds: Wall-clock time of all trainings.
         accuracy: The kept model's accuracy on the search data (None without a floor).
         baseline_accuracy: The original model's accuracy there, when the caller measured it.
+        reason: Why there is no model, for people.
     """
 
     model: Optional[keras.Model]
@@ -119,6 +125,7 @@ class GatingOutcome:
     seconds: float = 0.0
     accuracy: Optional[float] = None
     baseline_accuracy: Optional[float] = None
+    reason: Optional[str] = None
 
 
 def gate_model(static: keras.Model, train: Dataset, config: GatingConfig, search: Optional[Dataset] = None,
@@ -129,7 +136,8 @@ def gate_model(static: keras.Model, train: Dataset, config: GatingConfig, search
     With `min_accuracy` (and labelled `search` data), the gated model must reach it on
     `search`: a training that misses, even after `fit_offset`, is retried aiming at
     more compute (half-way to 1), up to ATTEMPTS times; if none reaches it the
-    outcome has no model.
+    outcome has no model. Gates that skip less than MIN_SAVING of the compute (on
+    `search`, else on `train`) are not kept either.
 
     Raises:
         CompressorError: No residual block, or training data without labels.
@@ -144,25 +152,39 @@ def gate_model(static: keras.Model, train: Dataset, config: GatingConfig, search
     total = model_cost(static).flops
     outcome = GatingOutcome(None, blocks, flops, config)
     target = config.target
+    outcome.reason = "no gate training kept the accuracy within the budget on the search data"
+    measured = search if search is not None else train
     for _ in range(ATTEMPTS if min_accuracy is not None else 1):
         settings = dataclasses.replace(config, target=target)
         log(f"training gates of {len(blocks)} residual block(s) towards {target:.0%} of the compute")
         gated = insert_gates(static, blocks)
         result = train_gates(gated, static, train, flops, total, settings, on_epoch=on_epoch)
-        attempt = {"target": target, "offset": 0.0, "accuracy": None, "compute": result.history[-1]["compute"], "met": None}
+        attempt = {"target": target, "offset": 0.0, "accuracy": None, "met": None,
+                   "train_compute": result.history[-1]["compute"], "compute": None}
         outcome.attempts.append(attempt)
-        if min_accuracy is None:
-            outcome.model, outcome.config, outcome.history = gated, settings, result.history
+        if min_accuracy is not None:
+            offset, reached = fit_offset(gated, search, min_accuracy)
+            attempt.update(offset=offset, accuracy=reached, met=reached >= min_accuracy)
+            if not attempt["met"]:
+                target = (target + 1.0) / 2
+                continue
+            outcome.offset, outcome.accuracy = offset, reached
+        compute = compute_fraction(gated, measured.x, flops, total)
+        attempt["compute"] = compute
+        if compute > 1.0 - MIN_SAVING:
+            outcome.reason = f"the trained gates run {compute:.1%} of the compute: too little skipped to pay for the gates"
             break
-        offset, reached = fit_offset(gated, search, min_accuracy)
-        attempt.update(offset=offset, accuracy=reached, met=reached >= min_accuracy)
-        if attempt["met"]:
-            outcome.model, outcome.config, outcome.history, outcome.offset = gated, settings, result.history, offset
-            outcome.accuracy = reached
-            break
-        target = (target + 1.0) / 2
+        outcome.model, outcome.config, outcome.history, outcome.reason = gated, settings, result.history, None
+        break
     outcome.seconds = time.perf_counter() - start
     return outcome
+
+
+def compute_fraction(gated: keras.Model, x: np.ndarray, flops: dict[str, int], total: int) -> float:
+    """Mean fraction of the ungated model's FLOPs the gated model runs per input of `x`."""
+    names = [block.name[: -len("_gated")] for _, block in gate_layers(gated)]
+    skipped = (gate_logits(gated, x) <= 0) * np.array([flops[name] for name in names], dtype=np.float64)
+    return float(1.0 - skipped.sum(axis=1).mean() / total)
 
 
 def block_flops(model: keras.Model, blocks: list[ResidualBlock]) -> dict[str, int]:
