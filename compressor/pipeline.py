@@ -174,7 +174,8 @@ def _gating_entry(options: CompressOptions, outcome: _Outcome, data: Optional[Da
     trained = outcome.gating
     attempts = trained.attempts if trained is not None else []
     if record is None:
-        return {"applied": False, "target": options.gating_target, "attempts": attempts, "reason": trained.reason}
+        return {"applied": False, "target": options.gating_target, "attempts": attempts, "reason": trained.reason,
+                "latency_check": trained.latency_check}
     from compressor.graph.cost import model_cost
     from compressor.search.gating import block_flops, gating_statistics
     from compressor.techniques.gating import find_residual_blocks
@@ -190,6 +191,7 @@ def _gating_entry(options: CompressOptions, outcome: _Outcome, data: Optional[Da
         "epochs": record["epochs"],
         "offset": record["offset"],
         "attempts": attempts,
+        "latency_check": trained.latency_check if trained is not None else None,
         "history": list(trained.history) if trained is not None else [],
         "measured_on": data_name,
         "static_flops": static_cost.flops,
@@ -337,10 +339,38 @@ def _gate(options: CompressOptions, model: Any, static: Any, budget: Any, search
         static, train_data, config, search=search_data, min_accuracy=floor, log=log,
         on_epoch=lambda epoch, epochs: progress("training gates", epoch, epochs),
     )
+    if outcome.model is not None:
+        timing = (search_data, "search") if search_data is not None else (train_data, "training")
+        _check_speed(options, static, outcome, *timing, log)
     if outcome.model is None:
         log(f"gating: not applied, {outcome.reason}")
     outcome.baseline_accuracy = baseline
     return outcome
+
+
+def _check_speed(options: CompressOptions, static: Any, outcome: Any, data: Dataset, name: str, log: Log) -> None:
+    """Keep the gates only if the gated TFLite file is faster per input than the static one, measured.
+
+    Timed on the search data (else the training data; never the held-out data the
+    report measures on), converted as `compress` exports them, interleaved; a gated
+    model whose gates cost more than their skipping saves (small blocks, few skips) is
+    dropped here.
+    """
+    from compressor.search.gating import tflite_latency
+
+    log("timing the gated TFLite model against the static one")
+    x = data.x[:LATENCY_SAMPLES]
+    static_ms, gated_ms = tflite_latency(static, outcome.model, x, threads=options.threads, seed=options.seed)
+    outcome.latency_check = {"static_ms": static_ms, "gated_ms": gated_ms, "data": name, "samples": len(x)}
+    if gated_ms >= static_ms:
+        outcome.model = None
+        outcome.reason = (
+            f"the gated TFLite model took {gated_ms:.3f} ms per input on average against {static_ms:.3f} ms "
+            f"without gates ({len(x)} {name} inputs): the gates cost more than they skip"
+        )
+
+
+LATENCY_SAMPLES = 200
 
 
 def _gating_record(gated: Any) -> Optional[dict[str, Any]]:

@@ -304,3 +304,20 @@ def test_fit_offset_opens_gates_until_the_accuracy_floor_is_met():
         gate.bias.assign(np.full(1, -5.0, "float32"))  # every gate shut at offset 0
     offset, reached = fit_offset(gated, data, min_accuracy=1.0)
     assert offset > 5.0 and reached == accuracy(gated, data) == 1.0
+
+
+def test_removing_a_gate_makes_its_block_always_run():
+    from compressor.techniques.gating import remove_gates
+
+    model = tiny_resnet()
+    gated = insert_gates(model)
+    x = _x(model)
+    set_offsets(gated, [-OPEN, -OPEN])
+    fewer = remove_gates(gated, {"b2_add"})
+    assert [block.name for _, block in gate_layers(fewer)] == ["b2_add_gated"]
+    assert "b1_conv1" in {layer.name for layer in fewer.layers}  # back in the outer graph, same weights
+    set_offsets(gated, [OPEN, -OPEN])  # what `fewer` computes: b1 always runs, b2's gate still shut
+    np.testing.assert_array_equal(fewer.predict(x, verbose=0), gated.predict(x, verbose=0))
+    none = remove_gates(gated, set())
+    assert not is_gated(none) and none.count_params() == model.count_params()
+    np.testing.assert_allclose(none.predict(x, verbose=0), model.predict(x, verbose=0), atol=ATOL_KERAS)

@@ -36,7 +36,16 @@ import numpy as np
 
 from compressor.errors import CompressorError
 from compressor.io.data import Dataset
-from compressor.techniques.gating import OPEN, ResidualBlock, SkipGate, find_residual_blocks, gate_layers, insert_gates, set_offsets
+from compressor.techniques.gating import (
+    OPEN,
+    ResidualBlock,
+    SkipGate,
+    find_residual_blocks,
+    gate_layers,
+    insert_gates,
+    remove_gates,
+    set_offsets,
+)
 
 EpochCallback = Callable[[int, int], None]
 
@@ -91,6 +100,10 @@ DISTILLATION = 0.5  # weight of the teacher term; the labels' cross-entropy gets
 ATTEMPTS = 3
 """Trainings tried under an accuracy budget: each one that misses aims at more compute."""
 
+MIN_GATE_SKIP = 0.1
+"""A gate that skips its block for fewer inputs than this is taken out (the block always runs):
+it would cost its pooling and IF op for every input to save little."""
+
 MIN_SAVING = 0.03
 """Gates that skip less than this fraction of the compute are not kept: an open gate costs
 a little (its pooling, and the IF op around the block), so they would save nothing."""
@@ -113,6 +126,7 @@ class GatingOutcome:
         accuracy: The kept model's accuracy on the search data (None without a floor).
         baseline_accuracy: The original model's accuracy there, when the caller measured it.
         reason: Why there is no model, for people.
+        latency_check: The caller's TFLite timing of the static and the gated model, if any.
     """
 
     model: Optional[keras.Model]
@@ -126,6 +140,7 @@ class GatingOutcome:
     accuracy: Optional[float] = None
     baseline_accuracy: Optional[float] = None
     reason: Optional[str] = None
+    latency_check: Optional[dict] = None
 
 
 def gate_model(static: keras.Model, train: Dataset, config: GatingConfig, search: Optional[Dataset] = None,
@@ -169,15 +184,64 @@ def gate_model(static: keras.Model, train: Dataset, config: GatingConfig, search
                 target = (target + 1.0) / 2
                 continue
             outcome.offset, outcome.accuracy = offset, reached
+        gated, blocks_kept = _drop_idle_gates(gated, blocks, measured.x, search, min_accuracy, outcome)
+        attempt["gates_kept"] = len(blocks_kept)
+        if not blocks_kept:
+            outcome.reason = f"no gate skips its block for {MIN_GATE_SKIP:.0%} of the inputs"
+            break
         compute = compute_fraction(gated, measured.x, flops, total)
         attempt["compute"] = compute
         if compute > 1.0 - MIN_SAVING:
             outcome.reason = f"the trained gates run {compute:.1%} of the compute: too little skipped to pay for the gates"
             break
         outcome.model, outcome.config, outcome.history, outcome.reason = gated, settings, result.history, None
+        outcome.blocks = blocks_kept
         break
     outcome.seconds = time.perf_counter() - start
     return outcome
+
+
+def _drop_idle_gates(gated: keras.Model, blocks: list[ResidualBlock], x: np.ndarray, search: Optional[Dataset],
+                     min_accuracy: Optional[float], outcome: GatingOutcome) -> tuple[keras.Model, list[ResidualBlock]]:
+    """Take out the gates that skip for fewer than MIN_GATE_SKIP of `x`, if the accuracy floor still holds.
+
+    Returns:
+        The model and the blocks that keep a gate (none: no gate is worth keeping).
+    """
+    from compressor.finetune import accuracy
+
+    names = [block.name[: -len("_gated")] for _, block in gate_layers(gated)]
+    rates = (gate_logits(gated, x) <= 0).mean(axis=0)
+    keep = {name for name, rate in zip(names, rates) if rate >= MIN_GATE_SKIP}
+    if len(keep) == len(names) or not keep:
+        return gated, [block for block in blocks if block.add in keep]
+    fewer = remove_gates(gated, keep)
+    if min_accuracy is not None:
+        reached = accuracy(fewer, search)
+        if reached < min_accuracy:
+            return gated, blocks  # the idle gates still skip for some inputs that matter
+        outcome.accuracy = reached
+    return fewer, [block for block in blocks if block.add in keep]
+
+
+def tflite_latency(static: keras.Model, gated: keras.Model, x: np.ndarray, runs: int = 200, threads: int = 1,
+                   seed: int = 0) -> tuple[float, float]:
+    """Mean TFLite latency per input (ms) of the static and the gated model, timed interleaved over `x`.
+
+    Both are converted as `compress` exports them, into a temporary folder; each timed
+    call takes the next input of `x`, so the gated model's mean is its expected latency.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from compressor.bench.benchmark import benchmark
+    from compressor.export.writers import export_tflite
+
+    with tempfile.TemporaryDirectory(prefix="compressor-gating-") as folder:
+        paths = [export_tflite(model, Path(folder) / f"{name}.tflite") for name, model in (("static", static), ("gated", gated))]
+        report = benchmark(paths, data=Dataset(x, None, "search data"), runs=runs, warmup=10, threads=threads, seed=seed)
+    static_result, gated_result = report.results
+    return static_result.latency_ms.mean, gated_result.latency_ms.mean
 
 
 def compute_fraction(gated: keras.Model, x: np.ndarray, flops: dict[str, int], total: int) -> float:

@@ -312,6 +312,51 @@ def _gated(block: ResidualBlock, add: _GraphNode, nodes: list[_GraphNode], value
     return GatedResidual(branch, name=f"{block.add}_gated")([x, logit])
 
 
+def remove_gates(gated: keras.Model, keep: set[str]) -> keras.Model:
+    """The gated model without the gates of blocks not in `keep` (Add names): those blocks always run.
+
+    Their branch layers go back into the graph as they are (same layer objects, same
+    weights) and are added to the block input by a plain `Add` named like the original.
+    """
+    from keras.src import tree
+
+    nodes = _nodes(gated)
+    values: dict[int, Any] = {}
+    inputs = []
+    for node in nodes:
+        operation = node.operation
+        if node.is_input:
+            tensor = keras.Input(batch_shape=node.outputs[0].shape, dtype=node.outputs[0].dtype, name=operation.name)
+            inputs.append(tensor)
+            values[id(node.outputs[0])] = tensor
+            continue
+        if isinstance(operation, SkipGate) and operation.name[: -len("_gate")] not in keep:
+            continue  # its logit feeds only its block, which is rebuilt without it
+        if isinstance(operation, GatedResidual) and operation.name[: -len("_gated")] not in keep:
+            outputs = [_ungated(operation, values[id(node.inputs[0])])]
+        else:
+            args, kwargs = node.node.arguments.fill_in(values)
+            outputs = tree.flatten(operation(*args, **kwargs))
+        values.update(zip(map(id, node.outputs), outputs))
+    graph_outputs = [values[id(t)] for t in gated.outputs]
+    return keras.Model(_one_or_list(inputs), _one_or_list(graph_outputs), name=gated.name)
+
+
+def _ungated(block: GatedResidual, x: Any) -> Any:
+    """`x + branch(x)` with the branch's layers called in the outer graph."""
+    from keras.src import tree
+
+    nodes = _nodes(block.branch)
+    inner: dict[int, Any] = {}
+    for node in nodes:
+        if node.is_input:
+            inner[id(node.outputs[0])] = x
+            continue
+        args, kwargs = node.node.arguments.fill_in(inner)
+        inner.update(zip(map(id, node.outputs), tree.flatten(node.operation(*args, **kwargs))))
+    return keras.layers.Add(name=block.name[: -len("_gated")])([x, inner[id(block.branch.outputs[0])]])
+
+
 def gate_layers(model: keras.Model) -> list[tuple[SkipGate, GatedResidual]]:
     """(gate, gated block) pairs of a gated model, in graph order."""
     gates = {layer.name: layer for layer in model.layers if isinstance(layer, SkipGate)}
