@@ -315,6 +315,10 @@ def test_removing_a_gate_makes_its_block_always_run():
     set_offsets(gated, [-OPEN, -OPEN])
     fewer = remove_gates(gated, {"b2_add"})
     assert [block.name for _, block in gate_layers(fewer)] == ["b2_add_gated"]
+    from compressor.search.gating import gate_logits
+
+    # Its kept gate has been called in two graphs: its logits come from this one.
+    assert gate_logits(fewer, x).shape == (len(x), 1) and (gate_logits(fewer, x) < 0).all()
     assert "b1_conv1" in {layer.name for layer in fewer.layers}  # back in the outer graph, same weights
     set_offsets(gated, [OPEN, -OPEN])  # what `fewer` computes: b1 always runs, b2's gate still shut
     np.testing.assert_array_equal(fewer.predict(x, verbose=0), gated.predict(x, verbose=0))

@@ -42,6 +42,7 @@ from compressor.techniques.gating import (
     SkipGate,
     find_residual_blocks,
     gate_layers,
+    gate_tensors,
     insert_gates,
     remove_gates,
     set_offsets,
@@ -290,7 +291,7 @@ def train_gates(gated: keras.Model, teacher: keras.Model, train: Dataset, flops:
     classes = int(gated.outputs[0].shape[-1])
     soft = _teacher_logits(teacher, None, train, classes)
     probabilities = _student_outputs_probabilities(gated, train.x)
-    both = keras.Model(gated.inputs, [gated.outputs[0], *[gate.output for gate, _ in pairs]])
+    both = keras.Model(gated.inputs, [gated.outputs[0], *[logit for _, logit in gate_tensors(gated)]])
     share = tf.constant([flops[block.name[: -len("_gated")]] / total_flops for _, block in pairs], tf.float32)
     gate_vars = [v for gate, _ in pairs for v in gate.trainable_variables]
     gate_ids = {id(v) for v in gate_vars}
@@ -376,7 +377,7 @@ def fit_offset(gated: keras.Model, data: Dataset, min_accuracy: float, fractions
 def standardize_gates(gated: keras.Model, x: np.ndarray) -> None:
     """Give each gate the mean and scale of its pooled input features over `x`."""
     pairs = gate_layers(gated)
-    probe = keras.Model(gated.inputs, [SkipGate.pooled(gate.input) for gate, _ in pairs])
+    probe = keras.Model(gated.inputs, [SkipGate.pooled(x) for x, _ in gate_tensors(gated)])
     pooled = probe.predict(x, batch_size=256, verbose=0)
     for (gate, _), features in zip(pairs, [pooled] if len(pairs) == 1 else pooled):
         gate.standardize(np.asarray(features))
@@ -385,7 +386,7 @@ def standardize_gates(gated: keras.Model, x: np.ndarray) -> None:
 def gate_logits(gated: keras.Model, x: np.ndarray) -> np.ndarray:
     """Each gate's logit (offset included) per input: (samples, gated blocks), graph order; > 0 runs the block."""
     pairs = gate_layers(gated)
-    probe = keras.Model(gated.inputs, [gate.output for gate, _ in pairs])
+    probe = keras.Model(gated.inputs, [logit for _, logit in gate_tensors(gated)])
     logits = probe.predict(x, batch_size=256, verbose=0)
     logits = [logits] if len(pairs) == 1 else logits
     return np.concatenate([np.asarray(l).reshape(len(x), 1) for l in logits], axis=1)

@@ -367,6 +367,16 @@ def gate_layers(model: keras.Model) -> list[tuple[SkipGate, GatedResidual]]:
     return pairs
 
 
+def gate_tensors(model: keras.Model) -> list[tuple[Any, Any]]:
+    """(input, logit) tensors of each gate in `model`'s own graph, in `gate_layers` order.
+
+    Not `gate.input`/`gate.output`: a gate kept by `remove_gates` has been called in two
+    graphs, and those attributes name the first one's tensors.
+    """
+    found = {node.operation.name: (node.inputs[0], node.outputs[0]) for node in _nodes(model) if isinstance(node.operation, SkipGate)}
+    return [found[gate.name] for gate, _ in gate_layers(model)]
+
+
 def set_offsets(model: keras.Model, offset: float | list[float]) -> None:
     """Set every gate's offset (one value, or one per gate): +OPEN forces open, -OPEN shut."""
     pairs = gate_layers(model)
