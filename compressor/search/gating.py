@@ -37,12 +37,12 @@ import numpy as np
 from compressor.errors import CompressorError
 from compressor.io.data import Dataset
 from compressor.techniques.gating import (
-    OPEN,
     ResidualBlock,
     SkipGate,
     find_residual_blocks,
     gate_layers,
     gate_tensors,
+    gated_blocks,
     insert_gates,
     remove_gates,
     set_offsets,
@@ -211,7 +211,7 @@ def _drop_idle_gates(gated: keras.Model, blocks: list[ResidualBlock], x: np.ndar
     """
     from compressor.finetune import accuracy
 
-    names = [block.name[: -len("_gated")] for _, block in gate_layers(gated)]
+    names = gated_blocks(gated)
     rates = (gate_logits(gated, x) <= 0).mean(axis=0)
     keep = {name for name, rate in zip(names, rates) if rate >= MIN_GATE_SKIP}
     if len(keep) == len(names) or not keep:
@@ -247,7 +247,7 @@ def tflite_latency(static: keras.Model, gated: keras.Model, x: np.ndarray, runs:
 
 def compute_fraction(gated: keras.Model, x: np.ndarray, flops: dict[str, int], total: int) -> float:
     """Mean fraction of the ungated model's FLOPs the gated model runs per input of `x`."""
-    names = [block.name[: -len("_gated")] for _, block in gate_layers(gated)]
+    names = gated_blocks(gated)
     skipped = (gate_logits(gated, x) <= 0) * np.array([flops[name] for name in names], dtype=np.float64)
     return float(1.0 - skipped.sum(axis=1).mean() / total)
 
@@ -292,7 +292,7 @@ def train_gates(gated: keras.Model, teacher: keras.Model, train: Dataset, flops:
     soft = _teacher_logits(teacher, None, train, classes)
     probabilities = _student_outputs_probabilities(gated, train.x)
     both = keras.Model(gated.inputs, [gated.outputs[0], *[logit for _, logit in gate_tensors(gated)]])
-    share = tf.constant([flops[block.name[: -len("_gated")]] / total_flops for _, block in pairs], tf.float32)
+    share = tf.constant([flops[name] / total_flops for name in gated_blocks(gated)], tf.float32)
     gate_vars = [v for gate, _ in pairs for v in gate.trainable_variables]
     gate_ids = {id(v) for v in gate_vars}
     net_vars = [v for v in gated.trainable_variables if id(v) not in gate_ids] if config.network else []
@@ -377,7 +377,7 @@ def fit_offset(gated: keras.Model, data: Dataset, min_accuracy: float, fractions
 def standardize_gates(gated: keras.Model, x: np.ndarray) -> None:
     """Give each gate the mean and scale of its pooled input features over `x`."""
     pairs = gate_layers(gated)
-    probe = keras.Model(gated.inputs, [SkipGate.pooled(x) for x, _ in gate_tensors(gated)])
+    probe = keras.Model(gated.inputs, [SkipGate.pooled(gate_input) for gate_input, _ in gate_tensors(gated)])
     pooled = probe.predict(x, batch_size=256, verbose=0)
     for (gate, _), features in zip(pairs, [pooled] if len(pairs) == 1 else pooled):
         gate.standardize(np.asarray(features))
@@ -405,7 +405,7 @@ def gating_statistics(gated: keras.Model, x: np.ndarray, flops: dict[str, int], 
         {"samples", "flops_per_input": {"mean", "min", "p10", "median", "p90", "max",
         "histogram": {"edges", "counts"}}, "blocks": [{"name", "flops", "skip_rate"}]}.
     """
-    names = [block.name[: -len("_gated")] for _, block in gate_layers(gated)]
+    names = gated_blocks(gated)
     runs = gate_logits(gated, x) > 0
     saved = np.array([flops[name] for name in names], dtype=np.float64)
     per_input = gated_total - ((~runs) * saved).sum(axis=1)
@@ -426,11 +426,6 @@ def gating_statistics(gated: keras.Model, x: np.ndarray, flops: dict[str, int], 
             for i, (name, f) in enumerate(zip(names, saved))
         ],
     }
-
-
-def force(gated: keras.Model, open_: bool) -> None:
-    """Force every gate open (True) or shut (False)."""
-    set_offsets(gated, OPEN if open_ else -OPEN)
 
 
 def gating_record(outcome: GatingOutcome) -> dict[str, Any]:

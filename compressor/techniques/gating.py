@@ -99,6 +99,11 @@ class GatedResidual(keras.layers.Layer):
         self.branch = branch
 
     @property
+    def block_name(self) -> str:
+        """The name of the Add this block replaced (`<add>_gated` without the suffix)."""
+        return self.name.removesuffix("_gated")
+
+    @property
     def gated_branch(self) -> keras.Model:
         """The branch model (cost analysis walks into it)."""
         return self.branch
@@ -330,9 +335,9 @@ def remove_gates(gated: keras.Model, keep: set[str]) -> keras.Model:
             inputs.append(tensor)
             values[id(node.outputs[0])] = tensor
             continue
-        if isinstance(operation, SkipGate) and operation.name[: -len("_gate")] not in keep:
+        if isinstance(operation, SkipGate) and operation.name.removesuffix("_gate") not in keep:
             continue  # its logit feeds only its block, which is rebuilt without it
-        if isinstance(operation, GatedResidual) and operation.name[: -len("_gated")] not in keep:
+        if isinstance(operation, GatedResidual) and operation.block_name not in keep:
             outputs = [_ungated(operation, values[id(node.inputs[0])])]
         else:
             args, kwargs = node.node.arguments.fill_in(values)
@@ -354,7 +359,12 @@ def _ungated(block: GatedResidual, x: Any) -> Any:
             continue
         args, kwargs = node.node.arguments.fill_in(inner)
         inner.update(zip(map(id, node.outputs), tree.flatten(node.operation(*args, **kwargs))))
-    return keras.layers.Add(name=block.name[: -len("_gated")])([x, inner[id(block.branch.outputs[0])]])
+    return keras.layers.Add(name=block.block_name)([x, inner[id(block.branch.outputs[0])]])
+
+
+def gated_blocks(model: keras.Model) -> list[str]:
+    """The Add names of a gated model's gated blocks, in graph order."""
+    return [block.block_name for _, block in gate_layers(model)]
 
 
 def gate_layers(model: keras.Model) -> list[tuple[SkipGate, GatedResidual]]:
@@ -363,7 +373,7 @@ def gate_layers(model: keras.Model) -> list[tuple[SkipGate, GatedResidual]]:
     pairs = []
     for layer in model.layers:
         if isinstance(layer, GatedResidual):
-            pairs.append((gates[layer.name[: -len("_gated")] + "_gate"], layer))
+            pairs.append((gates[layer.block_name + "_gate"], layer))
     return pairs
 
 
