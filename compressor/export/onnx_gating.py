@@ -67,11 +67,9 @@ def convert_gated(model: keras.Model, opset: int = 17) -> "onnx.ModelProto":
         ExportError: The model is not gated, the opset is out of range, or tf2onnx
             fails on a node or drops a gate's `If`.
     """
-    import onnx
     import tensorflow as tf
-    import tf2onnx
 
-    from compressor.export.writers import ONNX_INPUT_NAME, ONNX_OUTPUT_NAME, _frozen_graph, single_input_shape
+    from compressor.export.writers import ONNX_INPUT_NAME, single_input_shape, tf2onnx_model
 
     gates = len(gate_layers(model))
     if not gates:
@@ -82,15 +80,7 @@ def convert_gated(model: keras.Model, opset: int = 17) -> "onnx.ModelProto":
     spec = [tf.TensorSpec((1, *shape[1:]), model.inputs[0].dtype, name=ONNX_INPUT_NAME)]
     try:
         with _tf2onnx_errors() as errors:
-            graph_def, input_name, output_name = _frozen_graph(model, spec)
-            proto, _ = tf2onnx.convert.from_graph_def(
-                fill_branch_shapes(graph_def),
-                name=model.name,
-                input_names=[input_name],
-                output_names=[output_name],
-                opset=opset,
-                tensors_to_rename={input_name: ONNX_INPUT_NAME, output_name: ONNX_OUTPUT_NAME},
-            )
+            proto = tf2onnx_model(model, spec, opset, prepare=fill_branch_shapes)
     except Exception as exc:
         raise ExportError(f"ONNX conversion failed: {first_line(exc)}") from exc
     if errors:

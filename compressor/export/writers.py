@@ -14,7 +14,7 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import keras
 
@@ -120,22 +120,32 @@ def export_onnx(model: keras.Model, path: Path | str, opset: int = DEFAULT_OPSET
 def _convert(model: keras.Model, shape: tuple, opset: int) -> object:
     """tf2onnx's model from a frozen trace with a dynamic batch axis."""
     import tensorflow as tf
-    import tf2onnx
 
     spec = [tf.TensorSpec((None, *shape[1:]), model.inputs[0].dtype, name=ONNX_INPUT_NAME)]
     try:
         with _quiet():
-            graph_def, input_name, output_name = _frozen_graph(model, spec)
-            proto, _ = tf2onnx.convert.from_graph_def(
-                graph_def,
-                name=model.name,
-                input_names=[input_name],
-                output_names=[output_name],
-                opset=opset,
-                tensors_to_rename={input_name: ONNX_INPUT_NAME, output_name: ONNX_OUTPUT_NAME},
-            )
+            return tf2onnx_model(model, spec, opset)
     except Exception as exc:
         raise ExportError(f"ONNX conversion failed: {first_line(exc)}") from exc
+
+
+def tf2onnx_model(model: keras.Model, spec: list, opset: int, prepare: Callable[[object], object] = lambda graph: graph) -> object:
+    """tf2onnx's ONNX model of a frozen trace for `spec`, input "input" and output "output".
+
+    Args:
+        prepare: Applied to the frozen GraphDef before conversion.
+    """
+    import tf2onnx
+
+    graph_def, input_name, output_name = _frozen_graph(model, spec)
+    proto, _ = tf2onnx.convert.from_graph_def(
+        prepare(graph_def),
+        name=model.name,
+        input_names=[input_name],
+        output_names=[output_name],
+        opset=opset,
+        tensors_to_rename={input_name: ONNX_INPUT_NAME, output_name: ONNX_OUTPUT_NAME},
+    )
     return proto
 
 
