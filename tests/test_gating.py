@@ -23,17 +23,10 @@ from compressor.techniques.gating import (
     is_gated,
     set_offsets,
 )
-from conftest import build_residual, build_sequential
+from conftest import _keras, build_residual, build_sequential
 
 ATOL_KERAS = 1e-5
 ATOL_ARTIFACT = 1e-4
-
-
-def _keras():
-    import keras
-
-    keras.utils.set_random_seed(0)
-    return keras
 
 
 def tiny_resnet():

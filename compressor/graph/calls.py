@@ -44,6 +44,7 @@ class _Node:
     outputs: tuple[Any, ...]
     is_input: bool
     infer: Callable[[dict], list]  # output specs for other input specs (id -> spec)
+    call: Callable[[dict], list]  # calls the operation again on other tensors (id -> tensor): its outputs
 
 
 @dataclass(frozen=True)
@@ -156,9 +157,28 @@ def _graph(model: Any) -> Optional[_Graph]:
                     outputs=tuple(node.outputs),
                     is_input=node.is_input,
                     infer=_inferrer(node, tree),
+                    call=_caller(node, tree),
                 )
             )
     return _Graph(tuple(model.inputs), tuple(model.outputs), tuple(nodes))
+
+
+def graph_nodes(model: Any) -> Optional[list[_Node]]:
+    """The nodes of a Functional or built Sequential model in topological order; None for others.
+
+    Each node's `call(values)` calls its operation again on the tensors `values` maps
+    its recorded inputs to (by id): how a graph is rebuilt with some nodes replaced.
+    """
+    graph = _graph(model)
+    return None if graph is None else list(graph.nodes)
+
+
+def _caller(node: Any, tree: Any) -> Callable[[dict], list]:
+    def call(values: dict) -> list:
+        args, kwargs = node.arguments.fill_in(values)
+        return tree.flatten(node.operation(*args, **kwargs))
+
+    return call
 
 
 def _inferrer(node: Any, tree: Any) -> Callable[[dict], list]:

@@ -164,6 +164,7 @@ def find_residual_blocks(model: keras.Model) -> list[ResidualBlock]:
         CompressorError: The model has no layer graph.
     """
     nodes = _nodes(model)
+    position = {id(node): i for i, node in enumerate(nodes)}
     producer = {id(t): node for node in nodes for t in node.outputs}
     consumers: dict[int, list[Any]] = {}
     for node in nodes:
@@ -180,7 +181,7 @@ def find_residual_blocks(model: keras.Model) -> list[ResidualBlock]:
         if tuple(a.shape) != tuple(b.shape):
             continue
         for shortcut, (x, y) in enumerate(((a, b), (b, a))):
-            branch = _branch(x, y, producer, consumers, node, calls)
+            branch = _branch(x, y, producer, consumers, node, calls, position)
             if branch:
                 names = tuple(n.operation.name for n in branch)
                 blocks.append(ResidualBlock(node.operation.name, producer[id(x)].operation.name, names, shortcut))
@@ -188,7 +189,7 @@ def find_residual_blocks(model: keras.Model) -> list[ResidualBlock]:
     return blocks
 
 
-def _branch(x: Any, y: Any, producer: dict, consumers: dict, add: Any, calls: dict) -> list[Any]:
+def _branch(x: Any, y: Any, producer: dict, consumers: dict, add: Any, calls: dict, position: dict) -> list[Any]:
     """The nodes between `x` and `y` (topological order) when they form a self-contained branch, else []."""
     inside: dict[int, Any] = {}
     stack = [y]
@@ -215,38 +216,21 @@ def _branch(x: Any, y: Any, producer: dict, consumers: dict, add: Any, calls: di
                     return []
             elif any(id(user) not in inside for user in users):
                 return []
-    return sorted(inside.values(), key=lambda node: node.position)
+    return sorted(inside.values(), key=lambda node: position[id(node)])
 
 
-@dataclass(frozen=True)
-class _GraphNode:
-    operation: Any
-    inputs: tuple[Any, ...]
-    outputs: tuple[Any, ...]
-    is_input: bool
-    position: int
-    node: Any  # the Keras node, to replay its call
+def _nodes(model: keras.Model) -> list[Any]:
+    """The model's graph nodes in topological order (`compressor.graph.calls.graph_nodes`).
 
-
-def _nodes(model: keras.Model) -> list[_GraphNode]:
-    """Nodes of a Functional or built Sequential model in topological order.
-
-    Private Keras API (keras 3.x), as in `compressor.graph.calls`: `Sequential._functional`,
-    `Function._nodes_by_depth`, `Node.arguments`, `Node.is_input`.
+    Raises:
+        CompressorError: The model has no layer graph.
     """
-    from keras.src.models.functional import Functional
+    from compressor.graph.calls import graph_nodes
 
-    graph = getattr(model, "_functional", None) if isinstance(model, keras.Sequential) else model
-    if not isinstance(graph, Functional):
+    nodes = graph_nodes(model)
+    if nodes is None:
         raise CompressorError(f"model '{model.name}' has no layer graph: gating needs a Functional or Sequential model")
-    order = {id(op): i for i, op in enumerate(graph.operations)}
-    found = []
-    for depth in sorted(graph._nodes_by_depth, reverse=True):
-        for node in sorted(graph._nodes_by_depth[depth], key=lambda n: order.get(id(n.operation), -1)):
-            if node.operation is None:
-                continue
-            found.append(_GraphNode(node.operation, tuple(node.input_tensors), tuple(node.outputs), node.is_input, len(found), node))
-    return found
+    return nodes
 
 
 def insert_gates(model: keras.Model, blocks: Optional[list[ResidualBlock]] = None) -> keras.Model:
@@ -264,8 +248,6 @@ def insert_gates(model: keras.Model, blocks: Optional[list[ResidualBlock]] = Non
     Raises:
         CompressorError: The model has no layer graph or no residual block.
     """
-    from keras.src import tree
-
     blocks = find_residual_blocks(model) if blocks is None else blocks
     if not blocks:
         raise CompressorError(f"model '{model.name}' has no residual block (a branch added back to its own input) to gate")
@@ -289,8 +271,7 @@ def insert_gates(model: keras.Model, blocks: Optional[list[ResidualBlock]] = Non
         if block is not None:
             outputs = [_gated(block, node, nodes, values)]
         else:
-            args, kwargs = node.node.arguments.fill_in(values)
-            outputs = tree.flatten(node.operation(*args, **kwargs))
+            outputs = node.call(values)
         values.update(zip(map(id, node.outputs), outputs))
     graph_outputs = [values[id(t)] for t in copy.outputs]
     # One input or output as a tensor, not a list: Keras warns when a list-input model is called on a tensor.
@@ -302,16 +283,13 @@ def _one_or_list(tensors: list[Any]) -> Any:
 
 
 def _gated(block: ResidualBlock, add: _GraphNode, nodes: list[_GraphNode], values: dict[int, Any]) -> Any:
-    from keras.src import tree
-
     members = [node for node in nodes if node.operation.name in set(block.layers)]
     x_old, y_old = add.inputs[block.shortcut], add.inputs[1 - block.shortcut]
     x = values[id(x_old)]
     branch_input = keras.Input(batch_shape=x.shape, dtype=x.dtype, name=f"{block.add}_branch_input")
     inner = {id(x_old): branch_input}
     for node in members:
-        args, kwargs = node.node.arguments.fill_in(inner)
-        inner.update(zip(map(id, node.outputs), tree.flatten(node.operation(*args, **kwargs))))
+        inner.update(zip(map(id, node.outputs), node.call(inner)))
     branch = keras.Model(branch_input, inner[id(y_old)], name=f"{block.add}_branch")
     logit = SkipGate(name=f"{block.add}_gate")(x)
     return GatedResidual(branch, name=f"{block.add}_gated")([x, logit])
@@ -323,8 +301,6 @@ def remove_gates(gated: keras.Model, keep: set[str]) -> keras.Model:
     Their branch layers go back into the graph as they are (same layer objects, same
     weights) and are added to the block input by a plain `Add` named like the original.
     """
-    from keras.src import tree
-
     nodes = _nodes(gated)
     values: dict[int, Any] = {}
     inputs = []
@@ -340,8 +316,7 @@ def remove_gates(gated: keras.Model, keep: set[str]) -> keras.Model:
         if isinstance(operation, GatedResidual) and operation.block_name not in keep:
             outputs = [_ungated(operation, values[id(node.inputs[0])])]
         else:
-            args, kwargs = node.node.arguments.fill_in(values)
-            outputs = tree.flatten(operation(*args, **kwargs))
+            outputs = node.call(values)
         values.update(zip(map(id, node.outputs), outputs))
     graph_outputs = [values[id(t)] for t in gated.outputs]
     return keras.Model(_one_or_list(inputs), _one_or_list(graph_outputs), name=gated.name)
@@ -349,16 +324,13 @@ def remove_gates(gated: keras.Model, keep: set[str]) -> keras.Model:
 
 def _ungated(block: GatedResidual, x: Any) -> Any:
     """`x + branch(x)` with the branch's layers called in the outer graph."""
-    from keras.src import tree
-
     nodes = _nodes(block.branch)
     inner: dict[int, Any] = {}
     for node in nodes:
         if node.is_input:
             inner[id(node.outputs[0])] = x
             continue
-        args, kwargs = node.node.arguments.fill_in(inner)
-        inner.update(zip(map(id, node.outputs), tree.flatten(node.operation(*args, **kwargs))))
+        inner.update(zip(map(id, node.outputs), node.call(inner)))
     return keras.layers.Add(name=block.block_name)([x, inner[id(block.branch.outputs[0])]])
 
 
