@@ -178,6 +178,11 @@ class CompressOptions:
             return SparsitySpec(n / m, "n:m", n=n, m=m)
         return SparsitySpec(1.0, structure, block_size=self.block_size)
 
+    def input_files(self) -> list[Path]:
+        """The files this run reads (model, data files, plan), which its outputs must never replace."""
+        specs = [self.model, self.plan, self.data, self.test_data, self.train_data]
+        return [Path(spec) for spec in specs if spec is not None and Path(spec).exists()]
+
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for f in fields(self):

@@ -23,6 +23,7 @@ import numpy as np
 from compressor.config import CompressOptions
 from compressor.errors import CompressorError
 from compressor.io.data import Dataset
+from compressor.report.schema import SCHEMA
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
@@ -56,9 +57,6 @@ def split_data(data: Dataset, test_fraction: float, seed: int) -> tuple[Dataset,
     return part(~mask, "search split"), part(mask, "held-out split")
 
 
-SCHEMA = 1
-"""Version of report.json's layout; raised only when a key changes meaning or goes away."""
-
 
 def compress(options: CompressOptions, progress: Optional[Progress] = None, log: Optional[Log] = None) -> dict[str, Any]:
     """Run one compression and write its outputs into `options.out`.
@@ -74,10 +72,9 @@ def compress(options: CompressOptions, progress: Optional[Progress] = None, log:
     Raises:
         CompressorError: Bad input, or a failure the user can act on.
     """
-    from compressor.io.outdir import check_output_folder, staged_output
+    from compressor.io.outdir import staged_output
 
-    check_output_folder(options.out, options.overwrite)
-    with staged_output(options.out) as staging:
+    with staged_output(options.out, options.overwrite, options.input_files()) as staging:
         report = _compress(options, staging, progress or (lambda stage, done, total: None), log or (lambda message: None))
     return report
 

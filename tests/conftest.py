@@ -121,3 +121,21 @@ def write_npz(path, model, n=24, seed=0, one_hot=False):
         y = np.eye(model.outputs[0].shape[-1], dtype=np.float32)[y]
     np.savez(path, x=x, y=y)
     return path
+
+
+def tflite_ops(path):
+    """Op names of a .tflite file's main subgraph, then (op names, number of inputs) of every other subgraph."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(path.read_bytes(), 0))
+    names = {value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    codes = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in model.operatorCodes]
+    subgraphs = [([names[codes[op.opcodeIndex]] for op in graph.operators], len(graph.inputs)) for graph in model.subgraphs]
+    return [subgraphs[0][0], *subgraphs[1:]]
+
+
+def onnx_ops(path):
+    """Op types of an .onnx file's main graph."""
+    import onnx
+
+    return [node.op_type for node in onnx.load(str(path)).graph.node]

@@ -159,3 +159,45 @@ def test_a_runtime_only_install_is_told_how_to_get_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     assert "pip install 'compressor[full]'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["compress", "inspect", "export", "example", "bench"])
+def test_ctrl_c_exits_130_in_every_command(command, tmp_path, monkeypatch):
+    """Ctrl-C while TensorFlow loads (or, in bench, while timing) ends in exit 130 and one line."""
+    import importlib
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"PK")  # never read: the interruption comes first
+    if command == "bench":
+        import compressor.bench.benchmark as benchmark
+
+        monkeypatch.setattr(benchmark, "benchmark", interrupt)
+        (tmp_path / "a.tflite").write_bytes(b"x")
+        args = ["bench", tmp_path / "a.tflite"]
+    else:
+        monkeypatch.setattr(importlib.import_module(f"compressor.cli.{command}"), "load_tensorflow", interrupt)
+        args = {
+            "compress": ["compress", model, "--method", "fixed_params", "--compression-factor", "0.5", "--out", tmp_path / "o"],
+            "inspect": ["inspect", model],
+            "export": ["export", model, "--out", tmp_path / "o"],
+            "example": ["example", "digits-resnet20", "--out", tmp_path / "o"],
+        }[command]
+    result, stdout, stderr = _run(*args)
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in stderr and "Traceback" not in result.output
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_ctrl_c_in_the_board_side_benchmark_exits_130(monkeypatch, capsys):
+    import compressor.bench.__main__ as board
+    import compressor.bench.benchmark as benchmark
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark, "benchmark", interrupt)
+    assert board.main(["model.tflite"]) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"

@@ -331,8 +331,10 @@ def test_an_interrupted_run_leaves_the_output_folder_as_it_was(workdir, tmp_path
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if earlier else [])
 
 
-def test_a_failed_run_writes_an_error_report_into_a_fresh_folder(workdir, tmp_path, monkeypatch):
+def test_a_failed_run_writes_an_error_report_that_does_not_block_the_rerun(workdir, tmp_path, monkeypatch):
     import compressor.export.verify as verify
+
+    real = verify.export_and_verify
 
     def broken(*args, **kwargs):
         raise RuntimeError("converter exploded")
@@ -342,7 +344,57 @@ def test_a_failed_run_writes_an_error_report_into_a_fresh_folder(workdir, tmp_pa
     assert result.exit_code == 1 and "converter exploded" in result.stderr
     report = json.loads((tmp_path / "err" / "report.json").read_text())
     assert report == {"schema": 1, "status": "error", "method": "fixed_params", "error": "converter exploded"}
-    assert sorted(p.name for p in (tmp_path / "err").iterdir()) == ["report.json"]
+    assert sorted(p.name for p in (tmp_path / "err").iterdir()) == ["compressor-manifest.json", "report.json"]
+    monkeypatch.setattr(verify, "export_and_verify", real)
+    rerun = _compress(workdir, tmp_path / "err", *FAST_FP)  # the corrected command, without --overwrite
+    assert rerun.exit_code == 0, rerun.output
+    assert _report(rerun)["status"] == "ok" and (tmp_path / "err" / "model.tflite").is_file()
+
+
+def test_ctrl_c_inside_the_converter_is_an_interruption(workdir, tmp_path, monkeypatch):
+    """Native code turns the KeyboardInterrupt of Ctrl-C into another error (pybind11 does)."""
+    import signal
+
+    import tensorflow as tf
+
+    class Converter:
+        def convert(self):
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                raise RuntimeError("pybind11::error_already_set: KeyboardInterrupt") from None
+
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "from_keras_model", staticmethod(lambda model: Converter()))
+    result = _compress(workdir, tmp_path / "out", *FAST_FP)
+    assert result.exit_code == 130 and "interrupted" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()  # no error report in a fresh folder
+
+
+def test_the_input_model_is_never_replaced(workdir, tmp_path):
+    folder = tmp_path / "inplace"
+    folder.mkdir()
+    model = folder / "model.keras"
+    model.write_bytes((workdir / "model.keras").read_bytes())
+    result = runner.invoke(app, ["compress", str(model), "--out", str(folder), "--overwrite", *FAST_FP])
+    assert result.exit_code == 1 and "holds the input model.keras" in result.stderr, result.output
+    assert model.read_bytes() == (workdir / "model.keras").read_bytes()
+    assert sorted(p.name for p in folder.iterdir()) == ["model.keras"]
+
+
+def test_overwrite_leaves_the_users_files_alone(workdir, tmp_path):
+    proj = tmp_path / "proj"
+    for name in ("static/site.css", "plots/fig1.png", "baseline/notes.txt", "index.html"):
+        (proj / name).parent.mkdir(parents=True, exist_ok=True)
+        (proj / name).write_text(f"mine: {name}")
+    assert _compress(workdir, proj, *FAST_FP, "--quantize", "dynamic").exit_code == 0
+    assert _compress(workdir, proj, *FAST_FP, "--overwrite").exit_code == 0
+    for name in ("static/site.css", "plots/fig1.png", "baseline/notes.txt", "index.html"):
+        assert (proj / name).read_text() == f"mine: {name}"
+    assert not (proj / "model.dynamic.tflite").exists()  # the earlier run's own file went
+    (proj / "model.onnx").write_text("mine too")  # a file no run wrote, with a result's name
+    refused = _compress(workdir, proj, *FAST_FP, "--overwrite")
+    assert refused.exit_code == 1 and "no compressor run recorded writing" in refused.stderr
+    assert (proj / "model.onnx").read_text() == "mine too"
 
 
 def test_quiet_prints_nothing_but_keeps_the_exit_code(workdir, tmp_path):

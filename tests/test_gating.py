@@ -23,7 +23,7 @@ from compressor.techniques.gating import (
     is_gated,
     set_offsets,
 )
-from conftest import _keras, build_residual, build_sequential
+from conftest import _keras, build_residual, build_sequential, tflite_ops
 
 ATOL_KERAS = 1e-5
 ATOL_ARTIFACT = 1e-4
@@ -182,7 +182,7 @@ def test_tflite_artifact_skips_for_real_and_agrees_per_input(tmp_path):
     runner = open_artifact(path)
     assert runner.fixed_batch == 1
     np.testing.assert_allclose(runner.predict(x), gated.predict(x, verbose=0), atol=ATOL_ARTIFACT)
-    main, *branches = _tflite_ops(path)
+    main, *branches = tflite_ops(path)
     assert main.count("IF") == 2
     # The blocks' convolutions live in the IF branches (then: 2 each; else: none), not in the main graph
     # (stem, projection and shortcut: 3), and hold their weights as constants (XNNPACK can run them).
@@ -200,7 +200,7 @@ def test_quantized_tflite_of_a_gated_model_keeps_its_if_ops(tmp_path):
     x = _x(gated, n=24, seed=5)
     _mixed_gates(gated, x)
     path = export_tflite_quantized(gated, tmp_path / "gated.int8.tflite", "int8", calibration=x)
-    main, *_ = _tflite_ops(path)
+    main, *_ = tflite_ops(path)
     assert main.count("IF") == 2
     # int8 rounding may flip a gate whose logit is near 0; most inputs keep the float model's answer.
     agreement = np.mean(np.argmax(open_artifact(path).predict(x), -1) == np.argmax(gated.predict(x, verbose=0), -1))
@@ -209,17 +209,6 @@ def test_quantized_tflite_of_a_gated_model_keeps_its_if_ops(tmp_path):
     onnx_path = export_onnx(gated, tmp_path / "gated.onnx")
     with pytest.raises(CompressorError, match="not supported"):
         export_onnx_quantized(onnx_path, tmp_path / "gated.dynamic.onnx", "dynamic")
-
-
-def _tflite_ops(path):
-    """Op names of the main subgraph, then (op names, number of inputs) of every other subgraph."""
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(path.read_bytes(), 0))
-    names = {value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
-    codes = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in model.operatorCodes]
-    subgraphs = [([names[codes[op.opcodeIndex]] for op in graph.operators], len(graph.inputs)) for graph in model.subgraphs]
-    return [subgraphs[0][0], *subgraphs[1:]]
 
 
 def test_onnx_artifact_of_a_trained_gate_agrees_per_input(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from compressor.cli.app import app
-from conftest import build_residual, write_npz
+from compressor.report.schema import report_problems
+from conftest import build_residual, onnx_ops, tflite_ops, write_npz
 
 runner = CliRunner()
 
@@ -63,6 +64,7 @@ def test_gating_end_to_end_with_report_static_artifact_and_exact_replay(workdir,
     )
     assert result.exit_code in (0, 2), result.output
     report = json.loads(result.stdout)
+    assert report_problems(report) == []
     gating = report["gating"]
     assert gating["applied"] is True and gating["network"] is False and gating["epochs"] == 3
     # Names as saved in model.keras (the fixture's Add is auto-named, per test process).
@@ -78,6 +80,10 @@ def test_gating_end_to_end_with_report_static_artifact_and_exact_replay(workdir,
     assert report["compressed"]["expected_flops"] == pytest.approx(flops["mean"])
     # The static model's TFLite artifact was timed in the same run, over the held-out inputs.
     assert (out / "static" / "model.tflite").is_file()
+    # The written files are the gated model: one IF op (If node) per gate; the static artifact has none.
+    assert tflite_ops(out / "model.tflite")[0].count("IF") == len(names)
+    assert onnx_ops(out / "model.onnx").count("If") == len(names)
+    assert tflite_ops(out / "static" / "model.tflite")[0].count("IF") == 0
     assert gating["tflite"]["static_latency_ms"]["mean"] > 0 and gating["tflite"]["latency_ms"]["mean"] > 0
     assert all(entry["max_abs_diff"] <= 1e-4 for entry in report["artifacts"])
     assert "## Dynamic gating" in (out / "report.md").read_text()

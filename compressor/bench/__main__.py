@@ -51,12 +51,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: Command-line arguments (default: `sys.argv[1:]`).
 
     Returns:
-        The exit status: 0 with the report on stdout, 1 with one error line on stderr.
+        The exit status: 0 with the report on stdout, 1 with one error line on stderr,
+        130 when interrupted (Ctrl-C).
     """
     args = build_parser().parse_args(argv)
     try:
         with stdout_to_stderr():
             report = _run(args)
+    except KeyboardInterrupt:
+        return _error("interrupted", code=130)
     except ImportError as exc:
         return _error(_missing_package(exc, sys.executable) or f"cannot import what the benchmark needs: {exc}")
     except CompressorError as exc:
@@ -95,10 +98,10 @@ def _missing_package(exc: Optional[BaseException], python: str) -> Optional[str]
     )
 
 
-def _error(message: str) -> int:
+def _error(message: str, code: int = 1) -> int:
     sys.stderr.write(f"error: {' '.join(message.split())}\n")
     sys.stderr.flush()
-    return 1
+    return code
 
 
 if __name__ == "__main__":

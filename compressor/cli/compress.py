@@ -13,11 +13,13 @@ from typing import Annotated, Any, Optional
 import typer
 
 from compressor.cli.console import (
+    EXIT_INTERRUPTED,
     console,
     err_console,
     fail,
     handle_errors,
     human_bytes,
+    interrupted,
     load_tensorflow,
     print_json,
     stdout_to_stderr,
@@ -26,7 +28,6 @@ from compressor.cli.options import CustomObjectsOpt, ModelArg
 from compressor.errors import CompressorError
 
 EXIT_BUDGET_NOT_MET = 2
-EXIT_INTERRUPTED = 130
 
 
 def _opt(*names: str, help: str, **kwargs: Any) -> Any:
@@ -86,10 +87,10 @@ def compress_command(
         "overwrite": overwrite, "quiet": quiet, "json": json_out,
     }
     options = build_options(model, flags, config)
-    from compressor.io.outdir import check_output_folder, existing_results
+    from compressor.io.outdir import check_output_folder, holds_results
 
-    check_output_folder(options.out, options.overwrite)
-    had_report = "report.json" in existing_results(options.out)
+    check_output_folder(options.out, options.overwrite, [*options.input_files(), *([config] if config else [])])
+    may_report_error = not holds_results(options.out)
     load_tensorflow()
     _validate_names(options)
     from compressor.pipeline import compress
@@ -103,7 +104,9 @@ def compress_command(
     except KeyboardInterrupt:
         raise fail(f"interrupted; {options.out} is as it was before this run", code=EXIT_INTERRUPTED) from None
     except Exception as exc:
-        if not had_report:
+        if interrupted():  # native code turned Ctrl-C into another error: still an interruption
+            raise fail(f"interrupted; {options.out} is as it was before this run", code=EXIT_INTERRUPTED) from None
+        if may_report_error:
             _write_error_report(options, exc)
         raise
     if options.json:
@@ -130,14 +133,20 @@ def _validate_names(options: Any) -> None:
 
 
 def _write_error_report(options: Any, exc: Exception) -> None:
-    """Tell a pipeline that reads report.json what went wrong (only where no earlier report would be lost)."""
-    from compressor.errors import first_line
-    from compressor.pipeline import SCHEMA, write_report
+    """Tell a pipeline that reads report.json what went wrong (only where no earlier results would be lost).
 
+    The folder's manifest records it as an error report, so rerunning the corrected
+    command needs no --overwrite.
+    """
+    import json
+
+    from compressor.errors import first_line
+    from compressor.io.outdir import write_error_report
+    from compressor.report.schema import SCHEMA
+
+    error = {"schema": SCHEMA, "status": "error", "method": options.method, "error": first_line(exc)}
     try:
-        options.out.mkdir(parents=True, exist_ok=True)
-        error = {"schema": SCHEMA, "status": "error", "method": options.method, "error": first_line(exc)}
-        write_report(options.out / "report.json", error)
+        write_error_report(options.out, (json.dumps(error, indent=2) + "\n").encode())
     except (OSError, CompressorError):
         pass
 

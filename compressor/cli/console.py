@@ -8,10 +8,13 @@ command works, `stdout_to_stderr` sends those prints to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import Any, Callable, TypeVar
 
@@ -22,6 +25,8 @@ from compressor.errors import CompressorError
 from compressor.quiet import muted_stderr, stdout_to_stderr  # noqa: F401 - re-exported for the commands
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_INTERRUPTED = 130
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -87,28 +92,74 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+class _Interrupts:
+    """Whether Ctrl-C was pressed while a command ran.
+
+    Native code (the TFLite converter, pybind11) can turn the KeyboardInterrupt that
+    Ctrl-C raises into another exception, which a writer then wraps as an export
+    error. The SIGINT handler records the signal itself, so the command still ends
+    as interrupted (exit 130), whatever exception came out.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    @contextlib.contextmanager
+    def watch(self) -> Any:
+        self.seen = False
+        previous = signal.getsignal(signal.SIGINT)
+        # Only where Python's own handler is in place (not under SIG_IGN, not in a thread).
+        if previous is not signal.default_int_handler or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def record(signum: int, frame: Any) -> None:
+            self.seen = True
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, record)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+interrupts = _Interrupts()
+
+
+def interrupted() -> bool:
+    """True when Ctrl-C was pressed during the running command."""
+    return interrupts.seen
+
+
 def handle_errors(func: F) -> F:
     """Turn library errors into one readable line and a non-zero exit code.
 
-    Unexpected exceptions also end in one line (with a hint); set
-    COMPRESSOR_DEBUG=1 to see the traceback.
+    Ctrl-C ends in exit 130 wherever it lands (see `_Interrupts`). Unexpected
+    exceptions also end in one line (with a hint); set COMPRESSOR_DEBUG=1 to see the
+    traceback.
     """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
-            raise
-        except CompressorError as exc:
-            raise fail(str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - last line of defence for the CLI
-            if os.environ.get("COMPRESSOR_DEBUG"):
-                traceback.print_exc()
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise fail(
-                f"unexpected {type(exc).__name__}: {detail} "
-                "(set COMPRESSOR_DEBUG=1 for the traceback)"
-            ) from None
+        with interrupts.watch():
+            try:
+                return func(*args, **kwargs)
+            except (typer.Exit, typer.Abort):
+                raise
+            except KeyboardInterrupt:
+                raise fail("interrupted", code=EXIT_INTERRUPTED) from None
+            except Exception as exc:  # noqa: BLE001 - last line of defence for the CLI
+                if interrupted():
+                    raise fail("interrupted", code=EXIT_INTERRUPTED) from None
+                if isinstance(exc, CompressorError):
+                    raise fail(str(exc)) from None
+                if os.environ.get("COMPRESSOR_DEBUG"):
+                    traceback.print_exc()
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise fail(
+                    f"unexpected {type(exc).__name__}: {detail} "
+                    "(set COMPRESSOR_DEBUG=1 for the traceback)"
+                ) from None
 
     return wrapper  # type: ignore[return-value]
