@@ -10,7 +10,12 @@ underscores; flags given on the command line win over the file:
     export = ["tflite", "onnx"]
     quantize = "int8"
 
-Every flag has a key (tested); examples/compress.toml lists them all.
+Every flag has a key (tested); examples/compress.toml lists them all, except the two
+opt-ins to running code, which only the command line can give (COMMAND_LINE_ONLY): a
+config file may come from a less trusted place (a pull request, a shared CI folder)
+than the command that uses it, so options from a file that import Python code
+(custom-objects, and data values that are `pkg.module:function` hooks) are refused
+unless `--allow-config-code` is on the command line.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ BUDGET_ON = ("params", "flops")
 CRITERIA = ("magnitude", "snip", "synflow", "fpgm", "hessian")
 # Kept in step with compressor.export.quantize.QUANTIZE_MODES (tested).
 QUANTIZE_MODES = ("none", "dynamic", "float16", "int8")
+COMMAND_LINE_ONLY = ("allow_model_code", "allow_config_code")
+"""Opt-ins to running code: flags only, never keys of a config file."""
+DATA_KEYS = ("data", "test_data", "train_data")
 
 
 class ConfigError(CompressorError):
@@ -69,6 +77,7 @@ class CompressOptions:
     threads: int = 1
     atol: float = 1e-4
     custom_objects: tuple[str, ...] = ()
+    allow_model_code: bool = False
     quantize: str = "none"
     calibration_samples: int = 200
     int8_io: bool = False
@@ -121,7 +130,7 @@ class CompressOptions:
             raise ConfigError(f"Invalid atol. Expected a number >= 0. Received: atol={self.atol}")
         self._check_quantization()
         self._check_gating()
-        for name in ("int8_io", "gating_network", "overwrite", "quiet", "json"):
+        for name in ("int8_io", "gating_network", "overwrite", "quiet", "json", "allow_model_code"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Invalid {name}. Expected true or false. Received: {name}={getattr(self, name)!r}")
 
@@ -237,8 +246,15 @@ def read_toml(path: Path) -> dict[str, Any]:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    known = {f.name for f in fields(CompressOptions)} - {"model"}
+    known = {f.name for f in fields(CompressOptions)} - {"model"} - set(COMMAND_LINE_ONLY)
     values = {key.replace("-", "_"): value for key, value in raw.items()}
+    for key in COMMAND_LINE_ONLY:
+        if key in values:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"{path}: {key.replace('_', '-')} cannot be set in a config file; it allows code to run, "
+                f"so only the command line gives it ({flag})"
+            )
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(
@@ -248,14 +264,27 @@ def read_toml(path: Path) -> dict[str, Any]:
     return values
 
 
-def build_options(model: Path, flags: Mapping[str, Any], config: Optional[Path] = None) -> CompressOptions:
+def build_options(
+    model: Path, flags: Mapping[str, Any], config: Optional[Path] = None, allow_config_code: bool = False
+) -> CompressOptions:
     """Merge the TOML file (if any) with the flags given (None = not given); flags win.
 
+    Args:
+        model: The model path.
+        flags: Option values from the command line; None where a flag was not given.
+        config: A TOML file with the same keys.
+        allow_config_code: Let the file's options import Python code (custom-objects,
+            data hooks); the command line's `--allow-config-code`.
+
     Raises:
-        ConfigError: Invalid or contradictory options.
+        ConfigError: Invalid or contradictory options, or options from the file that
+            would import code without `allow_config_code`.
     """
-    merged: dict[str, Any] = read_toml(config) if config else {}
-    merged.update({key: value for key, value in flags.items() if value is not None})
+    from_file: dict[str, Any] = read_toml(config) if config else {}
+    given = {key: value for key, value in flags.items() if value is not None}
+    if config and not allow_config_code:
+        _refuse_config_code(config, {key: value for key, value in from_file.items() if key not in given})
+    merged = {**from_file, **given}
     if "out" not in merged:
         raise ConfigError("choose an output folder with --out DIR")
     for key in ("techniques", "export"):
@@ -276,3 +305,25 @@ def build_options(model: Path, flags: Mapping[str, Any], config: Optional[Path] 
         return CompressOptions(model=Path(model), **merged)
     except TypeError as exc:
         raise ConfigError(f"invalid option value: {exc}") from exc
+
+
+def _refuse_config_code(config: Path, used: Mapping[str, Any]) -> None:
+    """Refuse the config file's options (those no flag overrides) that would import Python code."""
+    from compressor.io.data import is_hook
+
+    if used.get("custom_objects"):
+        raise ConfigError(
+            f"{config}: custom-objects imports Python modules ({_shown(used['custom_objects'])}); a config file "
+            "runs no code unless --allow-config-code is given on the command line"
+        )
+    for key in DATA_KEYS:
+        value = used.get(key)
+        if value is not None and is_hook(str(value)):
+            raise ConfigError(
+                f"{config}: {key.replace('_', '-')} = {str(value)!r} is a Python hook (it imports code); a config "
+                "file runs no code unless --allow-config-code is given on the command line"
+            )
+
+
+def _shown(value: Any) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)

@@ -79,19 +79,45 @@ def compress(options: CompressOptions, progress: Optional[Progress] = None, log:
     return report
 
 
+def check_inputs(options: CompressOptions) -> None:
+    """Refuse missing or damaged input files before any model work (and before TensorFlow loads).
+
+    Checks the model path (present, of a kind we read, intact), each data option
+    (an existing path or a `pkg.module:function` hook), and the plan to replay.
+
+    Raises:
+        CompressorError: One line naming the input and what is wrong with it.
+    """
+    from compressor.io.model_files import check_model_path
+
+    check_model_path(options.model)
+    _check_data_and_plan(options)
+
+
+def _check_data_and_plan(options: CompressOptions) -> None:
+    from compressor.io.data import check_data_spec
+    from compressor.surgery.plan import Plan
+
+    for key in ("data", "test_data", "train_data"):
+        spec = getattr(options, key)
+        if spec is not None:
+            check_data_spec(spec, "--" + key.replace("_", "-"))
+    if options.plan is not None:
+        Plan.load(options.plan)
+
+
 def _compress(options: CompressOptions, staging: Path, progress: Progress, log: Log) -> dict[str, Any]:
-    from compressor.export.writers import single_input_shape
     from compressor.graph.cost import model_cost, stored_params
-    from compressor.io.data import load_data
     from compressor.io.models import load_model
     from compressor.surgery.plan import Plan
 
     started = time.perf_counter()
+    _check_data_and_plan(options)  # before the model loads; load_model checks the model file
     log(f"loading {options.model}")
-    model = load_model(options.model, options.custom_objects)
-    sample_shape = single_input_shape(model)[1:]
-    search_data, held_out = _datasets(options, sample_shape, load_data)
-    train_data = load_data(options.train_data, input_shape=sample_shape) if options.train_data else None
+    model = load_model(options.model, options.custom_objects, allow_model_code=options.allow_model_code)
+    load = _data_loader(model)
+    search_data, held_out = _datasets(options, load)
+    train_data = load(options.train_data) if options.train_data else None
     budget = options.budget()
     base_cost = model_cost(model)
 
@@ -586,12 +612,34 @@ def write_report(path: Path, report: dict[str, Any]) -> Path:
     return write_bytes_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
 
 
-def _datasets(options: CompressOptions, shape: tuple, load_data: Callable) -> tuple[Optional[Dataset], Optional[Dataset]]:
-    data = load_data(options.data, input_shape=shape) if options.data else None
+def _data_loader(model: Any) -> Callable[[str], Dataset]:
+    """Load a data spec checked against the model: samples of its input shape, labels among its classes.
+
+    Labels are checked here, right after the model loads, so that a label the model
+    cannot predict stops the run before the search rather than at the timing step.
+    """
+    from compressor.export.writers import single_input_shape
+    from compressor.io.data import check_labels, load_data
+
+    shape = single_input_shape(model)[1:]
+    outputs = model.outputs
+    classes = outputs[0].shape[-1] if len(outputs) == 1 and len(outputs[0].shape) >= 2 else None
+
+    def load(spec: str) -> Dataset:
+        data = load_data(spec, input_shape=shape)
+        if classes is not None:
+            check_labels(data, int(classes))
+        return data
+
+    return load
+
+
+def _datasets(options: CompressOptions, load: Callable[[str], Dataset]) -> tuple[Optional[Dataset], Optional[Dataset]]:
+    data = load(options.data) if options.data else None
     if options.method == "fixed_loss" and data is not None and data.y is None:
         raise CompressorError(f"--method fixed_loss needs labels: {data.source} has no 'y'")
     if options.test_data:
-        return data, load_data(options.test_data, input_shape=shape)
+        return data, load(options.test_data)
     if data is None:
         return None, None
     if options.method == "fixed_loss":
@@ -664,7 +712,7 @@ def _export(options: CompressOptions, model: Any, compressed: Any, plan: Any, he
         checks += export_and_verify(
             compressed, out, [fmt], x, atol=options.atol, sparse_tflite=sparse,
             quantize=options.quantize if fmt in RUNTIME_FORMATS else "none", calibration=calibration,
-            int8_io=options.int8_io and fmt == "tflite",
+            int8_io=options.int8_io and fmt == "tflite", allow_model_code=options.allow_model_code,
         )
     for done, fmt in enumerate(runtime, start=len(options.export)):
         progress("exporting artifacts", done, steps)

@@ -425,3 +425,84 @@ def test_int8_artifacts_carry_the_budget(workdir, tmp_path):
     assert counted["baseline_latency_ms"] == names["model.tflite"]["baseline_latency_ms"]
     # (File sizes are not compared here: this model's few weights are outweighed by the
     # quantization parameters; tests/test_quantize.py checks the 4x on a real model.)
+
+
+# --- data refused at load, before any search ---------------------------------------------------
+
+
+@pytest.fixture
+def no_search(monkeypatch):
+    """Fail loudly if a run gets as far as the search: the checks under test come before it."""
+    import compressor.pipeline as pipeline
+
+    def search(*args, **kwargs):
+        raise AssertionError("the search started")
+
+    monkeypatch.setattr(pipeline, "_search_all", search)
+
+
+@pytest.mark.parametrize("option", ["--data", "--test-data", "--train-data"])
+def test_non_finite_data_is_refused_at_load_naming_the_file(workdir, tmp_path, no_search, option):
+    with np.load(workdir / "test.npz") as arrays:
+        x, y = arrays["x"].copy(), arrays["y"]
+    x[17, 3, 4, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=y)
+    given = {"--data": workdir / "val.npz", option: tmp_path / "nan.npz"}
+    result = _compress(workdir, tmp_path / "out", *FAST_FP, *[str(a) for pair in given.items() for a in pair])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error:") and "Traceback" not in result.output
+    assert "nan.npz: x holds nan at sample 17 (index (17, 3, 4, 0)); data must be finite" in " ".join(result.stderr.split())
+
+
+@pytest.mark.parametrize("option", ["--data", "--test-data", "--train-data"])
+def test_labels_beyond_the_models_classes_are_refused_before_the_search(workdir, tmp_path, no_search, option):
+    with np.load(workdir / "test.npz") as arrays:
+        x, y = arrays["x"], arrays["y"].copy()
+    y[5] = 12  # the tiny residual model has 4 classes
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    given = {"--data": workdir / "val.npz", option: tmp_path / "test.npz"}
+    result = _compress(workdir, tmp_path / "out", "--method", "fixed_loss", "--max-acc-loss", "0.1", "--export", "tflite",
+                       *[str(a) for pair in given.items() for a in pair])
+    assert result.exit_code == 1, result.output
+    assert "test.npz: y[5] = 12, but the model has 4 classes (labels must be 0..3)" in " ".join(result.stderr.split())
+
+
+def test_config_code_needs_allow_config_code_on_the_command_line(workdir, tmp_path, monkeypatch):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "ci_data_hook.py").write_text(
+        "import numpy as np\n"
+        f"def load():\n    arrays = np.load({str(workdir / 'test.npz')!r})\n    return arrays['x'], arrays['y']\n"
+    )
+    monkeypatch.syspath_prepend(str(hooks))
+    config = tmp_path / "ci.toml"
+    config.write_text('test-data = "ci_data_hook:load"\n')
+    args = [*FAST_FP, "--data", workdir / "val.npz", "--config", config]
+    refused = _compress(workdir, tmp_path / "out", *args)
+    assert refused.exit_code == 1 and not (tmp_path / "out").exists()
+    assert "ci.toml: test-data = 'ci_data_hook:load' is a Python hook (it imports code)" in refused.stderr
+    assert "--allow-config-code" in refused.stderr
+    allowed = _compress(workdir, tmp_path / "out", *args, "--allow-config-code")
+    assert allowed.exit_code == 0, allowed.output
+    assert _report(allowed)["search"]["held_out_samples"] == 48
+
+
+def test_a_model_with_a_lambda_layer_compresses_only_with_allow_model_code(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
+    x = keras.layers.Lambda(lambda t: t * 0.5)(x)
+    x = keras.layers.Dense(16, activation="relu")(keras.layers.Flatten()(x))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    model.save(tmp_path / "model.keras")
+    write_npz(tmp_path / "val.npz", model, n=16)
+    args = ["--method", "fixed_params", "--compression-factor", "0.6", "--export", "tflite,keras", "--data", tmp_path / "val.npz"]
+    refused = _compress(tmp_path, tmp_path / "out", *args)
+    assert refused.exit_code == 1 and "--allow-model-code" in refused.stderr
+    allowed = _compress(tmp_path, tmp_path / "allowed", *args, "--allow-model-code")
+    assert allowed.exit_code == 0, allowed.output
+    report = _report(allowed)
+    assert report["options"]["allow_model_code"] is True
+    assert all(artifact["max_abs_diff"] <= 1e-4 for artifact in report["artifacts"])  # the .keras one reloads too

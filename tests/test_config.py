@@ -152,7 +152,10 @@ def test_every_flag_has_a_config_key():
 
     keys = {f.name for f in fields(CompressOptions)}
     flags = _compress_flags()
-    names = {name if name != "json_out" else "json" for name in flags} - {"config"}
+    # The opt-ins to running code are flags only: a config file cannot give them (tested below).
+    command_line_only = {"allow_model_code", "allow_config_code"}
+    assert command_line_only <= set(flags)
+    names = {name if name != "json_out" else "json" for name in flags} - {"config"} - command_line_only
     assert names - keys == set(), f"flags without a config key: {sorted(names - keys)}"
     # And each key is spelled like its flag.
     for name, flag in flags.items():
@@ -169,7 +172,7 @@ def test_config_file_equals_the_same_flags(tmp_path):
         'block-size = "2x2"\npruning-structure = "block"\ncache-dir = "cache"\n'
         'gating-target = 0.5\ngating-epochs = 3\ngating-network = false\n'
     )
-    from_file = build_options(Path("m.keras"), {}, tmp_path / "c.toml")
+    from_file = build_options(Path("m.keras"), {}, tmp_path / "c.toml", allow_config_code=True)  # custom-objects
     from_flags = build_options(Path("m.keras"), {
         "method": "fixed_loss", "max_acc_loss": 0.03, "data": "val.npz", "train_data": "train.npz",
         "techniques": "channels,tucker", "criterion": "fpgm", "finetune_epochs": 2, "quantize": "int8",
@@ -180,7 +183,8 @@ def test_config_file_equals_the_same_flags(tmp_path):
     })
     assert from_file == from_flags
     # A flag given on the command line wins over the file.
-    assert build_options(Path("m.keras"), {"quantize": "dynamic", "int8_io": False}, tmp_path / "c.toml").quantize == "dynamic"
+    flags = {"quantize": "dynamic", "int8_io": False}
+    assert build_options(Path("m.keras"), flags, tmp_path / "c.toml", allow_config_code=True).quantize == "dynamic"
 
 
 def test_example_config_is_valid():
@@ -209,3 +213,49 @@ def test_quantize_modes_match_the_exporter():
 def test_invalid_quantization_and_output_options(flags, message):
     with pytest.raises(ConfigError, match=message):
         _opts(method="fixed_params", compression_factor=0.5, **flags)
+
+
+# --- a config file runs no code unless the command line allows it --------------------------
+
+
+@pytest.mark.parametrize("key", ["allow-model-code", "allow_config_code"])
+def test_code_opt_ins_cannot_come_from_a_config_file(tmp_path, key):
+    config = tmp_path / "c.toml"
+    config.write_text(f'method = "fixed_params"\ncompression-factor = 0.5\n{key} = true\n')
+    flag = "--" + key.replace("_", "-")
+    with pytest.raises(ConfigError, match=f"c.toml: {flag[2:]} cannot be set in a config file; .*only the command line gives it \\({flag}\\)"):
+        build_options(Path("m.keras"), {"out": "o"}, config, allow_config_code=True)
+
+
+def _config(tmp_path, text):
+    config = tmp_path / "ci.toml"
+    config.write_text('method = "fixed_params"\ncompression-factor = 0.5\nout = "o"\n' + text)
+    return config
+
+
+def test_custom_objects_from_a_config_file_need_allow_config_code(tmp_path):
+    config = _config(tmp_path, 'custom-objects = ["evil.layers"]\n')
+    with pytest.raises(ConfigError, match=r"ci.toml: custom-objects imports Python modules \(evil.layers\); .*--allow-config-code"):
+        build_options(Path("m.keras"), {}, config)
+    assert build_options(Path("m.keras"), {}, config, allow_config_code=True).custom_objects == ("evil.layers",)
+    # Given on the command line, the same option needs no opt-in.
+    assert build_options(Path("m.keras"), {"custom_objects": ("my.layers",)}, config).custom_objects == ("my.layers",)
+
+
+@pytest.mark.parametrize("key", ["data", "test-data", "train-data"])
+def test_data_hooks_from_a_config_file_need_allow_config_code(tmp_path, key):
+    config = _config(tmp_path, f'{key} = "evil.module:load"\n')
+    with pytest.raises(ConfigError, match=f"ci.toml: {key} = 'evil.module:load' is a Python hook .*--allow-config-code"):
+        build_options(Path("m.keras"), {}, config)
+    options = build_options(Path("m.keras"), {}, config, allow_config_code=True)
+    assert getattr(options, key.replace("-", "_")) == "evil.module:load"
+    # A flag that replaces the file's hook leaves nothing to import from the file.
+    assert build_options(Path("m.keras"), {key.replace("-", "_"): "val.npz"}, config).method == "fixed_params"
+
+
+def test_data_paths_from_a_config_file_need_no_opt_in(tmp_path):
+    (tmp_path / "val.npz").write_bytes(b"")
+    (tmp_path / "pkg.mod:fn").write_bytes(b"")  # an existing path is read as data, never imported
+    config = _config(tmp_path, f'data = "{tmp_path / "val.npz"}"\ntest-data = "{tmp_path / "pkg.mod:fn"}"\ntrain-data = "missing.npz"\n')
+    options = build_options(Path("m.keras"), {}, config)
+    assert options.train_data == "missing.npz"  # not a hook: reported as missing when checked, not refused here

@@ -72,7 +72,7 @@ def test_parity_failure_reports_numbers(tmp_path, monkeypatch):
     model = build_sequential()
     real = verify.artifact_outputs
     monkeypatch.setattr(
-        verify, "artifact_outputs", lambda fmt, path, x: real(fmt, path, x) + (0.01 if fmt == "onnx" else 0.0)
+        verify, "artifact_outputs", lambda fmt, path, x, **kw: real(fmt, path, x, **kw) + (0.01 if fmt == "onnx" else 0.0)
     )
     checks = export_and_verify(model, tmp_path, ("tflite", "onnx"), verification_inputs(model, None, 8), atol=1e-4)
     assert [c.passed for c in checks] == [True, False]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 import uuid
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from compressor.errors import DataError
-from compressor.io.data import load_data
+from compressor.io.data import Dataset, check_data_spec, check_labels, load_data
 
 
 def test_npz_integer_labels(tmp_path):
@@ -170,3 +171,82 @@ def test_hook_errors(hook_module, func, message):
 def test_hook_module_missing():
     with pytest.raises(DataError, match="could not import data hook module"):
         load_data("no_such_hooks_mod:load")
+
+
+# --- refused at load: non-finite inputs, labels the model cannot predict --------------------
+
+
+@pytest.mark.parametrize("value, shown", [(np.nan, "nan"), (np.inf, "inf"), (-np.inf, "-inf")])
+def test_non_finite_inputs_are_refused_naming_the_first(tmp_path, value, shown):
+    x = np.zeros((20, 5, 5, 1), np.float32)
+    x[17, 3, 4, 0] = value
+    x[19, 0, 0, 0] = np.nan  # a later one is not the one named
+    np.savez(tmp_path / "val.npz", x=x, y=np.zeros(20, int))
+    expected = f"val.npz: x holds {shown} at sample 17 (index (17, 3, 4, 0)); data must be finite"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_data(tmp_path / "val.npz")
+
+
+def test_non_finite_inputs_from_a_hook_are_refused(hook_module, tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(hook_module)
+    monkeypatch.setattr(module, "arrays", lambda: (np.full((3, 4), np.inf, np.float32), np.zeros(3, int)))
+    with pytest.raises(DataError, match=r"x holds inf at sample 0 \(index \(0, 0\)\)"):
+        load_data(f"{hook_module}:arrays", input_shape=(4,))
+
+
+def test_finite_float64_and_integer_inputs_pass(tmp_path):
+    np.savez(tmp_path / "f.npz", x=np.ones((3, 2), np.float64))
+    np.savez(tmp_path / "i.npz", x=np.arange(6, dtype=np.int64).reshape(3, 2))
+    assert load_data(tmp_path / "f.npz").x.dtype == np.float32
+    assert load_data(tmp_path / "i.npz").x.dtype == np.int64
+
+
+def test_labels_beyond_the_models_classes_name_the_first(tmp_path):
+    y = np.arange(8) % 10
+    y[5], y[7] = 12, 15
+    np.savez(tmp_path / "test.npz", x=np.zeros((8, 3), np.float32), y=y)
+    data = load_data(tmp_path / "test.npz")
+    with pytest.raises(DataError, match=re.escape("test.npz: y[5] = 12, but the model has 10 classes (labels must be 0..9)")):
+        check_labels(data, 10)
+    check_labels(data, 16)  # all within
+
+
+def test_one_output_column_takes_labels_0_and_1():
+    check_labels(Dataset(np.zeros((3, 2), np.float32), np.array([0, 1, 1]), "b"), 1)
+    with pytest.raises(DataError, match=r"y\[2\] = 2, but the model has one output .*labels must be 0..1"):
+        check_labels(Dataset(np.zeros((3, 2), np.float32), np.array([0, 1, 2]), "b"), 1)
+    check_labels(Dataset(np.zeros((3, 2), np.float32), None, "unlabelled"), 1)
+
+
+def test_data_spec_is_checked_before_loading(tmp_path, hook_module):
+    (tmp_path / "val.npz").write_bytes(b"")
+    check_data_spec(tmp_path / "val.npz")  # exists: read later, not here
+    check_data_spec(tmp_path)  # an image folder
+    check_data_spec(f"{hook_module}:arrays")
+    check_data_spec("some_pkg.some_module:load")  # a hook is only imported when loaded
+    with pytest.raises(DataError, match=r"data file not found: .*absent.npz \(given as --test-data\)"):
+        check_data_spec(tmp_path / "absent.npz", "--test-data")
+    for spec in ("no/such/place", "almost:a hook"):
+        with pytest.raises(DataError, match=r"data not found: .* \(given as --test-data; expected an .npz file"):
+            check_data_spec(spec, "--test-data")
+
+
+def test_a_stray_module_in_the_working_folder_does_not_shadow_an_installed_one(tmp_path, monkeypatch):
+    """The working folder is importable for hooks, but after everything installed."""
+    import importlib
+    import sys
+
+    name = f"shadowed_{uuid.uuid4().hex[:8]}"
+    site, work = tmp_path / "site", tmp_path / "work"
+    site.mkdir()
+    work.mkdir()
+    (site / f"{name}.py").write_text("import numpy as np\ndef load():\n    return np.ones((2, 3), np.float32), np.array([0, 1])\n")
+    (work / f"{name}.py").write_text("def load():\n    raise RuntimeError('the stray file ran')\n")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "path", [str(site), *(p for p in sys.path if p not in ("", str(work)))])
+    importlib.invalidate_caches()
+    data = load_data(f"{name}:load", input_shape=(3,))
+    assert data.x.shape == (2, 3) and sys.path[-1] == str(work)
+    sys.modules.pop(name, None)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from compressor.errors import ModelLoadError
-from compressor.io.models import load_model, save_model
+from compressor.io.models import import_custom_objects, load_model, save_model
 from conftest import build_nested, build_residual, build_sequential
 
 
@@ -181,3 +181,166 @@ def test_save_model_is_atomic_and_checks_suffix(tmp_path):
     assert load_model(target).count_params() == model.count_params()
     with pytest.raises(ModelLoadError, match="saved as .keras"):
         save_model(model, tmp_path / "out.h5")
+
+
+# --- damaged files: the message names the damaged part ---------------------------------------
+
+
+def _members(path):
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+def _zip(path, members):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def keras_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("intact") / "model.keras"
+    build_sequential().save(path)
+    return path
+
+
+def test_keras_archive_with_a_truncated_weights_file(keras_file, tmp_path):
+    members = _members(keras_file)
+    members["model.weights.h5"] = members["model.weights.h5"][: len(members["model.weights.h5"]) // 2]
+    path = _zip(tmp_path / "model.keras", members)
+    with pytest.raises(ModelLoadError, match=r"model.keras is corrupt: its weights file model.weights.h5 is truncated or unreadable \(truncated file"):
+        load_model(path)
+
+
+def test_keras_archive_with_broken_json(keras_file, tmp_path):
+    members = _members(keras_file)
+    members["config.json"] = b'{"module": "keras", "class_name": "Sequential", "config": {' + b"]"
+    path = _zip(tmp_path / "model.keras", members)
+    with pytest.raises(ModelLoadError, match=r"model.keras is corrupt: its config.json is not valid JSON \(line 1, column 60\)"):
+        load_model(path)
+    del members["config.json"]
+    with pytest.raises(ModelLoadError, match="model.keras is corrupt: it has no config.json"):
+        load_model(_zip(tmp_path / "model.keras", members))
+
+
+def test_keras_archive_member_failing_its_crc(keras_file, tmp_path):
+    import zipfile
+
+    raw = bytearray(keras_file.read_bytes())
+    with zipfile.ZipFile(keras_file) as archive:
+        info = archive.getinfo("model.weights.h5")
+    raw[info.header_offset + 30 + len(info.filename) + len(info.extra) + 2000] ^= 0xFF  # inside the stored data
+    (tmp_path / "model.keras").write_bytes(bytes(raw))
+    with pytest.raises(ModelLoadError, match="model.keras is corrupt: its member model.weights.h5 fails its CRC check"):
+        load_model(tmp_path / "model.keras")
+
+
+def test_truncated_keras_archive_and_h5_file(keras_file, tmp_path):
+    raw = keras_file.read_bytes()
+    (tmp_path / "cut.keras").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ModelLoadError, match="not a valid .keras file \\(not a zip archive, or a truncated one\\)"):
+        load_model(tmp_path / "cut.keras")
+    build_sequential().save(tmp_path / "whole.h5")
+    raw = (tmp_path / "whole.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ModelLoadError, match=r"cut.h5 is corrupt: the HDF5 file is truncated or unreadable \(truncated file"):
+        load_model(tmp_path / "cut.h5")
+
+
+def test_model_file_checks_import_no_tensorflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from compressor.io.model_files import check_model_path\n"
+        "try:\n    check_model_path('absent.keras')\nexcept Exception as exc:\n    print(exc)\n"
+        "print([m for m in ('tensorflow', 'keras') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.splitlines() == ["model not found: absent.keras", "[]"], out.stderr
+
+
+# --- code stored in the model runs only when allowed --------------------------------------------
+
+
+def _write_marker(x):
+    """A Lambda's function that leaves a file behind when it runs (bytecode in the saved model)."""
+    import os
+    import pathlib
+
+    marker = os.environ.get("COMPRESSOR_TEST_LAMBDA_MARKER")
+    if marker:
+        pathlib.Path(marker).write_text("the Lambda ran")
+    return x * 2.0
+
+
+def _lambda_savedmodel(folder, nested=False):
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(0)
+    inputs = tf_keras.Input((4,))
+    x = tf_keras.layers.Dense(3)(inputs)
+    if nested:
+        inner = tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Lambda(_write_marker, name="marker")], name="inner")
+        x = inner(x)
+    else:
+        x = tf_keras.layers.Lambda(_write_marker, name="marker")(x)
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(2)(x))
+    model.save(folder, save_format="tf")
+    return model
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_savedmodel_lambda_does_not_run_without_allow_model_code(tmp_path, monkeypatch, nested):
+    _lambda_savedmodel(tmp_path / "saved", nested=nested)
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("COMPRESSOR_TEST_LAMBDA_MARKER", str(marker))
+    with pytest.raises(ModelLoadError, match=r"stores Python code in layer marker \(Lambda\).*pass --allow-model-code"):
+        load_model(tmp_path / "saved")
+    assert not marker.exists()  # refused before tf_keras turned the bytecode into a function
+
+
+def test_savedmodel_lambda_loads_with_allow_model_code(tmp_path, monkeypatch):
+    legacy = _lambda_savedmodel(tmp_path / "saved")
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("COMPRESSOR_TEST_LAMBDA_MARKER", str(marker))
+    loaded = load_model(tmp_path / "saved", allow_model_code=True)
+    assert marker.exists()  # the opt-in is what let the stored code run
+    _same_outputs(legacy, loaded, (4,), atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_keras_lambda_is_refused_naming_the_flag_and_loads_with_it(tmp_path, suffix):
+    import keras
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Lambda(lambda t: t * 2.0)(inputs)))
+    model.save(tmp_path / f"m{suffix}")
+    with pytest.raises(ModelLoadError, match=r"stores Python code that would run on loading .*refused: pass --allow-model-code"):
+        load_model(tmp_path / f"m{suffix}")
+    _same_outputs(model, load_model(tmp_path / f"m{suffix}", allow_model_code=True), (4,))
+
+
+def test_a_stray_module_in_the_working_folder_does_not_shadow_an_installed_one(tmp_path, monkeypatch):
+    """--custom-objects can import from the working folder, but after everything installed."""
+    import importlib
+    import sys
+    import uuid
+
+    name = f"layers_{uuid.uuid4().hex[:8]}"
+    site, work = tmp_path / "site", tmp_path / "work"
+    site.mkdir()
+    work.mkdir()
+    (site / f"{name}.py").write_text("SOURCE = 'installed'\n")
+    (work / f"{name}.py").write_text("raise RuntimeError('the stray file ran')\n")
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "path", [str(site), *(p for p in sys.path if p not in ("", str(work)))])
+    importlib.invalidate_caches()
+    import_custom_objects([name])
+    assert sys.modules.pop(name).SOURCE == "installed" and sys.path[-1] == str(work)

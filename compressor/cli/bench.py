@@ -132,6 +132,10 @@ def bench_command(
     from compressor.bench.gate import check_max_regression, compare_latency, load_report
 
     check_max_regression(max_regression)
+    if data is not None:
+        from compressor.io.data import check_data_spec
+
+        check_data_spec(data)
     if remote is None and (remote_python is not None or remote_timeout is not None):
         raise CompressorError("--remote-python and --remote-timeout apply only with --remote")
     previous = None if baseline is None else load_report(baseline)  # fail before timing

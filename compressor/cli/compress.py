@@ -24,7 +24,7 @@ from compressor.cli.console import (
     print_json,
     stdout_to_stderr,
 )
-from compressor.cli.options import CustomObjectsOpt, ModelArg
+from compressor.cli.options import AllowModelCodeOpt, CustomObjectsOpt, ModelArg
 from compressor.errors import CompressorError
 
 EXIT_BUDGET_NOT_MET = 2
@@ -66,6 +66,8 @@ def compress_command(
     gating_network: Annotated[Optional[bool], _opt("--gating-network/--gates-only", help="Train the network's weights along with the gates (default), or the gates alone.")] = None,
     overwrite: Annotated[Optional[bool], _opt("--overwrite", help="Replace earlier results in --out (refused otherwise).")] = None,
     custom_objects: CustomObjectsOpt = None,
+    allow_model_code: AllowModelCodeOpt = False,
+    allow_config_code: Annotated[bool, _opt("--allow-config-code", help="Let --config set options that import Python code (custom-objects, pkg.module:function data hooks); only for config files you trust.")] = False,
     quiet: Annotated[Optional[bool], _opt("--quiet", "-q", help="No progress or tables; errors only (the exit code and report.json tell the rest).")] = None,
     json_out: Annotated[Optional[bool], _opt("--json", help="Print the report as one JSON document on stdout instead of tables.")] = None,
 ) -> None:
@@ -85,9 +87,13 @@ def compress_command(
         "quantize": quantize, "calibration_samples": calibration_samples, "int8_io": int8_io,
         "gating_target": gating_target, "gating_epochs": gating_epochs, "gating_network": gating_network,
         "overwrite": overwrite, "quiet": quiet, "json": json_out,
+        "allow_model_code": allow_model_code,
     }
-    options = build_options(model, flags, config)
+    options = build_options(model, flags, config, allow_config_code=allow_config_code)
     from compressor.io.outdir import check_output_folder, holds_results
+    from compressor.pipeline import check_inputs
+
+    check_inputs(options)  # a missing or damaged file ends here, before TensorFlow loads
 
     check_output_folder(options.out, options.overwrite, [*options.input_files(), *([config] if config else [])])
     may_report_error = not holds_results(options.out)

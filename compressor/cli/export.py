@@ -16,7 +16,7 @@ from compressor.cli.console import (
     stdout_to_stderr,
 )
 from compressor.errors import CompressorError
-from compressor.cli.options import CustomObjectsOpt, DataOpt, JsonOpt, ModelArg, OutDirOpt
+from compressor.cli.options import AllowModelCodeOpt, CustomObjectsOpt, DataOpt, JsonOpt, ModelArg, OutDirOpt
 
 
 @handle_errors
@@ -50,6 +50,7 @@ def export_command(
         typer.Option("--int8-io", help="With --quantize int8: the TFLite artifact takes and returns int8 tensors."),
     ] = False,
     custom_objects: CustomObjectsOpt = None,
+    allow_model_code: AllowModelCodeOpt = False,
     json_out: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table; errors only (the exit code tells the rest).")] = False,
 ) -> None:
@@ -61,9 +62,14 @@ def export_command(
     non-finite outputs; judge them by accuracy (`compressor bench --data`).
     """
     from compressor.export.quantize import parse_quantize
+    from compressor.io.data import check_data_spec
+    from compressor.io.model_files import check_model_path
 
     mode = parse_quantize(quantize)
     _check_quantize_flags(mode, data, int8_io)
+    check_model_path(model)  # missing or damaged inputs end here, before TensorFlow loads
+    if data:
+        check_data_spec(data)
     load_tensorflow()
     from compressor.export.quantize import QUANTIZED_FORMATS, calibration_set
     from compressor.export.verify import ensure_passed, export_and_verify, verification_inputs
@@ -81,14 +87,14 @@ def export_command(
         raise CompressorError(f"exporting .keras into {out} would overwrite the input model; choose another --out")
     ensure_dir(out)
     with stdout_to_stderr():
-        keras_model = load_model(model, custom_objects)
+        keras_model = load_model(model, custom_objects, allow_model_code=allow_model_code)
         shape = single_input_shape(keras_model)[1:]
         dataset = load_data(data, input_shape=shape) if data else None
         x = verification_inputs(keras_model, dataset, samples)
         calibration = calibration_set(dataset.x, calibration_samples) if mode == "int8" else None
         checks = export_and_verify(
             keras_model, out, wanted, x, atol=atol, opset=opset, stem=Path(model).stem,
-            quantize=mode, calibration=calibration, int8_io=int8_io,
+            quantize=mode, calibration=calibration, int8_io=int8_io, allow_model_code=allow_model_code,
         )
     if json_out:
         print_json({"artifacts": [check.to_dict() for check in checks]})

@@ -12,7 +12,7 @@ from compressor.cli.console import (
     print_json,
     stdout_to_stderr,
 )
-from compressor.cli.options import CustomObjectsOpt, JsonOpt, ModelArg
+from compressor.cli.options import AllowModelCodeOpt, CustomObjectsOpt, JsonOpt, ModelArg
 
 if TYPE_CHECKING:
     from compressor.graph.cost import ModelCost
@@ -22,18 +22,22 @@ if TYPE_CHECKING:
 def inspect_command(
     model: ModelArg,
     custom_objects: CustomObjectsOpt = None,
+    allow_model_code: AllowModelCodeOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show each layer of MODEL: output shape, parameters, FLOPs, and which techniques apply.
 
     FLOPs are counted at batch 1, a multiply-accumulate as 2.
     """
+    from compressor.io.model_files import check_model_path
+
+    check_model_path(model)  # a missing or damaged model ends here, before TensorFlow loads
     load_tensorflow()
     from compressor.graph.cost import model_cost
     from compressor.io.models import load_model
 
     with stdout_to_stderr():
-        keras_model = load_model(model, custom_objects)
+        keras_model = load_model(model, custom_objects, allow_model_code=allow_model_code)
         cost = model_cost(keras_model)
         free = [x.name for x in keras_model.inputs if any(d is None for d in x.shape[1:])]
     if free:

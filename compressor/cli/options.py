@@ -30,6 +30,13 @@ CustomObjectsOpt = Annotated[
         "(@keras.saving.register_keras_serializable). Repeatable.",
     ),
 ]
+AllowModelCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-model-code",
+        help="Run Python code stored in the model file (e.g. Lambda layers); only for models you trust.",
+    ),
+]
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")
 ]

@@ -134,10 +134,14 @@ def compare(
     return ArtifactCheck(fmt, str(path), path.stat().st_size, max_diff, agreement, len(expected), atol, quantize)
 
 
-def artifact_outputs(fmt: str, path: Path, x: np.ndarray) -> np.ndarray:
-    """Run an artifact on x with the runtime that format deploys with."""
+def artifact_outputs(fmt: str, path: Path, x: np.ndarray, allow_model_code: bool = False) -> np.ndarray:
+    """Run an artifact on x with the runtime that format deploys with.
+
+    `allow_model_code` reloads a `.keras` artifact with Keras' safe mode off, for a
+    model whose code (a Lambda layer's function) its loader allowed.
+    """
     if fmt == "keras":
-        return keras_outputs(keras.saving.load_model(path, compile=False), x)
+        return keras_outputs(keras.saving.load_model(path, compile=False, safe_mode=not allow_model_code), x)
     return open_artifact(path, threads=0).predict(x)
 
 
@@ -154,6 +158,7 @@ def export_and_verify(
     quantize: str = "none",
     calibration: Optional[np.ndarray] = None,
     int8_io: bool = False,
+    allow_model_code: bool = False,
 ) -> list[ArtifactCheck]:
     """Write each format into out_dir and check it against the model.
 
@@ -174,6 +179,8 @@ def export_and_verify(
         calibration: Real inputs that calibrate int8 activation ranges (e.g. from
             `quantize.calibration_set`); needed for int8, ignored otherwise.
         int8_io: With int8, the TFLite artifact takes and returns int8 tensors.
+        allow_model_code: The model holds Python code its loader allowed (e.g. a
+            Lambda layer): reload the `.keras` artifact with Keras' safe mode off.
 
     Returns:
         One check per format, in order, then one per quantized artifact.
@@ -198,7 +205,8 @@ def export_and_verify(
             written = export_tflite(model, path, sparse=sparse_tflite)
         else:
             written = export_keras(model, path)
-        checks.append(compare(fmt, written, expected, artifact_outputs(fmt, written, x), atol))
+        outputs = artifact_outputs(fmt, written, x, allow_model_code=allow_model_code)
+        checks.append(compare(fmt, written, expected, outputs, atol))
     if mode == "none":
         return checks
     for fmt in (f for f in formats if f in QUANTIZED_FORMATS):

@@ -69,13 +69,66 @@ def load_data(spec: str | Path, input_shape: Optional[Shape] = None) -> Dataset:
     elif _HOOK.match(text):
         data = _load_hook(text, input_shape)
     else:
-        raise DataError(
-            f"data not found: {text} (expected an .npz file, an image folder, "
-            "or a hook written pkg.module:function)"
-        )
+        raise DataError(f"data not found: {text} ({_EXPECTED})")
     if input_shape is not None:
         check_fits(data, input_shape)
     return data
+
+
+_EXPECTED = "expected an .npz file, an image folder, or a hook written pkg.module:function"
+
+
+def is_hook(spec: str | Path) -> bool:
+    """Whether `load_data` would read this spec by importing a `pkg.module:function` hook.
+
+    An existing path is always read as data, never imported.
+    """
+    text = str(spec)
+    path = Path(text)
+    return not path.exists() and path.suffix.lower() != ".npz" and bool(_HOOK.match(text))
+
+
+def check_data_spec(spec: str | Path, option: str = "--data") -> None:
+    """Refuse, before any model work, a data spec that is neither an existing path nor a hook.
+
+    Args:
+        spec: What was given for the data option.
+        option: The option's name, for the message.
+
+    Raises:
+        DataError: The spec names no existing file or folder and is not a hook.
+    """
+    path = Path(str(spec))
+    if path.exists() or is_hook(spec):
+        return
+    if path.suffix.lower() == ".npz":
+        raise DataError(f"data file not found: {spec} (given as {option})")
+    raise DataError(f"data not found: {spec} (given as {option}; {_EXPECTED})")
+
+
+def check_labels(data: Dataset, classes: int) -> None:
+    """Raise DataError naming the first label the model cannot predict.
+
+    Args:
+        data: A loaded dataset (nothing to check without labels).
+        classes: The size of the model's output: its number of classes. One output
+            column is read as a sigmoid probability, so it takes labels 0 and 1.
+
+    Raises:
+        DataError: A label is `classes` or more.
+    """
+    if data.y is None or not len(data.y):
+        return
+    limit = max(classes, 2)
+    bad = np.flatnonzero(data.y >= limit)
+    if not bad.size:
+        return
+    index = int(bad[0])
+    has = "one output (a sigmoid probability)" if classes == 1 else f"{classes} classes"
+    raise DataError(
+        f"{data.source}: y[{index}] = {int(data.y[index])}, but the model has {has} "
+        f"(labels must be 0..{limit - 1})"
+    )
 
 
 def check_fits(data: Dataset, input_shape: Shape) -> None:
@@ -99,7 +152,27 @@ def _finish(x: Any, y: Any, source: str) -> Dataset:
         raise DataError(f"{source}: x must be numeric, got dtype {x.dtype}")
     if np.issubdtype(x.dtype, np.floating) or x.dtype == np.bool_ or x.dtype.itemsize < 4:
         x = x.astype(np.float32, copy=False)
+    _check_finite(x, source)
     return Dataset(x, None if y is None else _labels(y, len(x), source), source)
+
+
+def _check_finite(x: np.ndarray, source: str, chunk: int = 4096) -> None:
+    """Refuse NaN and infinity in x, naming the first one.
+
+    A NaN input poisons every output it reaches, so an accuracy or a parity check on
+    it fails far from its cause; here it is found at load. Scanned in chunks of
+    samples so the mask never holds a whole large dataset.
+    """
+    if not np.issubdtype(x.dtype, np.floating):
+        return
+    for start in range(0, len(x), chunk):
+        bad = ~np.isfinite(x[start : start + chunk])
+        if bad.any():
+            where = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            index = (start + int(where[0]), *(int(i) for i in where[1:]))
+            raise DataError(
+                f"{source}: x holds {float(x[index])} at sample {index[0]} (index {index}); data must be finite"
+            )
 
 
 def _labels(y: Any, n: int, source: str) -> np.ndarray:
@@ -177,7 +250,8 @@ def _load_image_folder(root: Path, input_shape: Optional[Shape]) -> Dataset:
 def _load_hook(spec: str, input_shape: Optional[Shape]) -> Dataset:
     module_name, func_name = spec.split(":")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # like `python -m`: the working folder is importable
+        # The working folder is importable, but last: a stray file there must not shadow an installed module.
+        sys.path.append(str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

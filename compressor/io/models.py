@@ -4,24 +4,31 @@ Accepted: Keras 3 `.keras`, `.h5` written by Keras 3 or by legacy tf_keras, and 
 SavedModel folder written by tf_keras (`model.save(dir, save_format="tf")`), which is
 loaded with tf_keras and bridged to Keras 3 through a temporary `.h5` file.
 Only graph models (Sequential, Functional) can be analysed and rewritten.
+
+Loading runs no code stored in the model unless the caller allows it
+(`allow_model_code`, the `--allow-model-code` flag): Keras' safe mode refuses a
+Lambda's Python function in `.keras` and `.h5` files, but tf_keras turns a
+SavedModel's Lambda bytecode into a function while loading, so a SavedModel's Keras
+metadata is read first and one with a Lambda layer is refused before tf_keras sees it.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import keras
 
 from compressor.errors import ModelLoadError, first_line
 from compressor.io.atomic import atomic_path
+from compressor.io.model_files import check_model_path
 
-_H5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+ALLOW_CODE_HINT = "pass --allow-model-code (allow_model_code=True) only if you trust the file"
 
 
 def import_custom_objects(modules: Optional[Iterable[str]]) -> None:
@@ -32,7 +39,8 @@ def import_custom_objects(modules: Optional[Iterable[str]]) -> None:
     """
     for name in modules or ():
         if str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))  # like `python -m`: the working folder is importable
+            # The working folder is importable, but last: a stray file there must not shadow an installed module.
+            sys.path.append(str(Path.cwd()))
         try:
             importlib.import_module(name)
         except Exception as exc:
@@ -41,84 +49,78 @@ def import_custom_objects(modules: Optional[Iterable[str]]) -> None:
             ) from exc
 
 
-def load_model(path: Path | str, custom_objects: Optional[Iterable[str]] = None) -> keras.Model:
+def load_model(
+    path: Path | str, custom_objects: Optional[Iterable[str]] = None, allow_model_code: bool = False
+) -> keras.Model:
     """Load a trained model as a Keras 3 graph model (Sequential or Functional).
 
     Args:
         path: A `.keras` file, an `.h5` file, or a tf_keras SavedModel folder.
         custom_objects: Modules to import first; they register custom layers.
+        allow_model_code: Run Python code stored in the model (the function of a
+            Lambda layer): Keras' `safe_mode=False`. Only for models you trust.
 
     Returns:
         The model, uncompiled.
 
     Raises:
-        ModelLoadError: The path is missing, corrupt, of an unsupported kind, uses an
-            unregistered custom layer, or holds a subclassed model.
+        ModelLoadError: The path is missing, corrupt, of an unsupported kind, stores
+            code that `allow_model_code` does not allow, uses an unregistered custom
+            layer, or holds a subclassed model.
     """
     path = Path(path)
     import_custom_objects(custom_objects)
     import compressor.techniques.gating  # noqa: F401  (registers the gate layers of gated models)
-    if not path.exists():
-        raise ModelLoadError(f"model not found: {path}")
+    check_model_path(path)  # before Keras: a damaged file is named by its damaged part
     if path.is_dir():
-        model = _load_saved_model_dir(path)
+        model = _load_saved_model_dir(path, allow_model_code)
     else:
-        model = _load_file(path)
+        model = _keras_load(path, allow_model_code)
     return _require_graph_model(model, path)
 
 
-def _load_file(path: Path) -> keras.Model:
-    suffix = path.suffix.lower()
-    with path.open("rb") as handle:
-        head = handle.read(8)
-    if suffix == ".keras" and not zipfile.is_zipfile(path):
-        raise ModelLoadError(
-            f"{path} is not a valid .keras file (not a zip archive); "
-            "re-save the model with model.save('model.keras')"
-        )
-    if suffix in (".h5", ".hdf5") and head != _H5_SIGNATURE:
-        raise ModelLoadError(f"{path} is not a valid HDF5 file; re-save the model with model.save('model.h5')")
-    if suffix not in (".keras", ".h5", ".hdf5"):
-        raise ModelLoadError(
-            f"cannot load {path}: expected a .keras or .h5 file or a tf_keras SavedModel "
-            f"folder, got '{suffix or 'no extension'}'"
-        )
-    return _keras_load(path)
-
-
-def _keras_load(path: Path, shown: Optional[Path] = None) -> keras.Model:
+def _keras_load(path: Path, allow_model_code: bool, shown: Optional[Path] = None) -> keras.Model:
     shown = shown or path
     try:
-        return keras.saving.load_model(path, compile=False)
-    except TypeError as exc:
-        match = re.search(r"Could not locate (?:class|function) '([^']+)'", str(exc))
-        if match:
-            raise ModelLoadError(
-                f"{shown} uses '{match.group(1)}', which is not registered: pass "
-                "--custom-objects your.module (a module that defines it with "
-                "@keras.saving.register_keras_serializable())"
-            ) from exc
-        raise ModelLoadError(f"could not load {shown}: {first_line(exc)}") from exc
+        return keras.saving.load_model(path, compile=False, safe_mode=not allow_model_code)
     except Exception as exc:
-        raise ModelLoadError(f"could not load {shown}: {first_line(exc)}") from exc
+        raise _load_error(exc, shown) from exc
 
 
-def _load_saved_model_dir(path: Path) -> keras.Model:
-    if not (path / "saved_model.pb").exists():
-        raise ModelLoadError(
-            f"{path} is a folder but not a SavedModel (no saved_model.pb); "
-            "pass a .keras or .h5 file or a tf_keras SavedModel folder"
+def _load_error(exc: Exception, shown: Path) -> ModelLoadError:
+    """One line for what Keras raised: code refused by safe mode, an unregistered class, or its own first line."""
+    text = str(exc)
+    if "safe_mode=False" in text:  # Keras' safe mode refused code stored in the file
+        return ModelLoadError(
+            f"{shown} stores Python code that would run on loading ({_first_sentence(exc)}); refused: {ALLOW_CODE_HINT}"
         )
-    if not (path / "keras_metadata.pb").exists():
-        raise ModelLoadError(
-            f"{path} is a SavedModel without Keras metadata (written by tf.saved_model.save "
-            "or Keras 3 model.export), so its layers cannot be recovered; load the original "
-            "model in Python and save it with model.save('model.keras')"
+    match = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
+    if isinstance(exc, TypeError) and match:
+        return ModelLoadError(
+            f"{shown} uses '{match.group(1)}', which is not registered: pass "
+            "--custom-objects your.module (a module that defines it with "
+            "@keras.saving.register_keras_serializable())"
         )
+    return ModelLoadError(f"could not load {shown}: {first_line(exc)}")
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = first_line(exc)
+    return text.split(". ")[0].rstrip(".")
+
+
+def _load_saved_model_dir(path: Path, allow_model_code: bool) -> keras.Model:
     try:
         import tf_keras
     except ImportError as exc:  # a dependency, but say what to do if it went missing
         raise ModelLoadError("loading a tf_keras SavedModel needs the tf-keras package: pip install tf-keras") from exc
+    if not allow_model_code:
+        code = saved_model_code_layers(path)
+        if code:
+            raise ModelLoadError(
+                f"{path} stores Python code in {', '.join(code[:3])}, which tf_keras would run while "
+                f"loading the SavedModel; refused: {ALLOW_CODE_HINT}"
+            )
     try:
         legacy = tf_keras.models.load_model(str(path), compile=False)
     except Exception as exc:
@@ -136,7 +138,48 @@ def _load_saved_model_dir(path: Path) -> keras.Model:
             raise ModelLoadError(
                 f"could not convert the tf_keras SavedModel {path} to .h5: {first_line(exc)}"
             ) from exc
-        return _keras_load(bridge, shown=path)
+        return _keras_load(bridge, allow_model_code, shown=path)
+
+
+def saved_model_code_layers(path: Path | str) -> list[str]:
+    """The layers of a tf_keras SavedModel that store Python code, read without loading it.
+
+    `keras_metadata.pb` is a `SavedMetadata` protobuf with one node per saved Keras
+    object; each node's metadata is the JSON of that object, its config included, so a
+    layer of a nested model appears as a node and inside its model's config too.
+    tf_keras stores a Python function as bytecode in a `Lambda` layer (its function,
+    output shape or mask, marked `"function_type": "lambda"` and the like) and in RNN
+    cell wrappers (`"..._type": "lambda"`), and turns it back into a function on loading.
+
+    Returns:
+        Those layers (at any depth) as "layer NAME (CLASS)", each once.
+
+    Raises:
+        ModelLoadError: The metadata cannot be read.
+    """
+    from tf_keras.protobuf import saved_metadata_pb2
+
+    metadata = saved_metadata_pb2.SavedMetadata()
+    try:
+        metadata.ParseFromString((Path(path) / "keras_metadata.pb").read_bytes())
+        nodes = [json.loads(node.metadata) for node in metadata.nodes if node.metadata]
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, JSON errors, OSError
+        raise ModelLoadError(f"{path} is corrupt: its keras_metadata.pb is unreadable ({first_line(exc)})") from exc
+    return list(dict.fromkeys(name for node in nodes for name in _code_layers(node)))
+
+
+def _code_layers(tree: Any) -> Iterator[str]:
+    """Names of the layers in a JSON tree of configs that hold Python bytecode."""
+    if isinstance(tree, dict):
+        config = tree.get("config") if isinstance(tree.get("config"), dict) else {}
+        marked = any(key.endswith("_type") and value == "lambda" for key, value in config.items())
+        if tree.get("class_name") == "Lambda" or marked:
+            yield f"layer {tree.get('name') or config.get('name')} ({tree.get('class_name')})"
+        for value in tree.values():
+            yield from _code_layers(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from _code_layers(value)
 
 
 def _require_graph_model(model: object, path: Path) -> keras.Model:

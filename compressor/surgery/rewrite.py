@@ -259,8 +259,13 @@ def _output_shape(layer: keras.layers.Layer, x: Any) -> Optional[tuple]:
 
 
 def _copy_from_config(operation: Any) -> Any:
+    from keras.src.saving.serialization_lib import SafeModeScope
+
     try:
-        return operation.__class__.from_config(operation.get_config())
+        # A copy of a layer already in memory: a Lambda's function comes back from its own
+        # bytecode, code that loading the model ran or allowed, so safe mode guards nothing here.
+        with SafeModeScope(False):
+            return operation.__class__.from_config(operation.get_config())
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
         raise ModelLoadError(
             f"cannot copy layer '{operation.name}' ({type(operation).__name__}) from its config: {first_line(exc)}"
