@@ -139,3 +139,51 @@ def onnx_ops(path):
     import onnx
 
     return [node.op_type for node in onnx.load(str(path)).graph.node]
+
+
+def quadrants(n, seed):
+    """Noise images whose class (0-3) is their brighter quadrant: real labels a tiny CNN learns in seconds."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 16, 16, 3), dtype=np.float32) * 0.5
+    y = rng.integers(0, 4, n)
+    for i, c in enumerate(y):
+        x[i, (c // 2) * 8 : (c // 2 + 1) * 8, (c % 2) * 8 : (c % 2 + 1) * 8] += 1.0
+    return x, y
+
+
+def write_quadrants_workdir(folder):
+    """Train the tiny residual model on `quadrants`; write model.keras, train.npz, val.npz, test.npz.
+
+    Returns the trained model (at least 90% accurate on val.npz, checked).
+    """
+    keras = _keras()
+    model = build_residual()
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    train = quadrants(512, seed=0)
+    model.fit(*train, epochs=8, batch_size=32, verbose=0)
+    model.save(folder / "model.keras")
+    write_quadrants_data(folder)
+    x, y = (np.load(folder / "val.npz")[key] for key in ("x", "y"))
+    assert np.mean(np.asarray(model(x)).argmax(-1) == y) >= 0.9, "the tiny model should have learnt the task"
+    return model
+
+
+def write_quadrants_data(folder):
+    """train.npz (128 samples), val.npz (96) and test.npz (64) of `quadrants`, the same on every machine."""
+    x, y = quadrants(512, seed=0)
+    np.savez(folder / "train.npz", x=x[:128], y=y[:128])
+    for name, n, seed in (("val", 96, 1), ("test", 64, 2)):
+        x, y = quadrants(n, seed)
+        np.savez(folder / f"{name}.npz", x=x, y=y)
+
+
+@pytest.fixture
+def keep_any_gates(monkeypatch):
+    """Keep gates that skip nothing, and time them as faster: a tiny model's few training steps barely
+    move its gates, and the tests using this are about what a gated run writes (test_gating.py tests that
+    gates learn to skip; test_gating_cli's test_slower_gates_are_not_kept, that the timing decides)."""
+    from compressor.search import gating
+
+    monkeypatch.setattr(gating, "MIN_SAVING", -1.0)
+    monkeypatch.setattr(gating, "MIN_GATE_SKIP", -1.0)
+    monkeypatch.setattr(gating, "tflite_latency", lambda static, gated, x, **kwargs: (1.0, 0.5))

@@ -42,18 +42,6 @@ def _compress(workdir, out, *args, model="model.keras"):
     return runner.invoke(app, command)
 
 
-@pytest.fixture
-def keep_any_gates(monkeypatch):
-    """Keep gates that skip nothing and time as faster: a tiny model's few training steps barely
-    move its gates, and these tests are about what a gated run writes (test_gating.py tests that
-    gates learn to skip; test_slower_gates_are_not_kept, that the timing decides)."""
-    from compressor.search import gating
-
-    monkeypatch.setattr(gating, "MIN_SAVING", -1.0)
-    monkeypatch.setattr(gating, "MIN_GATE_SKIP", -1.0)
-    monkeypatch.setattr(gating, "tflite_latency", lambda static, gated, x, **kwargs: (1.0, 0.5))
-
-
 def test_gating_end_to_end_with_report_static_artifact_and_exact_replay(workdir, tmp_path, keep_any_gates):
     import keras
 

@@ -19,35 +19,17 @@ from typer.testing import CliRunner
 
 from compressor.cli.app import app
 from compressor.report.schema import ERROR_REPORT, REPORT, documented_keys, report_problems
-from conftest import build_residual
+from conftest import quadrants, write_quadrants_workdir
 
 runner = CliRunner()
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def quadrants(n, seed):
-    """Noise images whose class (0-3) is the quadrant that is brighter: a task a tiny CNN learns in seconds."""
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, 16, 16, 3), dtype=np.float32) * 0.5
-    y = rng.integers(0, 4, n)
-    for i, c in enumerate(y):
-        x[i, (c // 2) * 8 : (c // 2 + 1) * 8, (c % 2) * 8 : (c % 2 + 1) * 8] += 1.0
-    return x, y
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A tiny model trained on real labels; val.npz as labelled, test.npz with half its labels wrong."""
-    import keras
-
     folder = tmp_path_factory.mktemp("contract")
-    model = build_residual()
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
-    model.fit(*quadrants(512, seed=0), epochs=8, batch_size=32, verbose=0)
-    model.save(folder / "model.keras")
-    x, y = quadrants(96, seed=1)
-    assert np.mean(np.asarray(model(x)).argmax(-1) == y) >= 0.9, "the fixture model should have learnt the task"
-    np.savez(folder / "val.npz", x=x, y=y)
+    model = write_quadrants_workdir(folder)
     x, y = quadrants(64, seed=2)
     y[:32] = (y[:32] + 1) % 4
     np.savez(folder / "test.npz", x=x, y=y)
