@@ -164,6 +164,29 @@ def test_conv_factors_match_patches_and_per_example_gradients():
     assert relative(factors["valid"].a, tap_average(np.concatenate(acts["valid"]), "VALID", 1)) < RTOL
 
 
+def test_the_backward_pass_stops_at_the_first_target(monkeypatch):
+    """No gradient of the first convolution's kernel (its input is the model's 1-channel images)."""
+    from tensorflow.python.ops import gen_nn_ops  # what TensorFlow's Conv2D gradient calls
+
+    filter_inputs = []
+    original = gen_nn_ops.conv2d_backprop_filter
+
+    def recorded(conv_input, *args, **kwargs):
+        filter_inputs.append(tuple(conv_input.shape))
+        return original(conv_input, *args, **kwargs)
+
+    monkeypatch.setattr(gen_nn_ops, "conv2d_backprop_filter", recorded)
+    inputs = keras.Input((8, 8, 1))
+    x = L.Conv2D(3, 3, activation="relu", name="first")(inputs)
+    x = L.Conv2D(4, 3, name="second")(x)
+    model = randomize(keras.Model(inputs, L.Dense(3, activation="softmax")(L.Flatten()(x))))
+    factors = kfac_factors(model, dataset(np.random.default_rng(5).random((6, 8, 8, 1))), batch_size=6)
+    assert set(factors) == {"first", "second", model.layers[-1].name}
+    # The second convolution's input gradient is needed (for G of "first"); TensorFlow
+    # computes its kernel's alongside. Nothing runs on the model's input.
+    assert filter_inputs == [(6, 6, 6, 3)]
+
+
 def test_causal_dilated_conv1d_averages_over_taps():
     inputs = keras.Input((10, 2))
     x = L.Conv1D(3, 3, dilation_rate=2, padding="causal", name="causal")(inputs)

@@ -265,8 +265,12 @@ def _batch_pass(
 
     The loss is summed over the batch, so each example's slice of the gradient is
     that example's own gradient (inference mode: examples do not interact).
+    Only the pre-activations are watched: a tape that also watched the variables it
+    reads would run the backward pass on past them, into kernels and the layers before
+    the first target (e.g. a filter gradient of the model's 1-channel input), gradients
+    nobody reads, through native kernels that need not run.
     """
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
         recorder = _Recorder(targets, tape)
         output = recorder.run(model, tf.convert_to_tensor(x, dtype=model.inputs[0].dtype))
         log_probs = recorder.log_probs(output)
