@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from types import SimpleNamespace
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -39,6 +40,7 @@ from compressor.techniques.hessian import (  # noqa: E402
     kfac_layers,
     kfac_weight_scores,
 )
+from compressor.techniques.hessian import _convolve, _tap_counts  # noqa: E402  (the private counts under test)
 from conftest import build_nested  # noqa: E402
 
 L = keras.layers
@@ -162,6 +164,29 @@ def test_conv_factors_match_patches_and_per_example_gradients():
     assert relative(factors["valid"].a, tap_average(np.concatenate(acts["valid"]), "VALID", 1)) < RTOL
 
 
+def test_the_backward_pass_stops_at_the_first_target(monkeypatch):
+    """No gradient of the first convolution's kernel (its input is the model's 1-channel images)."""
+    from tensorflow.python.ops import gen_nn_ops  # what TensorFlow's Conv2D gradient calls
+
+    filter_inputs = []
+    original = gen_nn_ops.conv2d_backprop_filter
+
+    def recorded(conv_input, *args, **kwargs):
+        filter_inputs.append(tuple(conv_input.shape))
+        return original(conv_input, *args, **kwargs)
+
+    monkeypatch.setattr(gen_nn_ops, "conv2d_backprop_filter", recorded)
+    inputs = keras.Input((8, 8, 1))
+    x = L.Conv2D(3, 3, activation="relu", name="first")(inputs)
+    x = L.Conv2D(4, 3, name="second")(x)
+    model = randomize(keras.Model(inputs, L.Dense(3, activation="softmax")(L.Flatten()(x))))
+    factors = kfac_factors(model, dataset(np.random.default_rng(5).random((6, 8, 8, 1))), batch_size=6)
+    assert set(factors) == {"first", "second", model.layers[-1].name}
+    # The second convolution's input gradient is needed (for G of "first"); TensorFlow
+    # computes its kernel's alongside. Nothing runs on the model's input.
+    assert filter_inputs == [(6, 6, 6, 3)]
+
+
 def test_causal_dilated_conv1d_averages_over_taps():
     inputs = keras.Input((10, 2))
     x = L.Conv1D(3, 3, dilation_rate=2, padding="causal", name="causal")(inputs)
@@ -171,6 +196,103 @@ def test_causal_dilated_conv1d_averages_over_taps():
     padded = np.pad(x.astype(np.float64), ((0, 0), (4, 0), (0, 0)))  # (k − 1) × dilation zeros on the left
     taps = [padded[:, p + 2 * j] for p in range(10) for j in range(3)]
     assert relative(factors["causal"].a, outer_mean(np.stack(taps, axis=1))) < RTOL
+
+
+def reference_tap_counts(size, kernel, stride, dilation, padding):
+    """Per-input reads and total (position, tap) pairs of a 1-d convolution, by loops.
+
+    Pads explicitly as TensorFlow does ("same": total pad from ceil(size / stride)
+    outputs, the odd one after; "causal": all before), then slides the dilated
+    window over the padded axis.
+    """
+    span = (kernel - 1) * dilation + 1
+    before, after = 0, 0
+    if padding == "same":
+        total = max((math.ceil(size / stride) - 1) * stride + span - size, 0)
+        before, after = total // 2, total - total // 2
+    elif padding == "causal":
+        before = span - 1
+    padded = [None] * before + list(range(size)) + [None] * after
+    counts, pairs = [0] * size, 0
+    for start in range(0, len(padded) - span + 1, stride):
+        for tap in range(kernel):
+            pairs += 1
+            if padded[start + tap * dilation] is not None:
+                counts[padded[start + tap * dilation]] += 1
+    return np.array(counts, np.float64), pairs
+
+
+def conv_layer(rank, kernel, stride, dilation, padding, data_format="channels_last"):
+    conv = L.Conv1D if rank == 1 else L.Conv2D
+    return conv(2, kernel, strides=stride, dilation_rate=dilation, padding=padding, data_format=data_format)
+
+
+def geometry(kernel, stride, dilation, padding):
+    """What `_tap_counts` reads of a layer. Keras refuses strides > 1 with dilation > 1;
+    the counts are defined for them all the same, so they are tested with this stand-in."""
+    return SimpleNamespace(kernel_size=kernel, strides=stride, dilation_rate=dilation, padding=padding)
+
+
+def forward_tap_counts(layer, spatial):
+    """The old TensorFlow count, forward only: conv(one-hot at q, all-ones kernel) summed is q's reads."""
+    one_hot = np.eye(math.prod(spatial), dtype=np.float32).reshape(-1, *spatial, 1)
+    out = _convolve(layer, tf.constant(one_hot), tf.ones((*layer.kernel_size, 1, 1)), "channels_last").numpy()
+    counts = out.reshape(len(one_hot), -1).sum(axis=1).reshape(spatial)
+    return counts, math.prod(out.shape[1:-1]) * math.prod(layer.kernel_size)
+
+
+@pytest.mark.parametrize("padding", ["valid", "same", "causal"])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("dilation", [1, 2, 3])
+def test_tap_counts_match_loops_over_positions_and_taps(padding, stride, dilation):
+    for size in range(1, 12):
+        for kernel in range(1, 6):
+            if padding == "valid" and size < (kernel - 1) * dilation + 1:
+                continue  # no output: Keras refuses the shape
+            counts, pairs = _tap_counts(geometry((kernel,), (stride,), (dilation,), padding), (size,))
+            expected, expected_pairs = reference_tap_counts(size, kernel, stride, dilation, padding)
+            assert counts.dtype == np.float64 and counts.shape == (size,)
+            np.testing.assert_array_equal(counts, expected, err_msg=f"{size=} {kernel=}")
+            assert pairs == expected_pairs, (size, kernel)
+
+
+@pytest.mark.parametrize(
+    "spatial, kernel, stride, dilation, padding",
+    [
+        ((7, 9), (3, 2), (2, 1), (1, 2), "same"),
+        ((8, 5), (1, 3), (2, 3), (1, 1), "valid"),
+        ((6, 6), (3, 3), (1, 1), (2, 2), "valid"),
+        ((5, 8), (2, 4), (3, 2), (2, 1), "same"),
+    ],
+)
+def test_two_d_tap_counts_are_the_outer_product_of_the_axes(spatial, kernel, stride, dilation, padding):
+    counts, pairs = _tap_counts(geometry(kernel, stride, dilation, padding), spatial)
+    rows, row_pairs = reference_tap_counts(spatial[0], kernel[0], stride[0], dilation[0], padding)
+    cols, col_pairs = reference_tap_counts(spatial[1], kernel[1], stride[1], dilation[1], padding)
+    np.testing.assert_array_equal(counts, np.outer(rows, cols))
+    assert pairs == row_pairs * col_pairs
+
+
+@pytest.mark.parametrize(
+    "rank, spatial, kernel, stride, dilation, padding",
+    [
+        (1, (13,), 3, 1, 2, "causal"),
+        (1, (11,), 2, 3, 1, "causal"),
+        (1, (10,), 4, 3, 1, "same"),
+        (2, (9, 7), 3, 2, 1, "same"),
+        (2, (8, 8), 1, 2, 1, "valid"),
+        (2, (7, 6), 3, 1, 2, "same"),
+    ],
+)
+def test_tap_counts_agree_with_tensorflow_convolutions(rank, spatial, kernel, stride, dilation, padding):
+    layer = conv_layer(rank, kernel, stride, dilation, padding)
+    counts, pairs = _tap_counts(layer, spatial)
+    expected, expected_pairs = forward_tap_counts(layer, spatial)
+    np.testing.assert_array_equal(counts, expected)  # small integers: exact in float32
+    assert pairs == expected_pairs
+    if rank == 2:  # the counts are over the spatial shape, whatever the layer's data format
+        channels_first = conv_layer(rank, kernel, stride, dilation, padding, "channels_first")
+        np.testing.assert_array_equal(_tap_counts(channels_first, spatial)[0], counts)
 
 
 def test_factors_follow_nested_models_under_qualified_names():

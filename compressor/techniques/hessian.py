@@ -265,8 +265,12 @@ def _batch_pass(
 
     The loss is summed over the batch, so each example's slice of the gradient is
     that example's own gradient (inference mode: examples do not interact).
+    Only the pre-activations are watched: a tape that also watched the variables it
+    reads would run the backward pass on past them, into kernels and the layers before
+    the first target (e.g. a filter gradient of the model's 1-channel input), gradients
+    nobody reads, through native kernels that need not run.
     """
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
         recorder = _Recorder(targets, tape)
         output = recorder.run(model, tf.convert_to_tensor(x, dtype=model.inputs[0].dtype))
         log_probs = recorder.log_probs(output)
@@ -406,17 +410,41 @@ def _channels_last(layer: Any, tensor: Any) -> np.ndarray:
 def _tap_counts(layer: Any, spatial: tuple[int, ...]) -> tuple[np.ndarray, int]:
     """How many (output position, tap) pairs read each input position; and their total.
 
-    The count is the gradient of Σ conv(ones, all-ones kernel) with respect to the
-    ones: exact for any padding, stride and dilation. The total includes pairs that
-    read padding.
+    Counted with integers in numpy from the layer's padding, strides and dilation:
+    exact, and no convolution runs (a TensorFlow gradient of an all-ones convolution
+    counts the same, in float32, through native kernels that are not needed here).
+    A convolution's reads are separable, so the count is the outer product of the
+    per-axis counts. The total includes pairs that read padding.
+
+    Args:
+        layer: A Conv1D or Conv2D layer.
+        spatial: The spatial shape of its input (channels_last order, no channels).
+
+    Returns:
+        (counts shaped like `spatial`, float64; pairs per example).
     """
-    ones = tf.ones((1, *spatial, 1))
-    with tf.GradientTape() as tape:
-        tape.watch(ones)
-        out = _convolve(layer, ones, tf.ones((*layer.kernel_size, 1, 1)), "channels_last")
-        total = tf.reduce_sum(out)
-    counts = tape.gradient(total, ones).numpy()[0, ..., 0].astype(np.float64)
-    return counts, math.prod(out.shape[1:-1]) * math.prod(layer.kernel_size)
+    counts, pairs = np.ones(()), 1
+    for size, kernel, stride, dilation in zip(spatial, layer.kernel_size, layer.strides, layer.dilation_rate):
+        axis_counts, axis_pairs = _axis_tap_counts(layer.padding, size, kernel, stride, dilation)
+        counts, pairs = np.multiply.outer(counts, axis_counts), pairs * axis_pairs
+    return counts, pairs
+
+
+def _axis_tap_counts(padding: str, size: int, kernel: int, stride: int, dilation: int) -> tuple[np.ndarray, int]:
+    """`_tap_counts` along one axis, with Keras' (TensorFlow's) padding rules."""
+    span = (kernel - 1) * dilation + 1
+    if padding == "same":
+        outputs = -(-size // stride)
+        before = max((outputs - 1) * stride + span - size, 0) // 2  # the odd pad goes after
+    elif padding == "causal":
+        before = span - 1
+        outputs = (size + before - span) // stride + 1
+    else:
+        before, outputs = 0, (size - span) // stride + 1
+    outputs = max(outputs, 0)
+    reads = (np.arange(outputs)[:, None] * stride + np.arange(kernel)[None, :] * dilation - before).ravel()
+    inside = reads[(reads >= 0) & (reads < size)]
+    return np.bincount(inside, minlength=size).astype(np.float64), outputs * kernel
 
 
 class _Sums:
