@@ -5,9 +5,55 @@ that says what was found and what to do instead. The CLI prints that line and
 exits non-zero; it never shows a traceback for these.
 """
 
+from __future__ import annotations
+
+from typing import Callable
+
 
 class CompressorError(Exception):
     """An error caused by the input (model, data, options), with a readable message."""
+
+
+class OptionError(CompressorError):
+    """An option is missing, out of range, or contradicts another.
+
+    The message names options as `{option_name}` placeholders, so that each front end
+    words them its own way: the CLI as flags (`--max-acc-loss`), the Python API as
+    keyword arguments (`max_acc_loss=`). `str(error)` gives the Python wording.
+
+        raise OptionError("method fixed_loss needs {max_acc_loss} (e.g. 0.02 for 2 points)")
+    """
+
+    def __init__(self, template: str, **values: object) -> None:
+        self.template = template
+        self.values = values
+        super().__init__(self.render(python_name))
+
+    def render(self, name_option: Callable[[str], str]) -> str:
+        """The message with each `{option}` written by `name_option` (and `{key}` values filled in)."""
+        return _Placeholders(name_option, self.values).fill(self.template)
+
+
+def python_name(option: str) -> str:
+    """An option as the Python API spells it: `max_acc_loss=`."""
+    return f"{option}="
+
+
+def flag_name(option: str) -> str:
+    """An option as the command line spells it: `--max-acc-loss`."""
+    return "--" + option.replace("_", "-")
+
+
+class _Placeholders(dict):
+    def __init__(self, name_option: Callable[[str], str], values: dict) -> None:
+        super().__init__(values)
+        self._name_option = name_option
+
+    def __missing__(self, key: str) -> str:
+        return self._name_option(key)
+
+    def fill(self, template: str) -> str:
+        return template.format_map(self)
 
 
 class ModelLoadError(CompressorError):

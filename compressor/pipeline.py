@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from compressor.config import CompressOptions
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, OptionError
 from compressor.io.data import Dataset
 from compressor.report.schema import SCHEMA
 
@@ -58,7 +58,24 @@ def split_data(data: Dataset, test_fraction: float, seed: int) -> tuple[Dataset,
 
 
 
-def compress(options: CompressOptions, progress: Optional[Progress] = None, log: Optional[Log] = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Inputs:
+    """In-memory inputs that stand in for the files the options name (the Python API's model and arrays).
+
+    Attributes:
+        model: A Keras graph model, used instead of loading `options.model`.
+        data, test_data, train_data: Datasets (`compressor.io.data.from_arrays`) used
+            instead of loading the option of the same name.
+    """
+
+    model: Any = None
+    data: Optional[Dataset] = None
+    test_data: Optional[Dataset] = None
+    train_data: Optional[Dataset] = None
+
+
+def compress(options: CompressOptions, progress: Optional[Progress] = None, log: Optional[Log] = None,
+             inputs: Optional[Inputs] = None) -> dict[str, Any]:
     """Run one compression and write its outputs into `options.out`.
 
     Everything is written into a staging folder first and moved into `options.out`
@@ -75,7 +92,8 @@ def compress(options: CompressOptions, progress: Optional[Progress] = None, log:
     from compressor.io.outdir import staged_output
 
     with staged_output(options.out, options.overwrite, options.input_files()) as staging:
-        report = _compress(options, staging, progress or (lambda stage, done, total: None), log or (lambda message: None))
+        report = _compress(options, staging, progress or (lambda stage, done, total: None), log or (lambda message: None),
+                           inputs or Inputs())
     return report
 
 
@@ -94,30 +112,35 @@ def check_inputs(options: CompressOptions) -> None:
     _check_data_and_plan(options)
 
 
-def _check_data_and_plan(options: CompressOptions) -> None:
+def _check_data_and_plan(options: CompressOptions, inputs: Optional[Inputs] = None) -> None:
     from compressor.io.data import check_data_spec
     from compressor.surgery.plan import Plan
 
     for key in ("data", "test_data", "train_data"):
         spec = getattr(options, key)
-        if spec is not None:
+        if spec is not None and (inputs is None or getattr(inputs, key) is None):
             check_data_spec(spec, "--" + key.replace("_", "-"))
     if options.plan is not None:
         Plan.load(options.plan)
 
 
-def _compress(options: CompressOptions, staging: Path, progress: Progress, log: Log) -> dict[str, Any]:
+def _compress(options: CompressOptions, staging: Path, progress: Progress, log: Log, inputs: Inputs) -> dict[str, Any]:
     from compressor.graph.cost import model_cost, stored_params
     from compressor.io.models import load_model
     from compressor.surgery.plan import Plan
 
     started = time.perf_counter()
-    _check_data_and_plan(options)  # before the model loads; load_model checks the model file
-    log(f"loading {options.model}")
-    model = load_model(options.model, options.custom_objects, allow_model_code=options.allow_model_code)
-    load = _data_loader(model)
+    _check_data_and_plan(options, inputs)  # before the model loads; load_model checks the model file
+    if inputs.model is not None:
+        from compressor.io.models import require_graph_model
+
+        model = require_graph_model(inputs.model)
+    else:
+        log(f"loading {options.model}")
+        model = load_model(options.model, options.custom_objects, allow_model_code=options.allow_model_code)
+    load = _data_loader(model, options, inputs)
     search_data, held_out = _datasets(options, load)
-    train_data = load(options.train_data) if options.train_data else None
+    train_data = load("train_data")
     budget = options.budget()
     base_cost = model_cost(model)
 
@@ -612,21 +635,29 @@ def write_report(path: Path, report: dict[str, Any]) -> Path:
     return write_bytes_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
 
 
-def _data_loader(model: Any) -> Callable[[str], Dataset]:
-    """Load a data spec checked against the model: samples of its input shape, labels among its classes.
+def _data_loader(model: Any, options: CompressOptions, inputs: Inputs) -> Callable[[str], Optional[Dataset]]:
+    """Load an option's data (by option name), checked against the model: samples of its input shape, labels among its classes.
+
+    In-memory data of `inputs` stands in for the option's file; None when there is neither.
 
     Labels are checked here, right after the model loads, so that a label the model
     cannot predict stops the run before the search rather than at the timing step.
     """
     from compressor.export.writers import single_input_shape
-    from compressor.io.data import check_labels, load_data
+    from compressor.io.data import check_fits, check_labels, load_data
 
     shape = single_input_shape(model)[1:]
     outputs = model.outputs
     classes = outputs[0].shape[-1] if len(outputs) == 1 and len(outputs[0].shape) >= 2 else None
 
-    def load(spec: str) -> Dataset:
-        data = load_data(spec, input_shape=shape)
+    def load(option: str) -> Optional[Dataset]:
+        data, spec = getattr(inputs, option), getattr(options, option)
+        if data is None and spec is None:
+            return None
+        if data is None:
+            data = load_data(spec, input_shape=shape)
+        else:
+            check_fits(data, shape)
         if classes is not None:
             check_labels(data, int(classes))
         return data
@@ -634,12 +665,13 @@ def _data_loader(model: Any) -> Callable[[str], Dataset]:
     return load
 
 
-def _datasets(options: CompressOptions, load: Callable[[str], Dataset]) -> tuple[Optional[Dataset], Optional[Dataset]]:
-    data = load(options.data) if options.data else None
+def _datasets(options: CompressOptions, load: Callable[[str], Optional[Dataset]]) -> tuple[Optional[Dataset], Optional[Dataset]]:
+    data = load("data")
     if options.method == "fixed_loss" and data is not None and data.y is None:
-        raise CompressorError(f"--method fixed_loss needs labels: {data.source} has no 'y'")
-    if options.test_data:
-        return data, load(options.test_data)
+        raise OptionError("method fixed_loss needs labels: {source} has no 'y'", source=data.source)
+    test = load("test_data")
+    if test is not None:
+        return data, test
     if data is None:
         return None, None
     if options.method == "fixed_loss":

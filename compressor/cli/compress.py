@@ -150,7 +150,10 @@ def _write_error_report(options: Any, exc: Exception) -> None:
     from compressor.io.outdir import write_error_report
     from compressor.report.schema import SCHEMA
 
-    error = {"schema": SCHEMA, "status": "error", "method": options.method, "error": first_line(exc)}
+    from compressor.errors import OptionError, flag_name
+
+    message = exc.render(flag_name) if isinstance(exc, OptionError) else first_line(exc)
+    error = {"schema": SCHEMA, "status": "error", "method": options.method, "error": message}
     try:
         write_error_report(options.out, (json.dumps(error, indent=2) + "\n").encode())
     except (OSError, CompressorError):

@@ -21,7 +21,7 @@ from typing import Any, Callable, TypeVar
 import typer
 from rich.console import Console
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, OptionError, flag_name
 from compressor.quiet import muted_stderr, stdout_to_stderr  # noqa: F401 - re-exported for the commands
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -152,6 +152,8 @@ def handle_errors(func: F) -> F:
             except Exception as exc:  # noqa: BLE001 - last line of defence for the CLI
                 if interrupted():
                     raise fail("interrupted", code=EXIT_INTERRUPTED) from None
+                if isinstance(exc, OptionError):
+                    raise fail(exc.render(flag_name)) from None
                 if isinstance(exc, CompressorError):
                     raise fail(str(exc)) from None
                 if os.environ.get("COMPRESSOR_DEBUG"):

@@ -78,6 +78,20 @@ def load_data(spec: str | Path, input_shape: Optional[Shape] = None) -> Dataset:
 _EXPECTED = "expected an .npz file, an image folder, or a hook written pkg.module:function"
 
 
+def from_arrays(x: Any, y: Any = None, source: str = "arrays") -> Dataset:
+    """A Dataset of in-memory arrays, checked as loaded data is (batch first, numeric, finite, labels).
+
+    Args:
+        x: Inputs, batch first.
+        y: Integer labels or one-hot rows, or None.
+        source: How messages name the data.
+
+    Raises:
+        DataError: The arrays are not usable data.
+    """
+    return _finish(x, y, source)
+
+
 def is_hook(spec: str | Path) -> bool:
     """Whether `load_data` would read this spec by importing a `pkg.module:function` hook.
 

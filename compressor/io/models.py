@@ -76,7 +76,7 @@ def load_model(
         model = _load_saved_model_dir(path, allow_model_code)
     else:
         model = _keras_load(path, allow_model_code)
-    return _require_graph_model(model, path)
+    return require_graph_model(model, path)
 
 
 def _keras_load(path: Path, allow_model_code: bool, shown: Optional[Path] = None) -> keras.Model:
@@ -182,13 +182,19 @@ def _code_layers(tree: Any) -> Iterator[str]:
             yield from _code_layers(value)
 
 
-def _require_graph_model(model: object, path: Path) -> keras.Model:
+def require_graph_model(model: object, path: Optional[Path] = None) -> keras.Model:
+    """The model itself when it is a graph model (Sequential or Functional) this tool can rewrite.
+
+    Raises:
+        ModelLoadError: A subclassed model (or not a model at all).
+    """
     from keras.src.models.functional import Functional
 
     if isinstance(model, (keras.Sequential, Functional)):
         return model
+    where = f"{path} holds" if path is not None else "the model is"
     raise ModelLoadError(
-        f"{path} holds a subclassed model ({type(model).__name__}); compressor can only rewrite "
+        f"{where} a subclassed model ({type(model).__name__}); compressor can only rewrite "
         "Functional or Sequential models: rebuild it with the Functional API and save it again"
     )
 
