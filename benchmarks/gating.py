@@ -134,7 +134,8 @@ def gate_overhead(out: Path, test, runs: int, repeats: int) -> dict:
     from compressor.bench.benchmark import benchmark
     from compressor.export.writers import export_tflite
     from compressor.io.models import load_model
-    from compressor.techniques.gating import OPEN, gate_layers, set_offsets
+    from compressor.layers.gating import OPEN, gate_layers
+    from compressor.techniques.gating import set_offsets
 
     gated = load_model(out / "model.keras")
     offsets = [float(gate.offset.numpy()) for gate, _ in gate_layers(gated)]

@@ -153,9 +153,9 @@ def to_tf_keras(model: Any) -> Any:
     """
     import tf_keras
 
-    from compressor.graph.calls import _graph  # the one home of Keras' private graph API
+    from compressor.graph.walk import graph_of  # the package's one walker over a graph's nodes
 
-    graph = _graph(model)
+    graph = graph_of(model)
     if graph is None:
         raise CompressorError(f"model '{model.name}' has no layer graph: tf_keras rebuild needs a Functional model")
     tensors: dict[int, Any] = {}  # id(Keras 3 KerasTensor) -> tf_keras tensor

@@ -7,26 +7,17 @@ teacher) as a guide recovers most of it. The loss is knowledge distillation
 
     distillation · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − distillation) · CE(y, s)
 
-with t, s the teacher's and student's logits and T the temperature; T² keeps the
-soft term's gradients on the scale of the label term's. Models that end in a
-softmax have their log-probabilities (clipped) used as logits. Without a teacher
-the loss is the labels' cross-entropy alone; without labels, the teacher term alone.
+with t, s the teacher's and student's logits and T the temperature
+(`compressor.distillation`, shared with gate training). Without a teacher the loss is
+the labels' cross-entropy alone; without labels, the teacher term alone.
 
-Masked kernels stay sparse: a mask multiplies the kernel's gradient (so Adam's
-moments of a masked weight never build up) and the kernel itself after every
-optimizer step (so nothing, a moment left from before the weight was masked
-included, can revive it). Gradual sparsity prunes a layer during the run to a
-target pattern, its density following tfmot's `PolynomialDecay` schedule.
-
-The teacher's outputs are computed once, before training, in inference mode: they
-do not change during the run, and one pass costs less than one teacher forward pass
-per step. The train step is a `tf.function` (XLA where `model.fit` would use it: a
-GPU is present and every layer supports it).
+Masked kernels stay sparse, and gradual sparsity prunes layers during the run
+(`compressor.kernel_masks`). The train step is a `tf.function` (XLA where `model.fit`
+would use it: a GPU is present and every layer supports it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -36,15 +27,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from compressor.distillation import (
+    DEFAULT_TEMPERATURE,
+    as_logits,
+    distillation_term,
+    student_probabilities,
+    teacher_logits,
+)
 from compressor.errors import CompressorError, DataError
-from compressor.graph.calls import layer_calls
+from compressor.graph.walk import nested_layers
 from compressor.io.data import Dataset
+from compressor.kernel_masks import KernelMasks, kernel_layers
 from compressor.surgery.plan import SparsitySpec
-from compressor.techniques.base import kernel_index, kernel_name, pattern_kernel, restore_kernel
-from compressor.techniques.sparsity import Sparsity, _check_pattern
-from compressor.techniques.sparsity import mask as sparsity_mask
+from compressor.techniques.base import kernel_index
 
-EPSILON = 1e-7  # probabilities are clipped here before their log: log(0) would be -inf
 EpochCallback = Callable[[int, int, dict], None]
 
 
@@ -67,7 +63,7 @@ class FinetuneConfig:
     epochs: int
     batch_size: int = 64
     learning_rate: float = 1e-3
-    temperature: float = 4.0
+    temperature: float = DEFAULT_TEMPERATURE
     distillation: float = 0.7
     seed: int = 0
 
@@ -199,10 +195,10 @@ def finetune(
     classes = _check_student(student)
     _check_run(train, val, target_accuracy, classes)
     keras.utils.set_random_seed(config.seed)
-    soft = _teacher_logits(teacher, teacher_outputs, train, classes)
+    soft = teacher_logits(teacher, train, classes, teacher_outputs)
     weights = _loss_weights(train.y is not None, soft is not None, config.distillation)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    masker = _Masker(student, masks or {}, sparsity, config.epochs * steps_per_epoch)
+    masker = KernelMasks(student, masks or {}, sparsity, config.epochs * steps_per_epoch)
     step_fn = _train_step(student, train.x, config, steps_per_epoch, weights, masker)
     # Missing labels or teacher outputs are zeros the loss gives no weight: one step signature.
     arrays = (
@@ -251,32 +247,11 @@ def fixed_masks(model: keras.Model, min_zeros: float = 0.3) -> dict[str, np.ndar
     """
     _check_number("min_zeros", min_zeros, "a number in (0, 1]", lambda v: 0 < v <= 1)
     masks = {}
-    for name, layer in _kernel_layers(model).items():
+    for name, layer in kernel_layers(model).items():
         kernel = keras.ops.convert_to_numpy(layer.weights[kernel_index(layer)])
         if kernel.size and np.mean(kernel == 0) >= min_zeros:
             masks[name] = kernel != 0
     return masks
-
-
-def teacher_predictions(teacher: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The teacher's outputs for `x`, in inference mode, to pass as `teacher_outputs`.
-
-    Args:
-        teacher: A single-output model.
-        x: Inputs, batch first.
-        batch_size: Samples per forward pass, >= 1.
-
-    Returns:
-        float32 array (N, classes): probabilities or logits, as the model outputs them.
-
-    Raises:
-        CompressorError: A bad batch size, or a model with several outputs.
-    """
-    _check_int("batch_size", batch_size, "an integer >= 1", 1)
-    outputs = teacher.predict(x, batch_size=batch_size, verbose=0)
-    if isinstance(outputs, (list, tuple, dict)):
-        raise CompressorError(f"the teacher {teacher.name!r} has several outputs; expected a single-output classifier")
-    return np.asarray(outputs, dtype=np.float32)
 
 
 def accuracy(model: keras.Model, data: Dataset, batch_size: int = 256) -> float:
@@ -341,58 +316,6 @@ def _loss_weights(has_labels: bool, has_teacher: bool, distillation: float) -> t
     )
 
 
-# --- outputs as logits -----------------------------------------------------------------
-
-
-def _teacher_logits(
-    teacher: Optional[keras.Model], outputs: Optional[np.ndarray], train: Dataset, classes: int
-) -> Optional[np.ndarray]:
-    """The teacher's logits for every training sample, or None without a teacher."""
-    probabilities = None
-    if outputs is None:
-        if teacher is None:
-            return None
-        probabilities = _ends_in_softmax(teacher)
-        outputs = teacher_predictions(teacher, train.x)
-    outputs = np.asarray(outputs, dtype=np.float32)
-    if outputs.shape != (len(train), classes):
-        raise DataError(
-            f"teacher outputs have shape {outputs.shape}; expected one row of {classes} class "
-            f"scores per training sample: {(len(train), classes)}"
-        )
-    if probabilities is None:
-        probabilities = _look_like_probabilities(outputs)
-    return np.log(np.clip(outputs, EPSILON, 1.0)) if probabilities else outputs
-
-
-def _ends_in_softmax(model: keras.Model) -> Optional[bool]:
-    """True if the model's output layer applies softmax, False if it is linear, None if unknown."""
-    try:
-        last = layer_calls(model)[-1].operation
-    except CompressorError:  # no layer graph (a subclassed model): unknown
-        return None
-    if isinstance(last, keras.layers.Softmax):
-        return True
-    if not hasattr(last, "get_config"):
-        return None
-    activation = last.get_config().get("activation", "<none>")
-    if activation == "softmax":
-        return True
-    return False if activation in (None, "linear") else None
-
-
-def _look_like_probabilities(outputs: np.ndarray) -> bool:
-    """Whether rows are non-negative and sum to 1 (float32 rounding allowed)."""
-    return bool(np.all(outputs >= 0) and np.allclose(outputs.sum(axis=-1), 1.0, atol=1e-3))
-
-
-def _student_outputs_probabilities(student: keras.Model, x: np.ndarray) -> bool:
-    known = _ends_in_softmax(student)
-    if known is not None:
-        return known
-    return _look_like_probabilities(np.asarray(student(x[:32], training=False), dtype=np.float32))
-
-
 # --- training --------------------------------------------------------------------------
 
 
@@ -402,7 +325,7 @@ def _train_step(
     config: FinetuneConfig,
     steps_per_epoch: int,
     weights: tuple[float, float],
-    masker: "_Masker",
+    masker: KernelMasks,
 ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], Any]:
     """A compiled step: forward in training mode, loss, Adam update, masks re-applied."""
     variables = list(student.trainable_variables)
@@ -414,15 +337,15 @@ def _train_step(
     grad_masks = masker.masks_for(variables)
     soft_weight, label_weight = weights
     temperature = float(config.temperature)
-    probabilities = _student_outputs_probabilities(student, x_train)
+    probabilities = student_probabilities(student, x_train)
 
     def step(x: tf.Tensor, y: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
             outputs = tf.cast(student(x, training=True), tf.float32)
-            logits = tf.math.log(tf.clip_by_value(outputs, EPSILON, 1.0)) if probabilities else outputs
+            logits = as_logits(outputs, probabilities)
             loss = tf.constant(0.0)
             if soft_weight:
-                loss += soft_weight * temperature**2 * _kl(t / temperature, logits / temperature)
+                loss += distillation_term(t, logits, temperature, soft_weight)
             if label_weight:
                 ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
                 loss += label_weight * tf.reduce_mean(ce)
@@ -447,7 +370,7 @@ def _train_step(
 
 
 def _run_epoch(
-    step_fn: Callable, masker: "_Masker", arrays: tuple[np.ndarray, ...], order: np.ndarray, batch_size: int, step: int
+    step_fn: Callable, masker: KernelMasks, arrays: tuple[np.ndarray, ...], order: np.ndarray, batch_size: int, step: int
 ) -> tuple[float, int]:
     """One pass over the data in `order`; returns (mean loss per sample, next step)."""
     losses = []
@@ -460,13 +383,6 @@ def _run_epoch(
     return float(np.sum(losses)) / len(order), step
 
 
-def _kl(teacher_logits: tf.Tensor, student_logits: tf.Tensor) -> tf.Tensor:
-    """Batch mean of KL(softmax(teacher) ‖ softmax(student))."""
-    log_p = tf.nn.log_softmax(teacher_logits)
-    log_q = tf.nn.log_softmax(student_logits)
-    return tf.reduce_mean(tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1))
-
-
 def _use_xla(model: keras.Model) -> bool:
     """XLA when `model.fit` would choose it: a GPU is present and every layer supports it."""
     if not tf.config.list_physical_devices("GPU"):
@@ -475,162 +391,4 @@ def _use_xla(model: keras.Model) -> bool:
 
     if is_op_determinism_enabled():
         return False  # not every XLA op has a deterministic kernel
-    return all(getattr(layer, "supports_jit", True) for layer in _all_layers(model))
-
-
-def _all_layers(model: Any) -> list:
-    layers = []
-    for layer in getattr(model, "layers", ()):
-        layers.append(layer)
-        layers.extend(_all_layers(layer))
-    return layers
-
-
-# --- masks -----------------------------------------------------------------------------
-
-
-def _kernel_layers(model: keras.Model) -> dict[str, Any]:
-    """Layer name (qualified in nested models) -> layer, for the layers with a main kernel."""
-    return {call.path: call.operation for call in layer_calls(model) if kernel_name(call.operation) is not None}
-
-
-@dataclass
-class _Masked:
-    """One masked kernel: its variable, the mask applied to it, and where it comes from."""
-
-    name: str
-    layer: Any
-    variable: Any
-    mask: tf.Variable  # float32, 1 where kept; applied to gradients and weights
-    fixed: Optional[np.ndarray]  # boolean, the user's mask, if any
-    target: Optional[SparsitySpec]  # the gradual-sparsity target, if any
-    sparsity: Optional[np.ndarray] = None  # the schedule's sparsity per step
-
-
-class _Masker:
-    """Holds the masked kernels of one run, and updates them on the sparsity schedule."""
-
-    def __init__(
-        self, model: keras.Model, masks: Mapping[str, np.ndarray], gradual: Optional[GradualSparsity], steps: int
-    ) -> None:
-        self._gradual = gradual
-        self._entries: list[_Masked] = []
-        targets = dict(gradual.targets) if gradual else {}
-        names = list(masks) + [name for name in targets if name not in masks]
-        layers = _kernel_layers(model) if names else {}
-        for name in names:
-            self._entries.append(self._entry(name, layers, masks.get(name), targets.get(name)))
-        self._prune = np.zeros(steps, dtype=bool)
-        self._end_step = 0
-        if gradual is not None:
-            self._plan(gradual, steps)
-        for entry in self._entries:
-            if entry.fixed is not None:
-                self._set(entry, entry.fixed)
-
-    @staticmethod
-    def _entry(name: str, layers: dict, fixed: Optional[np.ndarray], target: Optional[SparsitySpec]) -> _Masked:
-        if name not in layers:
-            shown = ", ".join(sorted(layers)) or "none"
-            raise CompressorError(f"no layer with a kernel named {name!r} to mask; layers with kernels: {shown}")
-        layer = layers[name]
-        variable = layer.weights[kernel_index(layer)]
-        shape = tuple(variable.shape)
-        if fixed is not None:
-            fixed = np.asarray(fixed)
-            if fixed.shape != shape:
-                raise CompressorError(
-                    f"the mask for layer {name!r} has shape {fixed.shape}; expected its kernel's shape {shape}"
-                )
-            fixed = fixed.astype(bool)
-        if target is not None:
-            _check_target(name, layer, target)
-        mask = tf.Variable(np.ones(shape, np.float32), trainable=False, name="finetune_mask")
-        return _Masked(name, layer, variable, mask, fixed, target)
-
-    def _plan(self, gradual: GradualSparsity, steps: int) -> None:
-        """Evaluate tfmot's schedule at every step of the run, once."""
-        # Imported here: tfmot imports tf_keras, which takes seconds that runs without it need not spend.
-        from tensorflow_model_optimization.sparsity.keras import PolynomialDecay
-
-        begin = math.floor(gradual.begin_fraction * steps)
-        end = max(round(gradual.end_fraction * steps), begin + 1)  # the schedule divides by end - begin
-        self._end_step = end
-        every_step = tf.range(steps, dtype=tf.int64)
-        for entry in self._entries:
-            if entry.target is None:
-                continue
-            final = 0.0 if entry.target.structure == "n:m" else 1.0 - entry.target.density
-            schedule = PolynomialDecay(0.0, final, begin, end, power=gradual.power, frequency=gradual.frequency)
-            prune, sparsity = schedule(every_step)
-            self._prune = prune.numpy()
-            entry.sparsity = sparsity.numpy()
-
-    def masks_for(self, variables: list) -> list[Optional[tf.Variable]]:
-        """The mask of each variable (None for unmasked ones), to multiply its gradient by."""
-        by_id = {id(entry.variable): entry.mask for entry in self._entries}
-        return [by_id.get(id(variable)) for variable in variables]
-
-    def apply_in_graph(self) -> None:
-        """Zero the masked weights (called inside the compiled step, after the optimizer)."""
-        for entry in self._entries:
-            entry.variable.assign(entry.variable * entry.mask)
-
-    def update(self, step: int) -> None:
-        """At a pruning step of the schedule, mask each target again at its density."""
-        if step >= len(self._prune) or not self._prune[step]:
-            return
-        for entry in self._entries:
-            if entry.target is not None:
-                spec = entry.target if step >= self._end_step else _at_density(entry.target, entry.sparsity[step])
-                self._set(entry, self._mask(entry, spec))
-
-    def finish(self) -> None:
-        """Give every target its exact final mask (a run may end before the schedule does)."""
-        for entry in self._entries:
-            if entry.target is not None:
-                self._set(entry, self._mask(entry, entry.target))
-
-    def pruning_done(self, step: int) -> bool:
-        """Whether the schedule has reached its final densities by `step`."""
-        return self._gradual is None or step > self._end_step
-
-    def densities(self) -> dict[str, float]:
-        """Fraction of each target kernel's weights that are kept."""
-        return {
-            entry.name: np.count_nonzero(keras.ops.convert_to_numpy(entry.mask)) / int(np.prod(entry.mask.shape))
-            for entry in self._entries
-            if entry.target is not None
-        }
-
-    @staticmethod
-    def _mask(entry: _Masked, spec: SparsitySpec) -> np.ndarray:
-        """The layer's mask in `spec`; weights the user's mask drops rank below every other."""
-        layer = entry.layer
-        kernel = pattern_kernel(layer, keras.ops.convert_to_numpy(entry.variable))
-        scores = np.square(kernel.astype(np.float64))
-        if entry.fixed is not None:
-            scores = np.where(pattern_kernel(layer, entry.fixed), scores, -1.0)
-            keep = sparsity_mask(kernel, spec, scores) & pattern_kernel(layer, entry.fixed)
-        else:
-            keep = sparsity_mask(kernel, spec, scores)
-        return restore_kernel(layer, keep)
-
-    @staticmethod
-    def _set(entry: _Masked, keep: np.ndarray) -> None:
-        entry.mask.assign(keep.astype(np.float32))
-        entry.variable.assign(entry.variable * keras.ops.convert_to_tensor(entry.mask))
-
-
-def _check_target(name: str, layer: Any, target: SparsitySpec) -> None:
-    """Raise now, not mid-run, if the layer cannot be masked or the pattern does not fit it."""
-    reason = Sparsity().check(layer)
-    if reason is not None:
-        raise CompressorError(f"cannot prune layer {name!r}: it {reason}")
-    _check_pattern(layer, target)  # PlanError, with the reason
-
-
-def _at_density(target: SparsitySpec, sparsity: float) -> SparsitySpec:
-    if target.structure == "n:m":
-        return target
-    return dataclasses.replace(target, density=min(1.0, max(0.0, 1.0 - float(sparsity))))
+    return all(getattr(layer, "supports_jit", True) for layer in nested_layers(model))

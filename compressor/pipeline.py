@@ -402,7 +402,7 @@ def _check_speed(options: CompressOptions, static: Any, outcome: Any, data: Data
     model whose gates cost more than their skipping saves (small blocks, few skips) is
     dropped here.
     """
-    from compressor.search.gating import tflite_latency
+    from compressor.bench.keras_latency import tflite_latency
 
     log("timing the gated TFLite model against the static one")
     x = data.x[:LATENCY_SAMPLES]
@@ -550,7 +550,8 @@ def _layer_statistics(options: CompressOptions, model: Any, search_data: Optiona
 
 def _hessian_technique(model: Any, data: Dataset, seed: int, log: Log) -> Any:
     from compressor.surgery.editable import editable_layers
-    from compressor.techniques.hessian import Hessian, eigen_decompose, kfac_factors
+    from compressor.techniques.hessian import Hessian, eigen_decompose
+    from compressor.techniques.kfac import kfac_factors
 
     log("gathering K-FAC statistics")
     factors = kfac_factors(model, data, seed=seed, samples=KFAC_SAMPLES)

@@ -182,8 +182,9 @@ def keep_any_gates(monkeypatch):
     """Keep gates that skip nothing, and time them as faster: a tiny model's few training steps barely
     move its gates, and the tests using this are about what a gated run writes (test_gating.py tests that
     gates learn to skip; test_gating_cli's test_slower_gates_are_not_kept, that the timing decides)."""
+    from compressor.bench import keras_latency
     from compressor.search import gating
 
     monkeypatch.setattr(gating, "MIN_SAVING", -1.0)
     monkeypatch.setattr(gating, "MIN_GATE_SKIP", -1.0)
-    monkeypatch.setattr(gating, "tflite_latency", lambda static, gated, x, **kwargs: (1.0, 0.5))
+    monkeypatch.setattr(keras_latency, "tflite_latency", lambda static, gated, x, **kwargs: (1.0, 0.5))

@@ -12,7 +12,8 @@ import keras
 import numpy as np
 import pytest
 
-from compressor import finetune as ft
+from compressor import distillation, kernel_masks
+from compressor.distillation import teacher_predictions
 from compressor.errors import CompressorError
 from compressor.finetune import (
     FinetuneConfig,
@@ -20,8 +21,8 @@ from compressor.finetune import (
     accuracy,
     finetune,
     fixed_masks,
-    teacher_predictions,
 )
+from compressor.graph import outputs as graph_outputs
 from compressor.io.data import Dataset
 from compressor.surgery.plan import PlanError, SparsitySpec
 from compressor.techniques.base import kept_count, pattern_kernel
@@ -131,8 +132,8 @@ def test_batch_norm_trains(data, teacher):
 
 def _expected_loss(student, teacher, data, config):
     """The module docstring's loss, in numpy, for the student as it is."""
-    s = np.log(np.clip(student.predict(data.x, verbose=0), ft.EPSILON, 1.0))
-    t = np.log(np.clip(teacher.predict(data.x, verbose=0), ft.EPSILON, 1.0))
+    s = np.log(np.clip(student.predict(data.x, verbose=0), distillation.EPSILON, 1.0))
+    t = np.log(np.clip(teacher.predict(data.x, verbose=0), distillation.EPSILON, 1.0))
     temperature = config.temperature
 
     def log_softmax(z):
@@ -192,10 +193,10 @@ def test_output_kind_detection():
     }
     for expected, group in models.items():
         for model in group:
-            assert ft._ends_in_softmax(model) is expected
+            assert graph_outputs.ends_in_softmax(model) is expected
     # Unknown structure: the outputs decide.
-    assert ft._student_outputs_probabilities(models[None][0], np.ones((4, 3), np.float32))
-    assert not ft._look_like_probabilities(np.array([[2.0, -1.0]], np.float32))
+    assert distillation.student_probabilities(models[None][0], np.ones((4, 3), np.float32))
+    assert not graph_outputs.looks_like_probabilities(np.array([[2.0, -1.0]], np.float32))
 
 
 def test_precomputed_teacher_outputs_match_teacher(data, teacher):
@@ -331,13 +332,13 @@ def test_gradual_sparsity_reaches_target(data, teacher, monkeypatch, layer, spec
     train, _ = data
     student = copy_of(teacher)
     recorded = []
-    original_set = ft._Masker._set
+    original_set = kernel_masks.KernelMasks._set
 
     def recording_set(entry, keep):
         recorded.append(float(np.mean(keep)))
         original_set(entry, keep)
 
-    monkeypatch.setattr(ft._Masker, "_set", staticmethod(recording_set))
+    monkeypatch.setattr(kernel_masks.KernelMasks, "_set", staticmethod(recording_set))
     schedule = GradualSparsity({layer: spec}, begin_fraction=0.0, end_fraction=1.0, frequency=2)
     result = finetune(student, teacher, train, FinetuneConfig(epochs=3), sparsity=schedule)
     weights = pattern_kernel(student.get_layer(layer), kernel(student, layer))

@@ -13,16 +13,8 @@ import numpy as np
 import pytest
 
 from compressor.errors import CompressorError
-from compressor.techniques.gating import (
-    OPEN,
-    GatedResidual,
-    SkipGate,
-    find_residual_blocks,
-    gate_layers,
-    insert_gates,
-    is_gated,
-    set_offsets,
-)
+from compressor.layers.gating import OPEN, GatedResidual, SkipGate, gate_layers, is_gated
+from compressor.techniques.gating import find_residual_blocks, insert_gates, set_offsets
 from conftest import _keras, build_residual, build_sequential, tflite_ops
 
 ATOL_KERAS = 1e-5

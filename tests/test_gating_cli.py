@@ -135,6 +135,7 @@ def test_gates_trained_with_the_network_replay_by_training_again(workdir, tmp_pa
 
 
 def test_slower_gates_are_not_kept(workdir, tmp_path, monkeypatch):
+    from compressor.bench import keras_latency
     from compressor.search import gating
 
     monkeypatch.setattr(gating, "MIN_SAVING", -1.0)
@@ -145,7 +146,7 @@ def test_slower_gates_are_not_kept(workdir, tmp_path, monkeypatch):
         timed.append(len(x))
         return 0.5, 0.6
 
-    monkeypatch.setattr(gating, "tflite_latency", slower)
+    monkeypatch.setattr(keras_latency, "tflite_latency", slower)
     result = _compress(
         workdir, tmp_path / "slow", "--method", "fixed_loss", "--max-acc-loss", "0.1", "--techniques", "gating",
         "--train-data", workdir / "train.npz", "--gating-epochs", "1", "--export", "tflite",
@@ -158,7 +159,7 @@ def test_slower_gates_are_not_kept(workdir, tmp_path, monkeypatch):
 
 
 def test_tflite_latency_times_both_models_on_the_inputs():
-    from compressor.search.gating import tflite_latency
+    from compressor.bench.keras_latency import tflite_latency
     from compressor.techniques.gating import insert_gates
 
     static = build_residual()

@@ -31,16 +31,19 @@ from compressor.techniques.hessian import (  # noqa: E402
     DAMPING,
     EigenBasis,
     Hessian,
-    KFactors,
     eigen_decompose,
     eigendamage_allocate,
     hessian_cost,
+)
+from compressor.techniques.kfac import (  # noqa: E402
+    KFactors,
     kfac_factors,
     kfac_filter_scores,
     kfac_layers,
     kfac_weight_scores,
 )
-from compressor.techniques.hessian import _convolve, _tap_counts  # noqa: E402  (the private counts under test)
+from compressor.techniques.kfac import _tap_counts  # noqa: E402  (the private counts under test)
+from compressor.techniques.kfac_recorder import _convolve  # noqa: E402
 from conftest import build_nested  # noqa: E402
 
 L = keras.layers

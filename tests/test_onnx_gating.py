@@ -16,7 +16,8 @@ from compressor.errors import ExportError
 from compressor.export import onnx_gating
 from compressor.export import writers
 from compressor.export.onnx_gating import convert_gated, fill_branch_shapes
-from compressor.techniques.gating import OPEN, gate_layers, insert_gates, set_offsets
+from compressor.layers.gating import OPEN, gate_layers
+from compressor.techniques.gating import insert_gates, set_offsets
 
 ATOL = 1e-5
 SAMPLES = 4

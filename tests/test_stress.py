@@ -33,7 +33,7 @@ import pytest  # noqa: E402
 
 from compressor.io.data import Dataset  # noqa: E402
 from compressor.techniques.base import kernel_of  # noqa: E402
-from compressor.techniques.hessian import kfac_factors  # noqa: E402
+from compressor.techniques.kfac import kfac_factors  # noqa: E402
 from compressor.techniques.scores import CRITERIA, filter_scores, weight_scores  # noqa: E402
 from conftest import build_residual, write_npz  # noqa: E402
 

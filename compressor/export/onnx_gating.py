@@ -1,6 +1,6 @@
 """ONNX export of gated models: real `If` nodes whose branches onnxruntime accepts.
 
-A gated residual block (`compressor.techniques.gating`) traced at batch 1 is a
+A gated residual block (`compressor.layers.gating`) traced at batch 1 is a
 TensorFlow `If` whose branch functions take the block input and the block's frozen
 weights as arguments. tf2onnx converts each branch function on its own, and reads
 the shapes of a function's arguments from the function, not from its caller:
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import keras
 
 from compressor.errors import ExportError, first_line
-from compressor.techniques.gating import gate_layers
+from compressor.layers.gating import gate_layers
 
 if TYPE_CHECKING:  # TensorFlow and ONNX load only when a conversion runs.
     import onnx

@@ -3,7 +3,7 @@
 TFLite goes through the TFLite converter's Keras path (batch 1, the shape edge
 runtimes run); ONNX through tf2onnx from a frozen trace with an explicit input signature
 and a dynamic batch axis (tf2onnx's own Keras entry point trips over Keras 3 output
-names). A gated model (`compressor.techniques.gating`) is exported at a fixed batch of
+names). A gated model (`compressor.layers.gating`) is exported at a fixed batch of
 1 in both formats, where each gate's decision is one condition: TFLite gets IF ops,
 ONNX `If` nodes (`compressor.export.onnx_gating`), and a skipped block costs nothing.
 """
@@ -21,7 +21,7 @@ import keras
 from compressor.errors import ExportError, first_line
 from compressor.io.atomic import atomic_path, write_bytes_atomic
 from compressor.io.models import save_model
-from compressor.techniques.gating import is_gated
+from compressor.layers.gating import is_gated
 
 FORMATS = ("tflite", "onnx", "keras")
 SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx", "keras": ".keras"}

@@ -4,18 +4,18 @@ Functional and Sequential models record each `__call__` of a layer as a node who
 input and output KerasTensors carry shapes. `layer_calls` walks those nodes in
 topological order, steps into nested graph models (naming their layers
 `outer/inner`), and yields one `LayerCall` per call, so a shared layer appears once
-per call. Keras has no public API for the nodes of a graph; all private-API use is
-in `_graph`.
+per call. The nodes come from `compressor.graph.walk`, the package's one node walker.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import keras
 
 from compressor.errors import ModelLoadError
+from compressor.graph.walk import Graph, graph_of, require_graph
 
 Shape = tuple[Optional[int], ...]
 
@@ -37,23 +37,6 @@ class LayerCall:
     output_shapes: tuple[Shape, ...]
 
 
-@dataclass(frozen=True)
-class _Node:
-    operation: Any
-    inputs: tuple[Any, ...]  # KerasTensors as recorded when the graph was built
-    outputs: tuple[Any, ...]
-    is_input: bool
-    infer: Callable[[dict], list]  # output specs for other input specs (id -> spec)
-    call: Callable[[dict], list]  # calls the operation again on other tensors (id -> tensor): its outputs
-
-
-@dataclass(frozen=True)
-class _Graph:
-    inputs: tuple[Any, ...]
-    outputs: tuple[Any, ...]
-    nodes: tuple[_Node, ...]  # topological order
-
-
 def layer_calls(model: keras.Model, input_shapes: Optional[Sequence[Shape]] = None) -> list[LayerCall]:
     """List every leaf-layer call of a graph model, nested models flattened.
 
@@ -70,19 +53,14 @@ def layer_calls(model: keras.Model, input_shapes: Optional[Sequence[Shape]] = No
         ModelLoadError: The model has no graph (subclassed or unbuilt), or
             `input_shapes` does not match its inputs.
     """
-    graph = _graph(model)
-    if graph is None:
-        raise ModelLoadError(
-            f"model '{model.name}' ({type(model).__name__}) has no layer graph: cost analysis "
-            "needs a Functional model or a Sequential model with a known input shape"
-        )
+    graph = require_graph(model, "cost analysis")
     specs = list(graph.inputs) if input_shapes is None else _input_specs(graph, input_shapes)
     calls: list[LayerCall] = []
     _walk(graph, specs, "", calls)
     return calls
 
 
-def _input_specs(graph: _Graph, input_shapes: Sequence[Shape]) -> list:
+def _input_specs(graph: Graph, input_shapes: Sequence[Shape]) -> list:
     if len(input_shapes) != len(graph.inputs):
         raise ModelLoadError(
             f"the model has {len(graph.inputs)} input(s); got {len(input_shapes)} input shape(s)"
@@ -98,7 +76,7 @@ def _input_specs(graph: _Graph, input_shapes: Sequence[Shape]) -> list:
     return specs
 
 
-def _walk(graph: _Graph, input_specs: list, prefix: str, calls: list[LayerCall]) -> list:
+def _walk(graph: Graph, input_specs: list, prefix: str, calls: list[LayerCall]) -> list:
     """Append the calls of `graph` to `calls`; return the specs of its outputs."""
     values = {id(x): spec for x, spec in zip(graph.inputs, input_specs)}
     for node in graph.nodes:
@@ -110,13 +88,13 @@ def _walk(graph: _Graph, input_specs: list, prefix: str, calls: list[LayerCall])
         if any(id(x) not in values for x in node.inputs):
             continue  # not reachable from these inputs
         inputs = [values[id(x)] for x in node.inputs]
-        inner = _graph(node.operation) if isinstance(node.operation, keras.Model) else None
+        inner = graph_of(node.operation) if isinstance(node.operation, keras.Model) else None
         branch = getattr(node.operation, "gated_branch", None)
         if inner is not None:
             outputs = _walk(inner, inputs, f"{prefix}{node.operation.name}/", calls)
         elif branch is not None:
             # A gated residual block: its branch's layers, then the block itself (the Add).
-            _walk(_graph(branch), inputs[:1], f"{prefix}{node.operation.name}/", calls)
+            _walk(require_graph(branch, "cost analysis"), inputs[:1], f"{prefix}{node.operation.name}/", calls)
             outputs = list(node.outputs)
             calls.append(LayerCall(prefix + node.operation.name, node.operation, _shapes(inputs), _shapes(outputs)))
         else:
@@ -129,62 +107,3 @@ def _walk(graph: _Graph, input_specs: list, prefix: str, calls: list[LayerCall])
 
 def _shapes(tensors: Sequence[Any]) -> tuple[Shape, ...]:
     return tuple(tuple(t.shape) for t in tensors)
-
-
-def _graph(model: Any) -> Optional[_Graph]:
-    """The nodes of a Functional or built Sequential model; None for anything else.
-
-    Private Keras API used here (keras 3.x): `Sequential._functional`,
-    `Function._nodes_by_depth`, `Node.arguments.fill_in`, `Node.is_input`.
-    """
-    from keras.src import tree
-    from keras.src.models.functional import Functional
-
-    if isinstance(model, keras.Sequential):
-        model = getattr(model, "_functional", None)
-    if not isinstance(model, Functional):
-        return None
-    order = {id(op): i for i, op in enumerate(model.operations)}
-    nodes = []
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in sorted(model._nodes_by_depth[depth], key=lambda n: order.get(id(n.operation), -1)):
-            if node.operation is None:
-                continue
-            nodes.append(
-                _Node(
-                    operation=node.operation,
-                    inputs=tuple(node.input_tensors),
-                    outputs=tuple(node.outputs),
-                    is_input=node.is_input,
-                    infer=_inferrer(node, tree),
-                    call=_caller(node, tree),
-                )
-            )
-    return _Graph(tuple(model.inputs), tuple(model.outputs), tuple(nodes))
-
-
-def graph_nodes(model: Any) -> Optional[list[_Node]]:
-    """The nodes of a Functional or built Sequential model in topological order; None for others.
-
-    Each node's `call(values)` calls its operation again on the tensors `values` maps
-    its recorded inputs to (by id): how a graph is rebuilt with some nodes replaced.
-    """
-    graph = _graph(model)
-    return None if graph is None else list(graph.nodes)
-
-
-def _caller(node: Any, tree: Any) -> Callable[[dict], list]:
-    def call(values: dict) -> list:
-        args, kwargs = node.arguments.fill_in(values)
-        return tree.flatten(node.operation(*args, **kwargs))
-
-    return call
-
-
-def _inferrer(node: Any, tree: Any) -> Callable[[dict], list]:
-    def infer(values: dict) -> list:
-        args, kwargs = node.arguments.fill_in(values)
-        return tree.flatten(node.operation.compute_output_spec(*args, **kwargs))
-
-    return infer
-

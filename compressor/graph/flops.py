@@ -22,7 +22,7 @@ Conventions (one sample, i.e. batch 1; the batch axis of every shape is ignored)
   output element.
 - Activation functions (Activation, ReLU, LeakyReLU, PReLU, ELU, Softmax layers, and
   fused `activation=`): 1 per element, whatever the function; "linear" is free.
-- Gated residual blocks (`compressor.techniques.gating`): the branch's layers count
+- Gated residual blocks (`compressor.layers.gating`): the branch's layers count
   as they are (every gate open: the most an input can cost), the block's Add 1 per
   element; a gate: its global average pooling (1 per input element), its
   standardization and Dense (4 per channel) and 2 for its bias and offset.
@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 import keras
 import numpy as np
 
-from compressor.techniques.gating import GatedResidual, SkipGate
+from compressor.layers.gating import GatedResidual, SkipGate
 
 Shape = tuple[Optional[int], ...]
 

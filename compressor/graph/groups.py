@@ -19,7 +19,7 @@ Torch-Pruning's dependency graph does, with a union-find over channel "atoms":
 - Any other layer (LayerNormalization, softmax over channels, Permute, Lambda,
   keras.ops nodes, nested models, grouped convolutions, layers with weights we cannot
   slice) blocks the atoms it reads, and its output is fixed. Atoms that reach a model
-  output are blocked too.
+  output are blocked too. (The rules are in `compressor.graph.channel_rules`.)
 
 A group is a connected set of producers whose output channels were united; channel k
 of the group is one union-find class. A group is prunable unless one of its atoms is
@@ -40,31 +40,11 @@ from typing import Any, Mapping, Optional, Sequence
 import keras
 import numpy as np
 
-from compressor.errors import ModelLoadError
-from compressor.graph.calls import _graph
-from compressor.graph.flops import CONV, CONV_TRANSPOSE, DEPTHWISE, GLOBAL_POOLING, MERGE, POOLING, SEPARABLE
+from compressor.graph.channel_rules import CHANNEL_SOFTMAX, PRODUCERS, activation_name, opaque_reason
+from compressor.graph.flops import DEPTHWISE, MERGE
+from compressor.graph.walk import require_graph
 
 L = keras.layers
-PRODUCERS = CONV + CONV_TRANSPOSE + SEPARABLE + (L.Dense,)
-RESAMPLING = (
-    L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
-    L.Cropping1D, L.Cropping2D, L.Cropping3D,
-    L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
-)  # fmt: skip
-ELEMENTWISE = (
-    L.ReLU, L.LeakyReLU, L.ELU,
-    L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
-    L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization, L.Identity,
-)  # fmt: skip
-# Weights each sliceable layer class may hold; any other weight makes the layer opaque.
-KNOWN_WEIGHTS = (
-    (SEPARABLE, {"depthwise_kernel", "pointwise_kernel", "bias"}),
-    (CONV + CONV_TRANSPOSE + DEPTHWISE + (L.Dense,), {"kernel", "bias"}),
-    ((L.BatchNormalization,), {"gamma", "beta", "moving_mean", "moving_variance"}),
-    ((L.PReLU,), {"alpha"}),
-)
-CHANNEL_SOFTMAX = {"softmax", "log_softmax"}
-OPAQUE = "which channel pruning cannot see through"
 
 
 @dataclass(frozen=True)
@@ -189,12 +169,7 @@ def analyze_channels(model: keras.Model) -> ChannelAnalysis:
     Raises:
         ModelLoadError: The model has no layer graph (subclassed or unbuilt).
     """
-    graph = _graph(model)
-    if graph is None:
-        raise ModelLoadError(
-            f"model '{model.name}' ({type(model).__name__}) has no layer graph: channel analysis "
-            "needs a Functional model or a Sequential model with a known input shape"
-        )
+    graph = require_graph(model, "channel analysis")
     walker = _Walker()
     for node in graph.nodes:
         walker.visit(node)
@@ -299,7 +274,7 @@ class _Walker:
     def _rule(self, node: Any, inputs: list) -> list:
         """The output atoms of one call; records ties, blocks and sliced layers."""
         layer = node.operation
-        why = _opaque_reason(layer, node)
+        why = opaque_reason(layer, node)
         if why is not None:
             return self._opaque(node, inputs, why)
         x, shape = inputs[0], tuple(node.inputs[0].shape)
@@ -345,7 +320,7 @@ class _Walker:
             return None
         atoms = self.uf.add(width)
         self.producers[layer.name] = atoms
-        if getattr(layer, "activation", None) is not None and _activation_name(layer) in CHANNEL_SOFTMAX:
+        if getattr(layer, "activation", None) is not None and activation_name(layer) in CHANNEL_SOFTMAX:
             self.block(atoms, f"'{layer.name}' ({type(layer).__name__}) applies a softmax across its channels")
         return atoms
 
@@ -476,67 +451,6 @@ class _Grouper:
         )
 
 
-def _opaque_reason(layer: Any, node: Any) -> Optional[str]:
-    """Why channel pruning cannot see through a call (completes "'name' (Type), ..."); None if it can."""
-    if isinstance(layer, keras.Model):
-        return "a nested model, which channel pruning keeps whole"
-    if not isinstance(layer, L.Layer):
-        return OPAQUE
-    if not isinstance(layer, _TRANSPARENT):
-        return OPAQUE
-    merge = isinstance(layer, (L.Concatenate,) + MERGE)
-    if len(node.outputs) != 1 or (len(node.inputs) != 1 and not merge):
-        return f"a call with {len(node.inputs)} inputs and {len(node.outputs)} outputs, {OPAQUE}"
-    if any(len(t.shape) < 2 for t in (*node.inputs, *node.outputs)):
-        return f"whose tensors have no channel axis, {OPAQUE}"
-    return _layer_reason(layer, node)
-
-
-def _layer_reason(layer: Any, node: Any) -> Optional[str]:
-    """Layer-specific reasons a transparent layer type still cannot be seen through."""
-    if getattr(layer, "data_format", "channels_last") == "channels_first":
-        return "which uses the channels_first layout"
-    if getattr(layer, "groups", 1) != 1:
-        return f"a grouped convolution (groups={layer.groups})"
-    unknown = _unknown_weights(layer)
-    if unknown:
-        return f"with weights channel pruning cannot slice ({', '.join(sorted(unknown))})"
-    rank = len(node.inputs[0].shape)
-    if isinstance(layer, L.BatchNormalization) and int(layer.axis) % rank != rank - 1:
-        return f"normalizing along axis {layer.axis}, not the channel axis"
-    if isinstance(layer, L.Activation) and _activation_name(layer) in CHANNEL_SOFTMAX:
-        return "a softmax across channels"
-    if isinstance(layer, L.Softmax) and (rank - 1) in {int(a) % rank for a in np.atleast_1d(layer.axis)}:
-        return "a softmax across channels"
-    if isinstance(layer, L.Rescaling) and (np.size(layer.scale) != 1 or np.size(layer.offset) != 1):
-        return "with a per-channel scale or offset"
-    if isinstance(layer, (L.Flatten, L.Reshape)):
-        return _reshape_reason(layer, node)
-    return None
-
-
-def _reshape_reason(layer: Any, node: Any) -> Optional[str]:
-    before, after = tuple(node.inputs[0].shape), tuple(node.outputs[0].shape)
-    if len(before) > 2 and len(after) == 2:  # flattening: needs every spatial size
-        return None if all(d is not None for d in before[1:]) else f"flattening free spatial sizes, {OPAQUE}"
-    if isinstance(layer, L.Flatten) or (before[-1] is not None and before[-1] == after[-1]):
-        return None
-    return "a reshape that moves the channel axis"
-
-
-def _unknown_weights(layer: Any) -> set[str]:
-    names = {weight.name for weight in layer.weights}
-    for classes, known in KNOWN_WEIGHTS:
-        if isinstance(layer, classes):
-            return names - known
-    return names
-
-
-def _activation_name(layer: Any) -> str:
-    activation = layer.activation
-    return getattr(activation, "__name__", str(activation))
-
-
 def _width(tensor: Any) -> Optional[int]:
     shape = tuple(tensor.shape)
     return shape[-1] if len(shape) >= 2 else None
@@ -551,9 +465,3 @@ def _unique(values: np.ndarray) -> np.ndarray:
 def _frozen(array: np.ndarray) -> np.ndarray:
     array.setflags(write=False)
     return array
-
-
-_TRANSPARENT = (
-    PRODUCERS + DEPTHWISE + MERGE + POOLING + GLOBAL_POOLING + RESAMPLING + ELEMENTWISE
-    + (L.Concatenate, L.BatchNormalization, L.PReLU, L.Activation, L.Softmax, L.Rescaling, L.Flatten, L.Reshape)
-)  # fmt: skip

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Iterator, Optional
 import keras
 
 from compressor.errors import ModelLoadError, first_line
+from compressor.graph.keras_api import is_graph_model
 from compressor.io.atomic import atomic_path
 from compressor.io.model_files import check_model_path
 
@@ -70,7 +71,7 @@ def load_model(
     """
     path = Path(path)
     import_custom_objects(custom_objects)
-    import compressor.techniques.gating  # noqa: F401  (registers the gate layers of gated models)
+    import compressor.layers.gating  # noqa: F401  (registers the gate layers of gated models)
     check_model_path(path)  # before Keras: a damaged file is named by its damaged part
     if path.is_dir():
         model = _load_saved_model_dir(path, allow_model_code)
@@ -188,9 +189,7 @@ def require_graph_model(model: object, path: Optional[Path] = None) -> keras.Mod
     Raises:
         ModelLoadError: A subclassed model (or not a model at all).
     """
-    from keras.src.models.functional import Functional
-
-    if isinstance(model, (keras.Sequential, Functional)):
+    if is_graph_model(model):
         return model
     where = f"{path} holds" if path is not None else "the model is"
     raise ModelLoadError(

@@ -498,7 +498,8 @@ class _Run:
         return with_chosen([original, *self.trials], 0)
 
     def _finetune(self, candidate, target_accuracy: Optional[float]) -> int:
-        from compressor.finetune import finetune, teacher_predictions
+        from compressor.distillation import teacher_predictions
+        from compressor.finetune import finetune
 
         if self.teacher_outputs is None:
             self.teacher_outputs = teacher_predictions(self.original, self.train_data.x)

@@ -34,13 +34,13 @@ from typing import Any, Callable, Optional
 import keras
 import numpy as np
 
-from compressor.errors import CompressorError
+from compressor.distillation import DEFAULT_TEMPERATURE, as_logits, distillation_term, student_probabilities, teacher_logits
+from compressor.errors import CompressorError, OptionError
 from compressor.io.data import Dataset
+from compressor.layers.gating import SkipGate, gate_layers
 from compressor.techniques.gating import (
     ResidualBlock,
-    SkipGate,
     find_residual_blocks,
-    gate_layers,
     gate_tensors,
     gated_blocks,
     insert_gates,
@@ -95,7 +95,7 @@ class GatingResult:
     seconds: float
 
 
-TEMPERATURE = 4.0  # distillation from the model before gating, as in compressor.finetune
+TEMPERATURE = DEFAULT_TEMPERATURE  # distillation from the model before gating, as in compressor.finetune
 DISTILLATION = 0.5  # weight of the teacher term; the labels' cross-entropy gets the rest
 
 ATTEMPTS = 3
@@ -225,26 +225,6 @@ def _drop_idle_gates(gated: keras.Model, blocks: list[ResidualBlock], x: np.ndar
     return fewer, [block for block in blocks if block.add in keep]
 
 
-def tflite_latency(static: keras.Model, gated: keras.Model, x: np.ndarray, runs: int = 200, threads: int = 1,
-                   seed: int = 0) -> tuple[float, float]:
-    """Mean TFLite latency per input (ms) of the static and the gated model, timed interleaved over `x`.
-
-    Both are converted as `compress` exports them, into a temporary folder; each timed
-    call takes the next input of `x`, so the gated model's mean is its expected latency.
-    """
-    import tempfile
-    from pathlib import Path
-
-    from compressor.bench.benchmark import benchmark
-    from compressor.export.writers import export_tflite
-
-    with tempfile.TemporaryDirectory(prefix="compressor-gating-") as folder:
-        paths = [export_tflite(model, Path(folder) / f"{name}.tflite") for name, model in (("static", static), ("gated", gated))]
-        report = benchmark(paths, data=Dataset(x, None, "search data"), runs=runs, warmup=10, threads=threads, seed=seed)
-    static_result, gated_result = report.results
-    return static_result.latency_ms.mean, gated_result.latency_ms.mean
-
-
 def compute_fraction(gated: keras.Model, x: np.ndarray, flops: dict[str, int], total: int) -> float:
     """Mean fraction of the ungated model's FLOPs the gated model runs per input of `x`."""
     names = gated_blocks(gated)
@@ -278,8 +258,6 @@ def train_gates(gated: keras.Model, teacher: keras.Model, train: Dataset, flops:
     """
     import tensorflow as tf
 
-    from compressor.finetune import EPSILON, _kl, _student_outputs_probabilities, _teacher_logits
-
     if train.y is None:
         raise CompressorError(f"training gates needs labels: {train.source} has no 'y'")
     pairs = gate_layers(gated)
@@ -289,8 +267,8 @@ def train_gates(gated: keras.Model, teacher: keras.Model, train: Dataset, flops:
     keras.utils.set_random_seed(config.seed)
     standardize_gates(gated, train.x[: config.batch_size * 8])
     classes = int(gated.outputs[0].shape[-1])
-    soft = _teacher_logits(teacher, None, train, classes)
-    probabilities = _student_outputs_probabilities(gated, train.x)
+    soft = teacher_logits(teacher, train, classes)
+    probabilities = student_probabilities(gated, train.x)
     both = keras.Model(gated.inputs, [gated.outputs[0], *[logit for _, logit in gate_tensors(gated)]])
     share = tf.constant([flops[name] / total_flops for name in gated_blocks(gated)], tf.float32)
     gate_vars = [v for gate, _ in pairs for v in gate.trainable_variables]
@@ -310,9 +288,9 @@ def train_gates(gated: keras.Model, teacher: keras.Model, train: Dataset, flops:
         with tf.GradientTape() as tape:
             out, *logits = both(x, training=False)  # batch-norm statistics stay: open and shut blocks see the same ones
             out = tf.cast(out, tf.float32)
-            student = tf.math.log(tf.clip_by_value(out, EPSILON, 1.0)) if probabilities else out
+            student = as_logits(out, probabilities)
             ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=student))
-            loss = (1 - DISTILLATION) * ce + DISTILLATION * TEMPERATURE**2 * _kl(t / TEMPERATURE, student / TEMPERATURE)
+            loss = (1 - DISTILLATION) * ce + distillation_term(t, student, TEMPERATURE, DISTILLATION)
             logit = tf.concat(logits, axis=1)  # (batch, blocks)
             p = tf.sigmoid(logit)
             run = p + tf.stop_gradient(tf.cast(logit > 0, tf.float32) - p)
@@ -465,7 +443,7 @@ def replay_gates(static: keras.Model, record: dict[str, Any], train: Optional[Da
     gated = insert_gates(static, blocks)
     if record.get("network"):
         if train is None:
-            raise CompressorError("the plan's gates were trained with the network: pass --train-data to replay them")
+            raise OptionError("the plan's gates were trained with the network: pass {train_data} to replay them")
         from compressor.graph.cost import model_cost
 
         config = GatingConfig(target=record["target"], epochs=record["epochs"], network=True,

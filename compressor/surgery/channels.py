@@ -10,10 +10,11 @@ group named "conv1" (see `compressor.graph.groups`) everywhere they live:
 - per-channel layers are sliced along: BatchNormalization gamma/beta/statistics,
   DepthwiseConvND kernel and bias, PReLU alpha, and a Reshape's `target_shape`.
 
-The model is cloned with `keras.models.clone_model`, each layer built from its
-(updated) config under its own name, so the result is a plain Keras model that saves
-to `.keras` and converts to TFLite; the original is left untouched. Nested models are
-copied whole (channel analysis treats them as opaque, so their channels never change).
+The model is cloned with `keras.models.clone_model` (`compressor.graph.clone`), each
+layer built from its (updated) config under its own name, so the result is a plain
+Keras model that saves to `.keras` and converts to TFLite; the original is left
+untouched. Nested models are copied whole (channel analysis treats them as opaque, so
+their channels never change).
 
 `pruned_cost` gives the (params, FLOPs) the pruned model would have, without building
 it, so a search can try many removals quickly.
@@ -29,7 +30,7 @@ from typing import Any, Mapping, Optional, Sequence
 import keras
 import numpy as np
 
-from compressor.errors import ModelLoadError, first_line
+from compressor.graph.clone import clone_graph, copy_layer
 from compressor.graph.cost import model_cost
 from compressor.graph.flops import CONV, CONV_TRANSPOSE, DEPTHWISE, SEPARABLE, layer_flops
 from compressor.graph.groups import ChannelAnalysis, ChannelGroup, TensorCall, analyze_channels
@@ -307,27 +308,16 @@ class _Cloner:
         self.copies: list[tuple[Any, Any]] = []  # (original, copy) of layers and nested models
 
     def clone(self, model: keras.Model) -> keras.Model:
-        if isinstance(model, keras.Sequential):
-            clone = keras.models.clone_model(model, clone_function=self._copy)
-        else:
-            clone = keras.models.clone_model(model, input_tensors=_inputs_like(model), clone_function=self._copy)
-            if not model.trainable:
-                clone.trainable = False
+        clone = clone_graph(model, self._copy, purpose="channel pruning")
         for original, copy in self.copies:
             copy.set_weights(self._weights(original))
         return clone
 
     def _copy(self, operation: Any) -> Any:
-        try:
-            if isinstance(operation, keras.Model):
-                copy = keras.models.clone_model(operation)
-            else:
-                copy = operation.__class__.from_config(self._config(operation))
-        except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
-            raise ModelLoadError(
-                f"cannot rebuild layer '{operation.name}' ({type(operation).__name__}) from its config: "
-                f"{first_line(exc)}"
-            ) from exc
+        if isinstance(operation, keras.Model):  # copied whole: its channels never change
+            copy = clone_graph(operation, lambda layer: copy_layer(layer, failure="cannot rebuild"))
+        else:
+            copy = copy_layer(operation, lambda: self._config(operation), failure="cannot rebuild")
         if isinstance(operation, keras.layers.Layer):
             self.copies.append((operation, copy))
         return copy
@@ -343,17 +333,3 @@ class _Cloner:
     def _weights(self, original: Any) -> list[np.ndarray]:
         found = self._slice(original)
         return found.weights() if found is not None else original.get_weights()
-
-
-def _inputs_like(model: keras.Model) -> list:
-    """New Input tensors like the model's, named after its input layers.
-
-    Private Keras API (keras 3.x): `KerasTensor._keras_history`. clone_model would
-    name the inputs after their tensors, which may be auto-named.
-    """
-
-    def fresh(tensor: Any) -> Any:
-        layer = tensor._keras_history.operation
-        return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, sparse=tensor.sparse, name=layer.name)
-
-    return keras.tree.map_structure(fresh, model.input)

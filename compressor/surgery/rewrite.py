@@ -10,9 +10,10 @@ keeps its graph and its weights, and the two models share no variables.
 
 The shape of the result:
 
-- Each graph model, top-level or nested, is cloned with `keras.models.clone_model`:
-  `clone_function` copies a layer or hands back the first layer of its replacement,
-  `call_function` wires the whole replacement for each call of the original layer.
+- Each graph model, top-level or nested, is cloned with `keras.models.clone_model`
+  (through `compressor.graph.clone.clone_graph`): `clone_function` copies a layer or
+  hands back the first layer of its replacement, `call_function` wires the whole
+  replacement for each call of the original layer.
 - Nested models stay nested, under their own names, so qualified names (`outer/inner`)
   of untouched layers are the same in the result.
 - A Sequential model with a replaced layer inside becomes a Functional model with the
@@ -36,6 +37,8 @@ import keras
 import numpy as np
 
 from compressor.errors import ModelLoadError, first_line
+from compressor.graph.clone import clone_graph, copy_layer
+from compressor.graph.keras_api import functional_graph
 from compressor.surgery.editable import check_editable
 from compressor.surgery.plan import PlanError
 from compressor.surgery.replacement import Piece, Replacement
@@ -82,7 +85,7 @@ class _Rewriter:
 
     def clone_graph(self, model: keras.Model, prefix: str) -> keras.Model:
         """Clone a Functional or Sequential model whose layers are named `prefix + name`."""
-        graph = _functional(model)
+        graph = functional_graph(model)
         if graph is None:
             raise ModelLoadError(
                 f"model '{model.name}' ({type(model).__name__}) has no layer graph: rewriting needs "
@@ -93,21 +96,9 @@ class _Rewriter:
         def clone_function(operation: Any) -> Any:
             return self._clone_operation(operation, prefix, names)
 
-        if isinstance(model, keras.Sequential) and not any(key.startswith(prefix) for key in self._sources):
-            return keras.models.clone_model(model, clone_function=clone_function)
-        cloned = keras.models.clone_model(
-            graph,
-            input_tensors=_fresh_inputs(graph),
-            clone_function=clone_function,
-            call_function=self._call,
-        )
-        if isinstance(model, keras.Sequential):
-            cloned = keras.Model(cloned.input, cloned.output, name=model.name)
-            if model.compiled:
-                cloned.compile_from_config(model.get_compile_config())
-        if not model.trainable:
-            cloned.trainable = False
-        return cloned
+        # A Sequential model without an edit inside stays Sequential: only a call hook needs a Functional one.
+        edited = not isinstance(model, keras.Sequential) or any(key.startswith(prefix) for key in self._sources)
+        return clone_graph(model, clone_function, self._call if edited else None)
 
     def set_weights(self) -> None:
         """Copy the originals' weights into their copies; give each piece its weights."""
@@ -124,13 +115,13 @@ class _Rewriter:
         path = prefix + operation.name
         if path in self._sources:
             return self._replace(path, operation, names)
-        if isinstance(operation, keras.Model) and _functional(operation) is not None:
+        if isinstance(operation, keras.Model) and functional_graph(operation) is not None:
             key = (id(operation), path)
             if key not in self._copies:
                 self._copies[key] = self.clone_graph(operation, path + "/")
             return self._copies[key]
         if id(operation) not in self._copies:
-            copy = _copy_from_config(operation)
+            copy = copy_layer(operation)
             self._copies[id(operation)] = copy
             if isinstance(operation, keras.layers.Layer):
                 self._weight_copies.append((operation, copy))
@@ -256,43 +247,3 @@ def _output_shape(layer: keras.layers.Layer, x: Any) -> Optional[tuple]:
         return tuple(keras.tree.flatten(layer.compute_output_spec(x))[0].shape)
     except Exception:  # noqa: BLE001 - shape inference is only a check here
         return None
-
-
-def _copy_from_config(operation: Any) -> Any:
-    from keras.src.saving.serialization_lib import SafeModeScope
-
-    try:
-        # A copy of a layer already in memory: a Lambda's function comes back from its own
-        # bytecode, code that loading the model ran or allowed, so safe mode guards nothing here.
-        with SafeModeScope(False):
-            return operation.__class__.from_config(operation.get_config())
-    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
-        raise ModelLoadError(
-            f"cannot copy layer '{operation.name}' ({type(operation).__name__}) from its config: {first_line(exc)}"
-        ) from exc
-
-
-def _functional(model: Any) -> Any:
-    """The Functional graph of a Functional or built Sequential model; None otherwise.
-
-    Private Keras API (keras 3.x): `Sequential._functional`.
-    """
-    from keras.src.models.functional import Functional
-
-    if isinstance(model, keras.Sequential):
-        model = getattr(model, "_functional", None)
-    return model if isinstance(model, Functional) else None
-
-
-def _fresh_inputs(graph: Any) -> Any:
-    """New Input tensors like the graph's, named after its input layers.
-
-    Private Keras API (keras 3.x): `KerasTensor._keras_history`. clone_model would
-    name inputs after their tensors, which a Sequential leaves auto-named.
-    """
-
-    def fresh(tensor: Any) -> Any:
-        input_layer = tensor._keras_history.operation
-        return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, sparse=tensor.sparse, name=input_layer.name)
-
-    return keras.tree.map_structure(fresh, graph.input)

@@ -2,20 +2,12 @@
 
 A residual block is a branch that rejoins its own input through an `Add` of two
 tensors of the same shape: `y = x + f(x)`. `insert_gates` finds these blocks in a
-graph model and replaces each `Add` (with its branch `f`) by two layers:
-
-- `SkipGate`: global average pooling of `x`, one tiny dense layer, one logit. The
-  block runs when `logit + offset > 0`; `offset` (a non-trainable weight) moves every
-  decision at once and forces a gate open (+inf) or shut (-inf).
-- `GatedResidual([x, logit])`: holds `f` as a nested model. At a static batch of 1
-  (how the artifacts are exported) it is `keras.ops.cond(open, x + f(x), x)`, so the
-  branch's work is really skipped: TFLite gets an `IF` op and ONNX an `If` node. At
-  other batch sizes every sample's branch is computed and multiplied by its 0/1
-  decision, which gives the same outputs. The decision is hard in the forward pass;
-  gradients reach the gate through its probability (straight-through estimator).
-
-Both layers are registered Keras objects: a gated `.keras` file loads wherever this
-module has been imported (`compressor.io.models.load_model` does it).
+graph model and replaces each `Add` (with its branch `f`) by a `SkipGate` on `x` and a
+`GatedResidual([x, logit])` holding `f` as a nested model (`compressor.layers.gating`
+describes both); `remove_gates` puts the branches of some blocks back as they were.
+Both clone the model with `compressor.graph.clone.clone_graph`: a call hook wires the
+gated block at each block's `Add` and leaves the branch's own calls out of the outer
+graph.
 
 The block's other layers (a ReLU after the `Add`, a projection shortcut) stay outside:
 only identity-shortcut blocks can be skipped, since skipping must return the input.
@@ -28,112 +20,12 @@ from typing import Any, Optional
 
 import keras
 import numpy as np
-from keras import ops
 
 from compressor.errors import CompressorError
-
-OPEN = 1e9
-"""An offset that forces a gate open; -OPEN forces it shut."""
-
-GATE_BIAS = 3.0
-"""Initial gate bias: sigmoid(3) = 0.95, so a new gate runs its block and the model is unchanged."""
-
-
-@keras.saving.register_keras_serializable(package="compressor")
-class SkipGate(keras.layers.Layer):
-    """Global average pooling → standardization → Dense(1): the logit of running a residual block.
-
-    The pooled features are standardized with a fixed mean and scale per channel
-    (`standardize`, from data) so that the dense layer sees features that differ
-    from input to input on one scale, and its decision can depend on the input.
-
-    Args:
-        offset: Added to the logit; the block runs when `logit + offset > 0`.
-    """
-
-    def __init__(self, offset: float = 0.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.initial_offset = float(offset)
-
-    def build(self, input_shape: tuple) -> None:
-        channels = int(input_shape[-1])
-        self.kernel = self.add_weight(name="kernel", shape=(channels, 1), initializer="zeros")
-        self.bias = self.add_weight(name="bias", shape=(1,), initializer=keras.initializers.Constant(GATE_BIAS))
-        self.offset = self.add_weight(
-            name="offset", shape=(), initializer=keras.initializers.Constant(self.initial_offset), trainable=False
-        )
-        self.mean = self.add_weight(name="mean", shape=(channels,), initializer="zeros", trainable=False)
-        self.scale = self.add_weight(name="scale", shape=(channels,), initializer="ones", trainable=False)
-
-    def call(self, x: Any) -> Any:
-        return ops.matmul((self.pooled(x) - self.mean) * self.scale, self.kernel) + self.bias + self.offset
-
-    @staticmethod
-    def pooled(x: Any) -> Any:
-        """Global average pooling over every axis between batch and channels."""
-        axes = tuple(range(1, len(x.shape) - 1))
-        return ops.mean(x, axis=axes) if axes else x
-
-    def standardize(self, pooled: np.ndarray) -> None:
-        """Set the mean and scale from pooled features of real inputs, (samples, channels)."""
-        self.mean.assign(pooled.mean(axis=0))
-        self.scale.assign(1.0 / (pooled.std(axis=0) + 1e-3))
-
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        return (input_shape[0], 1)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "offset": self.initial_offset}
-
-
-@keras.saving.register_keras_serializable(package="compressor")
-class GatedResidual(keras.layers.Layer):
-    """`x + branch(x)` when the gate is open, `x` when it is shut (module docstring).
-
-    Args:
-        branch: A graph model from `x` to the branch output (same shape as `x`).
-    """
-
-    def __init__(self, branch: keras.Model, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.branch = branch
-
-    @property
-    def block_name(self) -> str:
-        """The name of the Add this block replaced (`<add>_gated` without the suffix)."""
-        return self.name.removesuffix("_gated")
-
-    @property
-    def gated_branch(self) -> keras.Model:
-        """The branch model (cost analysis walks into it)."""
-        return self.branch
-
-    def build(self, input_shape: Any) -> None:
-        if not self.branch.built:
-            self.branch.build(input_shape[0])
-
-    def call(self, inputs: Any, training: Optional[bool] = None) -> Any:
-        x, logit = inputs
-        if x.shape[0] == 1:
-            return ops.cond(logit[0, 0] > 0, lambda: x + self.branch(x, training=training), lambda: x)
-        probability = ops.sigmoid(logit)
-        hard = ops.cast(logit > 0, x.dtype)
-        # Straight-through: the forward pass uses the 0/1 decision, the backward pass its probability.
-        decision = probability + ops.stop_gradient(hard - probability)
-        decision = ops.reshape(decision, (-1,) + (1,) * (len(x.shape) - 1))
-        return x + decision * self.branch(x, training=training)
-
-    def compute_output_shape(self, input_shape: Any) -> tuple:
-        return tuple(input_shape[0])
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "branch": keras.saving.serialize_keras_object(self.branch)}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "GatedResidual":
-        config = dict(config)
-        config["branch"] = keras.saving.deserialize_keras_object(config["branch"])
-        return cls(**config)
+from compressor.graph.clone import clone_graph, copy_layer
+from compressor.graph.keras_api import GraphNode
+from compressor.graph.walk import graph_of, run_nodes
+from compressor.layers.gating import GatedResidual, SkipGate, gate_layers
 
 
 @dataclass(frozen=True)
@@ -219,18 +111,16 @@ def _branch(x: Any, y: Any, producer: dict, consumers: dict, add: Any, calls: di
     return sorted(inside.values(), key=lambda node: position[id(node)])
 
 
-def _nodes(model: keras.Model) -> list[Any]:
-    """The model's graph nodes in topological order (`compressor.graph.calls.graph_nodes`).
+def _nodes(model: keras.Model) -> list[GraphNode]:
+    """The model's graph nodes in topological order (`compressor.graph.walk`).
 
     Raises:
         CompressorError: The model has no layer graph.
     """
-    from compressor.graph.calls import graph_nodes
-
-    nodes = graph_nodes(model)
-    if nodes is None:
+    graph = graph_of(model)
+    if graph is None:
         raise CompressorError(f"model '{model.name}' has no layer graph: gating needs a Functional or Sequential model")
-    return nodes
+    return list(graph.nodes)
 
 
 def insert_gates(model: keras.Model, blocks: Optional[list[ResidualBlock]] = None) -> keras.Model:
@@ -251,45 +141,45 @@ def insert_gates(model: keras.Model, blocks: Optional[list[ResidualBlock]] = Non
     blocks = find_residual_blocks(model) if blocks is None else blocks
     if not blocks:
         raise CompressorError(f"model '{model.name}' has no residual block (a branch added back to its own input) to gate")
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
+    nodes = _nodes(model)
+    copies: dict[int, Any] = {}  # id(original layer) → its copy
+    originals: list[Any] = []
+
+    def clone_layer(layer: Any) -> Any:
+        copies[id(layer)] = copy_layer(layer)
+        originals.append(layer)
+        return copies[id(layer)]
+
     by_add = {block.add: block for block in blocks}
     in_branch = {name for block in blocks for name in block.layers}
-    nodes = _nodes(copy)
-    values: dict[int, Any] = {}
-    inputs = []
-    for node in nodes:
-        name = node.operation.name
-        if node.is_input:
-            tensor = keras.Input(batch_shape=node.outputs[0].shape, dtype=node.outputs[0].dtype, name=name)
-            inputs.append(tensor)
-            values[id(node.outputs[0])] = tensor
-            continue
-        if name in in_branch:
-            continue
-        block = by_add.get(name)
-        if block is not None:
-            outputs = [_gated(block, node, nodes, values)]
-        else:
-            outputs = node.call(values)
-        values.update(zip(map(id, node.outputs), outputs))
-    graph_outputs = [values[id(t)] for t in copy.outputs]
-    # One input or output as a tensor, not a list: Keras warns when a list-input model is called on a tensor.
-    return keras.Model(_one_or_list(inputs), _one_or_list(graph_outputs), name=model.name)
+
+    def call_layer(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        if layer.name in in_branch:
+            # Called inside its block's branch model instead; nothing outside the branch reads this.
+            return keras.tree.flatten((args, kwargs))[0]
+        block = by_add.get(layer.name)
+        if block is None:
+            return layer(*args, **kwargs)
+        return _gated(block, args[0][block.shortcut], nodes, copies)
+
+    gated = clone_graph(model, clone_layer, call_layer, purpose="gating")
+    for original in originals:
+        if isinstance(original, keras.layers.Layer):
+            copies[id(original)].set_weights(original.get_weights())
+    return gated
 
 
-def _one_or_list(tensors: list[Any]) -> Any:
-    return tensors[0] if len(tensors) == 1 else tensors
-
-
-def _gated(block: ResidualBlock, add: _GraphNode, nodes: list[_GraphNode], values: dict[int, Any]) -> Any:
+def _gated(block: ResidualBlock, x: Any, nodes: list[GraphNode], copies: dict[int, Any]) -> Any:
+    """The gated block on the block input `x`: its branch's layers (copies) as a nested model."""
+    add = next(node for node in nodes if node.operation.name == block.add)
     members = [node for node in nodes if node.operation.name in set(block.layers)]
     x_old, y_old = add.inputs[block.shortcut], add.inputs[1 - block.shortcut]
-    x = values[id(x_old)]
     branch_input = keras.Input(batch_shape=x.shape, dtype=x.dtype, name=f"{block.add}_branch_input")
-    inner = {id(x_old): branch_input}
-    for node in members:
-        inner.update(zip(map(id, node.outputs), node.call(inner)))
+
+    def call_copy(operation: Any, args: tuple, kwargs: dict) -> Any:
+        return copies[id(operation)](*args, **kwargs)
+
+    inner = run_nodes(members, {id(x_old): branch_input}, call_copy)
     branch = keras.Model(branch_input, inner[id(y_old)], name=f"{block.add}_branch")
     logit = SkipGate(name=f"{block.add}_gate")(x)
     return GatedResidual(branch, name=f"{block.add}_gated")([x, logit])
@@ -301,52 +191,27 @@ def remove_gates(gated: keras.Model, keep: set[str]) -> keras.Model:
     Their branch layers go back into the graph as they are (same layer objects, same
     weights) and are added to the block input by a plain `Add` named like the original.
     """
-    nodes = _nodes(gated)
-    values: dict[int, Any] = {}
-    inputs = []
-    for node in nodes:
-        operation = node.operation
-        if node.is_input:
-            tensor = keras.Input(batch_shape=node.outputs[0].shape, dtype=node.outputs[0].dtype, name=operation.name)
-            inputs.append(tensor)
-            values[id(node.outputs[0])] = tensor
-            continue
-        if isinstance(operation, SkipGate) and operation.name.removesuffix("_gate") not in keep:
-            continue  # its logit feeds only its block, which is rebuilt without it
-        if isinstance(operation, GatedResidual) and operation.block_name not in keep:
-            outputs = [_ungated(operation, values[id(node.inputs[0])])]
-        else:
-            outputs = node.call(values)
-        values.update(zip(map(id, node.outputs), outputs))
-    graph_outputs = [values[id(t)] for t in gated.outputs]
-    return keras.Model(_one_or_list(inputs), _one_or_list(graph_outputs), name=gated.name)
+
+    def call_layer(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(layer, SkipGate) and layer.name.removesuffix("_gate") not in keep:
+            return args[0]  # its logit feeds only its block, which is rebuilt without it
+        if isinstance(layer, GatedResidual) and layer.block_name not in keep:
+            return _ungated(layer, args[0][0])
+        return layer(*args, **kwargs)
+
+    return clone_graph(gated, lambda layer: layer, call_layer, purpose="gating")
 
 
 def _ungated(block: GatedResidual, x: Any) -> Any:
     """`x + branch(x)` with the branch's layers called in the outer graph."""
-    nodes = _nodes(block.branch)
-    inner: dict[int, Any] = {}
-    for node in nodes:
-        if node.is_input:
-            inner[id(node.outputs[0])] = x
-            continue
-        inner.update(zip(map(id, node.outputs), node.call(inner)))
-    return keras.layers.Add(name=block.block_name)([x, inner[id(block.branch.outputs[0])]])
+    graph = graph_of(block.branch)
+    inner = run_nodes(graph.nodes, {id(graph.inputs[0]): x})
+    return keras.layers.Add(name=block.block_name)([x, inner[id(graph.outputs[0])]])
 
 
 def gated_blocks(model: keras.Model) -> list[str]:
     """The Add names of a gated model's gated blocks, in graph order."""
     return [block.block_name for _, block in gate_layers(model)]
-
-
-def gate_layers(model: keras.Model) -> list[tuple[SkipGate, GatedResidual]]:
-    """(gate, gated block) pairs of a gated model, in graph order."""
-    gates = {layer.name: layer for layer in model.layers if isinstance(layer, SkipGate)}
-    pairs = []
-    for layer in model.layers:
-        if isinstance(layer, GatedResidual):
-            pairs.append((gates[layer.block_name + "_gate"], layer))
-    return pairs
 
 
 def gate_tensors(model: keras.Model) -> list[tuple[Any, Any]]:
@@ -355,7 +220,9 @@ def gate_tensors(model: keras.Model) -> list[tuple[Any, Any]]:
     Not `gate.input`/`gate.output`: a gate kept by `remove_gates` has been called in two
     graphs, and those attributes name the first one's tensors.
     """
-    found = {node.operation.name: (node.inputs[0], node.outputs[0]) for node in _nodes(model) if isinstance(node.operation, SkipGate)}
+    found = {
+        node.operation.name: (node.inputs[0], node.outputs[0]) for node in _nodes(model) if isinstance(node.operation, SkipGate)
+    }
     return [found[gate.name] for gate, _ in gate_layers(model)]
 
 
@@ -365,8 +232,3 @@ def set_offsets(model: keras.Model, offset: float | list[float]) -> None:
     offsets = offset if isinstance(offset, (list, tuple, np.ndarray)) else [offset] * len(pairs)
     for (gate, _), value in zip(pairs, offsets):
         gate.offset.assign(float(value))
-
-
-def is_gated(model: keras.Model) -> bool:
-    """Whether the model holds any gated residual block."""
-    return any(isinstance(layer, GatedResidual) for layer in model.layers)

@@ -21,42 +21,40 @@ The criteria:
   run in inference mode. The loss is taken on the logits: a final softmax is removed
   from a copy of the model, since the clipped log of a saturated probability has no
   gradient. A filter scores the sum of its weights' scores.
-- "synflow" (Tanaka et al. 2020): |θ ⊙ ∂R/∂θ|, data-free; see `_SynFlowNet` for the
+- "synflow" (Tanaka et al. 2020): |θ ⊙ ∂R/∂θ|, data-free; see `SynFlowNetwork` for the
   network R is computed on and why. A filter scores the sum of its weights' scores.
 - "fpgm" (He et al. 2019): per filter only. Filter i scores Σ_j ||f_i − f_j||₂, the
   geometric-median objective evaluated at f_i (the paper's approximation, as in its
   code): the filters nearest the geometric median of their layer are the most
   replaceable by the others, so they score lowest.
-- "hessian": K-FAC importances from `compressor.techniques.hessian` (needs data).
+- "hessian": K-FAC importances from `compressor.techniques.kfac` (needs data).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from compressor.errors import CompressorError, DataError, ModelLoadError, first_line
+from compressor.errors import CompressorError, DataError
 from compressor.graph.calls import layer_calls
-from compressor.graph.flops import ACTIVATION, CONV, CONV_TRANSPOSE, DEPTHWISE, SEPARABLE
+from compressor.graph.flops import CONV, CONV_TRANSPOSE, DEPTHWISE, SEPARABLE
 from compressor.io.data import Dataset, check_fits
 from compressor.techniques.base import (
-    NOMINAL_SIZE,
     kernel_index,
     kernel_name,
     kernel_of,
     pattern_kernel,
     round_half_up,
 )
+from compressor.techniques.score_copies import logits_copy
+from compressor.techniques.synflow import SynFlowNetwork, global_top
 
 CRITERIA = ("magnitude", "snip", "synflow", "fpgm", "hessian")
 SCORED = CONV + CONV_TRANSPOSE + DEPTHWISE + SEPARABLE + (keras.layers.Dense,)
 NORMS = (1, 2)
-# SynFlow weights that shift rather than scale (set to 0) and statistics kept as they are.
-SHIFTS = ("bias", "beta", "moving_mean", "mean")
-KEPT_STATISTICS = ("moving_variance", "variance", "count")
 
 
 # --- public API -------------------------------------------------------------------------
@@ -106,7 +104,7 @@ def weight_scores(
         x, y = _examples(model, data, samples, seed, criterion)
         return _snip(model, targets, x, y, _positive("batch_size", batch_size))
     if criterion == "synflow":
-        return _SynFlowNet(model, targets).scores()
+        return SynFlowNetwork(model, targets).scores()
     return _hessian(model, data, layers, targets, samples, batch_size, seed, per_filter=False)
 
 
@@ -186,12 +184,12 @@ def synflow_masks(
         raise CompressorError(f"Invalid density. Expected a number in (0, 1]. Received: density={density!r}")
     _positive("iterations", iterations)
     targets = scored_layers(model, layers)
-    network = _SynFlowNet(model, targets)
+    network = SynFlowNetwork(model, targets)
     masks = {path: np.ones(kernel_of(layer).shape, dtype=bool) for path, layer in targets.items()}
     total = sum(mask.size for mask in masks.values())
     for round_ in range(1, iterations + 1):
         keep = round_half_up(density ** (round_ / iterations) * total)
-        masks = _global_top(network.scores(masks), masks, keep)
+        masks = global_top(network.scores(masks), masks, keep)
     return masks
 
 
@@ -299,7 +297,7 @@ def _examples(
 ) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """`samples` examples drawn without replacement (all when there are fewer), in data order.
 
-    The draw is the one `hessian.kfac_factors` makes, so the same seed picks the same examples.
+    The draw is the one `kfac.kfac_factors` makes, so the same seed picks the same examples.
     """
     data = _require_data(data, criterion)
     samples = _positive("samples", samples)
@@ -342,109 +340,6 @@ def _filter_norms(layer: Any, norm: int) -> np.ndarray:
     return np.linalg.norm(filter_rows(layer), ord=norm, axis=1)
 
 
-# --- copies of the model ----------------------------------------------------------------
-
-
-def _copy_graph(
-    model: keras.Model, copy_layer: Callable[[Any], Any], dtype: Optional[str]
-) -> tuple[keras.Model, dict[int, Any]]:
-    """A clone of `model` built from `copy_layer(layer)` for each layer (weights unset).
-
-    Nested graph models are cloned the same way (their inputs get `dtype` too, which
-    `clone_model(recursive=True)` would not give them).
-
-    Returns:
-        (clone, copies): copies maps id(original layer) → its copy.
-    """
-    copies: dict[int, Any] = {}
-
-    def clone(graph: keras.Model) -> keras.Model:
-        def clone_function(operation: Any) -> Any:
-            if id(operation) not in copies:
-                nested = isinstance(operation, keras.Model)
-                copies[id(operation)] = clone(operation) if nested else copy_layer(operation)
-            return copies[id(operation)]
-
-        def fresh(tensor: Any) -> Any:
-            return keras.Input(batch_shape=tensor.shape, dtype=dtype or tensor.dtype, name=tensor.name)
-
-        # A Sequential model takes one input tensor; a Functional one its own structure.
-        structure = graph.inputs[0] if isinstance(graph, keras.Sequential) else graph.input
-        inputs = keras.tree.map_structure(fresh, structure)
-        return keras.models.clone_model(graph, input_tensors=inputs, clone_function=clone_function)
-
-    return clone(model), copies
-
-
-def _copy_layer(layer: Any, dtype: Optional[str] = None, linear: bool = False) -> Any:
-    """A fresh copy from config, optionally in another dtype and without its activation.
-
-    keras.ops operations in the graph (`x * 0.5`) have no dtype: they compute in their
-    inputs' dtype.
-    """
-    try:
-        config = layer.get_config()
-        if dtype is not None and isinstance(layer, keras.layers.Layer):
-            config["dtype"] = dtype
-        if linear and isinstance(layer, ACTIVATION):
-            return keras.layers.Identity(name=layer.name, dtype=config.get("dtype"))
-        if linear and "activation" in config:
-            config["activation"] = "linear"
-        return layer.__class__.from_config(config)
-    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
-        raise ModelLoadError(
-            f"cannot copy layer '{layer.name}' ({type(layer).__name__}) from its config to score it: "
-            f"{first_line(exc)}"
-        ) from exc
-
-
-def _set_weights(
-    model: keras.Model, copies: dict[int, Any], transform: Callable[[str, np.ndarray], np.ndarray]
-) -> None:
-    """Give each copy its original's weights, passed through transform(name, value)."""
-    originals = {id(layer): layer for layer in _all_layers(model)}
-    for key, copy in copies.items():
-        original = originals.get(key)
-        if original is None or isinstance(copy, keras.Model) or type(copy) is not type(original):
-            continue  # nested models hold their layers; an Identity stands in for an activation
-        values = [
-            transform(weight.name, keras.ops.convert_to_numpy(weight)).astype(target.dtype)
-            for weight, target in zip(original.weights, copy.weights)
-        ]
-        copy.set_weights(values)
-
-
-def _all_layers(model: keras.Model) -> list:
-    found = []
-    for layer in model.layers:
-        found.append(layer)
-        if isinstance(layer, keras.Model):
-            found.extend(_all_layers(layer))
-    return found
-
-
-def _softmax_outputs(model: keras.Model) -> set[int]:
-    """ids of the layers whose softmax produces the model's outputs (nested models followed).
-
-    Private Keras API (keras 3.x): `KerasTensor._keras_history`.
-    """
-    found: set[int] = set()
-    for tensor in model.outputs:
-        operation = tensor._keras_history.operation
-        if isinstance(operation, keras.Model):
-            found |= _softmax_outputs(operation)
-        elif _applies_softmax(operation):
-            found.add(id(operation))
-    return found
-
-
-def _applies_softmax(layer: Any) -> bool:
-    if isinstance(layer, keras.layers.Softmax):
-        return True
-    activation = layer.get_config().get("activation") if hasattr(layer, "get_config") else None
-    return activation == "softmax" or getattr(activation, "__name__", None) == "softmax"
-
-
 def _kernel_variable(layer: Any) -> Any:
     return layer.weights[kernel_index(layer)]
 
@@ -455,11 +350,7 @@ def _kernel_variable(layer: Any) -> Any:
 def _snip(
     model: keras.Model, targets: dict[str, Any], x: np.ndarray, y: Optional[np.ndarray], batch_size: int
 ) -> dict[str, np.ndarray]:
-    softmax = _softmax_outputs(model)
-    logits_model, copies = _copy_graph(
-        model, lambda layer: _copy_layer(layer, linear=id(layer) in softmax), dtype=None
-    )
-    _set_weights(model, copies, lambda name, value: value)
+    logits_model, copies = logits_copy(model)
     variables = [_kernel_variable(copies[id(layer)]).value for layer in targets.values()]
     totals = [np.zeros(v.shape, dtype=np.float64) for v in variables]
     for start in range(0, len(x), batch_size):
@@ -481,92 +372,6 @@ def _snip(
 # --- SynFlow ----------------------------------------------------------------------------
 
 
-class _SynFlowNet:
-    """The positive linear network SynFlow scores: R = sum of its outputs on all-ones input.
-
-    A float64 copy of the model (deep products of weight sums overflow float32), run
-    in inference mode, where:
-
-    - every weight is |θ|, biases and BatchNormalization's β and moving mean are 0,
-      and the moving variance is kept: a BN layer becomes the positive per-channel
-      scale |γ|/√(σ² + ε) it applies at inference, part of each path's product;
-    - every activation (fused or a layer, the final softmax included) is the
-      identity.
-
-    The network is then positively homogeneous and R is the l1 path norm Σ_paths Π|θ|
-    (the paper's R = 1ᵀ(Π|W_l|)1), and a weight's score θ·∂R/∂θ is the summed product
-    of the paths through it. Zero biases and shifts keep the paper's conservation law:
-    in a chain of layers, each layer's scores sum to R. With positive inputs and
-    weights a ReLU is the identity anyway (as in the official code, which keeps the
-    ReLUs but takes |θ| of biases too); other activations would distort the flow:
-    ReLU6 caps the growing activations and zeroes their gradient, sigmoid and tanh
-    saturate, and a final softmax makes R constant. Pooling layers are kept (max
-    pooling is also positively homogeneous).
-    """
-
-    def __init__(self, model: keras.Model, targets: dict[str, Any]) -> None:
-        self._network, copies = _copy_graph(
-            model, lambda layer: _copy_layer(layer, "float64", linear=True), dtype="float64"
-        )
-        _set_weights(model, copies, _synflow_weight)
-        self._variables = {path: _kernel_variable(copies[id(layer)]) for path, layer in targets.items()}
-        self._magnitudes = {path: _magnitude(layer) for path, layer in targets.items()}
-        self._ones = [np.ones(_concrete_shape(tensor.shape), np.float64) for tensor in model.inputs]
-
-    def scores(self, masks: Optional[dict[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
-        """|θ ⊙ ∂R/∂θ| of the target kernels, with `masks` (path → bool) applied first."""
-        for path, variable in self._variables.items():
-            magnitude = self._magnitudes[path]
-            variable.assign(magnitude if masks is None else np.where(masks[path], magnitude, 0.0))
-        watched = [variable.value for variable in self._variables.values()]
-        with tf.GradientTape() as tape:
-            tape.watch(watched)
-            outputs = self._network(self._ones if len(self._ones) > 1 else self._ones[0], training=False)
-            flow = tf.add_n([tf.reduce_sum(output) for output in keras.tree.flatten(outputs)])
-        gradients = tape.gradient(flow, watched)
-        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-            scores = {
-                path: np.abs(keras.ops.convert_to_numpy(variable) * keras.ops.convert_to_numpy(gradient))
-                for (path, variable), gradient in zip(self._variables.items(), gradients)
-            }
-        if not (np.isfinite(float(flow)) and all(np.all(np.isfinite(s)) for s in scores.values())):
-            raise CompressorError(
-                "synflow overflowed float64: the product of the layers' weight magnitudes is too large "
-                "for this network; use the magnitude or snip criterion"
-            )
-        return scores
-
-
-def _synflow_weight(name: str, value: np.ndarray) -> np.ndarray:
-    if name in SHIFTS:
-        return np.zeros_like(value)
-    if name in KEPT_STATISTICS:
-        return value
-    return np.abs(value)
-
-
-def _concrete_shape(shape: Sequence[Optional[int]]) -> tuple[int, ...]:
-    """A batch-1 input shape, free dimensions at NOMINAL_SIZE (a fixed batch is kept)."""
-    batch = 1 if shape[0] is None else int(shape[0])
-    return (batch,) + tuple(NOMINAL_SIZE if d is None else int(d) for d in shape[1:])
-
-
-def _global_top(
-    scores: dict[str, np.ndarray], masks: dict[str, np.ndarray], keep: int
-) -> dict[str, np.ndarray]:
-    """Masks keeping the `keep` best-scored weights over all layers among those still kept.
-
-    Ties go to the first in layer order, then C order, so masks are deterministic.
-    """
-    paths = list(masks)
-    flat = np.concatenate([np.where(masks[p], scores[p], -np.inf).ravel() for p in paths])
-    keep = min(keep, int(sum(mask.sum() for mask in masks.values())))
-    chosen = np.zeros(flat.shape, dtype=bool)
-    chosen[np.argsort(-flat, kind="stable")[:keep]] = True
-    sizes = np.cumsum([masks[p].size for p in paths])[:-1]
-    return {p: part.reshape(masks[p].shape) for p, part in zip(paths, np.split(chosen, sizes))}
-
-
 # --- Hessian ----------------------------------------------------------------------------
 
 
@@ -582,10 +387,10 @@ def _hessian(
 ) -> dict[str, np.ndarray]:
     data = _require_data(data, "hessian")
     # Imported here: this module depends on K-FAC only when the criterion is used.
-    from compressor.techniques import hessian
+    from compressor.techniques import kfac
 
     names = None if layers is None else list(targets)  # None: the layers K-FAC supports
-    factors = hessian.kfac_factors(model, data, names, samples=samples, batch_size=batch_size, seed=seed)
+    factors = kfac.kfac_factors(model, data, names, samples=samples, batch_size=batch_size, seed=seed)
     if per_filter:
-        return hessian.kfac_filter_scores(model, factors)
-    return hessian.kfac_weight_scores(model, factors)
+        return kfac.kfac_filter_scores(model, factors)
+    return kfac.kfac_weight_scores(model, factors)

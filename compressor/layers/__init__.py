@@ -1,0 +1,1 @@
+"""Custom Keras layers that compressed models hold; they import nothing from the rest of the package."""
