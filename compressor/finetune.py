@@ -370,7 +370,12 @@ def _train_step(
 
 
 def _run_epoch(
-    step_fn: Callable, masker: KernelMasks, arrays: tuple[np.ndarray, ...], order: np.ndarray, batch_size: int, step: int
+    step_fn: Callable,
+    masker: KernelMasks,
+    arrays: tuple[np.ndarray, ...],
+    order: np.ndarray,
+    batch_size: int,
+    step: int,
 ) -> tuple[float, int]:
     """One pass over the data in `order`; returns (mean loss per sample, next step)."""
     losses = []

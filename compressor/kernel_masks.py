@@ -49,7 +49,18 @@ class MaskedKernel:
 
 
 class KernelMasks:
-    """Holds the masked kernels of one run, and updates them on the sparsity schedule."""
+    """Holds the masked kernels of one run, and updates them on the sparsity schedule.
+
+    Args:
+        model: The model being trained; its kernels are masked in place.
+        masks: Layer name → boolean mask shaped like its kernel, held all run.
+        gradual: Layers to prune gradually, or None.
+        steps: The run's planned optimizer steps (the schedule's length).
+
+    Raises:
+        CompressorError: A name without a kernel layer, a mask of the wrong shape, or
+            a target the layer cannot take (PlanError).
+    """
 
     def __init__(
         self, model: keras.Model, masks: Mapping[str, np.ndarray], gradual: Optional[GradualSparsity], steps: int

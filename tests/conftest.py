@@ -2,7 +2,8 @@
 
 Models are small enough that building, converting and running them takes a second
 or two; they cover the graph kinds users bring: Sequential, Functional with a residual
-Add, Conv1D, depthwise, and a model nested inside another.
+Add, Conv1D, depthwise, a model nested inside another, a layer called twice, and
+parallel branches joined by a Concatenate.
 """
 
 from __future__ import annotations
@@ -90,6 +91,46 @@ def build_nested():
     inputs = keras.Input((10, 10, 2))
     outputs = layers.Dense(3, activation="softmax")(backbone(inputs))
     return keras.Model(inputs, outputs, name="tiny_nested")
+
+
+def build_shared():
+    """A layer called twice (on its own output), then a residual block."""
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inputs)
+    shared = layers.Conv2D(8, 3, padding="same", activation="relu", name="shared")
+    x = shared(shared(x))
+    y = layers.Conv2D(8, 3, padding="same", name="branch")(x)
+    x = layers.Add(name="add")([x, y])
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = layers.Dense(4, activation="softmax", name="head")(x)
+    return keras.Model(inputs, outputs, name="tiny_shared")
+
+
+def build_multi_branch():
+    """Parallel 1x1 and 3x3 paths, concatenated and projected, inside a residual block (Inception-like)."""
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inputs)
+    a = layers.Conv2D(4, 1, activation="relu", name="path_1x1")(x)
+    b = layers.Conv2D(4, 3, padding="same", activation="relu", name="path_3x3")(x)
+    y = layers.Conv2D(8, 1, name="project")(layers.Concatenate(name="concat")([a, b]))
+    x = layers.ReLU(name="relu")(layers.Add(name="add")([x, y]))
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = layers.Dense(4, activation="softmax", name="head")(x)
+    return keras.Model(inputs, outputs, name="tiny_multi_branch")
+
+
+GRAPH_KINDS = {
+    "sequential": build_sequential,
+    "functional": build_residual,
+    "nested": build_nested,
+    "shared": build_shared,
+    "multi_branch": build_multi_branch,
+}
+"""The graph kinds every rewriter must handle (tests/test_graph_kinds.py)."""
 
 
 BUILDERS = {

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from compressor import distillation, kernel_masks
+from compressor import finetune as ft
 from compressor.distillation import teacher_predictions
 from compressor.errors import CompressorError
 from compressor.finetune import (

@@ -135,6 +135,32 @@ def test_new_gates_are_open_and_the_gated_model_saves_and_loads(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), gated.predict(x, verbose=0), atol=1e-7)
 
 
+def test_a_gated_file_written_before_the_layers_moved_still_loads():
+    """tests/data/gated_v1.keras was saved when the gate layers lived in compressor.techniques.gating.
+
+    Its config names that module; Keras finds the layers by their registered names
+    ("compressor>SkipGate", "compressor>GatedResidual"), which must never change. Its
+    one gate is open for the first two inputs of gated_v1.npz and shut for the others.
+    """
+    import json
+    import zipfile
+    from pathlib import Path
+
+    from compressor.io.models import load_model
+
+    path = Path(__file__).parent / "data" / "gated_v1.keras"
+    config = json.loads(zipfile.ZipFile(path).read("config.json"))
+    assert '"module": "compressor.techniques.gating"' in json.dumps(config)
+    model = load_model(path)
+    assert [type(layer).__name__ for layer in model.layers if isinstance(layer, (SkipGate, GatedResidual))] == [
+        "SkipGate",
+        "GatedResidual",
+    ]
+    expected = np.load(path.with_suffix(".npz"))
+    # The same float32 ops on the same weights: equal up to rounding of the summation order.
+    np.testing.assert_allclose(model.predict(expected["x"], verbose=0), expected["y"], atol=1e-6)
+
+
 def test_cost_counts_the_branches_once_and_the_gates():
     from compressor.graph.cost import model_cost
 

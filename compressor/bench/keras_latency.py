@@ -43,7 +43,9 @@ def tflite_latency(
     from compressor.export.writers import export_tflite
 
     with tempfile.TemporaryDirectory(prefix="compressor-gating-") as folder:
-        paths = [export_tflite(model, Path(folder) / f"{name}.tflite") for name, model in (("static", static), ("gated", gated))]
-        report = benchmark(paths, data=Dataset(x, None, "search data"), runs=runs, warmup=10, threads=threads, seed=seed)
+        models = {"static": static, "gated": gated}
+        paths = [export_tflite(model, Path(folder) / f"{name}.tflite") for name, model in models.items()]
+        data = Dataset(x, None, "search data")
+        report = benchmark(paths, data=data, runs=runs, warmup=10, threads=threads, seed=seed)
     static_result, gated_result = report.results
     return static_result.latency_ms.mean, gated_result.latency_ms.mean

@@ -34,7 +34,13 @@ from typing import Any, Callable, Optional
 import keras
 import numpy as np
 
-from compressor.distillation import DEFAULT_TEMPERATURE, as_logits, distillation_term, student_probabilities, teacher_logits
+from compressor.distillation import (
+    DEFAULT_TEMPERATURE,
+    as_logits,
+    distillation_term,
+    student_probabilities,
+    teacher_logits,
+)
 from compressor.errors import CompressorError, OptionError
 from compressor.io.data import Dataset
 from compressor.layers.gating import SkipGate, gate_layers

@@ -221,7 +221,9 @@ def gate_tensors(model: keras.Model) -> list[tuple[Any, Any]]:
     graphs, and those attributes name the first one's tensors.
     """
     found = {
-        node.operation.name: (node.inputs[0], node.outputs[0]) for node in _nodes(model) if isinstance(node.operation, SkipGate)
+        node.operation.name: (node.inputs[0], node.outputs[0])
+        for node in _nodes(model)
+        if isinstance(node.operation, SkipGate)
     }
     return [found[gate.name] for gate, _ in gate_layers(model)]
 

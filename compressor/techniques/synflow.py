@@ -47,7 +47,9 @@ class SynFlowNetwork:
     """
 
     def __init__(self, model: keras.Model, targets: dict[str, Any]) -> None:
-        self._network, copies = scoring_copy(model, dtype="float64", linear=lambda layer: True, transform=_synflow_weight)
+        self._network, copies = scoring_copy(
+            model, dtype="float64", linear=lambda layer: True, transform=_synflow_weight
+        )
         self._variables = {path: _kernel_variable(copies[id(layer)]) for path, layer in targets.items()}
         self._magnitudes = {path: np.abs(kernel_of(layer).astype(np.float64)) for path, layer in targets.items()}
         self._ones = [np.ones(_concrete_shape(tensor.shape), np.float64) for tensor in model.inputs]
