@@ -39,6 +39,7 @@ def clone_graph(
     *,
     input_dtype: Optional[str] = None,
     functional: bool = False,
+    compiled: bool = True,
     purpose: str = "rewriting",
 ) -> keras.Model:
     """A clone of a graph model built by `keras.models.clone_model`'s hooks (module docstring).
@@ -52,12 +53,14 @@ def clone_graph(
         input_dtype: Dtype of the clone's inputs; default the model's.
         functional: Return a Functional model even for a Sequential one (implied by
             `call_layer`).
+        compiled: Compile the clone as the model is compiled (when it is); False
+            leaves a Functional clone uncompiled.
         purpose: What the clone is for, named when the model has no graph.
 
     Returns:
         The clone: a Sequential model for a Sequential one unless `functional` or
-        `call_layer` is given, else a Functional model of the model's name, compiled
-        like it; frozen when the model is.
+        `call_layer` is given, else a Functional model of the model's name; frozen
+        when the model is.
 
     Raises:
         ModelLoadError: The model has no layer graph.
@@ -75,9 +78,10 @@ def clone_graph(
     cloned = keras.models.clone_model(
         graph, input_tensors=fresh_inputs(graph, input_dtype), clone_function=clone_layer, call_function=call_layer
     )
-    if isinstance(model, keras.Sequential):
+    if isinstance(model, keras.Sequential) or (cloned.compiled and not compiled):
+        # A Sequential model's graph is cloned uncompiled; clone_model compiles a Functional one.
         cloned = keras.Model(cloned.input, cloned.output, name=model.name)
-        if model.compiled:
+        if compiled and model.compiled:
             cloned.compile_from_config(model.get_compile_config())
     if not model.trainable:
         cloned.trainable = False

@@ -162,7 +162,7 @@ def insert_gates(model: keras.Model, blocks: Optional[list[ResidualBlock]] = Non
             return layer(*args, **kwargs)
         return _gated(block, args[0][block.shortcut], nodes, copies)
 
-    gated = clone_graph(model, clone_layer, call_layer, purpose="gating")
+    gated = clone_graph(model, clone_layer, call_layer, compiled=False, purpose="gating")
     for original in originals:
         if isinstance(original, keras.layers.Layer):
             copies[id(original)].set_weights(original.get_weights())
@@ -199,7 +199,7 @@ def remove_gates(gated: keras.Model, keep: set[str]) -> keras.Model:
             return _ungated(layer, args[0][0])
         return layer(*args, **kwargs)
 
-    return clone_graph(gated, lambda layer: layer, call_layer, purpose="gating")
+    return clone_graph(gated, lambda layer: layer, call_layer, compiled=False, purpose="gating")
 
 
 def _ungated(block: GatedResidual, x: Any) -> Any:
