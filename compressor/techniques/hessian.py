@@ -48,7 +48,7 @@ from compressor.techniques.base import (
     round_half_up,
 )
 from compressor.techniques.kfac import SUPPORTED, KFactors, check_fit
-from compressor.techniques.kfac import unsupported_reason as _reason
+from compressor.techniques.kfac import unsupported_reason as _reason  # the name the technique class calls
 from compressor.techniques.lowrank import RANK_FRACTIONS, _assemble
 
 # Eigenvalues are clipped at DAMPING × the largest: far below any direction that
