@@ -373,7 +373,7 @@ def _gate(options: CompressOptions, model: Any, static: Any, budget: Any, search
     the gates (distilling the static model) wins some back.
     """
     from compressor.finetune import accuracy
-    from compressor.search.channels import MARGIN
+    from compressor.search.budgets import MARGIN
     from compressor.search.gating import GatingConfig, gate_model
 
     floor = baseline = None
@@ -429,7 +429,7 @@ def _gating_record(gated: Any) -> Optional[dict[str, Any]]:
 
 def _search_channels(options, model, budget, search_data, train_data, layer_techniques, log, progress):
     from compressor.search.budgets import Budget
-    from compressor.search.channels import ChannelSettings, search_channels
+    from compressor.search.channel_search import ChannelSettings, search_channels
 
     channel_budget = budget
     if budget.kind != "accuracy_drop" and layer_techniques:
@@ -455,7 +455,7 @@ def _remaining_budget(budget: Any, model: Any, working: Any, channels: Any) -> A
         return budget
     if budget.kind == "accuracy_drop":
         # Both stages keep the channel search's margin for held-out noise.
-        from compressor.search.channels import MARGIN
+        from compressor.search.budgets import MARGIN
 
         spent = channels.baseline_accuracy - channels.accuracy
         left = MARGIN * budget.limit - max(spent, 0.0)
