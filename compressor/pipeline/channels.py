@@ -52,5 +52,6 @@ class ChannelStage:
     def replay(self, ctx: RunContext, run: Run, record: ChannelRecord) -> ChannelRecord:
         from compressor.search.apply import prune_planned_channels
 
-        run.working = run.compressed = prune_planned_channels(ctx.model, Plan(model=dict(run.identity or {}), channels=record.removals))
+        plan = Plan(model=dict(run.identity or {}), channels=record.removals)
+        run.working = run.compressed = prune_planned_channels(ctx.model, plan)
         return record

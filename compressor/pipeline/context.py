@@ -3,7 +3,7 @@
 `RunContext` is fixed before the first stage: the options, the original model, the
 data splits, the budget, where outputs are staged, and the log and progress callbacks.
 `Run` is what the model stages hand on to each other: the models as they stand and the
-record each stage kept (`compressor.pipeline.stage` describes the protocol). The plan
+record each stage kept (`compressor.pipeline.stages` describes the protocol). The plan
 is assembled from the records, so what a replay reads is exactly what the stages wrote.
 """
 

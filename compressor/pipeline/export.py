@@ -65,7 +65,8 @@ def export_artifacts(ctx: RunContext, run: Run, calibration: Calibration) -> Exp
         )
     for done, fmt in enumerate(runtime, start=len(options.export)):
         ctx.progress("exporting artifacts", done, steps)
-        baselines.update({check.format: check for check in export_and_verify(ctx.model, out / "baseline", [fmt], x, atol=options.atol)})
+        original = export_and_verify(ctx.model, out / "baseline", [fmt], x, atol=options.atol)
+        baselines.update({check.format: check for check in original})
     static = None
     if run.static is not None and "tflite" in runtime:
         static = export_and_verify(run.static, out / "static", ["tflite"], x, atol=options.atol, sparse_tflite=sparse)[0]

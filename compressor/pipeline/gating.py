@@ -85,7 +85,8 @@ def _gate(ctx: RunContext, static: keras.Model) -> GatingOutcome:
     if policy.is_accuracy(ctx.budget) and search is not None:
         baseline = accuracy(ctx.model, search)
         floor = policy.gating_floor(baseline, ctx.budget)
-    config = GatingConfig(target=options.gating_target, epochs=options.gating_epochs, network=options.gating_network, seed=options.seed)
+    config = GatingConfig(target=options.gating_target, epochs=options.gating_epochs, network=options.gating_network,
+                          seed=options.seed)
     outcome = gate_model(
         static, ctx.data.train, config, search=ctx.data.search, min_accuracy=floor, log=ctx.log,
         on_epoch=lambda epoch, epochs: ctx.progress("training gates", epoch, epochs),

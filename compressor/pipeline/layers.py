@@ -159,7 +159,8 @@ class Statistics:
     def for_search(cls, options: CompressOptions) -> "Statistics":
         """What the techniques the options ask for need."""
         scored = "sparsity" in options.techniques and options.criterion != "magnitude"
-        return cls("hessian" in options.techniques, options.criterion if scored else None, options.seed, tuple(options.techniques))
+        criterion = options.criterion if scored else None
+        return cls("hessian" in options.techniques, criterion, options.seed, tuple(options.techniques))
 
     @classmethod
     def for_replay(cls, record: LayerRecord, seed: int) -> "Statistics":

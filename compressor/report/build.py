@@ -53,7 +53,11 @@ def build_report(ctx: RunContext, run: Run, measured: Measured, timings: Timings
     base_cost, working_cost, comp_cost = model_cost(model), model_cost(run.working), model_cost(run.compressed)
     artifacts = measured.artifacts
     counted = counted_artifact(artifacts)
-    baseline = {"params": stored_params(model), "flops": base_cost.flops, "accuracy": None if counted is None else counted.get("baseline_accuracy")}
+    baseline = {
+        "params": stored_params(model),
+        "flops": base_cost.flops,
+        "accuracy": None if counted is None else counted.get("baseline_accuracy"),
+    }
     result = {
         "params": stored_params(run.compressed),
         "flops": comp_cost.flops,
