@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from compressor.io.data import Dataset
     from compressor.search.budgets import Budget
     from compressor.search.result import LayerChoice, SearchResult
+    from compressor.techniques.hessian import Hessian
 
 STAGE_TECHNIQUES = ("channels", "gating")
 """Techniques that are stages of their own, not per-layer edits."""
@@ -211,7 +212,7 @@ def layer_statistics(needs: Statistics, model: keras.Model, data: Splits, log: L
         yield record
 
 
-def _hessian_technique(model: keras.Model, data: Dataset, seed: int, log: Log) -> Any:
+def _hessian_technique(model: keras.Model, data: Dataset, seed: int, log: Log) -> Hessian:
     from compressor.surgery.editable import editable_layers
     from compressor.techniques.hessian import Hessian, eigen_decompose, kfac_factors
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from compressor.graph.cost import ModelCost
     from compressor.pipeline.context import Run, RunContext
     from compressor.search.budgets import Budget
-    from compressor.surgery.plan import Plan
+    from compressor.surgery.plan import ChannelRemoval, Plan
 
 FORMAT_ORDER = {"tflite": 0, "onnx": 1, "keras": 2}
 
@@ -223,7 +223,7 @@ def _channel_rows(plan: Plan, base_cost: ModelCost, working_cost: ModelCost) -> 
     return rows + [{"name": removal.group, "technique": "channels", **_group_fields(removal)} for removal in removals.values()]
 
 
-def _group_fields(removal: Any) -> dict[str, Any]:
+def _group_fields(removal: ChannelRemoval) -> dict[str, Any]:
     return {"criterion": removal.criterion, "channels_before": removal.size, "channels_after": removal.size - len(removal.remove)}
 
 
