@@ -13,10 +13,9 @@ timed in the same interleaved run.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -114,14 +113,14 @@ def check_inputs(options: CompressOptions) -> None:
 
 def _check_data_and_plan(options: CompressOptions, inputs: Optional[Inputs] = None) -> None:
     from compressor.io.data import check_data_spec
-    from compressor.surgery.plan import Plan
+    from compressor.surgery.plan import read_plan
 
     for key in ("data", "test_data", "train_data"):
         spec = getattr(options, key)
         if spec is not None and (inputs is None or getattr(inputs, key) is None):
             check_data_spec(spec, "--" + key.replace("_", "-"))
     if options.plan is not None:
-        Plan.load(options.plan)
+        read_plan(options.plan)  # no TensorFlow: the techniques validate their parameters when Plan.load reads it
 
 
 def _compress(options: CompressOptions, staging: Path, progress: Progress, log: Log, inputs: Inputs) -> dict[str, Any]:
@@ -314,8 +313,9 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
     from compressor.search.apply import apply_plan
     from compressor.search.result import model_identity
     from compressor.surgery.plan import Plan
+    from compressor.techniques.registry import prepare_registry, stage_technique_names
 
-    layer_techniques = tuple(t for t in options.techniques if t not in STAGE_TECHNIQUES)
+    layer_techniques = tuple(t for t in options.techniques if t not in stage_technique_names())
     gating = "gating" in options.techniques
     if gating:
         _check_gateable(model)  # before minutes of static search, not after
@@ -326,9 +326,11 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
     search, statistics, compressed = None, None, working
     remaining = _remaining_budget(budget, model, working, channels) if layer_techniques else None
     if remaining is not None:
-        with _layer_statistics(options, working, search_data, train_data, log) as statistics:
-            search = _search(options, working, remaining, search_data, progress, layer_techniques)
-            compressed = apply_plan(working, search.plan)
+        data, source = _statistics_data(train_data, search_data)
+        registry, statistics = prepare_registry(options.techniques, working, data, source=source,
+                                                criterion=options.criterion, seed=options.seed, log=log)
+        search = _search(options, working, remaining, search_data, progress, layer_techniques, registry)
+        compressed = apply_plan(working, search.plan, registry=registry)
     tuning = None
     if options.finetune_epochs and search is not None and search.plan.edits:
         tuning = _finetune(options, compressed, model, working, search.plan.edits, train_data, search_data, budget, log, progress)
@@ -349,9 +351,6 @@ def _search_all(options: CompressOptions, model: Any, budget: Any, search_data: 
     applied = gated is not None and gated.model is not None
     return _Outcome(plan, compressed, working, search, channels, tuning, static if applied else None, gated)
 
-
-STAGE_TECHNIQUES = ("channels", "gating")
-"""Techniques that are stages of their own, not per-layer edits."""
 
 def _check_gateable(model: Any) -> None:
     from compressor.techniques.gating import find_residual_blocks
@@ -512,65 +511,24 @@ def _finetune_record(options: CompressOptions, channels: Any, tuning: Any) -> Op
     return {"epochs": epochs, "epochs_per_run": options.finetune_epochs, "teacher": "original", "seed": options.seed}
 
 
-@contextmanager
-def _layer_statistics(options: CompressOptions, model: Any, search_data: Optional[Dataset],
-                      train_data: Optional[Dataset], log: Log) -> Iterator[Optional[dict[str, Any]]]:
-    """Register the data-driven per-layer techniques for a block of work; yield how their data was gathered.
-
-    "hessian" needs K-FAC eigenbases of each layer; "sparsity" with a --criterion other
-    than magnitude ranks weights by that criterion's scores. Both come from
-    --train-data (or --data) and are recomputed the same way when a plan is replayed.
-    """
-    from compressor.techniques.registry import use_technique
-
-    data, source = (train_data, "train") if train_data is not None else (search_data, "search")
-    hessian = "hessian" in options.techniques
-    scored = "sparsity" in options.techniques and options.criterion != "magnitude"
-    if not (hessian or scored):
-        yield None
-        return
-    if data is None:
-        what = "K-FAC statistics" if hessian else f"{options.criterion} scores"
-        raise CompressorError(f"--techniques {','.join(options.techniques)} gathers {what} on data: pass --train-data or --data")
-    record: dict[str, Any] = {"data": source, "seed": options.seed}
-    with ExitStack() as stack:
-        if hessian:
-            stack.enter_context(use_technique(_hessian_technique(model, data, options.seed, log)))
-            record.update(kfac_samples=min(KFAC_SAMPLES, len(data)), labels="sampled")
-        if scored:
-            from compressor.techniques.scores import weight_scores
-            from compressor.techniques.sparsity import Sparsity
-
-            log(f"scoring weights ({options.criterion})")
-            scores = weight_scores(model, options.criterion, data, seed=options.seed)
-            stack.enter_context(use_technique(Sparsity(scores)))
-            record["criterion"] = options.criterion
-        yield record
-
-
-def _hessian_technique(model: Any, data: Dataset, seed: int, log: Log) -> Any:
-    from compressor.surgery.editable import editable_layers
-    from compressor.techniques.hessian import Hessian, eigen_decompose, kfac_factors
-
-    log("gathering K-FAC statistics")
-    factors = kfac_factors(model, data, seed=seed, samples=KFAC_SAMPLES)
-    layers = editable_layers(model)
-    return Hessian({name: eigen_decompose(layers[name], factor) for name, factor in factors.items() if name in layers})
-
-
-KFAC_SAMPLES = 512
+def _statistics_data(train_data: Optional[Dataset], search_data: Optional[Dataset]) -> tuple[Optional[Dataset], str]:
+    """The data K-FAC statistics and importance scores are gathered on: --train-data, else the search data."""
+    return (train_data, "train") if train_data is not None else (search_data, "search")
 
 
 def _replay(options: CompressOptions, model: Any, plan: Any, search_data: Optional[Dataset],
             train_data: Optional[Dataset], log: Log) -> _Outcome:
     """Re-apply a saved plan; recompute K-FAC statistics and re-fine-tune where it says so."""
     from compressor.search.apply import apply_plan, prune_planned_channels
+    from compressor.techniques.registry import registry_for_plan
 
     if plan.finetune and train_data is None:
         raise CompressorError(f"{options.plan} was fine-tuned ({plan.finetune.get('epochs')} epochs): pass --train-data to replay it")
     working = prune_planned_channels(model, plan) if plan.channels else model
-    with _layer_statistics(_replay_options(options, plan), working, search_data, train_data, log):
-        compressed = apply_plan(model, plan)
+    data, source = _statistics_data(train_data, search_data)
+    registry = registry_for_plan([edit.technique for edit in plan.edits], plan.statistics, working, data,
+                                 source=source, seed=options.seed, log=log)
+    compressed = apply_plan(model, plan, registry=registry)
     tuning = None
     if plan.finetune:
         from compressor.finetune import FinetuneConfig, finetune, fixed_masks
@@ -585,15 +543,6 @@ def _replay(options: CompressOptions, model: Any, plan: Any, search_data: Option
         log("adding the plan's gates")
         static, compressed = compressed, replay_gates(compressed, plan.gating, train_data)
     return _Outcome(plan, compressed, working, tuning=tuning, static=static)
-
-
-def _replay_options(options: CompressOptions, plan: Any) -> CompressOptions:
-    """The options that rebuild the plan's data-driven edits as they were made."""
-    import dataclasses
-
-    techniques = {edit.technique for edit in plan.edits} & {"hessian", "sparsity"}
-    criterion = (plan.statistics or {}).get("criterion", "magnitude")
-    return dataclasses.replace(options, techniques=tuple(sorted(techniques)) or ("tucker",), criterion=criterion)
 
 
 def _channel_rows(outcome: _Outcome, base_cost: Any) -> list[dict[str, Any]]:
@@ -679,12 +628,13 @@ def _datasets(options: CompressOptions, load: Callable[[str], Optional[Dataset]]
     return None, data  # data-free search: all of --data measures the result
 
 
-def _search(options: CompressOptions, model: Any, budget: Any, data: Optional[Dataset], progress: Optional[Progress], techniques: tuple[str, ...]):
+def _search(options: CompressOptions, model: Any, budget: Any, data: Optional[Dataset], progress: Optional[Progress], techniques: tuple[str, ...],
+            registry: Any):
     from compressor.search.candidates import layer_candidates
     from compressor.search.kernels import KernelCache
 
     pattern = options.pattern() if "sparsity" in techniques else None
-    kernels = KernelCache()  # effective kernels built for the candidates, reused by the search
+    kernels = KernelCache(registry=registry)  # effective kernels built for the candidates, reused by the search
     candidates, skipped = layer_candidates(model, techniques, pattern, kernels=kernels)
     if not candidates:
         reasons = "; ".join(f"{skip.layer}: {skip.reason}" for skip in skipped[:3]) or "it has no layers with weights"
@@ -735,7 +685,9 @@ def _export(options: CompressOptions, model: Any, compressed: Any, plan: Any, he
     from compressor.export.verify import ensure_passed, export_and_verify, verification_inputs
 
     x = verification_inputs(compressed, held_out, samples=64, seed=options.seed)
-    sparse = any(edit.residual is not None or edit.technique == "sparsity" for edit in plan.edits)
+    from compressor.techniques.registry import has_sparse_weights
+
+    sparse = has_sparse_weights(plan.edits)
     runtime = [fmt for fmt in options.export if fmt in RUNTIME_FORMATS]
     steps = len(options.export) + len(runtime)
     checks, baselines, extra = [], {}, {}
@@ -924,7 +876,9 @@ def _notes(plan: Any, calibration_source: Optional[str]) -> list[str]:
             "Quantization was calibrated on the held-out data the accuracy is measured on (no --train-data "
             "or search data was given), which flatters the quantized artifact's accuracy a little."
         )
-    if any(edit.residual is not None or edit.technique == "sparsity" for edit in plan.edits):
+    from compressor.techniques.registry import has_sparse_weights
+
+    if has_sparse_weights(plan.edits):
         notes.append(
             "Sparse weights make the TFLite file smaller (stored sparsely), but TFLite runs "
             "convolutions dense: compare latency_ms, not the parameter count, for speed."
