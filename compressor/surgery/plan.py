@@ -41,7 +41,7 @@ Layer names are qualified (`outer/inner`) inside nested models, as in `compresso
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 

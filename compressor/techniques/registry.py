@@ -119,17 +119,13 @@ def unregister(name: str) -> None:
     _CLASSES.pop(name, None)
 
 
-register("channels", kind=STAGE, summary="remove whole channels of dependency groups, before the per-layer techniques",
-         applies="compressor.techniques.stages:channels_apply")
-register("tucker", "compressor.techniques.lowrank:Tucker", priority=20, includes=("svd",),
-         summary="Tucker-2 for kxk Conv2D, truncated SVD for 1x1 Conv2D, Conv1D and Dense (default)")
-register("svd", "compressor.techniques.lowrank:SVD", priority=30,
-         summary="truncated SVD of 1x1 Conv2D, Conv1D and Dense only")
-register("hessian", "compressor.techniques.hessian:Hessian", priority=10,
-         summary="EigenDamage: cut in the K-FAC eigenbasis, gathered on data")
+register("channels", kind=STAGE, summary="remove whole channels, first", applies="compressor.techniques.stages:channels_apply")
+register("tucker", "compressor.techniques.lowrank:Tucker", priority=20, includes=("svd",), summary="Tucker-2 / SVD; default")
+register("svd", "compressor.techniques.lowrank:SVD", priority=30, summary="SVD of 1x1 convolutions, Conv1D, Dense")
+register("hessian", "compressor.techniques.hessian:Hessian", priority=10, summary="K-FAC eigenbasis, gathered on data")
 register("sparsity", "compressor.techniques.sparsity:Sparsity", priority=90,
-         summary="masked kernels; with tucker or svd, a sparse residual on each low-rank edit")
-register("gating", kind=STAGE, summary="learned per-input skipping of residual blocks, after the static techniques")
+         summary="masked kernels; with tucker or svd, sparse residuals")
+register("gating", kind=STAGE, summary="learned per-input skipping of residual blocks, last")
 
 
 # --- names (no TensorFlow) ------------------------------------------------------------------
@@ -176,8 +172,8 @@ def parse_techniques(names: Iterable[str]) -> frozenset[str]:
 
 def techniques_help() -> str:
     """The `--techniques` help: each name with its summary, stages marked."""
-    parts = [f"{e.name} ({e.summary}{'; a stage' if e.kind == STAGE else ''})" for e in _ENTRIES.values()]
-    return "; ".join(parts) + "; combine with commas, e.g. channels,tucker,gating."
+    parts = [f"{e.name} ({'a stage: ' if e.kind == STAGE else ''}{e.summary})" for e in _ENTRIES.values()]
+    return ", ".join(parts) + "; combine with commas, e.g. channels,tucker,gating."
 
 
 # --- classes (imported on first use) --------------------------------------------------------
@@ -232,8 +228,9 @@ class Registry:
     def __getitem__(self, name: str) -> Any:
         if name in self._prepared:
             return self._prepared[name]
-        if name not in self._plain:
-            self._plain[name] = technique_class(name)()
+        cls = technique_class(name)
+        if type(self._plain.get(name)) is not cls:  # first use, or registered anew
+            self._plain[name] = cls()
         return self._plain[name]
 
     def with_techniques(self, *techniques: Any) -> "Registry":
