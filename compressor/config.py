@@ -27,13 +27,11 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from compressor.errors import CompressorError
-from compressor.surgery.plan import STRUCTURES
+from compressor.surgery.plan import STRUCTURES, PlanError
+from compressor.techniques.registry import CRITERIA, parse_techniques  # names only: no TensorFlow
 
 METHODS = ("fixed_loss", "fixed_params")
 BUDGET_ON = ("params", "flops")
-# Kept in step with compressor.techniques.scores.CRITERIA (tested); here so that
-# validating options imports no TensorFlow.
-CRITERIA = ("magnitude", "snip", "synflow", "fpgm", "hessian")
 # Kept in step with compressor.export.quantize.QUANTIZE_MODES (tested).
 QUANTIZE_MODES = ("none", "dynamic", "float16", "int8")
 COMMAND_LINE_ONLY = ("allow_model_code", "allow_config_code")
@@ -110,6 +108,10 @@ class CompressOptions:
             )
         if structure == "block" and self.block_size is None:
             raise ConfigError("--pruning-structure block needs --block-size ROWS,COLS (e.g. 2,2)")
+        try:  # technique names come from compressor.techniques.registry
+            parse_techniques(self.techniques)
+        except PlanError as exc:
+            raise ConfigError(str(exc)) from None
         if self.criterion not in CRITERIA:
             raise ConfigError(f"Invalid criterion. Expected one of {CRITERIA}. Received: criterion={self.criterion!r}")
         if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:

@@ -13,7 +13,6 @@ import pytest
 from compressor.config import CompressOptions
 from compressor.errors import OptionError, flag_name
 from compressor.pipeline.context import Run, RunContext, Splits
-from compressor.pipeline.layers import Statistics
 from compressor.pipeline.records import ChannelRecord, FinetuneRecord, GatingRecord, LayerRecord
 from compressor.surgery.plan import ChannelRemoval, LayerEdit, SkippedLayer, SparsitySpec
 
@@ -71,27 +70,24 @@ def test_each_stage_reads_back_the_record_it_wrote():
         assert stage.recorded(plan).plan_fields() == written.plan_fields(), stage.name
 
 
-def test_a_replay_gathers_statistics_as_the_plan_records_them_not_as_the_options_say():
-    sparse = LayerEdit("conv", "sparsity", sparsity=SparsitySpec(0.5))
-    record = LayerRecord((sparse,), (), {"data": "train", "seed": 3, "criterion": "snip"})
-    assert Statistics.for_replay(record, seed=0) == Statistics(kfac=False, criterion="snip", seed=3)
-    # K-FAC only for hessian edits; masks by magnitude need no scores.
-    hessian = LayerEdit("conv", "hessian", ranks=(2, 2))
-    assert Statistics.for_replay(LayerRecord((hessian,), (), {"data": "train", "seed": 1, "kfac_samples": 64}), 0).kfac
-    assert Statistics.for_replay(LayerRecord((sparse,), (), None), seed=5) == Statistics(False, None, 5)
+def test_a_replay_prepares_statistics_as_the_plan_records_them_not_as_the_options_say():
+    from compressor.techniques.registry import DEFAULT_REGISTRY, registry_for_plan
+
+    # The record's criterion decides: snip scores need data, masks by magnitude need none.
+    with pytest.raises(OptionError, match="the plan's edits need snip scores gathered on data"):
+        registry_for_plan(["sparsity"], {"data": "train", "seed": 3, "criterion": "snip"}, None, None, source="train")
+    assert registry_for_plan(["sparsity"], None, None, None, source="train") is DEFAULT_REGISTRY
+    assert registry_for_plan(["tucker"], {"data": "train", "criterion": "snip"}, None, None, source="train") is DEFAULT_REGISTRY
 
 
-def test_statistics_without_data_name_the_options_to_pass(tmp_path):
-    from compressor.pipeline.layers import layer_statistics
+def test_statistics_without_data_name_the_options_to_pass():
+    from compressor.techniques.registry import prepare_registry, registry_for_plan
 
-    needs = Statistics.for_search(_options(tmp_path, techniques=("hessian", "sparsity")))
-    with pytest.raises(OptionError) as caught, layer_statistics(needs, None, Splits(), print):
-        pass
+    with pytest.raises(OptionError) as caught:
+        prepare_registry(("hessian", "sparsity"), None, None, source="train", criterion="snip")
     assert caught.value.render(flag_name) == "--techniques hessian,sparsity gathers K-FAC statistics on data: pass --train-data or --data"
-    replayed = Statistics.for_replay(LayerRecord((LayerEdit("conv", "hessian", ranks=(2, 2)),), (), None), 0)
     with pytest.raises(OptionError, match="the plan's edits need K-FAC statistics gathered on data: pass train_data= or data="):
-        with layer_statistics(replayed, None, Splits(), print):
-            pass
+        registry_for_plan(["hessian"], None, None, None, source="train")
 
 
 def test_a_fine_tuned_plan_is_refused_without_training_data(tmp_path):

@@ -26,6 +26,7 @@ from compressor.cli.console import (
 )
 from compressor.cli.options import AllowModelCodeOpt, CustomObjectsOpt, ModelArg
 from compressor.errors import CompressorError
+from compressor.techniques.registry import techniques_help
 
 EXIT_BUDGET_NOT_MET = 2
 
@@ -44,7 +45,7 @@ def compress_command(
     max_acc_loss: Annotated[Optional[float], _opt("--max-acc-loss", help="fixed_loss: largest top-1 accuracy drop, as a fraction (0.02 = 2 points).")] = None,
     compression_factor: Annotated[Optional[float], _opt("--compression-factor", help="fixed_params: fraction of params (or FLOPs) kept, 0 < F < 1.")] = None,
     budget_on: Annotated[Optional[str], _opt("--budget-on", help="fixed_params: params (default) or flops.")] = None,
-    techniques: Annotated[Optional[str], _opt("--techniques", help="channels (remove whole channels), tucker (Tucker-2 / SVD; default), svd, hessian (K-FAC eigenbasis), sparsity, gating (learned per-input skipping of residual blocks); combine with commas, e.g. channels,tucker,gating.")] = None,
+    techniques: Annotated[Optional[str], _opt("--techniques", help=techniques_help())] = None,
     criterion: Annotated[Optional[str], _opt("--criterion", help="Channel/weight importance: magnitude (default), snip, synflow, fpgm, hessian.")] = None,
     finetune_epochs: Annotated[Optional[int], _opt("--finetune-epochs", help="Fine-tune the compressed model this many epochs (per pruning step) with the original as teacher; needs --train-data.")] = None,
     max_channel_fraction: Annotated[Optional[float], _opt("--max-channel-fraction", help="Most of a channel group that may be removed (default 0.9).")] = None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from compressor.cli.console import (
     console,
@@ -38,7 +38,7 @@ def inspect_command(
 
     with stdout_to_stderr():
         keras_model = load_model(model, custom_objects, allow_model_code=allow_model_code)
-        cost = model_cost(keras_model)
+        cost = _with_registry_techniques(model_cost(keras_model), keras_model)
         free = [x.name for x in keras_model.inputs if any(d is None for d in x.shape[1:])]
     if free:
         err_console.print(
@@ -50,6 +50,21 @@ def inspect_command(
         print_json(cost.to_dict())
     else:
         _render(cost, title=f"{keras_model.name}: {len(cost.layers)} layers")
+
+
+def _with_registry_techniques(cost: "ModelCost", model: Any) -> "ModelCost":
+    """The cost table with each layer's techniques as the registry names them (`--techniques` names)."""
+    import dataclasses
+
+    from compressor.graph.calls import layer_calls
+    from compressor.techniques.registry import DEFAULT_REGISTRY
+
+    layers = {call.path: call.operation for call in layer_calls(model)}
+    rows = tuple(
+        dataclasses.replace(row, techniques=DEFAULT_REGISTRY.applicable(layers[row.name]) if row.name in layers else ())
+        for row in cost.layers
+    )
+    return dataclasses.replace(cost, layers=rows)
 
 
 def _render(cost: "ModelCost", title: str) -> None:

@@ -76,14 +76,14 @@ def check_data_and_plan(options: CompressOptions, inputs: Optional[Inputs] = Non
         CompressorError: One line naming the input and what is wrong with it.
     """
     from compressor.io.data import check_data_spec
-    from compressor.surgery.plan import Plan
+    from compressor.surgery.plan import read_plan
 
     for key in DATA_OPTIONS:
         spec = getattr(options, key)
         if spec is not None and (inputs is None or getattr(inputs, key) is None):
             check_data_spec(spec, "--" + key.replace("_", "-"))
     if options.plan is not None:
-        Plan.load(options.plan)
+        read_plan(options.plan)  # no TensorFlow: the techniques check their parameters when Plan.load reads it
 
 
 def load_model(options: CompressOptions, inputs: Inputs, log: Log) -> keras.Model:

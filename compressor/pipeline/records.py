@@ -68,7 +68,9 @@ class LayerRecord:
     @property
     def sparse_weights(self) -> bool:
         """Whether some edit leaves zeros in a kernel (a sparsity mask or a sparse residual branch)."""
-        return any(edit.residual is not None or edit.technique == "sparsity" for edit in self.edits)
+        from compressor.techniques.registry import has_sparse_weights
+
+        return has_sparse_weights(self.edits)
 
     def plan_fields(self) -> dict[str, Any]:
         return {"edits": self.edits, "skipped": self.skipped, "statistics": self.statistics}
