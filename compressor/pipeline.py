@@ -89,12 +89,18 @@ def compress(options: CompressOptions, progress: Optional[Progress] = None, log:
     Raises:
         CompressorError: Bad input, or a failure the user can act on.
     """
+    return compress_model(options, progress, log, inputs)[0]
+
+
+def compress_model(options: CompressOptions, progress: Optional[Progress] = None, log: Optional[Log] = None,
+                   inputs: Optional[Inputs] = None) -> tuple[dict[str, Any], Any]:
+    """`compress`, also returning the compressed Keras model: (report, model)."""
     from compressor.io.outdir import staged_output
 
     with staged_output(options.out, options.overwrite, options.input_files()) as staging:
-        report = _compress(options, staging, progress or (lambda stage, done, total: None), log or (lambda message: None),
-                           inputs or Inputs())
-    return report
+        report, compressed = _compress(options, staging, progress or (lambda stage, done, total: None),
+                                       log or (lambda message: None), inputs or Inputs())
+    return report, compressed
 
 
 def check_inputs(options: CompressOptions) -> None:
@@ -124,7 +130,7 @@ def _check_data_and_plan(options: CompressOptions, inputs: Optional[Inputs] = No
         Plan.load(options.plan)
 
 
-def _compress(options: CompressOptions, staging: Path, progress: Progress, log: Log, inputs: Inputs) -> dict[str, Any]:
+def _compress(options: CompressOptions, staging: Path, progress: Progress, log: Log, inputs: Inputs) -> tuple[dict[str, Any], Any]:
     from compressor.graph.cost import model_cost, stored_params
     from compressor.io.models import load_model
     from compressor.surgery.plan import Plan
@@ -194,7 +200,7 @@ def _compress(options: CompressOptions, staging: Path, progress: Progress, log: 
     _relocate(report, staging, options.out)
     write_report(staging / "report.json", report)
     _write_markdown(report, staging, log)
-    return report
+    return report, compressed
 
 
 def _relocate(report: dict[str, Any], staging: Path, out: Path) -> None:
