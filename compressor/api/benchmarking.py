@@ -15,10 +15,13 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from compressor.api.inputs import as_dataset, is_path
 from compressor.errors import OptionError, python_name
+
+if TYPE_CHECKING:
+    from compressor.bench.gate import GateResult
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class BenchRun:
     """
 
     report: Mapping[str, Any]
-    gate: Optional[Any] = None
+    gate: Optional[GateResult] = None
 
     @property
     def passed(self) -> bool:

@@ -20,12 +20,15 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from compressor.api.inputs import as_dataset, as_model, data_name, is_path, model_name
 from compressor.config import DATA_KEYS, CompressOptions, InMemory, check_names
 from compressor.errors import OptionError, python_name
 from compressor.option_fields import declared, help_text
+
+if TYPE_CHECKING:
+    import keras
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
@@ -45,7 +48,7 @@ class CompressResult:
         out: The output folder.
     """
 
-    model: Any
+    model: keras.Model
     report: Mapping[str, Any]
     artifacts: Mapping[str, Path]
     out: Path

@@ -10,10 +10,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from compressor.api.inputs import as_dataset, as_model, is_path
 from compressor.errors import OptionError, python_name
+
+if TYPE_CHECKING:
+    from compressor.export.verify import ArtifactCheck
 
 FORMATS = ("tflite", "onnx", "keras")
 
@@ -62,7 +65,7 @@ def export_model(
     custom_objects: Sequence[str] = (),
     allow_model_code: bool = False,
     strict: bool = True,
-) -> tuple[Any, ...]:
+) -> tuple[ArtifactCheck, ...]:
     """Export a model, load each artifact back and compare its outputs with the model's.
 
     Args:

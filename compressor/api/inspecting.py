@@ -7,9 +7,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from compressor.api.inputs import as_model
+
+if TYPE_CHECKING:
+    from compressor.graph.cost import LayerCost
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class Inspection:
     model: str
     params: int
     flops: int
-    layers: tuple[Any, ...]
+    layers: tuple[LayerCost, ...]
     free_inputs: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
