@@ -22,7 +22,8 @@ import keras  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from compressor.cli.app import app  # noqa: E402
-from compressor.config import CompressOptions, ConfigError  # noqa: E402
+from compressor.config import CompressOptions  # noqa: E402
+from compressor.errors import OptionError  # noqa: E402
 from compressor.surgery.plan import LayerEdit, Plan, PlanError  # noqa: E402
 from compressor.techniques import registry  # noqa: E402
 from compressor.techniques.registry import (  # noqa: E402
@@ -77,7 +78,7 @@ def test_names_help_and_plans_need_no_tensorflow():
 
 
 def test_options_refuse_unknown_techniques():
-    with pytest.raises(ConfigError, match=r"Invalid techniques. Expected some of \('channels', 'tucker'"):
+    with pytest.raises(OptionError, match=r"Invalid techniques. Expected some of \('channels', 'tucker'"):
         CompressOptions(model="m.keras", out="o", method="fixed_params", compression_factor=0.5, techniques=("pruning",))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from compressor.cli.console import (
     console,
@@ -15,7 +15,7 @@ from compressor.cli.console import (
 from compressor.cli.options import AllowModelCodeOpt, CustomObjectsOpt, JsonOpt, ModelArg
 
 if TYPE_CHECKING:
-    from compressor.graph.cost import ModelCost
+    from compressor.api.inspecting import Inspection
 
 
 @handle_errors
@@ -33,41 +33,23 @@ def inspect_command(
 
     check_model_path(model)  # a missing or damaged model ends here, before TensorFlow loads
     load_tensorflow()
-    from compressor.graph.cost import model_cost
-    from compressor.io.models import load_model
+    from compressor.api.inspecting import inspect
 
     with stdout_to_stderr():
-        keras_model = load_model(model, custom_objects, allow_model_code=allow_model_code)
-        cost = _with_registry_techniques(model_cost(keras_model), keras_model)
-        free = [x.name for x in keras_model.inputs if any(d is None for d in x.shape[1:])]
-    if free:
+        inspection = inspect(model, custom_objects=custom_objects or (), allow_model_code=allow_model_code)
+    if inspection.free_inputs:
         err_console.print(
-            f"[yellow]warning:[/] input(s) {', '.join(free)} have free dimensions besides the batch; "
+            f"[yellow]warning:[/] input(s) {', '.join(inspection.free_inputs)} have free dimensions besides the batch; "
             "layers whose shapes depend on them count 0 FLOPs",
             soft_wrap=True,
         )
     if json_out:
-        print_json(cost.to_dict())
+        print_json(inspection.to_dict())
     else:
-        _render(cost, title=f"{keras_model.name}: {len(cost.layers)} layers")
+        _render(inspection, title=f"{inspection.model}: {len(inspection.layers)} layers")
 
 
-def _with_registry_techniques(cost: "ModelCost", model: Any) -> "ModelCost":
-    """The cost table with each layer's techniques as the registry names them (`--techniques` names)."""
-    import dataclasses
-
-    from compressor.graph.calls import layer_calls
-    from compressor.techniques.registry import DEFAULT_REGISTRY
-
-    layers = {call.path: call.operation for call in layer_calls(model)}
-    rows = tuple(
-        dataclasses.replace(row, techniques=DEFAULT_REGISTRY.applicable(layers[row.name]) if row.name in layers else ())
-        for row in cost.layers
-    )
-    return dataclasses.replace(cost, layers=rows)
-
-
-def _render(cost: "ModelCost", title: str) -> None:
+def _render(cost: "Inspection", title: str) -> None:
     from rich import box
     from rich.table import Table
 

@@ -27,9 +27,11 @@ from compressor.pipeline.context import Log, Progress
 from compressor.pipeline.data import Inputs, check_data_and_plan, split_data
 
 if TYPE_CHECKING:
+    import keras
+
     from compressor.config import CompressOptions
 
-__all__ = ["Inputs", "Log", "Progress", "check_inputs", "compress", "split_data"]
+__all__ = ["Inputs", "Log", "Progress", "check_inputs", "compress", "compress_model", "split_data"]
 
 
 def compress(options: CompressOptions, progress: Optional[Progress] = None, log: Optional[Log] = None,
@@ -53,13 +55,18 @@ def compress(options: CompressOptions, progress: Optional[Progress] = None, log:
     Raises:
         CompressorError: Bad input, or a failure the user can act on.
     """
+    return compress_model(options, progress, log, inputs)[0]
+
+
+def compress_model(options: CompressOptions, progress: Optional[Progress] = None, log: Optional[Log] = None,
+                   inputs: Optional[Inputs] = None) -> tuple[dict[str, Any], keras.Model]:
+    """`compress`, also returning the compressed Keras model: (report, model)."""
     from compressor.io.outdir import staged_output
     from compressor.pipeline.run import compress_into
 
     with staged_output(options.out, options.overwrite, options.input_files()) as staging:
-        report = compress_into(options, staging, progress or (lambda stage, done, total: None),
-                               log or (lambda message: None), inputs or Inputs())
-    return report
+        return compress_into(options, staging, progress or (lambda stage, done, total: None),
+                             log or (lambda message: None), inputs or Inputs())
 
 
 def check_inputs(options: CompressOptions) -> None:

@@ -23,11 +23,18 @@ from compressor.pipeline.timing import time_artifacts
 from compressor.report.build import Timings, build_report, relocate, write_report
 
 if TYPE_CHECKING:
+    import keras
+
     from compressor.config import CompressOptions
 
 
-def compress_into(options: CompressOptions, staging: Path, progress: Progress, log: Log, inputs: Inputs) -> dict[str, Any]:
-    """Run one compression, writing every output into `staging`; return the report (paths as they will be in `options.out`)."""
+def compress_into(options: CompressOptions, staging: Path, progress: Progress, log: Log,
+                  inputs: Inputs) -> tuple[dict[str, Any], keras.Model]:
+    """Run one compression, writing every output into `staging`.
+
+    Returns:
+        The report (paths as they will be in `options.out`) and the compressed model.
+    """
     from compressor.surgery.plan import Plan
 
     started = time.perf_counter()
@@ -53,7 +60,7 @@ def compress_into(options: CompressOptions, staging: Path, progress: Progress, l
     relocate(report, staging, options.out)
     write_report(staging / "report.json", report)
     _write_markdown(report, staging, log)
-    return report
+    return report, run.compressed
 
 
 def _write_markdown(report: dict[str, Any], folder: Path, log: Log) -> None:
