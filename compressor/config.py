@@ -1,7 +1,9 @@
-"""The options of `compress`, validated once, from flags and an optional TOML file.
+"""The options of `compress`, declared once: fields of `CompressOptions`, validated at construction.
 
-A TOML file (`--config compress.toml`) uses the flags' names, with dashes or
-underscores; flags given on the command line win over the file:
+Each field made with `option(...)` (see `compressor.option_fields`) is a flag of
+`compress`, a key of its config file and a keyword of `compressor.compress`, with one
+help line, one parser and one check. A TOML file (`--config compress.toml`) uses the
+flags' names, with dashes or underscores; flags given on the command line win over it:
 
     method = "fixed_loss"
     max-acc-loss = 0.02
@@ -10,160 +12,265 @@ underscores; flags given on the command line win over the file:
     export = ["tflite", "onnx"]
     quantize = "int8"
 
-Every flag has a key (tested); examples/compress.toml lists them all, except the two
-opt-ins to running code, which only the command line can give (COMMAND_LINE_ONLY): a
-config file may come from a less trusted place (a pull request, a shared CI folder)
-than the command that uses it, so options from a file that import Python code
-(custom-objects, and data values that are `pkg.module:function` hooks) are refused
-unless `--allow-config-code` is on the command line.
+examples/compress.toml lists every key (tested), except the two opt-ins to running
+code, which only the command line can give (COMMAND_LINE_ONLY): a config file may come
+from a less trusted place (a pull request, a shared CI folder) than the command that
+uses it, so options from a file that import Python code (custom-objects, and data
+values that are `pkg.module:function` hooks) are refused unless `--allow-config-code`
+is on the command line.
+
+Messages name options as `{placeholders}` (`compressor.errors.OptionError`): the
+Python API words them `max_acc_loss=`; `build_options`, the command line's and the
+config file's way in, raises ConfigError, which words them `--max-acc-loss`.
 """
 
 from __future__ import annotations
 
-import math
+import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
-from compressor.errors import CompressorError
-from compressor.surgery.plan import STRUCTURES
+from compressor.errors import OptionError, flag_name
+from compressor.option_fields import (
+    as_path,
+    block_shape,
+    boolean,
+    check_values,
+    declared,
+    integer,
+    list_of,
+    lowercase,
+    names,
+    number,
+    one_of,
+    open_fraction,
+    option,
+    parse_block_size,
+    parse_values,
+    path,
+)
+from compressor.surgery.plan import STRUCTURES, PlanError
+from compressor.techniques.registry import CRITERIA, parse_techniques, techniques_help  # names only: no TensorFlow
 
 METHODS = ("fixed_loss", "fixed_params")
 BUDGET_ON = ("params", "flops")
-# Kept in step with compressor.techniques.scores.CRITERIA (tested); here so that
-# validating options imports no TensorFlow.
-CRITERIA = ("magnitude", "snip", "synflow", "fpgm", "hessian")
 # Kept in step with compressor.export.quantize.QUANTIZE_MODES (tested).
 QUANTIZE_MODES = ("none", "dynamic", "float16", "int8")
-COMMAND_LINE_ONLY = ("allow_model_code", "allow_config_code")
-"""Opt-ins to running code: flags only, never keys of a config file."""
 DATA_KEYS = ("data", "test_data", "train_data")
+_N_M = re.compile(r"\d+:\d+")
 
 
-class ConfigError(CompressorError):
-    """Options that contradict each other or are out of range."""
+class ConfigError(OptionError):
+    """Invalid options from the command line or a config file: the message names options as flags."""
+
+    def __str__(self) -> str:
+        return self.render(flag_name)
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """An input given as a Python object rather than a file: a Keras model, arrays, a tf.data.Dataset.
+
+    The Python API puts the object itself in `compressor.pipeline.Inputs`; the options
+    hold only this stand-in, so they stay plain data that validates ("fixed_loss needs
+    data" holds either way), prints and goes into report.json by its name.
+
+    Attributes:
+        name: How reports and messages call the input, e.g. "data arrays".
+    """
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _data(value: Any) -> Any:
+    return str(value) if isinstance(value, (str, os.PathLike)) else value
+
+
+def _data_check(name: str, value: Any) -> None:
+    if not isinstance(value, (str, InMemory)):
+        raise OptionError("Invalid {name}. Expected a path, a pkg.module:function hook, or in-memory data. "
+                          "Received: {name}={value!r}", name=name, value=value)
+
+
+def _structure(name: str, value: Any) -> None:
+    if isinstance(value, str) and _N_M.fullmatch(value):
+        n, m = (int(v) for v in value.split(":"))
+        if not 0 < n < m:
+            raise OptionError("Invalid N:M structure. Expected 0 < N < M. Received: {value}", value=value)
+    elif value not in STRUCTURES:
+        raise OptionError("Invalid pruning structure. Expected one of {structures} or N:M (e.g. 2:4). "
+                          "Received: pruning_structure={value!r}", structures=STRUCTURES, value=value)
+
+
+def _gating_target(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise OptionError("Invalid gating target. Expected a fraction of compute in (0, 1]. "
+                          "Received: gating_target={value!r}", value=value)
+
+
+_DATA = dict(cli_type=str, parse=_data, check=_data_check)
+_OUTPUT_STYLE = ("cli", "file")  # how the command line prints; the Python API returns, never prints
 
 
 @dataclass(frozen=True)
 class CompressOptions:
-    """Everything one `compress` run needs.
+    """Everything one `compress` run needs; see `compress --help`, or the `help` of each field.
 
-    Attributes mirror the CLI flags; see `compress --help`.
+    `model` is the run's subject (the command's argument, the API's first argument): a
+    path, or an `InMemory` stand-in for a model given as an object.
     """
 
-    model: Path
-    out: Path
-    method: Optional[str] = None
-    data: Optional[str] = None
-    test_data: Optional[str] = None
-    train_data: Optional[str] = None
-    max_acc_loss: Optional[float] = None
-    compression_factor: Optional[float] = None
-    budget_on: str = "params"
-    techniques: tuple[str, ...] = ("tucker",)
-    pruning_structure: str = "unstructured"
-    block_size: Optional[tuple[int, int]] = None
-    criterion: str = "magnitude"
-    finetune_epochs: int = 0
-    max_channel_fraction: float = 0.9
-    export: tuple[str, ...] = ("tflite", "onnx", "keras")
-    plan: Optional[Path] = None
-    seed: int = 0
-    cache_dir: Optional[Path] = None
-    test_fraction: float = 0.5
-    runs: int = 50
-    warmup: int = 5
-    threads: int = 1
-    atol: float = 1e-4
-    custom_objects: tuple[str, ...] = ()
-    allow_model_code: bool = False
-    quantize: str = "none"
-    calibration_samples: int = 200
-    int8_io: bool = False
-    gating_target: float = 0.6
-    gating_epochs: int = 5
-    gating_network: bool = True
-    overwrite: bool = False
-    quiet: bool = False
-    json: bool = False
+    model: Union[Path, InMemory]
+    out: Path = option(help="Output folder.", flags=("--out", "-o"), parse=as_path, check=path)
+    data: Optional[Union[str, InMemory]] = option(
+        None, help="Labelled data for the search (.npz, image folder, or pkg.module:function); needed by fixed_loss.", **_DATA)
+    test_data: Optional[Union[str, InMemory]] = option(
+        None, help="Held-out data the final accuracy is measured on (default: a stratified split of {data}).", **_DATA)
+    test_fraction: float = option(
+        0.5, help="fixed_loss without {test_data}: the fraction of {data} held out to measure the result on (default 0.5).",
+        check=open_fraction("test fraction"))
+    train_data: Optional[Union[str, InMemory]] = option(
+        None, help="Data to fine-tune on (and to gather scores/K-FAC statistics on); needed by {finetune_epochs}.", **_DATA)
+    method: Optional[str] = option(
+        None, help="fixed_loss (stay within {max_acc_loss}) or fixed_params (keep {compression_factor} of the cost).",
+        check=one_of(METHODS, "method"))
+    max_acc_loss: Optional[float] = option(
+        None, help="fixed_loss: largest top-1 accuracy drop, as a fraction (0.02 = 2 points).",
+        check=number("max accuracy loss"))
+    compression_factor: Optional[float] = option(
+        None, help="fixed_params: fraction of params (or FLOPs) kept, 0 < F < 1.", check=number("compression factor"))
+    budget_on: str = option("params", help="fixed_params: params (default) or flops.", check=one_of(BUDGET_ON, "budget-on"))
+    techniques: tuple[str, ...] = option(
+        ("tucker",), help=techniques_help(), cli_type=str, parse=list_of("techniques"), check=names("techniques"))
+    criterion: str = option(
+        "magnitude", help="Channel/weight importance: magnitude (default), snip, synflow, fpgm, hessian.",
+        check=one_of(CRITERIA, "criterion"))
+    finetune_epochs: int = option(
+        0, help="Fine-tune the compressed model this many epochs (per pruning step) with the original as teacher; "
+        "needs {train_data}.", check=integer(0, "finetune epochs"))
+    max_channel_fraction: float = option(
+        0.9, help="Most of a channel group that may be removed (default 0.9).", check=open_fraction("max channel fraction"))
+    pruning_structure: str = option(
+        "unstructured", help="Sparsity pattern: unstructured (default), filter, channel, block, or N:M such as 2:4.",
+        parse=lowercase, check=_structure)
+    block_size: Optional[tuple[int, int]] = option(
+        None, help="Block for {pruning_structure} block, e.g. 2,2.", cli_type=str, parse=parse_block_size, check=block_shape)
+    export: tuple[str, ...] = option(
+        ("tflite", "onnx", "keras"), help="Artifacts to write: tflite,onnx,keras (default: all).", cli_type=str,
+        parse=list_of("export"), check=names("export"))
+    plan: Optional[Path] = option(
+        None, help="Re-apply a plan.json to the original model instead of searching.", parse=as_path, check=path)
+    seed: int = option(0, help="Seed for the data split and generated inputs (default 0).", check=integer(0, "seed"))
+    cache_dir: Optional[Path] = option(
+        None, help="Where sensitivity tables are cached (default ~/.cache/compressor).", parse=as_path, check=path)
+    runs: int = option(50, help="Timed runs per artifact (default 50).", check=integer(1, "runs"))
+    warmup: int = option(5, help="Untimed runs per artifact before the timed ones (default 5).", check=integer(0, "warmup"))
+    threads: int = option(1, help="Runtime threads when timing (default 1).", check=integer(0, "threads"))
+    atol: float = option(
+        1e-4, help="Largest absolute output difference a float artifact may show against its Keras model (default 1e-4).",
+        check=number("atol", minimum=0))
+    quantize: str = option(
+        "none", help="Also write quantized tflite/onnx artifacts: none (default), dynamic (int8 weights), float16, int8 "
+        "(full integer, calibrated); the budget is measured on the quantized artifact.",
+        parse=lowercase, check=one_of(QUANTIZE_MODES, "quantization mode"))
+    calibration_samples: int = option(
+        200, help="Samples that calibrate int8 quantization, from {train_data} (else {data}); default 200.",
+        check=integer(1, "calibration samples"))
+    int8_io: bool = option(
+        False, help="With {quantize} int8: int8 input and output tensors in the TFLite artifact (default float).",
+        flags=("--int8-io/--float-io",), check=boolean)
+    gating_target: float = option(
+        0.6, help="With {techniques} ...,gating: fraction of the compute each input should run on average, 0 < T <= 1 "
+        "(default 0.6).", check=_gating_target)
+    gating_epochs: int = option(
+        5, help="Epochs of gate training on {train_data} (default 5).", check=integer(1, "gating epochs"))
+    gating_network: bool = option(
+        True, help="Train the network's weights along with the gates (default), or the gates alone.",
+        flags=("--gating-network/--gates-only",), check=boolean)
+    overwrite: bool = option(False, help="Replace earlier results in {out} (refused otherwise).", check=boolean)
+    custom_objects: tuple[str, ...] = option(
+        (), help="Python module to import first, which registers custom layers "
+        "(@keras.saving.register_keras_serializable). Repeatable.",
+        cli_type=list[str], parse=list_of("custom_objects", lower=False), check=names("custom objects"))
+    allow_model_code: bool = option(
+        False, help="Run Python code stored in the model file (e.g. Lambda layers); only for models you trust.",
+        check=boolean, where=("cli", "api"))
+    quiet: bool = option(
+        False, help="No progress or tables; errors only (the exit code and report.json tell the rest).",
+        flags=("--quiet", "-q"), check=boolean, where=_OUTPUT_STYLE)
+    json: bool = option(
+        False, help="Print the report as one JSON document on stdout instead of tables.", check=boolean, where=_OUTPUT_STYLE)
 
     def __post_init__(self) -> None:
-        if self.method is None and self.plan is None:
-            raise ConfigError(f"choose a method: --method {' or --method '.join(METHODS)} (or replay a --plan)")
-        if self.method is not None and self.method not in METHODS:
-            raise ConfigError(f"Invalid method. Expected one of {METHODS}. Received: method={self.method!r}")
-        if self.method == "fixed_loss":
-            if self.max_acc_loss is None:
-                raise ConfigError("--method fixed_loss needs --max-acc-loss (e.g. 0.02 for 2 points)")
-            if self.data is None:
-                raise ConfigError("--method fixed_loss needs labelled --data to measure accuracy on")
-        if self.method == "fixed_params" and self.compression_factor is None:
-            raise ConfigError("--method fixed_params needs --compression-factor (fraction kept, e.g. 0.5)")
-        if self.budget_on not in BUDGET_ON:
-            raise ConfigError(f"Invalid budget-on. Expected one of {BUDGET_ON}. Received: budget_on={self.budget_on!r}")
-        structure = self.pruning_structure
-        if structure not in STRUCTURES and not re.fullmatch(r"\d+:\d+", structure):
-            raise ConfigError(
-                f"Invalid pruning structure. Expected one of {STRUCTURES} or N:M (e.g. 2:4). "
-                f"Received: pruning_structure={structure!r}"
-            )
-        if structure == "block" and self.block_size is None:
-            raise ConfigError("--pruning-structure block needs --block-size ROWS,COLS (e.g. 2,2)")
-        if self.criterion not in CRITERIA:
-            raise ConfigError(f"Invalid criterion. Expected one of {CRITERIA}. Received: criterion={self.criterion!r}")
-        if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
-            raise ConfigError(f"Invalid finetune epochs. Expected an integer >= 0. Received: finetune_epochs={self.finetune_epochs!r}")
+        if not isinstance(self.model, (str, os.PathLike, InMemory)):
+            raise OptionError("Invalid model. Expected a path or an in-memory model. Received: model={value!r}",
+                              value=self.model)
+        check_values(self)
+        self._check_method()
+        try:  # technique names come from the registry (no TensorFlow)
+            parse_techniques(self.techniques)
+        except PlanError as exc:
+            raise OptionError(str(exc)) from None
+        if self.pruning_structure == "block" and self.block_size is None:
+            raise OptionError("pruning structure block needs {block_size} ROWS,COLS (e.g. 2,2)")
         if self.finetune_epochs and self.train_data is None:
-            raise ConfigError("--finetune-epochs needs --train-data (the data the compressed model is fine-tuned on)")
-        if not 0.0 < self.max_channel_fraction < 1.0:
-            raise ConfigError(
-                f"Invalid max channel fraction. Expected 0 < f < 1. Received: max_channel_fraction={self.max_channel_fraction}"
-            )
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"Invalid test fraction. Expected 0 < f < 1. Received: test_fraction={self.test_fraction}")
-        for name in ("runs", "warmup", "threads"):
-            value = getattr(self, name)
-            if value < (1 if name == "runs" else 0):
-                raise ConfigError(f"Invalid {name}. Expected an integer >= {1 if name == 'runs' else 0}. Received: {name}={value}")
-        if not (math.isfinite(self.atol) and self.atol >= 0):
-            raise ConfigError(f"Invalid atol. Expected a number >= 0. Received: atol={self.atol}")
+            raise OptionError("{finetune_epochs} needs {train_data} (the data the compressed model is fine-tuned on)")
         self._check_quantization()
         self._check_gating()
-        for name in ("int8_io", "gating_network", "overwrite", "quiet", "json", "allow_model_code"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"Invalid {name}. Expected true or false. Received: {name}={getattr(self, name)!r}")
+
+    @classmethod
+    def parse(cls, **values: Any) -> "CompressOptions":
+        """Options from raw values (flag text, TOML values, Python keywords), each read by its option's parser.
+
+        Lists may be "a,b" or sequences, paths str or Path, a block size "2,2" or (2, 2).
+
+        Raises:
+            OptionError: An unknown option name, or an invalid or contradictory value.
+        """
+        known = {item.name for item in declared(cls)}
+        unknown = sorted(set(values) - known - {"model"})
+        if unknown:
+            raise OptionError("unknown option(s) {unknown}; expected some of {known}",
+                              unknown=", ".join(unknown), known=", ".join(sorted(known)))
+        parsed = parse_values(cls, values)
+        if isinstance(parsed.get("model"), str):
+            parsed["model"] = Path(parsed["model"])
+        return cls(**parsed)
+
+    def _check_method(self) -> None:
+        if self.method is None and self.plan is None:
+            raise OptionError("choose a method: {method} fixed_loss or fixed_params (or replay a {plan})")
+        if self.method == "fixed_loss":
+            if self.max_acc_loss is None:
+                raise OptionError("method fixed_loss needs {max_acc_loss} (e.g. 0.02 for 2 points)")
+            if self.data is None:
+                raise OptionError("method fixed_loss needs labelled {data} to measure accuracy on")
+        if self.method == "fixed_params" and self.compression_factor is None:
+            raise OptionError("method fixed_params needs {compression_factor} (fraction kept, e.g. 0.5)")
 
     def _check_quantization(self) -> None:
-        if self.quantize not in QUANTIZE_MODES:
-            raise ConfigError(
-                f"Invalid quantization mode. Expected one of {QUANTIZE_MODES}. Received: quantize={self.quantize!r}"
-            )
-        if isinstance(self.calibration_samples, bool) or not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
-            raise ConfigError(
-                f"Invalid calibration samples. Expected an integer >= 1. Received: calibration_samples={self.calibration_samples!r}"
-            )
         if self.int8_io and self.quantize != "int8":
-            raise ConfigError(f"--int8-io needs --quantize int8. Received: quantize={self.quantize!r}")
+            raise OptionError("{int8_io} needs {quantize} int8. Received: quantize={mode!r}", mode=self.quantize)
         if self.quantize == "int8" and self.data is None and self.train_data is None:
-            raise ConfigError("--quantize int8 calibrates on real inputs: pass --train-data or --data")
+            raise OptionError("{quantize} int8 calibrates on real inputs: pass {train_data} or {data}")
         if self.quantize != "none" and not {"tflite", "onnx"} & set(self.export):
-            raise ConfigError(f"--quantize {self.quantize} quantizes tflite and onnx artifacts; --export {','.join(self.export)} has neither")
+            raise OptionError("{quantize} {mode} quantizes tflite and onnx artifacts; {export} {formats} has neither",
+                              mode=self.quantize, formats=",".join(self.export))
 
     def _check_gating(self) -> None:
-        target = self.gating_target
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
-            raise ConfigError(f"Invalid gating target. Expected a fraction of compute in (0, 1]. Received: gating_target={target!r}")
-        epochs = self.gating_epochs
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ConfigError(f"Invalid gating epochs. Expected an integer >= 1. Received: gating_epochs={epochs!r}")
-        if "gating" in self.techniques and self.plan is None and self.train_data is None:
-            raise ConfigError("--techniques gating trains the gates: pass --train-data (labelled)")
-        if "gating" in self.techniques and self.quantize != "none" and "onnx" in self.export:
-            raise ConfigError(
-                f"--quantize {self.quantize} with gating: ONNX quantization does not reach the weights inside "
-                "the gates' If branches; pass --export tflite,keras (TFLite quantizes gated models)"
-            )
+        if "gating" not in self.techniques:
+            return
+        if self.plan is None and self.train_data is None:
+            raise OptionError("{techniques} gating trains the gates: pass {train_data} (labelled)")
+        if self.quantize != "none" and "onnx" in self.export:
+            raise OptionError(
+                "{quantize} {mode} with gating: ONNX quantization does not reach the weights inside the gates' If "
+                "branches; pass {export} tflite,keras (TFLite quantizes gated models)", mode=self.quantize)
 
     def budget(self):
         """The Budget of the chosen method, or None when replaying a plan without one."""
@@ -180,52 +287,38 @@ class CompressOptions:
         from compressor.surgery.plan import SparsitySpec
 
         structure = self.pruning_structure
-        if re.fullmatch(r"\d+:\d+", structure) or structure == "n:m":
+        if _N_M.fullmatch(structure) or structure == "n:m":
             n, m = (int(v) for v in (structure if structure != "n:m" else "2:4").split(":"))
-            if not 0 < n < m:
-                raise ConfigError(f"Invalid N:M structure. Expected 0 < N < M. Received: {structure}")
             return SparsitySpec(n / m, "n:m", n=n, m=m)
         return SparsitySpec(1.0, structure, block_size=self.block_size)
 
     def input_files(self) -> list[Path]:
         """The files this run reads (model, data files, plan), which its outputs must never replace."""
         specs = [self.model, self.plan, self.data, self.test_data, self.train_data]
-        return [Path(spec) for spec in specs if spec is not None and Path(spec).exists()]
+        return [Path(spec) for spec in specs if isinstance(spec, (str, os.PathLike)) and Path(spec).exists()]
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = str(value) if isinstance(value, Path) else (list(value) if isinstance(value, tuple) else value)
+            out[f.name] = str(value) if isinstance(value, (Path, InMemory)) else (list(value) if isinstance(value, tuple) else value)
         return out
 
 
-def parse_list(value: Any, name: str, lower: bool = True) -> tuple[str, ...]:
-    """Accept "a,b" or ["a", "b"]."""
-    if isinstance(value, str):
-        items = value.split(",")
-    elif isinstance(value, (list, tuple)):
-        items = [str(v) for v in value]
-    else:
-        raise ConfigError(f"{name} must be a comma-separated string or a list. Received: {value!r}")
-    items = [item.strip().lower() if lower else item.strip() for item in items if item.strip()]
-    if not items:
-        raise ConfigError(f"{name} is empty")
-    return tuple(dict.fromkeys(items))
+COMMAND_LINE_ONLY = (*(item.name for item in declared(CompressOptions) if "file" not in item.spec.where
+                       and "cli" in item.spec.where), "allow_config_code")
+"""Opt-ins to running code: flags only, never keys of a config file."""
 
 
-def parse_block_size(value: Any) -> Optional[tuple[int, int]]:
-    """Accept "2,2", "2x2" or [2, 2]."""
-    if value is None:
-        return None
-    parts = re.split(r"[,x]", value) if isinstance(value, str) else list(value)
-    try:
-        rows, cols = (int(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ConfigError(f"Invalid block size. Expected ROWS,COLS (e.g. 2,2). Received: {value!r}") from None
-    if rows < 1 or cols < 1:
-        raise ConfigError(f"Invalid block size. Expected positive ROWS,COLS. Received: {value!r}")
-    return rows, cols
+def check_names(options: CompressOptions) -> None:
+    """Check export format names (imports TensorFlow: after the cheap checks; technique names are checked with the options).
+
+    Raises:
+        ExportError: An unknown format name.
+    """
+    from compressor.export.writers import parse_formats
+
+    parse_formats(",".join(options.export))
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -241,26 +334,21 @@ def read_toml(path: Path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError("config file not found: {file}", file=path)
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    known = {f.name for f in fields(CompressOptions)} - {"model"} - set(COMMAND_LINE_ONLY)
+        raise ConfigError("{file} is not valid TOML: {error}", file=path, error=exc) from exc
+    known = {item.name for item in declared(CompressOptions, "file")}
     values = {key.replace("-", "_"): value for key, value in raw.items()}
     for key in COMMAND_LINE_ONLY:
         if key in values:
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(
-                f"{path}: {key.replace('_', '-')} cannot be set in a config file; it allows code to run, "
-                f"so only the command line gives it ({flag})"
-            )
+            raise ConfigError("{file}: {key} cannot be set in a config file; it allows code to run, so only the "
+                              "command line gives it ({%s})" % key, file=path, key=key.replace("_", "-"))
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; expected some of "
-            f"{', '.join(sorted(k.replace('_', '-') for k in known))}"
-        )
+        raise ConfigError("{file}: unknown key(s) {unknown}; expected some of {known}", file=path,
+                          unknown=", ".join(unknown), known=", ".join(sorted(k.replace("_", "-") for k in known)))
     return values
 
 
@@ -286,25 +374,13 @@ def build_options(
         _refuse_config_code(config, {key: value for key, value in from_file.items() if key not in given})
     merged = {**from_file, **given}
     if "out" not in merged:
-        raise ConfigError("choose an output folder with --out DIR")
-    for key in ("techniques", "export"):
-        if key in merged:
-            merged[key] = parse_list(merged[key], key)
-    if "custom_objects" in merged:
-        merged["custom_objects"] = parse_list(merged["custom_objects"], "custom_objects", lower=False)
-    if isinstance(merged.get("quantize"), str):
-        merged["quantize"] = merged["quantize"].strip().lower()
-    merged["block_size"] = parse_block_size(merged.get("block_size"))
-    for key in ("out", "plan", "cache_dir"):
-        if merged.get(key) is not None:
-            merged[key] = Path(merged[key])
-    for key in ("data", "test_data", "train_data"):
-        if merged.get(key) is not None:
-            merged[key] = str(merged[key])
+        raise ConfigError("choose an output folder with {out} DIR")
     try:
-        return CompressOptions(model=Path(model), **merged)
-    except TypeError as exc:
-        raise ConfigError(f"invalid option value: {exc}") from exc
+        return CompressOptions.parse(model=Path(model), **merged)
+    except ConfigError:
+        raise
+    except OptionError as exc:
+        raise ConfigError(exc.template, **exc.values) from exc
 
 
 def _refuse_config_code(config: Path, used: Mapping[str, Any]) -> None:
@@ -312,17 +388,15 @@ def _refuse_config_code(config: Path, used: Mapping[str, Any]) -> None:
     from compressor.io.data import is_hook
 
     if used.get("custom_objects"):
-        raise ConfigError(
-            f"{config}: custom-objects imports Python modules ({_shown(used['custom_objects'])}); a config file "
-            "runs no code unless --allow-config-code is given on the command line"
-        )
+        raise ConfigError("{file}: custom-objects imports Python modules ({modules}); a config file runs no code "
+                          "unless {allow_config_code} is given on the command line",
+                          file=config, modules=_shown(used["custom_objects"]))
     for key in DATA_KEYS:
         value = used.get(key)
         if value is not None and is_hook(str(value)):
-            raise ConfigError(
-                f"{config}: {key.replace('_', '-')} = {str(value)!r} is a Python hook (it imports code); a config "
-                "file runs no code unless --allow-config-code is given on the command line"
-            )
+            raise ConfigError("{file}: {key} = {value!r} is a Python hook (it imports code); a config file runs no "
+                              "code unless {allow_config_code} is given on the command line",
+                              file=config, key=key.replace("_", "-"), value=str(value))
 
 
 def _shown(value: Any) -> str:

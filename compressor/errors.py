@@ -31,7 +31,15 @@ class OptionError(CompressorError):
 
     def render(self, name_option: Callable[[str], str]) -> str:
         """The message with each `{option}` written by `name_option` (and `{key}` values filled in)."""
-        return _Placeholders(name_option, self.values).fill(self.template)
+        return word_options(self.template, name_option, **self.values)
+
+
+def word_options(template: str, name_option: Callable[[str], str], **values: object) -> str:
+    """`template` with each `{option}` written by `name_option` and each `{key}` of `values` filled in.
+
+    Option help uses it as OptionError messages do: `word_options("needs {train_data}", flag_name)`.
+    """
+    return _Placeholders(name_option, values).fill(template)
 
 
 def python_name(option: str) -> str:

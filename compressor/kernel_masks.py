@@ -23,7 +23,7 @@ from compressor.errors import CompressorError
 from compressor.graph.calls import layer_calls
 from compressor.surgery.plan import SparsitySpec
 from compressor.techniques.base import kernel_index, kernel_name, pattern_kernel, restore_kernel
-from compressor.techniques.sparsity import Sparsity, _check_pattern
+from compressor.techniques.sparsity import Sparsity, check_pattern
 from compressor.techniques.sparsity import mask as sparsity_mask
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def _check_target(name: str, layer: Any, target: SparsitySpec) -> None:
     reason = Sparsity().check(layer)
     if reason is not None:
         raise CompressorError(f"cannot prune layer {name!r}: it {reason}")
-    _check_pattern(layer, target)  # PlanError, with the reason
+    check_pattern(layer, target)  # PlanError, with the reason
 
 
 def _at_density(target: SparsitySpec, sparsity: float) -> SparsitySpec:

@@ -15,8 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from compressor.config import CompressOptions
-from compressor.errors import CompressorError
+import compressor
 
 
 def main(argv: list[str]) -> int:
@@ -31,40 +30,37 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-regression", type=float, default=0.10)
     args = parser.parse_args(argv)
 
-    from compressor.bench.benchmark import benchmark
-    from compressor.bench.gate import latency_regressions
-    from compressor.io.atomic import write_bytes_atomic
-    from compressor.pipeline import compress
-
     try:
-        options = CompressOptions(
-            model=Path(args.model), out=Path(args.out), method="fixed_loss", max_acc_loss=args.max_acc_loss,
-            data=args.data, test_data=args.test_data, quantize=args.quantize, overwrite=True, runs=20,
+        result = compressor.compress(
+            args.model, data=args.data, test_data=args.test_data, out=args.out, method="fixed_loss",
+            max_acc_loss=args.max_acc_loss, quantize=args.quantize, overwrite=True, runs=20,
+            log=lambda message: print(f"... {message}", file=sys.stderr),
         )
-        report = compress(options, log=lambda message: print(f"... {message}", file=sys.stderr))
-    except CompressorError as exc:
+    except compressor.CompressorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-    budget = report["budget"]
-    print(f"{report['status']}: accuracy drop {budget['achieved']:.4f} (limit {budget['limit']}) on {budget['artifact']}")
-    for entry in report["artifacts"]:
+    budget = result.report["budget"]
+    print(f"{result.status}: accuracy drop {budget['achieved']:.4f} (limit {budget['limit']}) on {budget['artifact']}")
+    for entry in result.report["artifacts"]:
         if entry["latency_ms"]:
             print(f"  {Path(entry['path']).name}: {entry['bytes']:,} bytes, {entry['latency_ms']['median']:.3f} ms "
                   f"({entry['latency_ratio']:.2f}x the original), accuracy {entry['accuracy']:.4f}")
-    if report["status"] != "ok":
+    if result.status != "ok":
         return 2
 
     # Time the artifact the budget was measured on, keep the numbers for the next run.
-    artifact = Path(args.out) / budget["artifact"]
-    timing = benchmark([artifact], data=args.test_data, runs=100, warmup=10).to_dict()
-    write_bytes_atomic(Path(args.out) / "bench.json", (json.dumps(timing, indent=2) + "\n").encode())
-    if args.baseline:
-        regressions = latency_regressions(timing, json.loads(Path(args.baseline).read_text()), args.max_regression)
-        for regression in regressions:
+    try:
+        timing = compressor.benchmark([result.out / budget["artifact"]], data=args.test_data, runs=100, warmup=10,
+                                      baseline=args.baseline, max_regression=args.max_regression)
+    except compressor.CompressorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    (result.out / "bench.json").write_text(json.dumps(timing.report, indent=2) + "\n")
+    if not timing.passed:
+        for regression in timing.gate.regressions:
             print(f"latency regression: {regression}", file=sys.stderr)
-        if regressions:
-            return 3
+        return 3
     return 0
 
 

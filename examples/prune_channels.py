@@ -1,10 +1,11 @@
-"""Channel pruning with the library: groups, scores, one cut, distillation fine-tuning.
+"""Channel pruning from Python: one FLOPs budget, each importance criterion, fine-tuned with the original as teacher.
 
-    python examples/prune_channels.py example/ [--fraction 0.3] [--criterion fpgm] [--epochs 2]
+    python examples/prune_channels.py example/ [--keep 0.5] [--criteria magnitude,fpgm] [--epochs 1]
 
-EXAMPLE_DIR holds model.keras, train.npz and val.npz (as `compressor example` writes
-them). `compress --techniques channels` does the same in steps under a budget; this
-script shows the pieces.
+EXAMPLE_DIR holds model.keras, train.npz, val.npz and test.npz (as `compressor example`
+writes them). Each criterion gets its own run of `compress --techniques channels` into
+EXAMPLE_DIR/channels-CRITERION; the report says which channel groups went and which
+stayed whole (and why).
 """
 
 from __future__ import annotations
@@ -12,39 +13,35 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from compressor.finetune import FinetuneConfig, accuracy, finetune
-from compressor.graph.cost import model_cost
-from compressor.graph.groups import channel_groups
-from compressor.io.data import load_data
-from compressor.io.models import load_model
-from compressor.search.channels import group_scores, removal_order, removals_of
-from compressor.surgery.channels import prune_channels
+import compressor
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--fraction", type=float, default=0.3, help="fraction of all prunable channels to remove")
-    parser.add_argument("--criterion", default="magnitude")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--keep", type=float, default=0.5, help="fraction of the FLOPs kept")
+    parser.add_argument("--criteria", default="magnitude,fpgm", help="comma-separated: magnitude, snip, synflow, fpgm, hessian")
+    parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per pruning step")
     args = parser.parse_args()
 
-    model = load_model(args.folder / "model.keras")
-    train, val = load_data(str(args.folder / "train.npz")), load_data(str(args.folder / "val.npz"))
-    groups = channel_groups(model)
-    for group in groups:
-        print(f"{group.name}: {group.size} channels, {len(group.producers)} producer(s)"
-              + ("" if group.prunable else f" — kept whole: {group.reason}"))
+    model = args.folder / "model.keras"
+    before = compressor.inspect(model)
+    prunable = [layer.name for layer in before.layers if "channel" in layer.techniques]
+    print(f"{before.model}: {before.flops:,} FLOPs; {len(prunable)} layers can lose channels")
 
-    scores = group_scores(model, groups, args.criterion, train)
-    order = removal_order(groups, scores, max_fraction=0.9)
-    removals = removals_of(order, int(args.fraction * sum(g.size for g in groups if g.prunable)))
-    pruned = prune_channels(model, removals, groups)
-    before, after = model_cost(model), model_cost(pruned)
-    print(f"FLOPs {before.flops:,} → {after.flops:,}; val accuracy {accuracy(model, val):.4f} → {accuracy(pruned, val):.4f}")
-
-    result = finetune(pruned, model, train, FinetuneConfig(epochs=args.epochs), val=val)
-    print(f"after {result.epochs_run} fine-tuning epoch(s): val accuracy {accuracy(pruned, val):.4f}")
+    for criterion in args.criteria.split(","):
+        result = compressor.compress(
+            model, data=args.folder / "val.npz", test_data=args.folder / "test.npz", train_data=args.folder / "train.npz",
+            method="fixed_params", compression_factor=args.keep, budget_on="flops", techniques=("channels",),
+            criterion=criterion, finetune_epochs=args.epochs, export=("tflite",), out=args.folder / f"channels-{criterion}",
+            overwrite=True, runs=20,
+        )
+        channels, report = result.report["channels"], result.report
+        print(f"{criterion}: {channels['channels_removed']} channels out of {channels['groups_pruned']} groups; "
+              f"FLOPs {report['baseline']['flops']:,} → {report['compressed']['flops']:,}; held-out accuracy "
+              f"{report['baseline']['accuracy']:.4f} → {report['compressed']['accuracy']:.4f} ({result.status})")
+    for blocked in channels["groups_blocked"]:
+        print(f"  kept whole: {blocked['group']} ({blocked['reason']})")
 
 
 if __name__ == "__main__":

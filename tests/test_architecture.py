@@ -29,20 +29,10 @@ KERAS_API = "compressor/graph/keras_api.py"
 LOWER_LAYERS = ("compressor.graph", "compressor.io", "compressor.export", "compressor.bench")
 UPPER_LAYERS = ("compressor.techniques", "compressor.search")
 
-MODULES_TO_SPLIT = {
-    "compressor/pipeline.py": "being split into a package of stages (issue 13, item 1)",
-    "compressor/search/channels.py": "the channel search; not yet split (issue 13)",
-}
+MODULES_TO_SPLIT: dict[str, str] = {}
 """Modules still over MAX_LINES, and why. Empty it as they are split."""
 
-PRIVATE_IMPORTS_TO_FIX = {
-    ("compressor/kernel_masks.py", "compressor.techniques.sparsity._check_pattern"): (
-        "sparsity's pattern check, to be made public with the technique registry"
-    ),
-    ("compressor/techniques/hessian.py", "compressor.techniques.lowrank._assemble"): (
-        "lowrank's layer assembly, to be made public with the technique registry"
-    ),
-}
+PRIVATE_IMPORTS_TO_FIX: dict[tuple[str, str], str] = {}
 """(module, imported private name) pairs still crossing modules, and what they wait for."""
 
 

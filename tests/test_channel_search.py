@@ -42,9 +42,9 @@ def test_removals_of_takes_a_prefix_sorted_per_group():
 
 
 def test_tracker_maps_removals_of_later_steps_back_to_original_channels():
-    from compressor.search.channels import _Tracker
+    from compressor.search.channel_search import RemovalTracker
 
-    tracker = _Tracker([_group("a", 6)])
+    tracker = RemovalTracker([_group("a", 6)])
     tracker.remove([_group("a", 6)], {"a": [1, 4]})  # original 1, 4 go; 0, 2, 3, 5 remain
     tracker.remove([_group("a", 4)], {"a": [2]})  # position 2 of what remains is original 3
     (removal,) = tracker.original_removals("magnitude")
@@ -53,7 +53,7 @@ def test_tracker_maps_removals_of_later_steps_back_to_original_channels():
 
 def test_settings_are_validated():
     from compressor.errors import CompressorError
-    from compressor.search.channels import ChannelSettings
+    from compressor.search.channel_search import ChannelSettings
 
     with pytest.raises(CompressorError, match="Invalid criterion"):
         ChannelSettings(criterion="random")

@@ -433,12 +433,12 @@ def test_int8_artifacts_carry_the_budget(workdir, tmp_path):
 @pytest.fixture
 def no_search(monkeypatch):
     """Fail loudly if a run gets as far as the search: the checks under test come before it."""
-    import compressor.pipeline as pipeline
+    from compressor.pipeline import stages
 
     def search(*args, **kwargs):
         raise AssertionError("the search started")
 
-    monkeypatch.setattr(pipeline, "_search_all", search)
+    monkeypatch.setattr(stages, "search", search)
 
 
 @pytest.mark.parametrize("option", ["--data", "--test-data", "--train-data"])

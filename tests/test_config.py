@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compressor.config import ConfigError, build_options
+from compressor.config import COMMAND_LINE_ONLY, CompressOptions, ConfigError, build_options
+from compressor.option_fields import declared
 from compressor.io.data import Dataset
 from compressor.pipeline import split_data
 
@@ -259,3 +260,76 @@ def test_data_paths_from_a_config_file_need_no_opt_in(tmp_path):
     config = _config(tmp_path, f'data = "{tmp_path / "val.npz"}"\ntest-data = "{tmp_path / "pkg.mod:fn"}"\ntrain-data = "missing.npz"\n')
     options = build_options(Path("m.keras"), {}, config)
     assert options.train_data == "missing.npz"  # not a hook: reported as missing when checked, not refused here
+
+
+# --- one declaration reaches every front end ---------------------------------------------------
+
+
+def test_every_declared_option_reaches_its_front_ends():
+    import inspect
+    from dataclasses import fields
+
+    from compressor.api.compressing import compress
+
+    flags = _compress_flags()
+    keywords = inspect.signature(compress).parameters
+    for item in declared(CompressOptions):
+        assert (item.name in flags) == ("cli" in item.spec.where), item.name
+        assert (item.name in keywords) == ("api" in item.spec.where), item.name
+    file_keys = {item.name for item in declared(CompressOptions, "file")}
+    assert file_keys == {f.name for f in fields(CompressOptions)} - {"model"} - set(COMMAND_LINE_ONLY)
+
+
+def test_the_example_config_has_every_key():
+    text = (ROOT / "examples" / "compress.toml").read_text()
+    keys = {line.lstrip("# ").split("=")[0].strip() for line in text.splitlines() if "=" in line}
+    for name in {item.name for item in declared(CompressOptions, "file")}:
+        assert name.replace("_", "-") in keys, name
+
+
+def test_flag_help_words_options_as_flags_and_python_help_as_keywords():
+    from compressor.errors import flag_name, python_name
+    from compressor.option_fields import help_text
+
+    spec = next(item.spec for item in declared(CompressOptions) if item.name == "finetune_epochs")
+    assert help_text(spec, flag_name).endswith("needs --train-data.")
+    assert help_text(spec, python_name).endswith("needs train_data=.")
+
+
+def test_options_from_python_values_parse_like_flags():
+    options = CompressOptions.parse(model="m.keras", out="o", method="fixed_params", compression_factor=0.5,
+                                    techniques=["Channels", "tucker"], block_size=(2, 2), pruning_structure="block",
+                                    quantize=" Dynamic ")
+    assert options.model == Path("m.keras") and options.out == Path("o")
+    assert (options.techniques, options.block_size, options.quantize) == (("channels", "tucker"), (2, 2), "dynamic")
+    assert options == _opts(method="fixed_params", compression_factor=0.5, techniques="channels,tucker",
+                            block_size="2x2", pruning_structure="block", quantize="dynamic", out=Path("o"))
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"method": "fixed_loss", "max_acc_loss": 0.02}, "method fixed_loss needs labelled data= to measure accuracy on"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "runs": "7"}, "Invalid runs. Expected an integer >= 1. Received: runs='7'"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "block_size": (0, 2)}, "Invalid block size"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "data": 3}, "Invalid data. Expected a path"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "speed": "max"}, "unknown option(s) speed"),
+    ],
+)
+def test_python_values_get_python_wording(values, message):
+    from compressor.config import ConfigError
+    from compressor.errors import OptionError
+
+    with pytest.raises(OptionError) as raised:
+        CompressOptions.parse(model="m.keras", out="o", **values)
+    assert message in str(raised.value) and not isinstance(raised.value, ConfigError)
+
+
+def test_in_memory_inputs_stand_in_for_files(tmp_path):
+    from compressor.config import InMemory
+
+    (tmp_path / "val.npz").write_bytes(b"")
+    options = CompressOptions(model=InMemory("keras.Model 'm'"), out=tmp_path / "o", method="fixed_loss", max_acc_loss=0.02,
+                              data=InMemory("data arrays"), test_data=str(tmp_path / "val.npz"))
+    assert options.input_files() == [tmp_path / "val.npz"]  # an object is no file to protect
+    assert options.to_dict()["data"] == "data arrays" and options.to_dict()["model"] == "keras.Model 'm'"

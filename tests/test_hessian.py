@@ -23,7 +23,6 @@ import tensorflow as tf  # noqa: E402
 
 from compressor.errors import CompressorError  # noqa: E402
 from compressor.io.data import Dataset  # noqa: E402
-from compressor.surgery import plan  # noqa: E402
 from compressor.surgery.plan import LayerEdit, PlanError, SparsitySpec  # noqa: E402
 from compressor.surgery.rewrite import rewrite_model  # noqa: E402
 from compressor.techniques.base import call_shapes, effective_kernel, kernel_of, layer_cost  # noqa: E402
@@ -49,13 +48,6 @@ from conftest import build_nested  # noqa: E402
 L = keras.layers
 RTOL = 1e-5
 ATOL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def hessian_edits(monkeypatch):
-    """LayerEdit accepts technique="hessian" (registered in plan.TECHNIQUES)."""
-    if "hessian" not in plan.TECHNIQUES:
-        monkeypatch.setattr(plan, "TECHNIQUES", plan.TECHNIQUES + ("hessian",))
 
 
 def dataset(x, y=None):

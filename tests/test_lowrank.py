@@ -28,7 +28,8 @@ from compressor.techniques.base import (  # noqa: E402
     reconstruction_error,
 )
 from compressor.techniques.lowrank import SVD, Tucker  # noqa: E402
-from compressor.techniques.registry import TECHNIQUES, technique_for  # noqa: E402
+from compressor.techniques.registry import DEFAULT_REGISTRY as TECHNIQUES  # noqa: E402
+from compressor.techniques.registry import technique_for  # noqa: E402
 from compressor.techniques.sparsity import Sparsity  # noqa: E402
 
 L = keras.layers

@@ -27,7 +27,7 @@ from compressor.io.data import Dataset  # noqa: E402
 from compressor.search import fixed_loss  # noqa: E402
 from compressor.search.budgets import Budget  # noqa: E402
 from compressor.search.candidates import layer_candidates  # noqa: E402
-from compressor.search.channels import ChannelSettings, search_channels  # noqa: E402
+from compressor.search.channel_search import ChannelSettings, search_channels  # noqa: E402
 from compressor.search.evaluate import Evaluator  # noqa: E402
 from compressor.search.fixed_loss import search_fixed_loss, sensitivity_table  # noqa: E402
 from compressor.search.fixed_params import search_fixed_params  # noqa: E402

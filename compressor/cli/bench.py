@@ -9,11 +9,11 @@ Exit codes (stable): 0 ok; 1 any error; 3 a median slower than the baseline allo
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 from rich import box
@@ -29,7 +29,7 @@ from compressor.cli.console import (
     stdout_to_stderr,
 )
 from compressor.cli.options import DataOpt, JsonOpt
-from compressor.errors import CompressorError
+from compressor.errors import flag_name
 
 if TYPE_CHECKING:
     from compressor.bench.gate import GateResult
@@ -129,24 +129,15 @@ def bench_command(
     With --remote they run on another machine (a target board); with --baseline the
     command exits 3 when a median got slower than --max-regression allows.
     """
-    from compressor.bench.gate import check_max_regression, compare_latency, load_report
+    from compressor.api.benchmarking import benchmark, check_bench
 
-    check_max_regression(max_regression)
-    if data is not None:
-        from compressor.io.data import check_data_spec
-
-        check_data_spec(data)
-    if remote is None and (remote_python is not None or remote_timeout is not None):
-        raise CompressorError("--remote-python and --remote-timeout apply only with --remote")
-    previous = None if baseline is None else load_report(baseline)  # fail before timing
-    options = dict(data=data, runs=runs, warmup=warmup, threads=threads)
-    remote_options = dict(prefix=remote, timeout=remote_timeout)
-    if remote_python is not None:
-        remote_options["python"] = remote_python
-    report = _measure_showing_progress(artifacts, options, remote_options, not (json_output or quiet), json_output)
-    gate = None if previous is None else compare_latency(report, previous, max_regression)
-    if gate is not None:
-        report["gate"] = gate.to_dict()
+    previous = check_bench(data, remote, remote_python, remote_timeout, baseline, max_regression, flag_name)  # before timing
+    measure = functools.partial(
+        benchmark, artifacts, data, runs=runs, warmup=warmup, threads=threads, remote=remote,
+        remote_python=remote_python, remote_timeout=remote_timeout, baseline=previous, max_regression=max_regression,
+    )
+    run = _measure_showing_progress(measure, len(artifacts), runs, remote, not (json_output or quiet), json_output)
+    report, gate = run.report, run.gate
     if output is not None:
         _write_report(output, report)
     _render(report, gate, baseline, json_output, quiet)
@@ -156,29 +147,16 @@ def bench_command(
 
 
 def _measure_showing_progress(
-    artifacts: list[Path], options: dict[str, Any], remote: dict[str, Any], progress: bool, json_output: bool
-) -> dict[str, Any]:
+    measure: Callable[[], Any], count: int, runs: int, remote: Optional[str], progress: bool, json_output: bool
+) -> Any:
     if json_output:
         with stdout_to_stderr():  # stdout carries the JSON document alone
-            return _measure(artifacts, options, remote)
+            return measure()
     if not progress:
-        return _measure(artifacts, options, remote)
-    where = "" if remote["prefix"] is None else escape(f" on {remote['prefix']!r}")
-    with err_console.status(f"Timing {len(artifacts)} artifact(s){where}, {options['runs']} runs each..."):
-        return _measure(artifacts, options, remote)
-
-
-def _measure(artifacts: list[Path], options: dict[str, Any], remote: dict[str, Any]) -> dict[str, Any]:
-    """The report as a dict, timed here or on the remote machine."""
-    if remote["prefix"] is not None:
-        from compressor.bench.remote import bench_remote
-
-        return bench_remote(artifacts, **remote, **options)
-    from compressor.bench.benchmark import benchmark
-
-    report = benchmark(artifacts, **options).to_dict()
-    report["host"] = {"machine": platform.machine(), "name": platform.node()}
-    return report
+        return measure()
+    where = "" if remote is None else escape(f" on {remote!r}")
+    with err_console.status(f"Timing {count} artifact(s){where}, {runs} runs each..."):
+        return measure()
 
 
 def _write_report(path: Path, report: dict[str, Any]) -> None:

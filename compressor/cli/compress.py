@@ -7,6 +7,7 @@ report.json that says "status": "error"); 130 interrupted (Ctrl-C), nothing writ
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -24,71 +25,35 @@ from compressor.cli.console import (
     print_json,
     stdout_to_stderr,
 )
-from compressor.cli.options import AllowModelCodeOpt, CustomObjectsOpt, ModelArg
+from compressor.cli.options import ModelArg, option_parameters, with_signature
+from compressor.config import CompressOptions, build_options, check_names
 from compressor.errors import CompressorError
 
 EXIT_BUDGET_NOT_MET = 2
 
 
-def _opt(*names: str, help: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, help=help, show_default=False, **kwargs)
+def _parameters() -> list[inspect.Parameter]:
+    """MODEL, then a flag per declared option (`compressor.config.CompressOptions`), and the two flags of the command itself."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    config = inspect.Parameter("config", keyword, default=None, annotation=Annotated[
+        Optional[Path], typer.Option("--config", help="TOML file with the same keys as these flags (flags win).")])
+    allow_config_code = inspect.Parameter("allow_config_code", keyword, default=False, annotation=Annotated[
+        bool, typer.Option("--allow-config-code", show_default=False, help="Let --config set options that import Python "
+                           "code (custom-objects, pkg.module:function data hooks); only for config files you trust.")])
+    options = option_parameters(CompressOptions)
+    names = [parameter.name for parameter in options]
+    options.insert(names.index("out") + 1, config)
+    options.insert(names.index("allow_model_code") + 2, allow_config_code)
+    return [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=ModelArg), *options]
 
 
+@with_signature(_parameters())
 @handle_errors
-def compress_command(
-    model: ModelArg,
-    data: Annotated[Optional[str], _opt("--data", help="Labelled data for the search (.npz, image folder, or pkg.module:function); needed by fixed_loss.")] = None,
-    test_data: Annotated[Optional[str], _opt("--test-data", help="Held-out data the final accuracy is measured on (default: a stratified split of --data).")] = None,
-    train_data: Annotated[Optional[str], _opt("--train-data", help="Data to fine-tune on (and to gather scores/K-FAC statistics on); needed by --finetune-epochs.")] = None,
-    method: Annotated[Optional[str], _opt("--method", help="fixed_loss (stay within --max-acc-loss) or fixed_params (keep --compression-factor of the cost).")] = None,
-    max_acc_loss: Annotated[Optional[float], _opt("--max-acc-loss", help="fixed_loss: largest top-1 accuracy drop, as a fraction (0.02 = 2 points).")] = None,
-    compression_factor: Annotated[Optional[float], _opt("--compression-factor", help="fixed_params: fraction of params (or FLOPs) kept, 0 < F < 1.")] = None,
-    budget_on: Annotated[Optional[str], _opt("--budget-on", help="fixed_params: params (default) or flops.")] = None,
-    techniques: Annotated[Optional[str], _opt("--techniques", help="channels (remove whole channels), tucker (Tucker-2 / SVD; default), svd, hessian (K-FAC eigenbasis), sparsity, gating (learned per-input skipping of residual blocks); combine with commas, e.g. channels,tucker,gating.")] = None,
-    criterion: Annotated[Optional[str], _opt("--criterion", help="Channel/weight importance: magnitude (default), snip, synflow, fpgm, hessian.")] = None,
-    finetune_epochs: Annotated[Optional[int], _opt("--finetune-epochs", help="Fine-tune the compressed model this many epochs (per pruning step) with the original as teacher; needs --train-data.")] = None,
-    max_channel_fraction: Annotated[Optional[float], _opt("--max-channel-fraction", help="Most of a channel group that may be removed (default 0.9).")] = None,
-    pruning_structure: Annotated[Optional[str], _opt("--pruning-structure", help="Sparsity pattern: unstructured (default), filter, channel, block, or N:M such as 2:4.")] = None,
-    block_size: Annotated[Optional[str], _opt("--block-size", help="Block for --pruning-structure block, e.g. 2,2.")] = None,
-    export: Annotated[Optional[str], _opt("--export", help="Artifacts to write: tflite,onnx,keras (default: all).")] = None,
-    out: Annotated[Optional[Path], _opt("--out", "-o", help="Output folder.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with the same keys as these flags (flags win).")] = None,
-    plan: Annotated[Optional[Path], _opt("--plan", help="Re-apply a plan.json to the original model instead of searching.")] = None,
-    seed: Annotated[Optional[int], _opt("--seed", help="Seed for the data split and generated inputs (default 0).")] = None,
-    cache_dir: Annotated[Optional[Path], _opt("--cache-dir", help="Where sensitivity tables are cached (default ~/.cache/compressor).")] = None,
-    runs: Annotated[Optional[int], _opt("--runs", help="Timed runs per artifact (default 50).")] = None,
-    threads: Annotated[Optional[int], _opt("--threads", help="Runtime threads when timing (default 1).")] = None,
-    quantize: Annotated[Optional[str], _opt("--quantize", help="Also write quantized tflite/onnx artifacts: none (default), dynamic (int8 weights), float16, int8 (full integer, calibrated); the budget is measured on the quantized artifact.")] = None,
-    calibration_samples: Annotated[Optional[int], _opt("--calibration-samples", help="Samples that calibrate int8 quantization, from --train-data (else --data); default 200.")] = None,
-    int8_io: Annotated[Optional[bool], _opt("--int8-io/--float-io", help="With --quantize int8: int8 input and output tensors in the TFLite artifact (default float).")] = None,
-    gating_target: Annotated[Optional[float], _opt("--gating-target", help="With --techniques ...,gating: fraction of the compute each input should run on average, 0 < T <= 1 (default 0.6).")] = None,
-    gating_epochs: Annotated[Optional[int], _opt("--gating-epochs", help="Epochs of gate training on --train-data (default 5).")] = None,
-    gating_network: Annotated[Optional[bool], _opt("--gating-network/--gates-only", help="Train the network's weights along with the gates (default), or the gates alone.")] = None,
-    overwrite: Annotated[Optional[bool], _opt("--overwrite", help="Replace earlier results in --out (refused otherwise).")] = None,
-    custom_objects: CustomObjectsOpt = None,
-    allow_model_code: AllowModelCodeOpt = False,
-    allow_config_code: Annotated[bool, _opt("--allow-config-code", help="Let --config set options that import Python code (custom-objects, pkg.module:function data hooks); only for config files you trust.")] = False,
-    quiet: Annotated[Optional[bool], _opt("--quiet", "-q", help="No progress or tables; errors only (the exit code and report.json tell the rest).")] = None,
-    json_out: Annotated[Optional[bool], _opt("--json", help="Print the report as one JSON document on stdout instead of tables.")] = None,
-) -> None:
+def compress_command(model: Path, config: Optional[Path] = None, allow_config_code: bool = False, **flags: Any) -> None:
     """Compress MODEL under a budget and write model.keras/.tflite/.onnx, plan.json and report.json into --out.
 
     Final accuracy is measured on the exported TFLite artifact, on held-out data.
     """
-    from compressor.config import build_options
-
-    flags = {
-        "data": data, "test_data": test_data, "train_data": train_data, "criterion": criterion,
-        "finetune_epochs": finetune_epochs, "max_channel_fraction": max_channel_fraction, "method": method, "max_acc_loss": max_acc_loss,
-        "compression_factor": compression_factor, "budget_on": budget_on, "techniques": techniques,
-        "pruning_structure": pruning_structure, "block_size": block_size, "export": export, "out": out,
-        "plan": plan, "seed": seed, "cache_dir": cache_dir, "runs": runs, "threads": threads,
-        "custom_objects": tuple(custom_objects) if custom_objects else None,
-        "quantize": quantize, "calibration_samples": calibration_samples, "int8_io": int8_io,
-        "gating_target": gating_target, "gating_epochs": gating_epochs, "gating_network": gating_network,
-        "overwrite": overwrite, "quiet": quiet, "json": json_out,
-        "allow_model_code": allow_model_code,
-    }
     options = build_options(model, flags, config, allow_config_code=allow_config_code)
     from compressor.io.outdir import check_output_folder, holds_results
     from compressor.pipeline import check_inputs
@@ -98,7 +63,7 @@ def compress_command(
     check_output_folder(options.out, options.overwrite, [*options.input_files(), *([config] if config else [])])
     may_report_error = not holds_results(options.out)
     load_tensorflow()
-    _validate_names(options)
+    check_names(options)
     from compressor.pipeline import compress
 
     try:
@@ -128,16 +93,6 @@ def compress_command(
         )
 
 
-def _validate_names(options: Any) -> None:
-    """Check format, technique and pattern names before any model work starts."""
-    from compressor.export.writers import parse_formats
-    from compressor.techniques.registry import parse_techniques
-
-    parse_formats(",".join(options.export))
-    parse_techniques(options.techniques)
-    options.pattern()
-
-
 def _write_error_report(options: Any, exc: Exception) -> None:
     """Tell a pipeline that reads report.json what went wrong (only where no earlier results would be lost).
 
@@ -146,11 +101,9 @@ def _write_error_report(options: Any, exc: Exception) -> None:
     """
     import json
 
-    from compressor.errors import first_line
+    from compressor.errors import OptionError, first_line, flag_name
     from compressor.io.outdir import write_error_report
     from compressor.report.schema import SCHEMA
-
-    from compressor.errors import OptionError, flag_name
 
     message = exc.render(flag_name) if isinstance(exc, OptionError) else first_line(exc)
     error = {"schema": SCHEMA, "status": "error", "method": options.method, "error": message}

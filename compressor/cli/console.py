@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -132,13 +132,21 @@ def interrupted() -> bool:
     return interrupts.seen
 
 
-def handle_errors(func: F) -> F:
+def handle_errors(func: Optional[F] = None, *, flags: Optional[Mapping[str, str]] = None) -> Any:
     """Turn library errors into one readable line and a non-zero exit code.
 
     Ctrl-C ends in exit 130 wherever it lands (see `_Interrupts`). Unexpected
     exceptions also end in one line (with a hint); set COMPRESSOR_DEBUG=1 to see the
-    traceback.
+    traceback. An OptionError names options as this command's flags: `--max-acc-loss`
+    for `max_acc_loss`, or as `flags` says where the flag is spelled otherwise
+    (`@handle_errors(flags={"formats": "--format"})`).
     """
+    if func is None:
+        return lambda command: handle_errors(command, flags=flags)
+    renamed = dict(flags or {})
+
+    def name_option(option: str) -> str:
+        return renamed.get(option) or flag_name(option)
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -153,7 +161,7 @@ def handle_errors(func: F) -> F:
                 if interrupted():
                     raise fail("interrupted", code=EXIT_INTERRUPTED) from None
                 if isinstance(exc, OptionError):
-                    raise fail(exc.render(flag_name)) from None
+                    raise fail(exc.render(name_option)) from None
                 if isinstance(exc, CompressorError):
                     raise fail(str(exc)) from None
                 if os.environ.get("COMPRESSOR_DEBUG"):

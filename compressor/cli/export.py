@@ -15,11 +15,11 @@ from compressor.cli.console import (
     print_json,
     stdout_to_stderr,
 )
-from compressor.errors import CompressorError
+from compressor.errors import flag_name
 from compressor.cli.options import AllowModelCodeOpt, CustomObjectsOpt, DataOpt, JsonOpt, ModelArg, OutDirOpt
 
 
-@handle_errors
+@handle_errors(flags={"formats": "--format"})
 def export_command(
     model: ModelArg,
     out: OutDirOpt,
@@ -61,54 +61,24 @@ def export_command(
     differ by design: they are listed with their numbers and fail only on
     non-finite outputs; judge them by accuracy (`compressor bench --data`).
     """
-    from compressor.export.quantize import parse_quantize
-    from compressor.io.data import check_data_spec
-    from compressor.io.model_files import check_model_path
+    from compressor.api.exporting import check_export
 
-    mode = parse_quantize(quantize)
-    _check_quantize_flags(mode, data, int8_io)
-    check_model_path(model)  # missing or damaged inputs end here, before TensorFlow loads
-    if data:
-        check_data_spec(data)
+    check_export(model, data, quantize, int8_io, flag_name)  # bad combinations and missing files end here, before TensorFlow loads
     load_tensorflow()
-    from compressor.export.quantize import QUANTIZED_FORMATS, calibration_set
-    from compressor.export.verify import ensure_passed, export_and_verify, verification_inputs
-    from compressor.export.writers import parse_formats, single_input_shape
-    from compressor.io.atomic import ensure_dir
-    from compressor.io.data import load_data
-    from compressor.io.models import load_model
+    from compressor.api.exporting import export_model
+    from compressor.export.verify import ensure_passed
 
-    wanted = parse_formats(formats)
-    if mode != "none" and not set(QUANTIZED_FORMATS) & set(wanted):
-        raise CompressorError(
-            f"--quantize {mode} quantizes tflite and onnx artifacts; --format {','.join(wanted)} has neither"
-        )
-    if "keras" in wanted and (Path(out) / f"{Path(model).stem}.keras").resolve() == Path(model).resolve():
-        raise CompressorError(f"exporting .keras into {out} would overwrite the input model; choose another --out")
-    ensure_dir(out)
     with stdout_to_stderr():
-        keras_model = load_model(model, custom_objects, allow_model_code=allow_model_code)
-        shape = single_input_shape(keras_model)[1:]
-        dataset = load_data(data, input_shape=shape) if data else None
-        x = verification_inputs(keras_model, dataset, samples)
-        calibration = calibration_set(dataset.x, calibration_samples) if mode == "int8" else None
-        checks = export_and_verify(
-            keras_model, out, wanted, x, atol=atol, opset=opset, stem=Path(model).stem,
-            quantize=mode, calibration=calibration, int8_io=int8_io, allow_model_code=allow_model_code,
+        checks = export_model(
+            model, out, formats, data=data, samples=samples, atol=atol, opset=opset, quantize=quantize,
+            calibration_samples=calibration_samples, int8_io=int8_io, custom_objects=custom_objects or (),
+            allow_model_code=allow_model_code, strict=False,
         )
     if json_out:
         print_json({"artifacts": [check.to_dict() for check in checks]})
     elif not quiet:
-        _render(checks, source="samples of --data" if dataset else "generated inputs")
+        _render(checks, source="samples of --data" if data else "generated inputs")
     ensure_passed(checks)
-
-
-def _check_quantize_flags(mode: str, data, int8_io: bool) -> None:
-    """Refuse flag combinations that cannot work, before TensorFlow loads."""
-    if int8_io and mode != "int8":
-        raise CompressorError(f"--int8-io needs --quantize int8. Received: --quantize {mode}")
-    if mode == "int8" and not data:
-        raise CompressorError("--quantize int8 calibrates on real inputs: pass --data")
 
 
 def _render(checks, source: str) -> None:

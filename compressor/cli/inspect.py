@@ -15,7 +15,7 @@ from compressor.cli.console import (
 from compressor.cli.options import AllowModelCodeOpt, CustomObjectsOpt, JsonOpt, ModelArg
 
 if TYPE_CHECKING:
-    from compressor.graph.cost import ModelCost
+    from compressor.api.inspecting import Inspection
 
 
 @handle_errors
@@ -33,26 +33,23 @@ def inspect_command(
 
     check_model_path(model)  # a missing or damaged model ends here, before TensorFlow loads
     load_tensorflow()
-    from compressor.graph.cost import model_cost
-    from compressor.io.models import load_model
+    from compressor.api.inspecting import inspect
 
     with stdout_to_stderr():
-        keras_model = load_model(model, custom_objects, allow_model_code=allow_model_code)
-        cost = model_cost(keras_model)
-        free = [x.name for x in keras_model.inputs if any(d is None for d in x.shape[1:])]
-    if free:
+        inspection = inspect(model, custom_objects=custom_objects or (), allow_model_code=allow_model_code)
+    if inspection.free_inputs:
         err_console.print(
-            f"[yellow]warning:[/] input(s) {', '.join(free)} have free dimensions besides the batch; "
+            f"[yellow]warning:[/] input(s) {', '.join(inspection.free_inputs)} have free dimensions besides the batch; "
             "layers whose shapes depend on them count 0 FLOPs",
             soft_wrap=True,
         )
     if json_out:
-        print_json(cost.to_dict())
+        print_json(inspection.to_dict())
     else:
-        _render(cost, title=f"{keras_model.name}: {len(cost.layers)} layers")
+        _render(inspection, title=f"{inspection.model}: {len(inspection.layers)} layers")
 
 
-def _render(cost: "ModelCost", title: str) -> None:
+def _render(cost: "Inspection", title: str) -> None:
     from rich import box
     from rich.table import Table
 

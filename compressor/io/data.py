@@ -278,7 +278,7 @@ def _load_hook(spec: str, input_shape: Optional[Shape]) -> Dataset:
     except Exception as exc:
         raise DataError(f"data hook {spec} failed: {type(exc).__name__}: {exc}") from exc
     if hasattr(result, "as_numpy_iterator"):
-        return _from_tf_dataset(result, spec, input_shape)
+        return from_tf_dataset(result, spec, input_shape)
     if isinstance(result, tuple) and len(result) == 2:
         return _finish(result[0], result[1], spec)
     raise DataError(
@@ -287,21 +287,34 @@ def _load_hook(spec: str, input_shape: Optional[Shape]) -> Dataset:
     )
 
 
-def _from_tf_dataset(dataset: Any, spec: str, input_shape: Optional[Shape]) -> Dataset:
+def from_tf_dataset(dataset: Any, source: str, input_shape: Optional[Shape] = None) -> Dataset:
+    """A Dataset of a finite `tf.data.Dataset` of (x, y) pairs, batched or not, checked as loaded data is.
+
+    Read through the dataset's own `as_numpy_iterator`, so this module imports no TensorFlow.
+
+    Args:
+        dataset: A finite tf.data.Dataset whose elements are (x, y) pairs.
+        source: How messages and reports name the data.
+        input_shape: Per-sample input shape of the model (no batch axis), which tells
+            batched elements from single samples; None guesses from the first element.
+
+    Raises:
+        DataError: An infinite or empty dataset, elements that are not pairs, or unusable arrays.
+    """
     if int(dataset.cardinality()) == -1:  # tf.data.INFINITE_CARDINALITY
-        raise DataError(f"data hook {spec} returned an infinite dataset; return a finite one (e.g. .take(n))")
+        raise DataError(f"{source}: an infinite dataset; pass a finite one (e.g. .take(n))")
     xs, ys = [], []
     for element in dataset.as_numpy_iterator():
         if not (isinstance(element, tuple) and len(element) == 2):
-            raise DataError(f"data hook {spec}: dataset elements must be (x, y) pairs")
+            raise DataError(f"{source}: dataset elements must be (x, y) pairs")
         xs.append(np.asarray(element[0]))
         ys.append(np.asarray(element[1]))
     if not xs:
-        raise DataError(f"data hook {spec} returned an empty dataset")
+        raise DataError(f"{source}: an empty dataset")
     batched = _is_batched(xs[0], ys[0], input_shape)
     x = np.concatenate(xs) if batched else np.stack(xs)
     y = np.concatenate(ys) if batched else np.stack(ys)
-    return _finish(x, y, spec)
+    return _finish(x, y, source)
 
 
 def _is_batched(x: np.ndarray, y: np.ndarray, input_shape: Optional[Shape]) -> bool:

@@ -1,4 +1,8 @@
-"""The compression report for people: report.md with plots, rendered from report.json's dict.
+"""The compression report: report.json for machines, report.md with plots for people.
+
+report.json is assembled from the records of a run's stages and written by
+`compressor.report.build` (`build_report`, `write_report`); its keys are the contract in
+`compressor.report.schema`. report.md is rendered from report.json's dict:
 
     from compressor.report import write_markdown_report
     write_markdown_report(report, Path("build"))   # build/report.md, build/plots/*.png

@@ -10,7 +10,7 @@ three together: this spec, the README's schema block and a real report).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 SCHEMA = 1
 """Version of report.json's layout."""
@@ -30,11 +30,20 @@ class Keys:
     required: tuple[str, ...]
     optional: tuple[str, ...] = ()
     nested: Mapping[str, "Keys"] = field(default_factory=dict)
+    more: Optional[Callable[[], frozenset[str]]] = None
+    """Further allowed keys known only at run time (a layer row's technique parameters)."""
 
 
 LATENCY = Keys(("median", "p90", "min", "max", "mean"))
 FLOPS_PER_INPUT = Keys(("mean", "min", "p10", "median", "p90", "max", "histogram"), nested={"histogram": Keys(("edges", "counts"))})
 TRIAL = Keys(("stage", "params", "flops", "accuracy", "met", "chosen"))
+
+def _technique_parameters() -> frozenset[str]:
+    """The parameters of every registered technique: a layer row carries its edit's."""
+    from compressor.techniques.registry import parameter_names
+
+    return parameter_names()
+
 
 REPORT = Keys(
     required=("schema", "status", "method", "budget", "baseline", "compressed", "quantize", "layers", "artifacts",
@@ -45,7 +54,7 @@ REPORT = Keys(
         "compressed": Keys(("params", "flops", "accuracy", "dense_params"), optional=("expected_flops",)),
         "layers": Keys(("name", "technique"), optional=(
             "params_before", "params_after", "flops_before", "flops_after", "reason", "ranks", "rank",
-            "residual", "sparsity", "criterion", "channels_before", "channels_after")),
+            "residual", "sparsity", "criterion", "channels_before", "channels_after"), more=_technique_parameters),
         "artifacts": Keys(
             ("format", "quantize", "path", "bytes", "accuracy", "max_abs_diff", "top1_agreement", "latency_ms",
              "baseline_latency_ms"),
@@ -105,7 +114,10 @@ def _problems(value: Any, spec: Keys, path: str) -> list[str]:
         return [f"{path}: expected an object, found {type(value).__name__}"]
     problems = [f"{path}: missing key {key!r}" for key in spec.required if key not in value]
     allowed = set(spec.required) | set(spec.optional)
-    problems += [f"{path}: undocumented key {key!r}" for key in value if key not in allowed]
+    unknown = [key for key in value if key not in allowed]
+    if unknown and spec.more is not None:
+        allowed |= spec.more()
+    problems += [f"{path}: undocumented key {key!r}" for key in unknown if key not in allowed]
     for key, child in spec.nested.items():
         item = value.get(key)
         if isinstance(item, list):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import keras
 
@@ -12,12 +12,12 @@ from compressor.surgery.editable import check_editable
 from compressor.surgery.plan import LayerEdit, Plan, PlanError
 from compressor.surgery.replacement import Replacement
 from compressor.surgery.rewrite import rewrite_model
-from compressor.techniques.registry import TECHNIQUES
+from compressor.techniques.registry import DEFAULT_REGISTRY, Registry
 
 __all__ = ["apply_plan", "model_fingerprint"]
 
 
-def apply_plan(model: keras.Model, plan: Plan, strict: bool = True) -> keras.Model:
+def apply_plan(model: keras.Model, plan: Plan, strict: bool = True, *, registry: Optional[Registry] = None) -> keras.Model:
     """A compressed copy of `model`: every edit of the plan built and wired in.
 
     Args:
@@ -25,6 +25,9 @@ def apply_plan(model: keras.Model, plan: Plan, strict: bool = True) -> keras.Mod
         plan: The plan (e.g. `Plan.load("plan.json")`).
         strict: When the plan records a model fingerprint that differs from the
             model's, raise (True) or only warn (False).
+        registry: The technique instances that build the edits: the search's, or
+            for a replayed plan `compressor.techniques.registry.registry_for_plan`;
+            default: plain ones (data-driven edits need prepared ones).
 
     Returns:
         A new model.
@@ -39,7 +42,8 @@ def apply_plan(model: keras.Model, plan: Plan, strict: bool = True) -> keras.Mod
     if plan.channels:
         model = prune_planned_channels(model, plan)
     check_editable(model, [edit.layer for edit in plan.edits])
-    return rewrite_model(model, {edit.layer: _factory(edit) for edit in plan.edits})
+    registry = DEFAULT_REGISTRY if registry is None else registry
+    return rewrite_model(model, {edit.layer: _factory(edit, registry) for edit in plan.edits})
 
 
 def prune_planned_channels(model: keras.Model, plan: Plan) -> keras.Model:
@@ -64,9 +68,9 @@ def prune_planned_channels(model: keras.Model, plan: Plan) -> keras.Model:
     return prune_channels(model, plan.removals, groups)
 
 
-def _factory(edit: LayerEdit) -> Any:
+def _factory(edit: LayerEdit, registry: Registry) -> Any:
     def build(layer: Any) -> Replacement:
-        return TECHNIQUES[edit.technique].build(layer, edit)
+        return registry[edit.technique].build(layer, edit)
 
     return build
 

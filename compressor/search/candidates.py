@@ -23,7 +23,7 @@ from compressor.search.kernels import KernelCache
 from compressor.surgery.editable import editable_layers, why_not_editable
 from compressor.surgery.plan import LayerEdit, SkippedLayer, SparsitySpec
 from compressor.techniques.base import call_shapes, edit_cost, layer_cost
-from compressor.techniques.registry import parse_techniques, technique_for
+from compressor.techniques.registry import Registry, parse_techniques, technique_for
 
 NO_OPTION = "no edit of it lowers both its params and its FLOPs"
 
@@ -77,19 +77,22 @@ def layer_candidates(
     techniques: Iterable[str],
     pattern: Optional[SparsitySpec] = None,
     kernels: Optional[KernelCache] = None,
+    registry: Optional[Registry] = None,
 ) -> tuple[list[LayerCandidates], list[SkippedLayer]]:
     """The options of every compressible layer, and why the others are left alone.
 
     Args:
         model: A Functional or built Sequential model (nested models allowed).
-        techniques: The user's technique names ("tucker", "svd", "sparsity"); see
-            `compressor.techniques.registry`.
+        techniques: The user's technique names ("tucker", "svd", "sparsity", ...);
+            see `compressor.techniques.registry`.
         pattern: The sparsity pattern of masks and of hybrid residuals (its density
             is ignored); default unstructured. Hybrid layers (a low-rank technique
             with "sparsity") get both plain low-rank options and options with a
             residual in this pattern.
         kernels: Where to keep the effective kernels built to measure errors, so the
             search's evaluations reuse them; default: a fresh cache, dropped after.
+        registry: The technique instances (`compressor.techniques.registry.prepare_registry`);
+            default: the kernel cache's.
 
     Returns:
         (candidates in topological order, skipped layers with reasons). Layers
@@ -100,7 +103,8 @@ def layer_candidates(
         ModelLoadError: The model has no layer graph.
     """
     wanted = parse_techniques(techniques)
-    kernels = KernelCache() if kernels is None else kernels
+    kernels = KernelCache(registry=registry) if kernels is None else kernels
+    registry = kernels.registry if registry is None else registry
     editable = editable_layers(model)
     candidates: list[LayerCandidates] = []
     skipped: list[SkippedLayer] = []
@@ -110,7 +114,7 @@ def layer_candidates(
             skipped.append(SkippedLayer(name, why_not_editable(model, name) or "cannot be replaced"))
             continue
         try:
-            found = _layer_candidates(name, layer, calls, wanted, pattern, kernels)
+            found = _layer_candidates(name, layer, calls, wanted, pattern, kernels, registry)
         except CompressorError as exc:
             skipped.append(SkippedLayer(name, first_line(exc)))
             continue
@@ -152,24 +156,19 @@ def _layer_candidates(
     wanted: frozenset[str],
     pattern: Optional[SparsitySpec],
     kernels: KernelCache,
+    registry: Registry,
 ) -> LayerCandidates | str:
     """The layer's candidates, or the reason it has none."""
     shapes = [call_shapes(layer, call.input_shapes[0], call.output_shapes[0]) for call in calls]
-    choice = technique_for(layer, wanted, *shapes[0])
+    choice = technique_for(layer, wanted, *shapes[0], registry=registry)
     if choice.technique is None:
         return choice.reason or "no technique applies"
-    technique = choice.technique
-    if technique.name == "sparsity":
-        edits = technique.options(layer, pattern, *shapes[0])
-    else:
-        edits = technique.options(layer, None, *shapes[0])
-        if choice.residual:
-            edits += technique.options(layer, pattern or SparsitySpec(density=1.0), *shapes[0])
+    edits = choice.technique.candidates(layer, pattern, choice.residual, *shapes[0])
     params = layer_cost(layer, *shapes[0])[0]
     flops = sum(layer_cost(layer, *shape)[1] for shape in shapes)
     options = []
     for edit in dict.fromkeys(dataclasses.replace(edit, layer=name) for edit in edits):
-        costs = [edit_cost(layer, edit, *shape) for shape in shapes]
+        costs = [edit_cost(layer, edit, *shape, registry=registry) for shape in shapes]
         option_flops = sum(cost[1] for cost in costs)
         if costs[0][0] >= params or option_flops >= flops:
             continue

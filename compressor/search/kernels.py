@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from compressor.surgery.plan import LayerEdit
 from compressor.techniques.base import effective_kernel, kernel_of, relative_error
+from compressor.techniques.registry import DEFAULT_REGISTRY, Registry
 
 DEFAULT_MAX_BYTES = 1 << 30
 
@@ -40,10 +41,13 @@ class KernelCache:
 
     Args:
         max_bytes: Memory for cached kernels; a dropped kernel is rebuilt on demand.
+        registry: The technique instances that build the edits
+            (`compressor.techniques.registry.Registry`); default: plain ones.
     """
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, registry: Optional[Registry] = None) -> None:
         self.max_bytes = max_bytes
+        self.registry = DEFAULT_REGISTRY if registry is None else registry
         self.builds = 0  # how many replacements were built (misses)
         self._entries: OrderedDict[LayerEdit, EffectiveKernel] = OrderedDict()
         self._bytes = 0
@@ -70,11 +74,8 @@ class KernelCache:
         return entry
 
     def _build(self, layer: Any, edit: LayerEdit) -> EffectiveKernel:
-        # Imported here: the registry imports every technique module.
-        from compressor.techniques.registry import TECHNIQUES
-
         self.builds += 1
         original = kernel_of(layer)
-        approx = effective_kernel(layer, TECHNIQUES[edit.technique].build(layer, edit))
+        approx = effective_kernel(layer, self.registry[edit.technique].build(layer, edit))
         error = relative_error(original.astype(np.float64), approx)
         return EffectiveKernel(np.ascontiguousarray(approx, dtype=original.dtype), error)

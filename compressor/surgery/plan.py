@@ -21,6 +21,12 @@ same model reproduces the compressed model exactly.
       "finetune": {"epochs": 6, "teacher": "original"}
     }
 
+Each edit names a layer and a registered per-layer technique
+(`compressor.techniques.registry`); its other keys are that technique's parameters,
+which the technique declares and validates (`compressor.techniques.params`), so a
+new technique needs no change here. Every plan written so far is version 1; a new
+version gets a reader in `READERS` beside the old ones.
+
 Channel removals (optional) come first: `compressor.surgery.channels.prune_channels`
 removes each group's channels (indices of the original model's groups), then the
 edits apply to the pruned model (layer names do not change). A plan with "hessian"
@@ -35,16 +41,15 @@ Layer names are qualified (`outer/inner`) inside nested models, as in `compresso
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from compressor.errors import CompressorError
 from compressor.io.atomic import write_bytes_atomic
 
 PLAN_VERSION = 1
 STRUCTURES = ("unstructured", "filter", "channel", "block", "n:m")
-TECHNIQUES = ("tucker", "svd", "sparsity", "hessian")
 
 
 class PlanError(CompressorError):
@@ -97,70 +102,106 @@ class SparsitySpec:
         return cls(**data)
 
 
-@dataclass(frozen=True)
+class Params(Mapping[str, Any]):
+    """The parameters of one edit: read-only, hashable, in the technique's declaration order."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Optional[Mapping[str, Any]] = None) -> None:
+        self._values = dict(values or {})
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._values.items()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._values) == dict(other)
+
+    def __repr__(self) -> str:
+        return f"Params({self._values!r})"
+
+
+@dataclass(frozen=True, init=False)
 class LayerEdit:
-    """One edit of one layer.
+    """One edit of one layer: a technique and the parameters it declares.
+
+    The technique (`compressor.techniques.registry`) validates the parameters and
+    types them, e.g. "tucker" takes `ranks=(R1, R2)` and an optional sparse
+    `residual` (a SparsitySpec); "svd" `rank`; "hessian" `ranks`; "sparsity" a
+    `sparsity` pattern. Parameters read as attributes too (`edit.ranks`); a
+    parameter of another technique reads as None.
+
+        LayerEdit("conv", "tucker", ranks=(4, 3))
+        LayerEdit("conv", "tucker", {"ranks": [4, 3]})   # the same edit
 
     Attributes:
         layer: Qualified layer name.
-        technique: "tucker" (k×k conv → 1×1, k×k, 1×1 with ranks (r_in, r_out)),
-            "hessian" (the same three layers in the K-FAC eigenbasis, ranks (R1, R2)),
-            "svd" (1×1 conv, Conv1D or Dense → two layers through `rank`), or
-            "sparsity" (same layer, masked kernel).
-        ranks: For "tucker": (R1, R2), the input- and output-channel ranks.
-        rank: For "svd".
-        residual: For "tucker"/"svd": a sparse residual S so that W ≈ factors + S,
-            computed in a parallel branch. None: no residual.
-        sparsity: For "sparsity": the mask pattern of the kernel.
+        technique: A registered per-layer technique.
+        params: Its parameters (None values are left out).
+
+    Raises:
+        PlanError: An unknown technique, or parameters it does not accept.
     """
 
     layer: str
     technique: str
-    ranks: Optional[tuple[int, int]] = None
-    rank: Optional[int] = None
-    residual: Optional[SparsitySpec] = None
-    sparsity: Optional[SparsitySpec] = None
+    params: Params
 
-    def __post_init__(self) -> None:
-        if self.technique not in TECHNIQUES:
-            raise PlanError(
-                f"Invalid technique for layer {self.layer!r}. Expected one of {TECHNIQUES}. "
-                f"Received: technique={self.technique!r}"
-            )
-        if self.technique in ("tucker", "hessian"):
-            if not self.ranks or len(self.ranks) != 2 or min(self.ranks) < 1:
-                raise PlanError(f"{self.technique} edit of {self.layer!r} needs ranks=(R1, R2) >= 1. Received: {self.ranks}")
-            object.__setattr__(self, "ranks", (int(self.ranks[0]), int(self.ranks[1])))
-        if self.technique == "svd" and not (self.rank and self.rank >= 1):
-            raise PlanError(f"svd edit of {self.layer!r} needs rank >= 1. Received: {self.rank}")
-        if self.technique == "sparsity" and self.sparsity is None:
-            raise PlanError(f"sparsity edit of {self.layer!r} needs a sparsity spec")
+    def __init__(self, layer: str, technique: str, params: Optional[Mapping[str, Any]] = None, **named: Any) -> None:
+        from compressor.techniques.registry import technique_class  # the registry imports this module
+
+        values = {**dict(params or {}), **named}
+        if not isinstance(layer, str) or not isinstance(technique, str):
+            raise PlanError(f"an edit needs a layer name and a technique name. Received: layer={layer!r}, technique={technique!r}")
+        try:
+            declared = technique_class(technique).params
+        except PlanError as exc:
+            raise PlanError(f"Invalid technique for layer {layer!r}: {exc}") from None
+        from compressor.techniques.params import parse_params
+
+        object.__setattr__(self, "layer", layer)
+        object.__setattr__(self, "technique", technique)
+        object.__setattr__(self, "params", Params(parse_params(technique, layer, declared, values)))
+
+    def __getattr__(self, name: str) -> Any:
+        params = self.__dict__.get("params")
+        if params is None or name.startswith("_"):
+            raise AttributeError(name)
+        if name in params:
+            return params[name]
+        from compressor.techniques.registry import parameter_names
+
+        if name in parameter_names():
+            return None
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute or technique parameter {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"layer": self.layer, "technique": self.technique}
-        if self.ranks is not None:
-            out["ranks"] = list(self.ranks)
-        if self.rank is not None:
-            out["rank"] = self.rank
-        if self.residual is not None:
-            out["residual"] = self.residual.to_dict()
-        if self.sparsity is not None:
-            out["sparsity"] = self.sparsity.to_dict()
-        return out
+        """{"layer", "technique", **parameters as JSON} (the plan.json shape of an edit)."""
+        from compressor.techniques.params import params_to_json
+        from compressor.techniques.registry import technique_class
+
+        return {"layer": self.layer, "technique": self.technique,
+                **params_to_json(technique_class(self.technique).params, self.params)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LayerEdit":
-        try:
-            return cls(
-                layer=data["layer"],
-                technique=data["technique"],
-                ranks=tuple(data["ranks"]) if data.get("ranks") is not None else None,
-                rank=data.get("rank"),
-                residual=SparsitySpec.from_dict(data["residual"]) if data.get("residual") else None,
-                sparsity=SparsitySpec.from_dict(data["sparsity"]) if data.get("sparsity") else None,
-            )
-        except (KeyError, TypeError) as exc:
-            raise PlanError(f"malformed plan edit {data!r}: {exc}") from exc
+    def from_dict(cls, data: Mapping[str, Any]) -> "LayerEdit":
+        """Read an edit written by `to_dict`.
+
+        Raises:
+            PlanError: Not an object with "layer" and "technique", or invalid parameters.
+        """
+        if not isinstance(data, Mapping) or "layer" not in data or "technique" not in data:
+            raise PlanError(f"malformed plan edit {data!r}: expected an object with 'layer' and 'technique'")
+        params = {key: value for key, value in data.items() if key not in ("layer", "technique")}
+        return cls(data["layer"], data["technique"], params)
 
 
 @dataclass(frozen=True)
@@ -261,21 +302,13 @@ class Plan:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
-            raise PlanError(
-                f"unsupported plan: expected a JSON object with version {PLAN_VERSION}, "
-                f"got version {data.get('version') if isinstance(data, dict) else type(data).__name__}"
-            )
-        return cls(
-            model=dict(data.get("model", {})),
-            edits=tuple(LayerEdit.from_dict(edit) for edit in data.get("edits", [])),
-            skipped=tuple(SkippedLayer(**skip) for skip in data.get("skipped", [])),
-            channels=tuple(ChannelRemoval.from_dict(removal) for removal in data.get("channels", [])),
-            finetune=data.get("finetune"),
-            statistics=data.get("statistics"),
-            gating=data.get("gating"),
-        )
+    def from_dict(cls, data: Any) -> "Plan":
+        """Read a plan of any version written so far (`READERS`).
+
+        Raises:
+            PlanError: Not a plan, a version this code cannot read, or an invalid plan.
+        """
+        return READERS[check_plan(data)](data)
 
     def save(self, path: Path | str) -> Path:
         """Write the plan as JSON, atomically."""
@@ -283,16 +316,78 @@ class Plan:
 
     @classmethod
     def load(cls, path: Path | str) -> "Plan":
-        """Read a plan written by `save`.
+        """Read a plan written by `save` (any version written so far).
 
         Raises:
             PlanError: Missing file, invalid JSON, or an invalid plan.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"plan not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlanError(f"{path} is not valid JSON: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_plan(path))
+
+
+def read_plan(path: Path | str) -> dict[str, Any]:
+    """The JSON of a plan file, checked as far as possible without TensorFlow (`check_plan`).
+
+    `Plan.load` reads it fully; this is what input checks use before TensorFlow loads
+    (a technique's parameters are validated by its class, which imports it).
+
+    Raises:
+        PlanError: Missing file, invalid JSON, or a malformed plan.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"plan not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{path} is not valid JSON: {exc}") from exc
+    check_plan(data)
+    return data
+
+
+def check_plan(data: Any) -> int:
+    """The version of a plan's JSON, after checking its shape and its technique names.
+
+    Raises:
+        PlanError: Not an object, an unsupported version, edits that are not objects
+            naming a layer and a registered per-layer technique.
+    """
+    version = data.get("version") if isinstance(data, dict) else None
+    if version not in READERS:
+        raise PlanError(
+            f"unsupported plan: expected a JSON object with version {' or '.join(map(str, READERS))}, "
+            f"got version {version if isinstance(data, dict) else type(data).__name__}"
+        )
+    from compressor.techniques.registry import layer_technique_names  # no TensorFlow
+
+    known = layer_technique_names()
+    edits = data.get("edits", [])
+    for edit in edits if isinstance(edits, list) else [edits]:
+        if not isinstance(edit, dict) or not isinstance(edit.get("layer"), str):
+            raise PlanError(f"malformed plan edit {edit!r}: expected an object with 'layer' and 'technique'")
+        if edit.get("technique") not in known:
+            raise PlanError(
+                f"Invalid technique for layer {edit['layer']!r}. Expected one of {known}. "
+                f"Received: technique={edit.get('technique')!r}"
+            )
+    return version
+
+
+def _read_v1(data: dict[str, Any]) -> Plan:
+    """Version 1, every plan written so far: edits as {"layer", "technique", **parameters}.
+
+    Optional keys came later ("channels", "finetune", "statistics", "gating"); plans
+    without them read as plans without those steps.
+    """
+    return Plan(
+        model=dict(data.get("model", {})),
+        edits=tuple(LayerEdit.from_dict(edit) for edit in data.get("edits", [])),
+        skipped=tuple(SkippedLayer(**skip) for skip in data.get("skipped", [])),
+        channels=tuple(ChannelRemoval.from_dict(removal) for removal in data.get("channels", [])),
+        finetune=data.get("finetune"),
+        statistics=data.get("statistics"),
+        gating=data.get("gating"),
+    )
+
+
+READERS = {1: _read_v1}
+"""Plan version → the function that reads a plan of that version (add one per new version; keep the old)."""

@@ -1,10 +1,11 @@
 """The technique protocol, and what all techniques share: kernels, costs, errors.
 
-A technique turns one layer into cheaper layers. It says whether it applies
-(`check`), proposes edits for the search (`options`), and builds the layers of one
-edit (`build`); the rewriter in `compressor.surgery` wires them in. Adding a
-technique means one module that implements `Technique` and one line in
-`compressor.techniques.registry`.
+A technique turns one layer into cheaper layers. It declares what its edits carry
+(`params`), says whether it applies to a layer (`applies`, `check`), proposes edits
+for the search (`options`), costs an edit (`cost`), and builds its layers (`build`);
+the rewriter in `compressor.surgery` wires them in. Adding a technique means one
+module with a `LayerTechnique` subclass and one `register(...)` line
+(`compressor.techniques.registry`; README, "Adding a technique").
 
 Kernels are handled in their "pattern layout" (..., in_channels, out_channels):
 the layout of Conv1D/2D/3D and Dense kernels. The other kernels are viewed in it:
@@ -16,7 +17,7 @@ its last two axes swapped; a separable convolution by its pointwise kernel.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import keras
 import numpy as np
@@ -25,23 +26,34 @@ from compressor.errors import CompressorError
 from compressor.graph.flops import CONV_TRANSPOSE, DEPTHWISE, SEPARABLE, Shape, layer_flops
 from compressor.surgery.plan import LayerEdit, PlanError, SparsitySpec
 from compressor.surgery.replacement import Replacement
+from compressor.techniques.params import Param
 
 NOMINAL_SIZE = 32  # spatial size assumed for free (None) dimensions when costing a layer
 
 
 class Technique(Protocol):
-    """One way of compressing a layer.
+    """One way of compressing a layer (`LayerTechnique` gives defaults for all but four).
 
     Attributes:
-        name: The `LayerEdit.technique` it handles ("tucker", "svd", "sparsity").
+        name: The name it is registered under, and the `LayerEdit.technique` it handles.
+        params: What its edits carry (`compressor.techniques.params.Param`).
+        takes_residual: Its edits can carry a sparse `residual` (hybrid low-rank).
+        provides_residual: Asking for it with a technique that takes a residual
+            makes hybrid edits ("sparsity").
     """
 
     name: str
+    params: tuple[Param, ...]
+    takes_residual: bool
+    provides_residual: bool
+
+    def applies(self, layer: Any) -> Optional[str]:
+        """None if it can edit this kind of layer at all (whatever data and cost), else a reason."""
 
     def check(
         self, layer: Any, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
     ) -> Optional[str]:
-        """None if the technique applies to `layer`, else a reason a user can read."""
+        """None if it edits `layer` in this run (it applies, and some edit lowers the cost), else a reason."""
 
     def options(
         self,
@@ -57,8 +69,95 @@ class Technique(Protocol):
         for "sparsity" it is the pattern of the mask.
         """
 
+    def candidates(
+        self, layer: Any, pattern: Optional[SparsitySpec], hybrid: bool, input_shape: Shape, output_shape: Shape
+    ) -> list[LayerEdit]:
+        """What the search chooses from, for the user's sparsity `pattern` (and `hybrid` edits when asked)."""
+
+    def cost(self, layer: Any, edit: LayerEdit, input_shape: Shape, output_shape: Shape) -> tuple[int, int]:
+        """(params, FLOPs) at batch 1 of what `edit` makes of `layer`, at known call shapes (`edit_cost`)."""
+
     def build(self, layer: Any, edit: LayerEdit) -> Replacement:
         """The new layers (and their weights) that stand in for `layer`."""
+
+    def sparse(self, edit: LayerEdit) -> bool:
+        """Whether the edit leaves sparse weights (a mask, a sparse residual)."""
+
+
+class LayerTechnique:
+    """Defaults of the `Technique` protocol: a subclass sets `name` and `params` and
+    implements `applies`, `options`, `cost` and `build`.
+
+    A data-driven technique (K-FAC bases, importance scores) also overrides
+    `needs_data` and `prepare`: `compressor.techniques.registry.prepare_registry`
+    calls them before the search, and again when a plan is replayed.
+    """
+
+    name = ""
+    params: tuple[Param, ...] = ()
+    takes_residual = False
+    provides_residual = False
+    no_option_reason = "no edit of it lowers its cost"
+
+    def applies(self, layer: Any) -> Optional[str]:
+        raise NotImplementedError
+
+    def check(
+        self, layer: Any, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
+    ) -> Optional[str]:
+        """None if it applies and some edit lowers the layer's cost, else a reason."""
+        reason = self.applies(layer)
+        if reason is None and not self.options(layer, None, input_shape, output_shape):
+            return self.no_option_reason
+        return reason
+
+    def options(
+        self,
+        layer: Any,
+        residual: Optional[SparsitySpec] = None,
+        input_shape: Optional[Shape] = None,
+        output_shape: Optional[Shape] = None,
+    ) -> list[LayerEdit]:
+        raise NotImplementedError
+
+    def candidates(
+        self, layer: Any, pattern: Optional[SparsitySpec], hybrid: bool, input_shape: Shape, output_shape: Shape
+    ) -> list[LayerEdit]:
+        """Its plain options, and with `hybrid` those with a residual in `pattern` (default unstructured)."""
+        edits = self.options(layer, None, input_shape, output_shape)
+        if hybrid:
+            edits += self.options(layer, pattern or SparsitySpec(density=1.0), input_shape, output_shape)
+        return edits
+
+    def cost(self, layer: Any, edit: LayerEdit, input_shape: Shape, output_shape: Shape) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def build(self, layer: Any, edit: LayerEdit) -> Replacement:
+        raise NotImplementedError
+
+    def sparse(self, edit: LayerEdit) -> bool:
+        return False
+
+    @classmethod
+    def needs_data(cls, criterion: str) -> Optional[str]:
+        """What it gathers on data before the search with these settings (e.g. "K-FAC statistics"); None: nothing."""
+        return None
+
+    @classmethod
+    def prepare(
+        cls, model: Any, data: Any, *, criterion: str, seed: int, log: Callable[[str], None]
+    ) -> tuple["LayerTechnique", dict[str, Any]]:
+        """An instance prepared on `data`, and what to record in the plan to prepare it again."""
+        return cls(), {}
+
+    def check_edit(self, layer: Any, edit: LayerEdit) -> None:
+        """Refuse to build an edit of another technique.
+
+        Raises:
+            PlanError: `edit.technique` is not this technique.
+        """
+        if edit.technique != self.name:
+            raise PlanError(f"the {self.name} technique cannot build a {edit.technique!r} edit of {layer.name!r}")
 
 
 # --- kernels ---------------------------------------------------------------------------
@@ -194,9 +293,13 @@ def layer_cost(layer: Any, input_shape: Shape, output_shape: Shape) -> tuple[int
 
 
 def edit_cost(
-    layer: Any, edit: LayerEdit, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
+    layer: Any,
+    edit: LayerEdit,
+    input_shape: Optional[Shape] = None,
+    output_shape: Optional[Shape] = None,
+    registry: Any = None,
 ) -> tuple[int, int]:
-    """Params and FLOPs (batch 1) of what `edit` makes of `layer`.
+    """Params and FLOPs (batch 1) of what `edit` makes of `layer`: its technique's `cost`.
 
     FLOPs follow `compressor.graph.flops`: 2 per multiply-accumulate, 1 per output
     element for a bias add, for an activation, and for the Add that joins a residual
@@ -207,60 +310,38 @@ def edit_cost(
 
     Args:
         layer: The original, built layer.
-        edit: An edit of it ("tucker", "hessian", "svd" or "sparsity").
+        edit: An edit of it.
         input_shape, output_shape: Shapes of its call, batch first (`call_shapes`).
+        registry: The technique instances (`compressor.techniques.registry.Registry`);
+            default: plain ones (costs need no prepared data).
 
     Returns:
         (params, flops).
 
     Raises:
-        PlanError: The edit's sparsity pattern does not fit the kernel.
+        PlanError: The edit does not fit the layer (e.g. its sparsity pattern).
     """
+    from compressor.techniques.registry import DEFAULT_REGISTRY  # the registry imports the technique modules
+
     input_shape, output_shape = call_shapes(layer, input_shape, output_shape)
-    if edit.technique == "sparsity":
-        return _sparsity_cost(layer, edit.sparsity, input_shape, output_shape)
-    if edit.technique == "hessian":
-        from compressor.techniques.hessian import hessian_cost  # imports this module
-
-        return hessian_cost(layer, edit, input_shape, output_shape)
-    kernel_shape = tuple(layer.kernel.shape)
-    c_in, c_out = kernel_shape[-2], kernel_shape[-1]
-    out_size = math.prod(output_shape[1:])
-    out_positions = out_size // c_out
-    if edit.technique == "tucker":
-        r1, r2 = edit.ranks
-        taps = math.prod(kernel_shape[:-2])
-        in_positions = math.prod(input_shape[1:]) // c_in
-        params = c_in * r1 + taps * r1 * r2 + r2 * c_out
-        flops = 2 * (in_positions * c_in * r1 + out_positions * (taps * r1 * r2 + r2 * c_out))
-    else:
-        rows = math.prod(kernel_shape[:-1])  # the kernel as a (taps × in, out) matrix
-        params = (rows + c_out) * edit.rank
-        flops = 2 * out_positions * (rows + c_out) * edit.rank
-    params += c_out if layer.use_bias else 0
-    flops += out_size * (int(layer.use_bias) + int(_has_activation(layer)))
-    kept = kept_count(kernel_shape, edit.residual) if edit.residual is not None else 0
-    if kept:
-        params += kept
-        flops += 2 * out_positions * kept + out_size  # the branch, and the Add joining it
-    return params, flops
+    technique = (DEFAULT_REGISTRY if registry is None else registry)[edit.technique]
+    return technique.cost(layer, edit, input_shape, output_shape)
 
 
-def _sparsity_cost(layer: Any, spec: SparsitySpec, input_shape: Shape, output_shape: Shape) -> tuple[int, int]:
+def masked_cost(layer: Any, kept: int, input_shape: Shape, output_shape: Shape) -> tuple[int, int]:
+    """(params, FLOPs) of `layer` with only `kept` weights of its main kernel left (the others zero).
+
+    Each kernel weight is one multiply-accumulate per position the kernel is applied
+    at: per output position, or per input position for a transposed convolution.
+    """
     params, flops = layer_cost(layer, input_shape, output_shape)
     pattern_shape = pattern_kernel(layer).shape
-    dropped = math.prod(pattern_shape) - kept_count(pattern_shape, spec)
-    # Each kernel weight is one multiply-accumulate per position the kernel is applied
-    # at: per output position, or per input position for a transposed convolution.
+    dropped = math.prod(pattern_shape) - kept
     if isinstance(layer, CONV_TRANSPOSE):
         positions = math.prod(input_shape[1:]) // pattern_shape[-2]
     else:
         positions = math.prod(output_shape[1:]) // pattern_shape[-1]
     return params - dropped, flops - 2 * positions * dropped
-
-
-def _has_activation(layer: Any) -> bool:
-    return activation_name(layer) is not None
 
 
 def activation_name(layer: Any) -> Optional[Any]:
@@ -310,7 +391,9 @@ def compose_kernels(kernels: Sequence[np.ndarray]) -> np.ndarray:
     return np.einsum("ia,...ab,bo->...io", before, kernels[at], after, optimize=True)
 
 
-def reconstruction_error(layer: Any, edit: LayerEdit, replacement: Optional[Replacement] = None) -> float:
+def reconstruction_error(
+    layer: Any, edit: LayerEdit, replacement: Optional[Replacement] = None, registry: Any = None
+) -> float:
     """||W − Ŵ||_F / ||W||_F of the layer's main kernel W.
 
     Ŵ is the kernel the edit's layers amount to: the composed factors plus the
@@ -320,15 +403,15 @@ def reconstruction_error(layer: Any, edit: LayerEdit, replacement: Optional[Repl
         layer: The original, built layer.
         edit: An edit of it.
         replacement: Its already built replacement, to avoid building it again.
+        registry: The technique instances that build it; default: plain ones.
 
     Returns:
         The relative error, 0 for an exact replacement.
     """
     if replacement is None:
-        # Imported here: the registry imports the technique modules, which import this one.
-        from compressor.techniques.registry import TECHNIQUES
+        from compressor.techniques.registry import DEFAULT_REGISTRY  # the registry imports the technique modules
 
-        replacement = TECHNIQUES[edit.technique].build(layer, edit)
+        replacement = (DEFAULT_REGISTRY if registry is None else registry)[edit.technique].build(layer, edit)
     kernel = kernel_of(layer).astype(np.float64)
     approx = effective_kernel(layer, replacement)
     return relative_error(kernel, approx)

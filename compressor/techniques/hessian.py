@@ -14,7 +14,7 @@ diagonal, so the OBD importance of W*_ij is exact under K-FAC: ½ λ_A,i λ_G,j
     1×1 (Cin→R1, kernel Q_A[:, kept]) → k×k (R1→R2, W*[kept, kept], original
     strides/padding/dilation) → 1×1 (R2→Cout, Q_G[:, kept]ᵀ, original bias and activation)
 
-the shape of Tucker-2, built by the same `lowrank._assemble`. A pointwise kernel
+the shape of Tucker-2, built by the same `lowrank.assemble_chain`. A pointwise kernel
 (Dense, 1×1 Conv2D, Conv1D of size 1) has no spatial core to keep: its three
 matrices are multiplied into two layers through min(R1, R2), which is always cheaper
 than three (Cin·R1 + R1·R2 + R2·Cout > (Cin + Cout)·min(R1, R2)) and computes the
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import keras
 import numpy as np
@@ -39,17 +39,17 @@ from compressor.graph.calls import layer_calls
 from compressor.surgery.plan import LayerEdit, PlanError, SparsitySpec
 from compressor.surgery.replacement import Replacement
 from compressor.techniques.base import (
+    LayerTechnique,
     Shape,
     call_shapes,
-    edit_cost,
     kernel_of,
     layer_cost,
     relative_error,
     round_half_up,
 )
-from compressor.techniques.kfac import SUPPORTED, KFactors, check_fit
-from compressor.techniques.kfac import unsupported_reason as _reason  # the name the technique class calls
-from compressor.techniques.lowrank import RANK_FRACTIONS, _assemble
+from compressor.techniques.kfac import SUPPORTED, KFactors, check_fit, kfac_factors, unsupported_reason
+from compressor.techniques.lowrank import RANK_FRACTIONS, assemble_chain, svd_cost, tucker_cost
+from compressor.techniques.params import RANKS, Param
 
 # Eigenvalues are clipped at DAMPING × the largest: far below any direction that
 # matters, far above float64 round-off (~1e-16), so that directions without variance
@@ -191,6 +191,8 @@ def eigendamage_allocate(
 
 # --- the technique ------------------------------------------------------------------------
 
+KFAC_SAMPLES = 512  # examples the K-FAC statistics of a run are gathered on (at most)
+
 
 def hessian_cost(
     layer: Any, edit: LayerEdit, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
@@ -200,38 +202,64 @@ def hessian_cost(
     A k×k kernel costs as a "tucker" edit of the same ranks (the same three layers);
     a pointwise kernel as an "svd" edit of rank min(R1, R2) (module docstring).
     """
+    input_shape, output_shape = call_shapes(layer, input_shape, output_shape)
+    ranks = edit.params["ranks"]
     if _spatial(tuple(layer.kernel.shape)):
-        equivalent = LayerEdit(layer=edit.layer, technique="tucker", ranks=edit.ranks)
-    else:
-        equivalent = LayerEdit(layer=edit.layer, technique="svd", rank=min(edit.ranks))
-    return edit_cost(layer, equivalent, input_shape, output_shape)
+        return tucker_cost(layer, ranks, None, input_shape, output_shape)
+    return svd_cost(layer, min(ranks), None, input_shape, output_shape)
 
 
 def _spatial(kernel_shape: tuple[int, ...]) -> bool:
     return math.prod(kernel_shape[:-2]) > 1
 
 
-class Hessian:
+class Hessian(LayerTechnique):
     """EigenDamage: keep a layer's most important K-FAC eigen-directions (the Technique protocol).
 
     Args:
-        bases: Qualified layer name → its basis (`eigen_decompose`). A layer is found
+        bases: Qualified layer name → its basis (`eigen_decompose`); default none
+            (a plain instance costs edits but applies to no layer). A layer is found
             by its qualified name (an edit's `layer`), else by its own name when
             exactly one basis ends with it.
     """
 
     name = "hessian"
+    params = (Param("ranks", RANKS),)
+    no_option_reason = "factorizing cannot lower its cost"
 
-    def __init__(self, bases: Mapping[str, EigenBasis]) -> None:
-        self._bases = dict(bases)
+    def __init__(self, bases: Optional[Mapping[str, EigenBasis]] = None) -> None:
+        self._bases = dict(bases or {})
+
+    @classmethod
+    def needs_data(cls, criterion: str) -> Optional[str]:
+        return "K-FAC statistics"
+
+    @classmethod
+    def prepare(
+        cls, model: Any, data: Dataset, *, criterion: str, seed: int, log: Callable[[str], None]
+    ) -> tuple["Hessian", dict[str, Any]]:
+        """The eigenbases of every editable layer's K-FAC factors, from at most KFAC_SAMPLES examples (sampled labels)."""
+        from compressor.surgery.editable import editable_layers
+
+        log("gathering K-FAC statistics")
+        factors = kfac_factors(model, data, seed=seed, samples=KFAC_SAMPLES)
+        layers = editable_layers(model)
+        bases = {name: eigen_decompose(layers[name], factor) for name, factor in factors.items() if name in layers}
+        return cls(bases), {"kfac_samples": min(KFAC_SAMPLES, len(data)), "labels": "sampled"}
+
+    def applies(self, layer: Any) -> Optional[str]:
+        """None for Dense, Conv1D and Conv2D layers (groups 1, not quantized), whatever their statistics."""
+        if not isinstance(layer, SUPPORTED):
+            return f"hessian applies to Dense, Conv1D and Conv2D layers, not {type(layer).__name__}"
+        return unsupported_reason(layer)
 
     def check(
         self, layer: Any, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
     ) -> Optional[str]:
-        """None if some edit of `layer` lowers its cost, else a reason a user can read."""
+        """None if the layer has a basis and some edit of it lowers its cost, else a reason a user can read."""
         reason = self._why_not(layer)
         if reason is None and not self.options(layer, None, input_shape, output_shape):
-            return "factorizing cannot lower its cost"
+            return self.no_option_reason
         return reason
 
     def options(
@@ -260,11 +288,14 @@ class Hessian:
         found: dict[tuple[int, int], tuple[tuple[int, int], LayerEdit]] = {}
         for fraction in RANK_FRACTIONS:
             ranks = (max(1, round(fraction * c_in)), max(1, round(fraction * c_out)))
-            edit = LayerEdit(layer=name, technique=self.name, ranks=ranks)
+            edit = LayerEdit(name, self.name, ranks=ranks)
             cost = hessian_cost(layer, edit, input_shape, output_shape)
             if cost[0] < params and cost[1] < flops:
                 found.setdefault(ranks, (cost, edit))
         return [edit for _, edit in sorted(found.values(), key=lambda item: item[0], reverse=True)]
+
+    def cost(self, layer: Any, edit: LayerEdit, input_shape: Shape, output_shape: Shape) -> tuple[int, int]:
+        return hessian_cost(layer, edit, input_shape, output_shape)
 
     def build(self, layer: Any, edit: LayerEdit) -> Replacement:
         """The layers that keep the first (R1, R2) eigen-directions of the layer's basis.
@@ -273,21 +304,21 @@ class Hessian:
         Q_A[:, :R1] W*[:R1, :R2] Q_G[:, :R2]ᵀ (exactly W at full ranks).
 
         Raises:
-            PlanError: The edit is not a "hessian" edit or has a residual, the layer
-                is not supported or has no basis, or the ranks exceed its channels.
+            PlanError: The edit is not a "hessian" edit, the layer is not supported
+                or has no basis, or the ranks exceed its channels.
         """
-        if edit.technique != self.name or edit.residual is not None:
+        if edit.technique != self.name:
             raise PlanError(f"the hessian technique builds hessian edits without residual; received {edit.to_dict()}")
         reason = self._why_not(layer, edit.layer)
         if reason is not None:
             raise PlanError(f"cannot apply hessian to {edit.layer!r}: {reason}")
         basis = self._basis(layer, edit.layer)
         kernel = kernel_of(layer).astype(np.float64)
-        (r1, r2), (c_in, c_out) = edit.ranks, kernel.shape[-2:]
+        (r1, r2), (c_in, c_out) = edit.params["ranks"], kernel.shape[-2:]
         if r1 > c_in or r2 > c_out:
             raise PlanError(
                 f"hessian ranks of {edit.layer!r} must be at most its channels (in={c_in}, out={c_out}). "
-                f"Received: ranks={edit.ranks}"
+                f"Received: ranks={(r1, r2)}"
             )
         core = basis.rotate(kernel)[..., :r1, :r2]
         q_in, q_out = basis.q_a[:, :r1], basis.q_g[:, :r2]
@@ -298,12 +329,10 @@ class Hessian:
             "dropped_importance": float(importance.sum() - importance[:r1, :r2].sum()),
             "residual_weights": 0,
         }
-        return _assemble(layer, _chain(kernel.shape, q_in, core, q_out), None, notes)
+        return assemble_chain(layer, _chain(kernel.shape, q_in, core, q_out), None, notes)
 
     def _why_not(self, layer: Any, name: Optional[str] = None) -> Optional[str]:
-        if not isinstance(layer, SUPPORTED):
-            return f"hessian applies to Dense, Conv1D and Conv2D layers, not {type(layer).__name__}"
-        reason = _reason(layer)
+        reason = self.applies(layer)
         if reason is not None:
             return reason
         basis = self._basis(layer, name)
@@ -328,7 +357,7 @@ class Hessian:
 def _chain(
     kernel_shape: tuple[int, ...], q_in: np.ndarray, core: np.ndarray, q_out: np.ndarray
 ) -> list[tuple[str, np.ndarray, bool]]:
-    """The (name suffix, kernel, spatial) triples `_assemble` takes, as `Tucker._kernels` gives them."""
+    """The (name suffix, kernel, spatial) triples `assemble_chain` takes, as `Tucker._kernels` gives them."""
     taps, (c_in, c_out) = kernel_shape[:-2], kernel_shape[-2:]
     if _spatial(kernel_shape):
         pointwise = (1,) * len(taps)

@@ -28,16 +28,17 @@ from tensorly.decomposition import partial_tucker
 from compressor.surgery.plan import LayerEdit, PlanError, SparsitySpec
 from compressor.surgery.replacement import Piece, Replacement
 from compressor.techniques.base import (
+    LayerTechnique,
     Shape,
     activation_name,
     call_shapes,
-    edit_cost,
     kept_count,
     kernel_name,
     kernel_of,
     layer_cost,
     relative_error,
 )
+from compressor.techniques.params import PATTERN, RANK, RANKS, Param
 from compressor.techniques.sparsity import masked
 
 RANK_FRACTIONS = (3 / 4, 5 / 8, 1 / 2, 3 / 8, 1 / 4, 1 / 8, 1 / 16)
@@ -124,21 +125,62 @@ def low_rank_plus_sparse(
     return best[0], best[1]
 
 
+# --- costs -------------------------------------------------------------------------------
+
+
+def tucker_cost(
+    layer: Any, ranks: tuple[int, int], residual: Optional[SparsitySpec], input_shape: Shape, output_shape: Shape
+) -> tuple[int, int]:
+    """(params, FLOPs) at batch 1 of 1×1 (Cin→R1) → k×k (R1→R2) → 1×1 (R2→Cout), plus a residual.
+
+    Shapes are a call's, fully known (`call_shapes`); FLOPs as in `edit_cost`.
+    """
+    kernel_shape = tuple(layer.kernel.shape)
+    c_in, c_out = kernel_shape[-2:]
+    r1, r2 = ranks
+    taps = math.prod(kernel_shape[:-2])
+    in_positions = math.prod(input_shape[1:]) // c_in
+    out_positions = math.prod(output_shape[1:]) // c_out
+    params = c_in * r1 + taps * r1 * r2 + r2 * c_out
+    flops = 2 * (in_positions * c_in * r1 + out_positions * (taps * r1 * r2 + r2 * c_out))
+    return _with_bias_and_residual(layer, params, flops, residual, output_shape)
+
+
+def svd_cost(
+    layer: Any, rank: int, residual: Optional[SparsitySpec], input_shape: Shape, output_shape: Shape
+) -> tuple[int, int]:
+    """(params, FLOPs) at batch 1 of the kernel as a (taps × Cin, Cout) matrix through `rank`, plus a residual."""
+    kernel_shape = tuple(layer.kernel.shape)
+    rows, c_out = math.prod(kernel_shape[:-1]), kernel_shape[-1]
+    out_positions = math.prod(output_shape[1:]) // c_out
+    params = (rows + c_out) * rank
+    flops = 2 * out_positions * (rows + c_out) * rank
+    return _with_bias_and_residual(layer, params, flops, residual, output_shape)
+
+
+def _with_bias_and_residual(
+    layer: Any, params: int, flops: int, residual: Optional[SparsitySpec], output_shape: Shape
+) -> tuple[int, int]:
+    kernel_shape = tuple(layer.kernel.shape)
+    c_out = kernel_shape[-1]
+    out_size = math.prod(output_shape[1:])
+    params += c_out if layer.use_bias else 0
+    flops += out_size * (int(layer.use_bias) + int(activation_name(layer) is not None))
+    kept = kept_count(kernel_shape, residual) if residual is not None else 0
+    if kept:
+        params += kept
+        flops += 2 * (out_size // c_out) * kept + out_size  # the branch, and the Add joining it
+    return params, flops
+
+
 # --- the techniques ---------------------------------------------------------------------
 
 
-class _LowRank:
-    """What Tucker-2 and SVD share: checks, the option grid, and assembling layers."""
+class LowRank(LayerTechnique):
+    """What Tucker-2 and SVD share: the option grid, hybrid residuals, and assembling layers."""
 
-    name = ""
-
-    def check(
-        self, layer: Any, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
-    ) -> Optional[str]:
-        reason = self._reason(layer)
-        if reason is None and not self.options(layer, None, input_shape, output_shape):
-            return "factorizing cannot lower its cost"
-        return reason
+    takes_residual = True
+    no_option_reason = "factorizing cannot lower its cost"
 
     def options(
         self,
@@ -158,7 +200,7 @@ class _LowRank:
         Raises:
             PlanError: The residual pattern does not fit the layer's kernel.
         """
-        if self._reason(layer) is not None:
+        if self.applies(layer) is not None:
             return []
         input_shape, output_shape = call_shapes(layer, input_shape, output_shape)
         params, flops = layer_cost(layer, input_shape, output_shape)
@@ -173,11 +215,11 @@ class _LowRank:
         found: dict[tuple, tuple[tuple[int, int], LayerEdit]] = {}
         for rank in self._ranks(tuple(layer.kernel.shape)):
             for spec in residuals:
-                edit = self._edit(layer.name, rank, spec)
+                edit = LayerEdit(layer.name, self.name, {self.params[0].name: rank, "residual": spec})
                 kept = kept_count(tuple(layer.kernel.shape), spec) if spec else 0
                 if spec is not None and not kept:
                     continue  # an empty residual: the plain low-rank edit
-                cost = edit_cost(layer, edit, input_shape, output_shape)
+                cost = self.cost(layer, edit, input_shape, output_shape)
                 if cost[0] < params and cost[1] < flops:
                     found.setdefault((rank, kept), (cost, edit))
         return [edit for _, edit in sorted(found.values(), key=lambda item: item[0], reverse=True)]
@@ -190,35 +232,32 @@ class _LowRank:
                 apply to the layer, its ranks exceed the kernel's, or its residual
                 pattern does not fit.
         """
-        if edit.technique != self.name:
-            raise PlanError(f"the {self.name} technique cannot build a {edit.technique!r} edit of {layer.name!r}")
-        reason = self._reason(layer)
+        self.check_edit(layer, edit)
+        reason = self.applies(layer)
         if reason is not None:
             raise PlanError(f"cannot apply {self.name} to {layer.name!r}: {reason}")
         kernel = kernel_of(layer)
         self._validate_rank(layer.name, kernel.shape, edit)
         fit, compose = self._fit(kernel.shape, edit)
         wide = kernel.astype(np.float64)
+        residual = edit.params.get("residual")
         sparse = None
-        if edit.residual is not None and kept_count(kernel.shape, edit.residual):
-            factors, sparse = low_rank_plus_sparse(wide, fit, compose, edit.residual)
+        if residual is not None and kept_count(kernel.shape, residual):
+            factors, sparse = low_rank_plus_sparse(wide, fit, compose, residual)
         else:
             factors = fit(wide)
         approx = compose(factors) + (0 if sparse is None else sparse)
         notes = {
             "reconstruction_error": relative_error(wide, approx),
-            "residual_weights": 0 if sparse is None else kept_count(kernel.shape, edit.residual),
+            "residual_weights": 0 if sparse is None else kept_count(kernel.shape, residual),
         }
-        return _assemble(layer, self._kernels(kernel.shape, factors), sparse, notes)
+        return assemble_chain(layer, self._kernels(kernel.shape, factors), sparse, notes)
+
+    def sparse(self, edit: LayerEdit) -> bool:
+        return edit.params.get("residual") is not None
 
     # Subclass hooks.
-    def _reason(self, layer: Any) -> Optional[str]:
-        raise NotImplementedError
-
     def _ranks(self, kernel_shape: tuple[int, ...]) -> list:
-        raise NotImplementedError
-
-    def _edit(self, layer_name: str, rank: Any, residual: Optional[SparsitySpec]) -> LayerEdit:
         raise NotImplementedError
 
     def _validate_rank(self, layer_name: str, kernel_shape: tuple[int, ...], edit: LayerEdit) -> None:
@@ -232,12 +271,13 @@ class _LowRank:
         raise NotImplementedError
 
 
-class Tucker(_LowRank):
+class Tucker(LowRank):
     """Tucker-2 of k×k Conv2D kernels (groups 1) into 1×1 → k×k → 1×1."""
 
     name = "tucker"
+    params = (Param("ranks", RANKS), Param("residual", PATTERN, required=False))
 
-    def _reason(self, layer: Any) -> Optional[str]:
+    def applies(self, layer: Any) -> Optional[str]:
         reason = _common_reason(layer)
         if reason:
             return reason
@@ -249,23 +289,25 @@ class Tucker(_LowRank):
             return f"tucker factorizes kxk Conv2D kernels: use svd for {type(layer).__name__}"
         return f"tucker applies to Conv2D layers, not {type(layer).__name__}"
 
+    def cost(self, layer: Any, edit: LayerEdit, input_shape: Shape, output_shape: Shape) -> tuple[int, int]:
+        return tucker_cost(layer, edit.params["ranks"], edit.params.get("residual"), input_shape, output_shape)
+
     def _ranks(self, kernel_shape: tuple[int, ...]) -> list[tuple[int, int]]:
         c_in, c_out = kernel_shape[-2:]
         return list(dict.fromkeys((_fraction(f, c_in), _fraction(f, c_out)) for f in RANK_FRACTIONS))
 
-    def _edit(self, layer_name: str, rank: Any, residual: Optional[SparsitySpec]) -> LayerEdit:
-        return LayerEdit(layer=layer_name, technique="tucker", ranks=rank, residual=residual)
-
     def _validate_rank(self, layer_name: str, kernel_shape: tuple[int, ...], edit: LayerEdit) -> None:
         c_in, c_out = kernel_shape[-2:]
-        if edit.ranks[0] > c_in or edit.ranks[1] > c_out:
+        ranks = edit.params["ranks"]
+        if ranks[0] > c_in or ranks[1] > c_out:
             raise PlanError(
                 f"tucker ranks of {layer_name!r} must be at most its channels (in={c_in}, out={c_out}). "
-                f"Received: ranks={edit.ranks}"
+                f"Received: ranks={ranks}"
             )
 
     def _fit(self, kernel_shape: tuple[int, ...], edit: LayerEdit) -> tuple[Callable, Callable]:
-        return (lambda kernel: tucker2(kernel, edit.ranks)), (lambda factors: compose_tucker2(*factors))
+        ranks = edit.params["ranks"]
+        return (lambda kernel: tucker2(kernel, ranks)), (lambda factors: compose_tucker2(*factors))
 
     def _kernels(self, kernel_shape: tuple[int, ...], factors: Factors) -> list[tuple[str, np.ndarray, bool]]:
         core, u_in, u_out = factors
@@ -276,12 +318,13 @@ class Tucker(_LowRank):
         ]
 
 
-class SVD(_LowRank):
+class SVD(LowRank):
     """Truncated SVD of 1×1 Conv2D, Conv1D and Dense kernels (groups 1) into two layers."""
 
     name = "svd"
+    params = (Param("rank", RANK), Param("residual", PATTERN, required=False))
 
-    def _reason(self, layer: Any) -> Optional[str]:
+    def applies(self, layer: Any) -> Optional[str]:
         reason = _common_reason(layer)
         if reason:
             return reason
@@ -294,26 +337,27 @@ class SVD(_LowRank):
             return None
         return f"svd applies to Dense, Conv1D and 1x1 Conv2D layers, not {type(layer).__name__}"
 
+    def cost(self, layer: Any, edit: LayerEdit, input_shape: Shape, output_shape: Shape) -> tuple[int, int]:
+        return svd_cost(layer, edit.params["rank"], edit.params.get("residual"), input_shape, output_shape)
+
     def _ranks(self, kernel_shape: tuple[int, ...]) -> list[int]:
         full = min(math.prod(kernel_shape[:-1]), kernel_shape[-1])
         return list(dict.fromkeys(_fraction(f, full) for f in RANK_FRACTIONS))
 
-    def _edit(self, layer_name: str, rank: Any, residual: Optional[SparsitySpec]) -> LayerEdit:
-        return LayerEdit(layer=layer_name, technique="svd", rank=rank, residual=residual)
-
     def _validate_rank(self, layer_name: str, kernel_shape: tuple[int, ...], edit: LayerEdit) -> None:
         rows, cols = math.prod(kernel_shape[:-1]), kernel_shape[-1]
-        if edit.rank > min(rows, cols):
+        rank = edit.params["rank"]
+        if rank > min(rows, cols):
             raise PlanError(
                 f"svd rank of {layer_name!r} must be at most min({rows}, {cols}) = {min(rows, cols)}. "
-                f"Received: rank={edit.rank}"
+                f"Received: rank={rank}"
             )
 
     def _fit(self, kernel_shape: tuple[int, ...], edit: LayerEdit) -> tuple[Callable, Callable]:
-        rows = math.prod(kernel_shape[:-1])
+        rows, rank = math.prod(kernel_shape[:-1]), edit.params["rank"]
 
         def fit(kernel: np.ndarray) -> Factors:
-            return truncated_svd(kernel.reshape(rows, kernel_shape[-1]), edit.rank)
+            return truncated_svd(kernel.reshape(rows, kernel_shape[-1]), rank)
 
         def compose(factors: Factors) -> np.ndarray:
             return (factors[0] @ factors[1]).reshape(kernel_shape)
@@ -350,10 +394,19 @@ def _grouped_reason(layer: Any) -> Optional[str]:
 # --- layers -----------------------------------------------------------------------------
 
 
-def _assemble(
+def assemble_chain(
     layer: Any, kernels: list[tuple[str, np.ndarray, bool]], sparse: Optional[np.ndarray], notes: dict
 ) -> Replacement:
-    """Pieces for a chain of kernels (the last with the bias), and the residual branch."""
+    """The replacement of `layer` by a chain of kernels (the last with its bias and activation).
+
+    Args:
+        layer: The original layer (a Conv1D, Conv2D or Dense).
+        kernels: (name suffix, kernel in pattern layout, spatial) per chain layer, in
+            order; spatial: it keeps the original's strides, padding and dilation.
+        sparse: A residual kernel shaped like the original's, run in a parallel
+            branch; the activation then moves after the sum. None: no branch.
+        notes: The replacement's notes (reconstruction error etc.).
+    """
     dtype = kernel_of(layer).dtype
     activation = activation_name(layer)
     bias = [keras.ops.convert_to_numpy(layer.bias)] if layer.use_bias else []

@@ -16,7 +16,7 @@ need tf_keras imported. The n:m mask agrees with `generate_m_by_n_mask` (tested)
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import keras
 import numpy as np
@@ -25,17 +25,19 @@ from compressor.graph.flops import CONV, CONV_TRANSPOSE, DEPTHWISE, SEPARABLE
 from compressor.surgery.plan import LayerEdit, PlanError, SparsitySpec
 from compressor.surgery.replacement import Piece, Replacement
 from compressor.techniques.base import (
+    LayerTechnique,
     Shape,
     call_shapes,
-    edit_cost,
     kept_count,
     kernel_index,
     kernel_name,
     layer_cost,
+    masked_cost,
     pattern_kernel,
     relative_error,
     restore_kernel,
 )
+from compressor.techniques.params import PATTERN, Param
 
 # A kernel with fewer than 30% zeros is stored dense (compressor.graph.cost.SPARSE_STORAGE_MIN_ZEROS):
 # a lighter mask would cost accuracy and save nothing in the artifact.
@@ -115,7 +117,7 @@ def masked(weights: np.ndarray, spec: SparsitySpec, scores: Optional[np.ndarray]
     return np.where(mask(weights, spec, scores), weights, np.zeros_like(weights))
 
 
-class Sparsity:
+class Sparsity(LayerTechnique):
     """Masks a layer's kernel and keeps the layer: same class, config, name and bias.
 
     Applies to ConvND, ConvNDTranspose, DepthwiseConvND, SeparableConvND and Dense.
@@ -125,6 +127,9 @@ class Sparsity:
     per output channel: "filter" drops whole output channels; "channel" and "n:m"
     (which need several input channels per output) do not apply to it.
 
+    With a low-rank technique it is the hybrid's residual (`provides_residual`):
+    layers that technique edits get a sparse residual, the others a mask.
+
     Args:
         scores: Qualified layer name → importance of each weight of its masked kernel,
             shaped as Keras stores it (`compressor.techniques.scores.weight_scores`);
@@ -132,13 +137,13 @@ class Sparsity:
     """
 
     name = "sparsity"
+    params = (Param("sparsity", PATTERN),)
+    provides_residual = True
 
     def __init__(self, scores: Optional[Mapping[str, np.ndarray]] = None) -> None:
         self.scores = dict(scores or {})
 
-    def check(
-        self, layer: Any, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
-    ) -> Optional[str]:
+    def applies(self, layer: Any) -> Optional[str]:
         if kernel_name(layer) is None:
             return "has no kernel to mask"
         if getattr(layer, "quantization_mode", None):
@@ -146,6 +151,12 @@ class Sparsity:
         if not isinstance(layer, SUPPORTED):
             return f"sparsity applies to convolution and Dense layers, not {type(layer).__name__}"
         return None
+
+    def check(
+        self, layer: Any, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
+    ) -> Optional[str]:
+        """None if it applies (whether a mask lowers the cost depends on the pattern: `options`)."""
+        return self.applies(layer)
 
     def options(
         self,
@@ -163,20 +174,52 @@ class Sparsity:
             PlanError: The pattern does not fit the layer's kernel.
         """
         template = residual or SparsitySpec(density=1.0)
-        _check_pattern(layer, template)
+        check_pattern(layer, template)
         input_shape, output_shape = call_shapes(layer, input_shape, output_shape)
         params, flops = layer_cost(layer, input_shape, output_shape)
         densities = (template.n / template.m,) if template.structure == "n:m" else DENSITIES
         edits, seen = [], set()
         for density in densities:
             spec = SparsitySpec(density, template.structure, template.block_size, template.n, template.m)
-            edit = LayerEdit(layer=layer.name, technique="sparsity", sparsity=spec)
+            edit = LayerEdit(layer.name, self.name, sparsity=spec)
             kept = kept_count(pattern_kernel(layer).shape, spec)
-            cost = edit_cost(layer, edit, input_shape, output_shape)
+            cost = self.cost(layer, edit, input_shape, output_shape)
             if kept and kept not in seen and cost[0] < params and cost[1] < flops:
                 seen.add(kept)
                 edits.append(edit)
         return edits
+
+    def candidates(
+        self, layer: Any, pattern: Optional[SparsitySpec], hybrid: bool, input_shape: Shape, output_shape: Shape
+    ) -> list[LayerEdit]:
+        """Its masks in the user's pattern."""
+        return self.options(layer, pattern, input_shape, output_shape)
+
+    def cost(self, layer: Any, edit: LayerEdit, input_shape: Shape, output_shape: Shape) -> tuple[int, int]:
+        """The layer's cost less the weights the mask drops (`masked_cost`).
+
+        Raises:
+            PlanError: The pattern does not fit the kernel.
+        """
+        return masked_cost(layer, kept_count(pattern_kernel(layer).shape, edit.params["sparsity"]), input_shape, output_shape)
+
+    def sparse(self, edit: LayerEdit) -> bool:
+        return True
+
+    @classmethod
+    def needs_data(cls, criterion: str) -> Optional[str]:
+        """Masks ranked by a criterion other than magnitude need its scores, gathered on data."""
+        return None if criterion == "magnitude" else f"{criterion} scores"
+
+    @classmethod
+    def prepare(
+        cls, model: Any, data: Any, *, criterion: str, seed: int, log: Callable[[str], None]
+    ) -> tuple["Sparsity", dict[str, Any]]:
+        """Masks ranked by `criterion`'s scores of each weight (`compressor.techniques.scores.weight_scores`)."""
+        from compressor.techniques.scores import weight_scores
+
+        log(f"scoring weights ({criterion})")
+        return cls(weight_scores(model, criterion, data, seed=seed)), {"criterion": criterion}
 
     def build(self, layer: Any, edit: LayerEdit) -> Replacement:
         """A clone of the layer (same config and name) holding the masked kernel.
@@ -184,16 +227,16 @@ class Sparsity:
         Raises:
             PlanError: The edit is not a sparsity edit, or its pattern does not fit.
         """
-        if edit.technique != "sparsity":
-            raise PlanError(f"the sparsity technique cannot build a {edit.technique!r} edit of {layer.name!r}")
-        _check_pattern(layer, edit.sparsity)
+        self.check_edit(layer, edit)
+        spec = edit.params["sparsity"]
+        check_pattern(layer, spec)
         weights = layer.get_weights()
         at = kernel_index(layer)
         kernel = pattern_kernel(layer, weights[at])
         scores = self.scores.get(edit.layer)
         if scores is not None:
             scores = pattern_kernel(layer, np.asarray(scores))
-        weights[at] = restore_kernel(layer, masked(kernel, edit.sparsity, scores))
+        weights[at] = restore_kernel(layer, masked(kernel, spec, scores))
         clone = type(layer).from_config(layer.get_config())
         error = relative_error(np.asarray(kernel, np.float64), pattern_kernel(layer, weights[at]).astype(np.float64))
         return Replacement(
@@ -202,7 +245,13 @@ class Sparsity:
         )
 
 
-def _check_pattern(layer: Any, spec: SparsitySpec) -> None:
+def check_pattern(layer: Any, spec: SparsitySpec) -> None:
+    """Refuse a sparsity pattern that does not fit the layer's kernel.
+
+    Raises:
+        PlanError: "channel" or "n:m" on a depthwise kernel, or a pattern whose block
+            size or m does not divide the kernel's channels.
+    """
     if isinstance(layer, DEPTHWISE) and spec.structure in ("channel", "n:m"):
         raise PlanError(
             f"{spec.structure!r} sparsity does not apply to depthwise layer {layer.name!r}, "

@@ -1,0 +1,57 @@
+"""The channel stage: remove whole channels of dependency groups, before any per-layer edit.
+
+Runs when the techniques include "channels" (`compressor.search.channel_search`
+searches); the per-layer techniques then edit the narrower model. Under a cost budget
+shared with them, channels aim at its square root (`policy.channel_budget`). A replay
+removes the recorded channels of the original model again.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from compressor.pipeline import policy
+from compressor.pipeline.context import Run, RunContext
+from compressor.pipeline.finetuning import finetune_config
+from compressor.pipeline.layers import layer_techniques
+from compressor.pipeline.records import ChannelRecord
+from compressor.surgery.plan import Plan
+
+
+class ChannelStage:
+    """Search: `search_channels` under the channel budget. Replay: `prune_planned_channels`."""
+
+    name = "channels"
+
+    def check(self, ctx: RunContext, record: Optional[ChannelRecord]) -> None:
+        """Nothing to refuse early: the search checks its own inputs."""
+
+    def search(self, ctx: RunContext, run: Run) -> Optional[ChannelRecord]:
+        from compressor.search.channel_search import ChannelSettings, search_channels
+
+        options = ctx.options
+        if "channels" not in options.techniques:
+            return None
+        budget = policy.channel_budget(ctx.budget, bool(layer_techniques(options.techniques)))
+        settings = ChannelSettings(
+            criterion=options.criterion,
+            max_fraction=options.max_channel_fraction,
+            finetune=finetune_config(options),
+            objective=policy.channel_objective(ctx.budget, options.budget_on),
+            seed=options.seed,
+        )
+        ctx.log(f"removing channels ({options.criterion})")
+        data = ctx.data
+        result = search_channels(ctx.model, budget, settings, data.search, data.train, ctx.log, ctx.progress)
+        run.working = run.compressed = result.model
+        return ChannelRecord(result.removals, result)
+
+    def recorded(self, plan: Plan) -> Optional[ChannelRecord]:
+        return ChannelRecord(plan.channels) if plan.channels else None
+
+    def replay(self, ctx: RunContext, run: Run, record: ChannelRecord) -> ChannelRecord:
+        from compressor.search.apply import prune_planned_channels
+
+        plan = Plan(model=dict(run.identity or {}), channels=record.removals)
+        run.working = run.compressed = prune_planned_channels(ctx.model, plan)
+        return record

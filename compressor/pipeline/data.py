@@ -1,0 +1,153 @@
+"""The inputs of a run: the model and the data splits, loaded and checked before any stage starts.
+
+    search, held_out = split_data(data, test_fraction=0.5, seed=0)
+
+Accuracy in the report is measured on held-out data the search did not use: `test_data`
+when given, else (fixed_loss) a stratified split of `data`; a data-free search
+(fixed_params) measures all of `data`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+import numpy as np
+
+from compressor.errors import OptionError
+from compressor.io.data import Dataset
+from compressor.pipeline.context import Log, Splits
+
+if TYPE_CHECKING:
+    import keras
+
+    from compressor.config import CompressOptions
+
+DATA_OPTIONS = ("data", "test_data", "train_data")
+
+
+def split_data(data: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split into (search, held-out) parts, stratified by label when there are labels.
+
+    Raises:
+        OptionError: Too few samples to split.
+    """
+    n = len(data)
+    if n < 4:
+        raise OptionError("{source} has {n} samples; need at least 4 to split off held-out data (or pass {test_data})",
+                          source=data.source, n=n)
+    rng = np.random.default_rng(seed)
+    held = []
+    groups = [np.arange(n)] if data.y is None else [np.flatnonzero(data.y == c) for c in np.unique(data.y)]
+    for idx in groups:
+        idx = rng.permutation(idx)
+        held.extend(idx[: int(round(len(idx) * test_fraction))])
+    mask = np.zeros(n, bool)
+    mask[np.asarray(held, int)] = True
+    if mask.all() or not mask.any():
+        raise OptionError("could not split {source} into search and held-out parts; pass {test_data}", source=data.source)
+
+    def part(m: np.ndarray, name: str) -> Dataset:
+        return Dataset(data.x[m], None if data.y is None else data.y[m], f"{data.source} ({name})")
+
+    return part(~mask, "search split"), part(mask, "held-out split")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """In-memory inputs that stand in for the files the options name (the Python API's model and arrays).
+
+    Attributes:
+        model: A Keras graph model, used instead of loading `options.model`.
+        data, test_data, train_data: Datasets (`compressor.io.data.from_arrays`) used
+            instead of loading the option of the same name.
+    """
+
+    model: Optional[keras.Model] = None
+    data: Optional[Dataset] = None
+    test_data: Optional[Dataset] = None
+    train_data: Optional[Dataset] = None
+
+
+def check_data_and_plan(options: CompressOptions, inputs: Optional[Inputs] = None) -> None:
+    """Refuse data options that name nothing, and a plan that does not load (before TensorFlow loads).
+
+    Raises:
+        CompressorError: One line naming the input and what is wrong with it.
+    """
+    from compressor.io.data import check_data_spec
+    from compressor.surgery.plan import read_plan
+
+    for key in DATA_OPTIONS:
+        spec = getattr(options, key)
+        if spec is not None and (inputs is None or getattr(inputs, key) is None):
+            check_data_spec(spec, "--" + key.replace("_", "-"))
+    if options.plan is not None:
+        read_plan(options.plan)  # no TensorFlow: the techniques check their parameters when Plan.load reads it
+
+
+def load_model(options: CompressOptions, inputs: Inputs, log: Log) -> keras.Model:
+    """The model of `inputs`, else the one `options.model` names.
+
+    Raises:
+        ModelLoadError: A model this tool cannot read or rewrite.
+    """
+    from compressor.io.models import load_model as load, require_graph_model
+
+    if inputs.model is not None:
+        return require_graph_model(inputs.model)
+    log(f"loading {options.model}")
+    return load(options.model, options.custom_objects, allow_model_code=options.allow_model_code)
+
+
+def load_splits(model: keras.Model, options: CompressOptions, inputs: Inputs) -> Splits:
+    """The run's data, loaded and checked against the model, split by what it is for.
+
+    Raises:
+        DataError: Data that does not fit the model.
+        OptionError: fixed_loss on unlabelled data, or data too small to split.
+    """
+    load = _data_loader(model, options, inputs)
+    data = load("data")
+    if options.method == "fixed_loss" and data is not None and data.y is None:
+        raise OptionError("method fixed_loss needs labels: {source} has no 'y'", source=data.source)
+    test = load("test_data")
+    if test is not None:
+        search, held_out = data, test
+    elif data is None:
+        search, held_out = None, None
+    elif options.method == "fixed_loss":
+        search, held_out = split_data(data, options.test_fraction, options.seed)
+    else:
+        search, held_out = None, data  # data-free search: all of the data measures the result
+    return Splits(search=search, held_out=held_out, train=load("train_data"))
+
+
+def _data_loader(model: keras.Model, options: CompressOptions, inputs: Inputs) -> Callable[[str], Optional[Dataset]]:
+    """Load an option's data (by option name), checked against the model: samples of its input shape, labels among its classes.
+
+    In-memory data of `inputs` stands in for the option's file; None when there is neither.
+
+    Labels are checked here, right after the model loads, so that a label the model
+    cannot predict stops the run before the search rather than at the timing step.
+    """
+    from compressor.export.writers import single_input_shape
+    from compressor.io.data import check_fits, check_labels, load_data
+
+    shape = single_input_shape(model)[1:]
+    outputs = model.outputs
+    classes = outputs[0].shape[-1] if len(outputs) == 1 and len(outputs[0].shape) >= 2 else None
+
+    def load(option: str) -> Optional[Dataset]:
+        data, spec = getattr(inputs, option), getattr(options, option)
+        if data is None and spec is None:
+            return None
+        if data is None:
+            data = load_data(spec, input_shape=shape)
+        else:
+            check_fits(data, shape)
+        if classes is not None:
+            check_labels(data, int(classes))
+        return data
+
+    return load

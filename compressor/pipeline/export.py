@@ -1,0 +1,75 @@
+"""The export stage: write every artifact, and the original's of each runtime format, and verify each.
+
+Every artifact is loaded back and compared with the Keras model it came from
+(`compressor.export.verify`): a run whose artifact does not match stops here. The
+original model is exported too, so the timing stage compares like with like; with
+gates, the model before them is exported as TFLite to `static/`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from compressor.pipeline.context import Run, RunContext
+from compressor.pipeline.records import Calibration, Exported, LayerRecord
+
+if TYPE_CHECKING:
+    from compressor.export.verify import ArtifactCheck
+
+RUNTIME_FORMATS = ("tflite", "onnx")
+"""Formats that run outside Keras: timed, and quantized when quantization is asked for."""
+
+
+def runtime_formats(formats: Sequence[str]) -> list[str]:
+    """The formats among `formats` that are timed against the original's artifact."""
+    return [fmt for fmt in formats if fmt in RUNTIME_FORMATS]
+
+
+def calibration(ctx: RunContext) -> Calibration:
+    """Samples that calibrate int8 quantization: training data first, held-out data only as a last resort."""
+    options = ctx.options
+    if options.quantize != "int8":
+        return Calibration()  # dynamic-range and float16 need no activation ranges
+    from compressor.export.quantize import calibration_set
+
+    data = ctx.data
+    for split, name in ((data.train, "train"), (data.search, "search"), (data.held_out, "held-out")):
+        if split is not None:
+            return Calibration(calibration_set(split.x, options.calibration_samples, seed=options.seed), name)
+    return Calibration()
+
+
+def export_artifacts(ctx: RunContext, run: Run, calibration: Calibration) -> Exported:
+    """Write and verify the artifacts (float, then quantized), the original's, and the model before gates.
+
+    Raises:
+        ExportError: An artifact could not be written.
+        VerificationError: An artifact does not match its Keras model within tolerance.
+    """
+    from compressor.export.verify import ensure_passed, export_and_verify, verification_inputs
+
+    options, out = ctx.options, ctx.staging
+    x = verification_inputs(run.compressed, ctx.data.held_out, samples=64, seed=options.seed)
+    layers = run.record(LayerRecord)
+    sparse = layers is not None and layers.sparse_weights
+    runtime = runtime_formats(options.export)
+    steps = len(options.export) + len(runtime)
+    checks: list[ArtifactCheck] = []
+    baselines: dict[str, ArtifactCheck] = {}
+    for done, fmt in enumerate(options.export):
+        ctx.progress("exporting artifacts", done, steps)
+        checks += export_and_verify(
+            run.compressed, out, [fmt], x, atol=options.atol, sparse_tflite=sparse,
+            quantize=options.quantize if fmt in RUNTIME_FORMATS else "none", calibration=calibration.samples,
+            int8_io=options.int8_io and fmt == "tflite", allow_model_code=options.allow_model_code,
+        )
+    for done, fmt in enumerate(runtime, start=len(options.export)):
+        ctx.progress("exporting artifacts", done, steps)
+        original = export_and_verify(ctx.model, out / "baseline", [fmt], x, atol=options.atol)
+        baselines.update({check.format: check for check in original})
+    static = None
+    if run.static is not None and "tflite" in runtime:
+        static = export_and_verify(run.static, out / "static", ["tflite"], x, atol=options.atol, sparse_tflite=sparse)[0]
+    ctx.progress("exporting artifacts", steps, steps)
+    ensure_passed(checks + list(baselines.values()) + ([static] if static is not None else []))
+    return Exported(tuple(checks), baselines, static)

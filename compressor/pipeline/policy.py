@@ -1,0 +1,88 @@
+"""How one budget is shared between the stages of a run: pure functions of numbers (no TensorFlow).
+
+- Cost budgets (params, FLOPs). Channel removal and the per-layer techniques multiply:
+  keeping a fraction c of the cost by channels and then l of what is left keeps c·l.
+  When both run, channels aim at the square root of the budget (`channel_budget`), and
+  the per-layer search gets what is left after the channels actually removed
+  (`remaining_budget`: limit · baseline / pruned cost), or nothing when channels already
+  met it.
+- Accuracy budgets. Every stage measures on the search data and keeps MARGIN of the
+  budget for it (`compressor.search.budgets.MARGIN`; the quarter left absorbs the
+  optimism of choosing among many noisy candidates, see DESIGN.md). The per-layer search
+  gets MARGIN · limit less what channel removal lost (`remaining_budget`).
+- Fine-tuning stops early once the search data is within a quarter of the budget of
+  the original (`finetune_target`): more epochs would cost time for little.
+- Gating comes on top of the static stages, which spend the budget as they would alone:
+  the gated model must stay within MARGIN of the budget of the ORIGINAL on the search
+  data (`gating_floor`), so gating spends what the static stages left, and training the
+  network with the gates wins some back.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from compressor.search.budgets import MARGIN, Budget
+
+FINETUNE_STOP_SHARE = 0.25
+"""Fine-tuning stops once the search-data drop is within this share of an accuracy budget."""
+
+
+class Cost(NamedTuple):
+    """A model's params and FLOPs."""
+
+    params: int
+    flops: int
+
+    def of(self, kind: str) -> int:
+        """The count a cost budget of `kind` ("params" or "flops") is on."""
+        return self.params if kind == "params" else self.flops
+
+
+def is_accuracy(budget: Optional[Budget]) -> bool:
+    """Whether the budget is on accuracy (measured on data) rather than on cost."""
+    return budget is not None and budget.kind == "accuracy_drop"
+
+
+def channel_budget(budget: Budget, layer_stage: bool) -> Budget:
+    """The budget the channel search aims at: the square root of a cost budget when per-layer techniques follow.
+
+    Args:
+        budget: The run's budget.
+        layer_stage: Whether per-layer techniques run after channel removal.
+    """
+    if budget.kind != "accuracy_drop" and layer_stage:
+        return Budget(budget.kind, budget.limit ** 0.5)
+    return budget
+
+
+def channel_objective(budget: Budget, budget_on: str) -> str:
+    """What the channel search lowers: the cost a cost budget is on; FLOPs (speed) under an accuracy budget."""
+    return budget_on if budget.kind != "accuracy_drop" else "flops"
+
+
+def remaining_budget(budget: Budget, channel_drop: Optional[float], baseline: Cost, pruned: Cost) -> Optional[Budget]:
+    """The budget left for the per-layer search after channel removal; None when nothing is left.
+
+    Args:
+        budget: The run's budget.
+        channel_drop: Accuracy the channel removal lost on the search data (an accuracy
+            budget; negative when it rose).
+        baseline: Cost of the original model.
+        pruned: Cost of the model without its removed channels.
+    """
+    if budget.kind == "accuracy_drop":
+        left = MARGIN * budget.limit - max(channel_drop or 0.0, 0.0)
+        return Budget.accuracy_drop(left) if left > 0 else None
+    fraction = budget.limit * baseline.of(budget.kind) / max(pruned.of(budget.kind), 1)
+    return Budget(budget.kind, fraction) if fraction < 1.0 else None
+
+
+def finetune_target(baseline_accuracy: float, budget: Budget) -> float:
+    """The search-data accuracy at which fine-tuning under an accuracy budget may stop early."""
+    return baseline_accuracy - budget.limit * FINETUNE_STOP_SHARE
+
+
+def gating_floor(baseline_accuracy: float, budget: Budget) -> float:
+    """The lowest search-data accuracy a gated model may have under an accuracy budget."""
+    return baseline_accuracy - MARGIN * budget.limit

@@ -1,0 +1,427 @@
+"""Channel pruning under a budget: remove the least important channels, in steps, fine-tuning after each.
+
+Each step scores the channels of the current model's dependency groups, orders them and
+cuts to a cost (`compressor.search.channels`: score, order, prune to a cost).
+
+Budgets:
+
+- A cost budget (fixed_params): prune to the target. With fine-tuning, in steps of
+  `step` (each keeps that fraction of the FLOPs), re-scoring and fine-tuning the
+  model after each step (gradual pruning recovers more than one big cut).
+- An accuracy budget (fixed_loss): the same steps, each fine-tuned (early stop once
+  the search data is within a quarter of the budget) and checked on the search data;
+  a step that loses more than MARGIN × budget (`compressor.search.budgets.MARGIN`) is
+  retried with a smaller step (the square root of the kept fraction, up to RETRIES
+  times), and the search stops at the first step that still misses. Without
+  fine-tuning, pruning once from the original is monotone enough for a bisection on
+  the kept fraction.
+
+Removals are tracked as each producer's original output indices, so the result is a
+list of `ChannelRemoval`s of the ORIGINAL model's groups that `prune_channels`
+replays, whatever steps it took.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+
+import keras
+import numpy as np
+
+from compressor.errors import CompressorError, OptionError
+from compressor.io.data import Dataset
+from compressor.search.budgets import MARGIN, Budget, BudgetError, achieved_drop, achieved_fraction
+from compressor.search.channels import group_scores, prune_to, removal_order
+from compressor.search.result import Trial, with_chosen
+from compressor.surgery.plan import ChannelRemoval
+
+if TYPE_CHECKING:
+    from compressor.finetune import FinetuneConfig
+
+Log = Callable[[str], None]
+
+MIN_KEEP = 0.03  # never aim below this fraction of the baseline cost
+RETRIES = 2  # smaller steps tried after a step that misses, before the search stops
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """How channels are chosen and recovered.
+
+    Attributes:
+        criterion: Importance score (`compressor.techniques.scores.CRITERIA`).
+        max_fraction: Most of a group's channels that may go, in (0, 1).
+        step: Each progressive step keeps this fraction of the current FLOPs, in (0, 1).
+        finetune: Fine-tuning after each step (None: none).
+        objective: "flops" or "params": what an accuracy-budget search lowers.
+        seed: Seed of scores that sample data.
+    """
+
+    criterion: str = "magnitude"
+    max_fraction: float = 0.9
+    step: float = 0.5
+    finetune: Optional[FinetuneConfig] = None
+    objective: str = "flops"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from compressor.techniques.scores import CRITERIA
+
+        if self.criterion not in CRITERIA:
+            raise CompressorError(f"Invalid criterion. Expected one of {CRITERIA}. Received: criterion={self.criterion!r}")
+        for name in ("max_fraction", "step"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise CompressorError(f"Invalid {name}. Expected 0 < {name} < 1. Received: {name}={value}")
+        if self.objective not in ("flops", "params"):
+            raise CompressorError(f"Invalid objective. Expected one of ('flops', 'params'). Received: objective={self.objective!r}")
+
+
+@dataclass(frozen=True)
+class ChannelStep:
+    """One progressive step: what it aimed at, what it reached, whether it was kept."""
+
+    target: float  # fraction of the baseline objective cost aimed at
+    params: int
+    flops: int
+    accuracy: Optional[float]
+    epochs: int
+    accepted: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ChannelResult:
+    """The pruned (and fine-tuned) model and how it was reached.
+
+    Attributes:
+        model: The pruned model (fine-tuned when fine-tuning was asked for).
+        removals: Channel removals of the original model's groups.
+        blocked: (group, reason) of the groups left whole.
+        params, flops: Cost of `model`.
+        baseline_params, baseline_flops: Cost of the original.
+        baseline_accuracy, accuracy: On the search data (None without labelled data).
+        steps: The progressive steps, in order.
+        epochs: Fine-tuning epochs spent, over all steps.
+        evaluations: Whole-model accuracy evaluations on the search data.
+        seconds: Wall time.
+        trials: Each pruned model the search measured (after its fine-tuning), in
+            order; the one returned is chosen. When no step was kept, the original
+            model comes first, chosen.
+    """
+
+    model: keras.Model
+    removals: tuple[ChannelRemoval, ...]
+    blocked: list[tuple[str, str]]
+    params: int
+    flops: int
+    baseline_params: int
+    baseline_flops: int
+    baseline_accuracy: Optional[float] = None
+    accuracy: Optional[float] = None
+    steps: list[ChannelStep] = field(default_factory=list)
+    epochs: int = 0
+    evaluations: int = 0
+    seconds: float = 0.0
+    trials: tuple[Trial, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "groups_pruned": sum(1 for removal in self.removals if removal.remove),
+            "channels_removed": sum(len(removal.remove) for removal in self.removals),
+            "groups_blocked": [{"group": name, "reason": reason} for name, reason in self.blocked],
+            "params": self.params,
+            "flops": self.flops,
+            "baseline_accuracy": self.baseline_accuracy,
+            "accuracy": self.accuracy,
+            "finetune_epochs": self.epochs,
+            "evaluations": self.evaluations,
+            "steps": [step.to_dict() for step in self.steps],
+            "trials": [trial.to_dict() for trial in self.trials],
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class RemovalTracker:
+    """Each producer's original output indices still present, across progressive steps."""
+
+    def __init__(self, groups: Sequence[Any]) -> None:
+        self.groups = list(groups)
+        self.kept: dict[str, np.ndarray] = {}
+        for group in groups:
+            for name in group.producers:
+                width = int(np.max(group.indices[name])) + 1 if len(group.indices[name]) else 0
+                self.kept.setdefault(name, np.arange(width))
+
+    def remove(self, groups: Sequence[Any], removals: Mapping[str, Sequence[int]]) -> None:
+        """Record removals given as channel indices of the CURRENT model's groups."""
+        by_name = {group.name: group for group in groups}
+        for name, channels in removals.items():
+            group = by_name[name]
+            for producer in group.producers:
+                index = np.asarray(group.indices[producer])[list(channels)]
+                index = index[index >= 0]
+                self.kept[producer] = np.delete(self.kept[producer], index)
+
+    def original_removals(self, criterion: str) -> tuple[ChannelRemoval, ...]:
+        """The removals, as channels of the original groups."""
+        out = []
+        for group in self.groups:
+            if not group.prunable:
+                continue
+            first = group.name if group.name in group.producers else group.producers[0]
+            index, kept = np.asarray(group.indices[first]), set(self.kept[first].tolist())
+            gone = [k for k in range(group.size) if index[k] >= 0 and index[k] not in kept]
+            if gone:
+                out.append(ChannelRemoval(group.name, group.size, tuple(gone), criterion))
+        return tuple(out)
+
+
+def search_channels(
+    model: keras.Model,
+    budget: Budget,
+    settings: ChannelSettings,
+    search_data: Optional[Dataset] = None,
+    train_data: Optional[Dataset] = None,
+    log: Optional[Log] = None,
+    progress: Optional[Callable[[str, int, int], None]] = None,
+) -> ChannelResult:
+    """Remove channels of `model` to meet `budget`.
+
+    Args:
+        model: The original model; left unchanged.
+        budget: "params"/"flops" (fraction kept) or "accuracy_drop".
+        settings: Criterion, caps, steps and fine-tuning.
+        search_data: Labelled data the accuracy budget is checked on (and fine-tuning
+            stops early on); required for an accuracy budget.
+        train_data: What fine-tuning trains on (and data-driven criteria score on);
+            required with fine-tuning.
+        log: Called with one line per step.
+        progress: Called as progress("fine-tuning", epoch, epochs) after each
+            fine-tuning epoch of a step.
+
+    Returns:
+        The pruned model and its record.
+
+    Raises:
+        BudgetError: An accuracy budget without labelled search data.
+        CompressorError: Fine-tuning without training data, or no prunable group.
+    """
+    from compressor.graph.groups import channel_groups
+
+    log = log or (lambda message: None)
+    started = time.perf_counter()
+    if budget.kind == "accuracy_drop" and (search_data is None or search_data.y is None):
+        raise BudgetError("an accuracy budget needs labelled search data")
+    tuning = settings.finetune is not None and settings.finetune.epochs > 0
+    if tuning and train_data is None:
+        raise OptionError("fine-tuning needs training data: pass {train_data}")
+    groups = channel_groups(model)
+    blocked = [(group.name, group.reason or "cannot be pruned") for group in groups if not group.prunable]
+    if not any(group.prunable for group in groups):
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in blocked[:3]) or "it has no channel groups"
+        raise CompressorError(f"no channel group of '{model.name}' can be pruned ({reasons})")
+    run = _Run(model, groups, budget, settings, search_data, train_data, log, progress)
+    if budget.kind != "accuracy_drop":
+        run.to_cost(budget.limit)
+    elif tuning:
+        run.progressive()
+    else:
+        run.bisect_accuracy()
+    params, flops = run.cost
+    return ChannelResult(
+        model=run.current,
+        removals=run.tracker.original_removals(settings.criterion),
+        blocked=blocked,
+        params=params,
+        flops=flops,
+        baseline_params=run.baseline[0],
+        baseline_flops=run.baseline[1],
+        baseline_accuracy=run.baseline_accuracy,
+        accuracy=run.accuracy,
+        steps=run.steps,
+        epochs=run.epochs,
+        evaluations=run.evaluations,
+        seconds=time.perf_counter() - started,
+        trials=run.final_trials(),
+    )
+
+
+class _Run:
+    """The state of one channel search: the current model, its cost, the steps taken."""
+
+    def __init__(self, model, groups, budget, settings, search_data, train_data, log, progress=None) -> None:
+        from compressor.graph.cost import model_cost
+
+        self.original, self.budget, self.settings, self.log = model, budget, settings, log
+        self.progress = progress or (lambda stage, done, total: None)
+        self.search_data, self.train_data = search_data, train_data
+        self.tracker = RemovalTracker(groups)
+        self.sizes = {group.name: group.size for group in groups}  # the original's, for the caps
+        self.current, self.groups = model, groups
+        cost = model_cost(model)
+        self.baseline = (cost.params, cost.flops)
+        self.cost = self.baseline
+        self.steps: list[ChannelStep] = []
+        self.trials: list[Trial] = []
+        self.kept_trial: Optional[int] = None  # index in trials of the model kept last
+        self.epochs = self.evaluations = 0
+        self.baseline_accuracy = self._accuracy(model) if _labelled(search_data) else None
+        self.accuracy = self.baseline_accuracy
+        self.teacher_outputs = None
+        self.kind = budget.kind if budget.kind in ("params", "flops") else settings.objective
+
+    # Budgets.
+    def to_cost(self, fraction: float) -> None:
+        """Reach `fraction` of the baseline cost: in one cut, or in fine-tuned steps."""
+        target = fraction * self._base()
+        tuning = self._tuning()
+        while self._value(self.cost) > target:
+            aim = max(target, self._value(self.cost) * self.settings.step) if tuning else target
+            candidate, removals, groups, cost = self._cut(self.current, self.groups, aim)
+            if not removals:
+                self.log("channels: every prunable group is at its cap")
+                break
+            epochs = self._finetune(candidate, target_accuracy=None) if tuning else 0
+            accuracy = self._accuracy(candidate) if _labelled(self.search_data) else None
+            self._accept(candidate, groups, removals, cost, accuracy, aim, epochs)
+
+    def progressive(self) -> None:
+        """Fine-tuned steps down in cost while the search-data accuracy holds."""
+        allowed = MARGIN * self.budget.limit
+        step = self.settings.step
+        retries = 0
+        while self._value(self.cost) > MIN_KEEP * self._base():
+            aim = self._value(self.cost) * step
+            candidate, removals, groups, cost = self._cut(self.current, self.groups, aim)
+            if not removals:
+                self.log("channels: every prunable group is at its cap")
+                return
+            started = time.perf_counter()
+            epochs = self._finetune(candidate, target_accuracy=self.baseline_accuracy - allowed / 4)
+            accuracy = self._accuracy(candidate)
+            if self.baseline_accuracy - accuracy <= allowed:
+                self._accept(candidate, groups, removals, cost, accuracy, aim, epochs, started)
+                continue
+            self._record(cost, accuracy, aim, epochs, False, started)
+            if retries == RETRIES:
+                return
+            retries, step = retries + 1, math.sqrt(step)
+
+    def bisect_accuracy(self) -> None:
+        """Without fine-tuning: the smallest kept fraction, pruned once, whose accuracy holds."""
+        allowed = MARGIN * self.budget.limit
+        low, high = MIN_KEEP, 1.0  # fractions: high is known to hold
+        best = None
+        for _ in range(8):
+            middle = math.sqrt(low * high)
+            started = time.perf_counter()
+            candidate, removals, groups, cost = self._cut(self.original, self.groups, middle * self._base())
+            accuracy = self._accuracy(candidate)
+            holds = bool(removals) and self.baseline_accuracy - accuracy <= allowed
+            self.steps.append(ChannelStep(middle, cost[0], cost[1], accuracy, 0, holds, round(time.perf_counter() - started, 3)))
+            self._trial(cost, accuracy, holds)
+            if holds:
+                high, best = middle, (candidate, groups, removals, cost, accuracy)
+            else:
+                low = middle
+            if high / low < 1.1:
+                break
+        if best is not None:
+            candidate, groups, removals, cost, accuracy = best
+            self.tracker.remove(groups, removals)
+            self.current, self.cost, self.accuracy = candidate, cost, accuracy
+            self.groups = self._groups(candidate)
+
+    # Steps.
+    def _cut(self, model, groups, aim: float):
+        from compressor.surgery.channels import prune_channels
+
+        scores = group_scores(model, groups, self.settings.criterion, self._score_data(), self.settings.seed)
+        order = removal_order(groups, scores, self.settings.max_fraction, self.sizes)
+        removals, cost = prune_to(model, groups, order, self.kind, aim)
+        if not removals:
+            return model, {}, groups, self.cost
+        return prune_channels(model, removals, groups), removals, groups, cost
+
+    def _accept(self, candidate, groups, removals, cost, accuracy, aim, epochs, started=None) -> None:
+        self.tracker.remove(groups, removals)
+        self.current, self.cost, self.accuracy = candidate, cost, accuracy
+        self.groups = self._groups(candidate)
+        self._record(cost, accuracy, aim, epochs, True, started)
+
+    def _record(self, cost, accuracy, aim, epochs, accepted, started) -> None:
+        seconds = 0.0 if started is None else time.perf_counter() - started
+        step = ChannelStep(round(aim / self._base(), 4), cost[0], cost[1], accuracy, epochs, accepted, round(seconds, 3))
+        self.steps.append(step)
+        self._trial(cost, accuracy, accepted)
+        kept = self._value(cost) / self._base()
+        accuracy_text = "" if accuracy is None else f", accuracy {accuracy:.4f}"
+        self.log(f"channels: {self.kind} {kept:.3f} of the original{accuracy_text}, {epochs} epochs, {'kept' if accepted else 'rejected'}")
+
+    def _trial(self, cost, accuracy, accepted: bool) -> None:
+        if accepted:
+            self.kept_trial = len(self.trials)
+        self.trials.append(Trial("channels", cost[0], cost[1], accuracy, self._meets(cost, accuracy)))
+
+    def _meets(self, cost, accuracy: Optional[float]) -> bool:
+        """Whether a model of this cost and search-data accuracy meets the budget (not the step margin)."""
+        if self.budget.kind == "accuracy_drop":
+            return accuracy is not None and self.budget.met(achieved_drop(self.baseline_accuracy, accuracy))
+        return self.budget.met(achieved_fraction(self._value(cost), self._base()))
+
+    def final_trials(self) -> tuple[Trial, ...]:
+        """The trials with the returned model chosen: the last kept, else the original (put first)."""
+        if self.kept_trial is not None:
+            return with_chosen(self.trials, self.kept_trial)
+        original = Trial("channels", *self.baseline, self.baseline_accuracy, self._meets(self.baseline, self.baseline_accuracy))
+        return with_chosen([original, *self.trials], 0)
+
+    def _finetune(self, candidate, target_accuracy: Optional[float]) -> int:
+        from compressor.distillation import teacher_predictions
+        from compressor.finetune import finetune
+
+        if self.teacher_outputs is None:
+            self.teacher_outputs = teacher_predictions(self.original, self.train_data.x)
+        result = finetune(
+            candidate, None, self.train_data, self.settings.finetune,
+            val=self.search_data if _labelled(self.search_data) else None,
+            target_accuracy=target_accuracy, teacher_outputs=self.teacher_outputs,
+            on_epoch=lambda epoch, epochs, _entry: self.progress("fine-tuning", epoch, epochs),
+        )
+        self.epochs += result.epochs_run
+        return result.epochs_run
+
+    # Helpers.
+    def _groups(self, model):
+        from compressor.graph.groups import channel_groups
+
+        return channel_groups(model)
+
+    def _accuracy(self, model) -> float:
+        from compressor.finetune import accuracy
+
+        self.evaluations += 1
+        return accuracy(model, self.search_data)
+
+    def _score_data(self) -> Optional[Dataset]:
+        return self.train_data if self.train_data is not None else self.search_data
+
+    def _tuning(self) -> bool:
+        return self.settings.finetune is not None and self.settings.finetune.epochs > 0
+
+    def _base(self) -> int:
+        return self._value(self.baseline)
+
+    def _value(self, cost: tuple[int, int]) -> int:
+        return cost[0] if self.kind == "params" else cost[1]
+
+
+def _labelled(data: Optional[Dataset]) -> bool:
+    return data is not None and data.y is not None
