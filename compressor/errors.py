@@ -7,11 +7,30 @@ exits non-zero; it never shows a traceback for these.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 
 class CompressorError(Exception):
-    """An error caused by the input (model, data, options), with a readable message."""
+    """An error caused by the input (model, data, options), with a readable message.
+
+    A message that tells the user which option to pass names it as a placeholder
+    (`DataError.naming("... pass {data} ...")`), so each front end words it its own way
+    (`render`), as OptionError does.
+    """
+
+    template: Optional[str] = None
+    values: dict = {}
+
+    @classmethod
+    def naming(cls, template: str, **values: object) -> "CompressorError":
+        """An error of this class whose message names options as `{option}` placeholders."""
+        error = cls(word_options(template, python_name, **values))
+        error.template, error.values = template, values
+        return error
+
+    def render(self, name_option: Callable[[str], str]) -> str:
+        """The message with each named option written by `name_option` (`flag_name`, `python_name`)."""
+        return str(self) if self.template is None else word_options(self.template, name_option, **self.values)
 
 
 class OptionError(CompressorError):
@@ -25,13 +44,8 @@ class OptionError(CompressorError):
     """
 
     def __init__(self, template: str, **values: object) -> None:
-        self.template = template
-        self.values = values
-        super().__init__(self.render(python_name))
-
-    def render(self, name_option: Callable[[str], str]) -> str:
-        """The message with each `{option}` written by `name_option` (and `{key}` values filled in)."""
-        return word_options(self.template, name_option, **self.values)
+        super().__init__(word_options(template, python_name, **values))
+        self.template, self.values = template, values
 
 
 def word_options(template: str, name_option: Callable[[str], str], **values: object) -> str:

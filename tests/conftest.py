@@ -13,6 +13,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import contextlib
+import re
+
 import numpy as np
 import pytest
 
@@ -229,3 +232,14 @@ def keep_any_gates(monkeypatch):
     monkeypatch.setattr(gating, "MIN_SAVING", -1.0)
     monkeypatch.setattr(gating, "MIN_GATE_SKIP", -1.0)
     monkeypatch.setattr(keras_latency, "tflite_latency", lambda static, gated, x, **kwargs: (1.0, 0.5))
+
+
+@contextlib.contextmanager
+def raises_as_cli(error, match):
+    """Like pytest.raises(error, match=...), matching the message as the CLI words it (options as flags)."""
+    from compressor.errors import flag_name
+
+    with pytest.raises(error) as caught:
+        yield caught
+    worded = caught.value.render(flag_name)
+    assert re.search(match, worded), f"{match!r} not found in {worded!r}"

@@ -11,6 +11,7 @@ import pytest
 
 from compressor.errors import DataError
 from compressor.io.data import Dataset, check_data_spec, check_labels, load_data
+from conftest import raises_as_cli
 
 
 def test_npz_integer_labels(tmp_path):
@@ -226,11 +227,11 @@ def test_data_spec_is_checked_before_loading(tmp_path, hook_module):
     check_data_spec(tmp_path)  # an image folder
     check_data_spec(f"{hook_module}:arrays")
     check_data_spec("some_pkg.some_module:load")  # a hook is only imported when loaded
-    with pytest.raises(DataError, match=r"data file not found: .*absent.npz \(given as --test-data\)"):
-        check_data_spec(tmp_path / "absent.npz", "--test-data")
+    with raises_as_cli(DataError, r"data file not found: .*absent.npz \(given as --test-data\)"):
+        check_data_spec(tmp_path / "absent.npz", "test_data")
     for spec in ("no/such/place", "almost:a hook"):
-        with pytest.raises(DataError, match=r"data not found: .* \(given as --test-data; expected an .npz file"):
-            check_data_spec(spec, "--test-data")
+        with raises_as_cli(DataError, r"data not found: .* \(given as --test-data; expected an .npz file"):
+            check_data_spec(spec, "test_data")
 
 
 def test_a_stray_module_in_the_working_folder_does_not_shadow_an_installed_one(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 
 from compressor.errors import ModelLoadError
 from compressor.io.models import import_custom_objects, load_model, save_model
-from conftest import build_nested, build_residual, build_sequential
+from conftest import build_nested, build_residual, build_sequential, raises_as_cli
 
 
 def _same_outputs(a, b, shape, atol=1e-6):
@@ -149,7 +149,7 @@ def test_custom_objects_module_registers_layers(tmp_path, custom_module):
 
     object_registration.GLOBAL_CUSTOM_OBJECTS.pop(f"{custom_module}>Scale", None)
     object_registration.GLOBAL_CUSTOM_NAMES.pop(module.Scale, None)
-    with pytest.raises(ModelLoadError, match="not registered: pass --custom-objects"):
+    with raises_as_cli(ModelLoadError, "not registered: pass --custom-objects"):
         load_model(tmp_path / "custom.keras")
     import sys
 
@@ -301,7 +301,7 @@ def test_savedmodel_lambda_does_not_run_without_allow_model_code(tmp_path, monke
     _lambda_savedmodel(tmp_path / "saved", nested=nested)
     marker = tmp_path / "ran"
     monkeypatch.setenv("COMPRESSOR_TEST_LAMBDA_MARKER", str(marker))
-    with pytest.raises(ModelLoadError, match=r"stores Python code in layer marker \(Lambda\).*pass --allow-model-code"):
+    with raises_as_cli(ModelLoadError, r"stores Python code in layer marker \(Lambda\).*pass --allow-model-code"):
         load_model(tmp_path / "saved")
     assert not marker.exists()  # refused before tf_keras turned the bytecode into a function
 
@@ -322,7 +322,7 @@ def test_keras_lambda_is_refused_naming_the_flag_and_loads_with_it(tmp_path, suf
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Lambda(lambda t: t * 2.0)(inputs)))
     model.save(tmp_path / f"m{suffix}")
-    with pytest.raises(ModelLoadError, match=r"stores Python code that would run on loading .*refused: pass --allow-model-code"):
+    with raises_as_cli(ModelLoadError, r"stores Python code that would run on loading .*refused: pass --allow-model-code"):
         load_model(tmp_path / f"m{suffix}")
     _same_outputs(model, load_model(tmp_path / f"m{suffix}", allow_model_code=True), (4,))
 

@@ -10,6 +10,7 @@ import pytest
 
 from compressor.errors import CompressorError
 from compressor.io import outdir
+from conftest import raises_as_cli
 from compressor.io.outdir import (
     MANIFEST,
     check_output_folder,
@@ -47,7 +48,7 @@ def test_a_run_records_what_it_wrote(tmp_path):
     assert existing_results(out) == sorted({"model.tflite", "model.int8.onnx", "report.json", "plan.json",
                                             "baseline", "static", "plots", MANIFEST})
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no staging folder left
-    with pytest.raises(CompressorError, match="already holds results .*--overwrite"):
+    with raises_as_cli(CompressorError, "already holds results .*--overwrite"):
         check_output_folder(out, overwrite=False)
     check_output_folder(out, overwrite=True)
     check_output_folder(tmp_path / "new", overwrite=False)  # a missing folder is fine

@@ -31,6 +31,7 @@ from compressor.bench.benchmark import benchmark  # noqa: E402
 from compressor.bench.remote import PACKAGE_FILES, bench_remote, package_files  # noqa: E402
 from compressor.cli.app import app  # noqa: E402
 from compressor.errors import CompressorError, DataError  # noqa: E402
+from conftest import raises_as_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (12, 12, 3)
@@ -285,7 +286,7 @@ def test_remote_without_report_markers(arts, board):
 def test_bad_arguments_fail_before_anything_runs(arts, monkeypatch, prefix, kwargs, error, match):
     monkeypatch.chdir(arts)
     paths = kwargs.pop("paths", ["big.tflite"])
-    with pytest.raises(error, match=match):
+    with raises_as_cli(error, match):
         bench_remote(paths, prefix, **kwargs)
 
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from compressor.api.inputs import as_dataset, is_path
-from compressor.errors import OptionError, python_name
+from compressor.errors import OptionError
 
 if TYPE_CHECKING:
     from compressor.bench.gate import GateResult
@@ -45,7 +45,7 @@ class BenchRun:
 
 
 def check_bench(data: Any, remote: Optional[str], remote_python: Optional[str], remote_timeout: Optional[float],
-                baseline: Any, max_regression: float, name_option: Callable[[str], str] = python_name) -> Optional[dict]:
+                baseline: Any, max_regression: float) -> Optional[dict]:
     """Refuse, before any timing, a request that cannot work; return the baseline report (None without one).
 
     Raises:
@@ -59,7 +59,7 @@ def check_bench(data: Any, remote: Optional[str], remote_python: Optional[str], 
     if is_path(data):
         from compressor.io.data import check_data_spec
 
-        check_data_spec(data, name_option("data"))
+        check_data_spec(data, "data")
     if remote is None and (remote_python is not None or remote_timeout is not None):
         raise OptionError("{remote_python} and {remote_timeout} apply only with {remote}")
     if baseline is None or not is_path(baseline):

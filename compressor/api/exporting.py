@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from compressor.api.inputs import as_dataset, as_model, is_path
-from compressor.errors import OptionError, python_name
+from compressor.errors import OptionError
 
 if TYPE_CHECKING:
     from compressor.export.verify import ArtifactCheck
@@ -21,13 +21,11 @@ if TYPE_CHECKING:
 FORMATS = ("tflite", "onnx", "keras")
 
 
-def check_export(model: Any, data: Any, quantize: str, int8_io: bool,
-                 name_option: Callable[[str], str] = python_name) -> str:
+def check_export(model: Any, data: Any, quantize: str, int8_io: bool) -> str:
     """Refuse, before TensorFlow loads, a request that cannot work; return the quantization mode.
 
     Args:
         model, data, quantize, int8_io: As `export_model` takes them.
-        name_option: How a missing data file's message names the data option.
 
     Raises:
         OptionError: int8 I/O without int8 quantization, or int8 without data to calibrate on.
@@ -46,7 +44,7 @@ def check_export(model: Any, data: Any, quantize: str, int8_io: bool,
     if is_path(model):
         check_model_path(Path(model))
     if is_path(data):
-        check_data_spec(data, name_option("data"))
+        check_data_spec(data, "data")
     return mode
 
 

@@ -194,9 +194,9 @@ def generated_input(shape: Shape, runner: ArtifactRunner, seed: int = 0) -> np.n
         CompressorError: The input has a free dimension, so no shape can be made up.
     """
     if any(d is None for d in shape):
-        raise CompressorError(
-            f"{runner.path.name} takes inputs of shape {_show(shape)} with free "
-            "dimensions; give data (--data) so that the timed inputs have a real shape"
+        raise CompressorError.naming(
+            "{name} takes inputs of shape {shape} with free dimensions; give data ({data}) so that the timed "
+            "inputs have a real shape", name=runner.path.name, shape=_show(shape),
         )
     rng = np.random.default_rng(seed)
     dtype = runner.input_dtype

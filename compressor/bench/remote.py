@@ -130,7 +130,7 @@ def bench_remote(
         DataError: The data cannot be read here.
     """
     check_options(paths, runs, warmup, threads)
-    command = _split("--remote command", prefix, "e.g. 'ssh user@board'")
+    command = _split("{remote} command", prefix, "e.g. 'ssh user@board'")
     launcher = _split("remote python", python, "e.g. 'python3'")
     _check_timeout(timeout)
     artifacts = [_local_artifact(path) for path in paths]
@@ -196,12 +196,13 @@ def _shell_word(word: str) -> str:
 
 
 def _split(what: str, text: str, example: str) -> list[str]:
+    """The words of a command; `what` names it in messages (an option as `{placeholder}`)."""
     try:
         words = shlex.split(text) if isinstance(text, str) else []
     except ValueError as exc:
-        raise CompressorError(f"cannot parse the {what} {text!r}: {exc}") from exc
+        raise CompressorError.naming("cannot parse the %s {text!r}: {exc}" % what, text=text, exc=exc) from exc
     if not words:
-        raise CompressorError(f"expected a {what} ({example}). Received: {text!r}")
+        raise CompressorError.naming("expected a %s ({example}). Received: {text!r}" % what, example=example, text=text)
     return words
 
 
@@ -229,9 +230,9 @@ def _dataset(data: str | Path | Dataset | None) -> Optional[Dataset]:
         return data
     if Path(data).is_dir():
         # Resizing images needs the artifact's input shape, which only the runtimes know.
-        raise DataError(
-            f"a remote bench takes --data as an .npz file or a hook, not an image folder "
-            f"({data}); save the images as x (and labels as y) in an .npz"
+        raise DataError.naming(
+            "a remote bench takes {data} as an .npz file or a hook, not an image folder ({folder}); "
+            "save the images as x (and labels as y) in an .npz", folder=data,
         )
     return load_data(data)
 
@@ -285,9 +286,9 @@ def _run(command: list[str], script: str, timeout: Optional[float], prefix: str)
         stdout, stderr = process.communicate(script.encode(), timeout=timeout)
     except subprocess.TimeoutExpired:
         _stop(process)
-        raise CompressorError(
-            f"the bench through {prefix!r} did not finish within {timeout:g} s; "
-            "allow more time (--remote-timeout) or time fewer runs (--runs)"
+        raise CompressorError.naming(
+            "the bench through {prefix!r} did not finish within {timeout:g} s; "
+            "allow more time ({remote_timeout}) or time fewer runs ({runs})", prefix=prefix, timeout=timeout,
         ) from None
     return process.returncode, stdout.decode(errors="replace"), stderr.decode(errors="replace")
 
@@ -311,18 +312,20 @@ def _failure(prefix: str, returncode: int, stderr: str, local: dict[str, str]) -
     cause = lines[-1] if lines else f"exit status {returncode} and no error message"
     cause = _local_names(cause.removeprefix("error: "), local)
     hint = _hint(prefix, returncode, cause)
-    return CompressorError(f"bench through {prefix!r} failed: {cause}" + (f" ({hint})" if hint else ""))
+    return CompressorError.naming("bench through {prefix!r} failed: {cause}" + (f" ({hint})" if hint else ""),
+                                  prefix=prefix, cause=cause)
 
 
 def _hint(prefix: str, returncode: int, cause: str) -> Optional[str]:
+    """What to do about a failed remote run, as a message template (options as `{placeholders}`); None: nothing to add."""
     if "SyntaxError" in cause or "not subscriptable" in cause:
         return "the remote Python is too old: 3.10 or newer is needed"
     if "not installed for" in cause or "No module named" in cause:
         return None if "pip install" in cause else "install numpy, ai-edge-litert and onnxruntime there"
     if returncode == 127:
-        return "install Python 3 with numpy, ai-edge-litert and onnxruntime there, or name it with --remote-python"
+        return "install Python 3 with numpy, ai-edge-litert and onnxruntime there, or name it with {remote_python}"
     if returncode == 255 and Path(shlex.split(prefix)[0]).name == "ssh":
-        return f"check that '{prefix} true' connects without a prompt, e.g. with -o BatchMode=yes"
+        return "check that '{prefix} true' connects without a prompt, e.g. with -o BatchMode=yes"
     return None
 
 

@@ -29,7 +29,6 @@ from compressor.cli.console import (
     stdout_to_stderr,
 )
 from compressor.cli.options import DataOpt, JsonOpt
-from compressor.errors import flag_name
 
 if TYPE_CHECKING:
     from compressor.bench.gate import GateResult
@@ -131,7 +130,7 @@ def bench_command(
     """
     from compressor.api.benchmarking import benchmark, check_bench
 
-    previous = check_bench(data, remote, remote_python, remote_timeout, baseline, max_regression, flag_name)  # before timing
+    previous = check_bench(data, remote, remote_python, remote_timeout, baseline, max_regression)  # before timing
     measure = functools.partial(
         benchmark, artifacts, data, runs=runs, warmup=warmup, threads=threads, remote=remote,
         remote_python=remote_python, remote_timeout=remote_timeout, baseline=previous, max_regression=max_regression,

@@ -101,11 +101,11 @@ def _write_error_report(options: Any, exc: Exception) -> None:
     """
     import json
 
-    from compressor.errors import OptionError, first_line, flag_name
+    from compressor.errors import first_line, flag_name
     from compressor.io.outdir import write_error_report
     from compressor.report.schema import SCHEMA
 
-    message = exc.render(flag_name) if isinstance(exc, OptionError) else first_line(exc)
+    message = first_line(exc.render(flag_name)) if isinstance(exc, CompressorError) else first_line(exc)
     error = {"schema": SCHEMA, "status": "error", "method": options.method, "error": message}
     try:
         write_error_report(options.out, (json.dumps(error, indent=2) + "\n").encode())

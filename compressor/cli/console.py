@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, TypeVar
 import typer
 from rich.console import Console
 
-from compressor.errors import CompressorError, OptionError, flag_name
+from compressor.errors import CompressorError, flag_name
 from compressor.quiet import muted_stderr, stdout_to_stderr  # noqa: F401 - re-exported for the commands
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -137,7 +137,7 @@ def handle_errors(func: Optional[F] = None, *, flags: Optional[Mapping[str, str]
 
     Ctrl-C ends in exit 130 wherever it lands (see `_Interrupts`). Unexpected
     exceptions also end in one line (with a hint); set COMPRESSOR_DEBUG=1 to see the
-    traceback. An OptionError names options as this command's flags: `--max-acc-loss`
+    traceback. A library error names options as this command's flags: `--max-acc-loss`
     for `max_acc_loss`, or as `flags` says where the flag is spelled otherwise
     (`@handle_errors(flags={"formats": "--format"})`).
     """
@@ -160,10 +160,8 @@ def handle_errors(func: Optional[F] = None, *, flags: Optional[Mapping[str, str]
             except Exception as exc:  # noqa: BLE001 - last line of defence for the CLI
                 if interrupted():
                     raise fail("interrupted", code=EXIT_INTERRUPTED) from None
-                if isinstance(exc, OptionError):
-                    raise fail(exc.render(name_option)) from None
                 if isinstance(exc, CompressorError):
-                    raise fail(str(exc)) from None
+                    raise fail(exc.render(name_option)) from None
                 if os.environ.get("COMPRESSOR_DEBUG"):
                     traceback.print_exc()
                 detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -15,7 +15,6 @@ from compressor.cli.console import (
     print_json,
     stdout_to_stderr,
 )
-from compressor.errors import flag_name
 from compressor.cli.options import AllowModelCodeOpt, CustomObjectsOpt, DataOpt, JsonOpt, ModelArg, OutDirOpt
 
 
@@ -63,7 +62,7 @@ def export_command(
     """
     from compressor.api.exporting import check_export
 
-    check_export(model, data, quantize, int8_io, flag_name)  # bad combinations and missing files end here, before TensorFlow loads
+    check_export(model, data, quantize, int8_io)  # bad combinations and missing files end here, before TensorFlow loads
     load_tensorflow()
     from compressor.api.exporting import export_model
     from compressor.export.verify import ensure_passed

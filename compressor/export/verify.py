@@ -107,9 +107,9 @@ def verification_inputs(
     if data is not None:
         return data.x[:samples]
     if any(d is None for d in shape):
-        raise ExportError(
-            f"the model input {tuple(shape)} has free dimensions; pass --data so artifacts "
-            "can be checked on real inputs"
+        raise ExportError.naming(
+            "the model input {shape} has free dimensions; pass {data} so artifacts can be checked on real inputs",
+            shape=tuple(shape),
         )
     rng = np.random.default_rng(seed)
     return rng.standard_normal((samples, *shape)).astype(np.float32)

@@ -102,12 +102,12 @@ def is_hook(spec: str | Path) -> bool:
     return not path.exists() and path.suffix.lower() != ".npz" and bool(_HOOK.match(text))
 
 
-def check_data_spec(spec: str | Path, option: str = "--data") -> None:
+def check_data_spec(spec: str | Path, option: str = "data") -> None:
     """Refuse, before any model work, a data spec that is neither an existing path nor a hook.
 
     Args:
         spec: What was given for the data option.
-        option: The option's name, for the message.
+        option: The option's name (`data`, `test_data`, ...), for the message.
 
     Raises:
         DataError: The spec names no existing file or folder and is not a hook.
@@ -116,8 +116,8 @@ def check_data_spec(spec: str | Path, option: str = "--data") -> None:
     if path.exists() or is_hook(spec):
         return
     if path.suffix.lower() == ".npz":
-        raise DataError(f"data file not found: {spec} (given as {option})")
-    raise DataError(f"data not found: {spec} (given as {option}; {_EXPECTED})")
+        raise DataError.naming("data file not found: {spec} (given as {%s})" % option, spec=spec)
+    raise DataError.naming("data not found: {spec} (given as {%s}; {expected})" % option, spec=spec, expected=_EXPECTED)
 
 
 def check_labels(data: Dataset, classes: int) -> None:

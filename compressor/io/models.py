@@ -29,7 +29,7 @@ from compressor.graph.keras_api import is_graph_model
 from compressor.io.atomic import atomic_path
 from compressor.io.model_files import check_model_path
 
-ALLOW_CODE_HINT = "pass --allow-model-code (allow_model_code=True) only if you trust the file"
+ALLOW_CODE_HINT = "pass {allow_model_code} only if you trust the file"
 
 
 def import_custom_objects(modules: Optional[Iterable[str]]) -> None:
@@ -92,15 +92,15 @@ def _load_error(exc: Exception, shown: Path) -> ModelLoadError:
     """One line for what Keras raised: code refused by safe mode, an unregistered class, or its own first line."""
     text = str(exc)
     if "safe_mode=False" in text:  # Keras' safe mode refused code stored in the file
-        return ModelLoadError(
-            f"{shown} stores Python code that would run on loading ({_first_sentence(exc)}); refused: {ALLOW_CODE_HINT}"
+        return ModelLoadError.naming(
+            "{shown} stores Python code that would run on loading ({cause}); refused: " + ALLOW_CODE_HINT,
+            shown=shown, cause=_first_sentence(exc),
         )
     match = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
     if isinstance(exc, TypeError) and match:
-        return ModelLoadError(
-            f"{shown} uses '{match.group(1)}', which is not registered: pass "
-            "--custom-objects your.module (a module that defines it with "
-            "@keras.saving.register_keras_serializable())"
+        return ModelLoadError.naming(
+            "{shown} uses '{name}', which is not registered: pass {custom_objects} your.module (a module "
+            "that defines it with @keras.saving.register_keras_serializable())", shown=shown, name=match.group(1),
         )
     return ModelLoadError(f"could not load {shown}: {first_line(exc)}")
 
@@ -118,9 +118,9 @@ def _load_saved_model_dir(path: Path, allow_model_code: bool) -> keras.Model:
     if not allow_model_code:
         code = saved_model_code_layers(path)
         if code:
-            raise ModelLoadError(
-                f"{path} stores Python code in {', '.join(code[:3])}, which tf_keras would run while "
-                f"loading the SavedModel; refused: {ALLOW_CODE_HINT}"
+            raise ModelLoadError.naming(
+                "{path} stores Python code in {layers}, which tf_keras would run while loading the SavedModel; "
+                "refused: " + ALLOW_CODE_HINT, path=path, layers=", ".join(code[:3]),
             )
     try:
         legacy = tf_keras.models.load_model(str(path), compile=False)

@@ -69,10 +69,10 @@ def read_manifest(out: Path) -> Optional[Manifest]:
         files = tuple(sorted(str(entry["path"]) for entry in raw["files"]))
         status = str(raw["status"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CompressorError(f"{path} is not a manifest this version can read ({exc}); move it away or choose another --out") from exc
+        raise CompressorError.naming("{path} is not a manifest this version can read ({exc}); move it away or choose another {out}", path=path, exc=exc) from exc
     unsafe = [name for name in files if Path(name).is_absolute() or ".." in Path(name).parts]
     if unsafe:
-        raise CompressorError(f"{path} lists paths outside its folder ({unsafe[0]}); move it away or choose another --out")
+        raise CompressorError.naming("{path} lists paths outside its folder ({unsafe}); move it away or choose another {out}", path=path, unsafe=unsafe[0])
     return Manifest(status, files)
 
 
@@ -116,7 +116,7 @@ def check_output_folder(out: Path, overwrite: bool, inputs: Iterable[Path | str]
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise CompressorError(f"--out {out} is a file; choose a folder")
+        raise CompressorError.naming("{out} {folder} is a file; choose a folder", folder=out)
     if not out.is_dir():
         return
     manifest = read_manifest(out)
@@ -124,22 +124,27 @@ def check_output_folder(out: Path, overwrite: bool, inputs: Iterable[Path | str]
     unrecorded = _unrecorded(out, manifest)
     for name in unrecorded:
         if (out / name).resolve() in inputs:
-            raise CompressorError(f"{out} holds the input {name}, which this run would write over; choose another --out")
+            raise CompressorError.naming(
+                "{folder} holds the input {name}, which this run would write over; choose another {out}", folder=out, name=name
+            )
     if unrecorded:
-        raise CompressorError(
-            f"{out} holds {_shown(unrecorded)}, which no compressor run recorded writing (in {MANIFEST}); "
-            "move them away or choose another --out (--overwrite replaces only a run's own results)"
+        raise CompressorError.naming(
+            "{folder} holds {names}, which no compressor run recorded writing (in {manifest}); "
+            "move them away or choose another {out} ({overwrite} replaces only a run's own results)",
+            folder=out, names=_shown(unrecorded), manifest=MANIFEST,
         )
     if manifest is None:
         return
     for name in manifest.files:
         if (out / name).resolve() in inputs:
-            raise CompressorError(
-                f"{inputs[(out / name).resolve()]} is an input of this run but also an earlier result in {out}, "
-                "which this run would replace; copy it elsewhere first, or choose another --out"
+            raise CompressorError.naming(
+                "{input} is an input of this run but also an earlier result in {folder}, which this run would "
+                "replace; copy it elsewhere first, or choose another {out}", input=inputs[(out / name).resolve()], folder=out,
             )
     if manifest.status != "error" and not overwrite:
-        raise CompressorError(f"{out} already holds results ({_shown(manifest.files)}); pass --overwrite to replace them, or choose another --out")
+        raise CompressorError.naming(
+            "{folder} already holds results ({names}); pass {overwrite} to replace them, or choose another {out}",
+            folder=out, names=_shown(manifest.files))
 
 
 def _look_like_results(out: Path) -> list[str]:
@@ -227,7 +232,9 @@ def _commit(staging: Path, out: Path, overwrite: bool, inputs: Iterable[Path | s
             raise CompressorError(f"{out / clashes[0]} appeared during the run and is not an earlier result")
     except CompressorError as exc:
         kept = _keep_staging(staging, out)
-        raise CompressorError(f"{exc}; nothing was replaced, the new results are in {kept}") from exc
+        template = exc.template or str(exc).replace("{", "{{").replace("}", "}}")
+        raise CompressorError.naming(template + "; nothing was replaced, the new results are in {kept}",
+                                     **exc.values, kept=kept) from exc
     aside = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX + "old-", dir=out))
     moved_old: list[str] = []
     moved_new: list[str] = []

@@ -81,7 +81,7 @@ def check_data_and_plan(options: CompressOptions, inputs: Optional[Inputs] = Non
     for key in DATA_OPTIONS:
         spec = getattr(options, key)
         if spec is not None and (inputs is None or getattr(inputs, key) is None):
-            check_data_spec(spec, "--" + key.replace("_", "-"))
+            check_data_spec(spec, key)
     if options.plan is not None:
         read_plan(options.plan)  # no TensorFlow: the techniques check their parameters when Plan.load reads it
 

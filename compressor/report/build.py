@@ -310,7 +310,7 @@ def _notes(run: Run, calibration_source: Optional[str]) -> list[str]:
     notes = []
     if calibration_source == "held-out":
         notes.append(
-            "Quantization was calibrated on the held-out data the accuracy is measured on (no --train-data "
+            "Quantization was calibrated on the held-out data the accuracy is measured on (no training "
             "or search data was given), which flatters the quantized artifact's accuracy a little."
         )
     layers = run.record(LayerRecord)
