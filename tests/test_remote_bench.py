@@ -227,6 +227,24 @@ def test_remote_python_that_fails(arts, board):
     assert _left_behind(board) == []
 
 
+def test_the_remote_heartbeat_ends_with_the_benchmark_even_when_a_signal_is_lost(arts, board):
+    """The script's heartbeat loop holds the output open; it used to end only when killed, and dash
+    loses a TERM that reaches a subshell it is still setting up: then the run never finished (seen
+    under load, with a benchmark that failed at once). Here a remote shell whose `kill` sends nothing
+    (but `kill -0`) stands for every lost signal: the run must still end, with the benchmark's error."""
+    lossy = board["tmp"].parent / "lossy_shell"
+    lossy.write_text(
+        "#!/bin/sh\n"
+        "{ printf '%s\\n' 'kill() { case \"$1\" in -0) command kill \"$@\";; *) return 0;; esac; }'; cat; } | \"$@\"\n"
+    )
+    lossy.chmod(0o755)
+    fake = _fake_python(board["tmp"].parent, 'echo "boom: broken interpreter" >&2\nexit 1\n')
+    start = time.monotonic()
+    with pytest.raises(CompressorError, match="failed: boom: broken interpreter$"):
+        bench_remote(_paths(arts, "big.tflite"), f"{board['prefix']} {lossy}", python=str(fake), timeout=20, **FAST)
+    assert time.monotonic() - start < 15
+
+
 def test_remote_python_not_found_via_cli(arts, board):
     args = ["bench", str(arts / "big.tflite"), "--remote", board["prefix"], "--remote-python", "no-such-python3"]
 

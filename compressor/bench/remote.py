@@ -78,8 +78,10 @@ cd "$d" || exit 1
 TMPDIR="$d" PYTHONPATH="$d${PYTHONPATH:+:$PYTHONPATH}" __PYTHON__ -m compressor.bench __ARGS__ </dev/null >"$d/report.json" &
 pid=$!
 # An empty line each second: once the caller is gone (ssh closed after a timeout), the
-# write fails and the benchmark stops, instead of running on without anyone waiting.
-( trap '' PIPE; while sleep 1 </dev/null >/dev/null 2>&1; do printf '\\n' 2>/dev/null || kill -TERM $$; done ) &
+# write fails and the benchmark stops, instead of running on without anyone waiting. The
+# loop also ends by itself once the benchmark has: a TERM sent while the subshell is still
+# being set up can be lost, and a loop left running would hold the output open for ever.
+( trap '' PIPE; while kill -0 "$pid" 2>/dev/null && sleep 1 </dev/null >/dev/null 2>&1; do printf '\\n' 2>/dev/null || kill -TERM $$; done ) &
 beat=$!
 wait "$pid"
 rc=$?
