@@ -74,11 +74,12 @@ def _finetune(ctx: RunContext, run: Run, edits: tuple[LayerEdit, ...]) -> Finetu
     """Fine-tune `run.compressed` in place, distilling the original (module docstring)."""
     from compressor.finetune import GradualSparsity, accuracy, finetune, fixed_masks
     from compressor.surgery.editable import editable_layers
+    from compressor.techniques.registry import DEFAULT_REGISTRY
 
     options = ctx.options
-    gradual = {}
-    if options.criterion == "magnitude":
-        gradual = {edit.layer: edit.sparsity for edit in edits if edit.technique == "sparsity"}
+    targets = {edit.layer: DEFAULT_REGISTRY[edit.technique].gradual_target(edit, options.criterion) for edit in edits}
+    gradual = {layer: target for layer, target in targets.items() if target is not None}
+    if gradual:  # pruned step by step, from the dense weights
         dense, sparse = editable_layers(run.working), editable_layers(run.compressed)
         for name in gradual:
             sparse[name].set_weights(dense[name].get_weights())

@@ -119,7 +119,7 @@ def _search(ctx: RunContext, model: keras.Model, budget: Budget, techniques: tup
     from compressor.search.kernels import KernelCache
 
     options = ctx.options
-    pattern = options.pattern() if "sparsity" in techniques else None
+    pattern = options.pattern() if any(registry[name].uses_pattern for name in techniques) else None
     kernels = KernelCache(registry=registry)  # effective kernels built for the candidates, reused by the search
     candidates, skipped = layer_candidates(model, techniques, pattern, kernels=kernels, registry=registry)
     if not candidates:

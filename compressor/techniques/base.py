@@ -40,12 +40,15 @@ class Technique(Protocol):
         takes_residual: Its edits can carry a sparse `residual` (hybrid low-rank).
         provides_residual: Asking for it with a technique that takes a residual
             makes hybrid edits ("sparsity").
+        uses_pattern: Its masks (or the residuals it provides) follow the user's
+            sparsity pattern (`pruning_structure`, `block_size`).
     """
 
     name: str
     params: tuple[Param, ...]
     takes_residual: bool
     provides_residual: bool
+    uses_pattern: bool
 
     def applies(self, layer: Any) -> Optional[str]:
         """None if it can edit this kind of layer at all (whatever data and cost), else a reason."""
@@ -97,6 +100,7 @@ class LayerTechnique:
     params: tuple[Param, ...] = ()
     takes_residual = False
     provides_residual = False
+    uses_pattern = False
     no_option_reason = "no edit of it lowers its cost"
 
     def applies(self, layer: Any) -> Optional[str]:
@@ -137,6 +141,10 @@ class LayerTechnique:
 
     def sparse(self, edit: LayerEdit) -> bool:
         return False
+
+    def gradual_target(self, edit: LayerEdit, criterion: str) -> Optional[SparsitySpec]:
+        """The mask fine-tuning should reach step by step instead of starting from it (None: keep its zeros fixed)."""
+        return None
 
     @classmethod
     def needs_data(cls, criterion: str) -> Optional[str]:

@@ -138,6 +138,7 @@ class Sparsity(LayerTechnique):
 
     name = "sparsity"
     params = (Param("sparsity", PATTERN),)
+    uses_pattern = True
     provides_residual = True
 
     def __init__(self, scores: Optional[Mapping[str, np.ndarray]] = None) -> None:
@@ -205,6 +206,12 @@ class Sparsity(LayerTechnique):
 
     def sparse(self, edit: LayerEdit) -> bool:
         return True
+
+    def gradual_target(self, edit: LayerEdit, criterion: str) -> Optional[SparsitySpec]:
+        """A mask by magnitude is pruned gradually while fine-tuning (tfmot's polynomial schedule),
+        which recovers more than fine-tuning a one-shot mask; a mask by another criterion's scores
+        stays fixed (the scores were taken on the dense weights)."""
+        return edit.sparsity if criterion == "magnitude" else None
 
     @classmethod
     def needs_data(cls, criterion: str) -> Optional[str]:
