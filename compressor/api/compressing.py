@@ -20,18 +20,16 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from compressor.api.inputs import as_dataset, as_model, data_name, is_path, model_name
 from compressor.config import DATA_KEYS, CompressOptions, InMemory, check_names
 from compressor.errors import OptionError, python_name
 from compressor.option_fields import declared, help_text
+from compressor.pipeline.context import Log, Progress
 
 if TYPE_CHECKING:
     import keras
-
-Progress = Callable[[str, int, int], None]
-Log = Callable[[str], None]
 
 _EXPLICIT = ("out", *DATA_KEYS)  # parameters of `compress` itself; the other options come as **options
 
