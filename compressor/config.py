@@ -113,6 +113,12 @@ def _gating_target(name: str, value: Any) -> None:
                           "Received: gating_target={value!r}", value=value)
 
 
+def _confidence(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.5 <= value < 1:
+        raise OptionError("Invalid confidence. Expected 0.5 <= C < 1 (0.95 = 95%). Received: confidence={value!r}",
+                          value=value)
+
+
 _DATA = dict(cli_type=str, parse=_data, check=_data_check)
 _OUTPUT_STYLE = ("cli", "file")  # how the command line prints; the Python API returns, never prints
 
@@ -142,6 +148,12 @@ class CompressOptions:
     max_acc_loss: Optional[float] = option(
         None, help="fixed_loss: largest top-1 accuracy drop, as a fraction (0.02 = 2 points).",
         check=number("max accuracy loss"))
+    confidence: float = option(
+        0.95, help="fixed_loss: a model is kept only when its accuracy drop is within {max_acc_loss} with this "
+        "one-sided confidence, measured on the guard split (default 0.95).", check=_confidence)
+    guard_fraction: float = option(
+        0.5, help="fixed_loss: the fraction of the search data set aside for accepting models; the search itself "
+        "never sees it (default 0.5).", check=open_fraction("guard fraction"))
     compression_factor: Optional[float] = option(
         None, help="fixed_params: fraction of params (or FLOPs) kept, 0 < F < 1.", check=number("compression factor"))
     budget_on: str = option("params", help="fixed_params: params (default) or flops.", check=one_of(BUDGET_ON, "budget-on"))

@@ -12,7 +12,7 @@ numpy, ai-edge-litert and onnxruntime are installed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -42,6 +42,8 @@ class BenchResult:
         latency_ms: Latency of one call.
         accuracy: Top-1 accuracy over the data, or None without labelled data.
         ratio_to_first: Median latency divided by the first artifact's median.
+        correct: Per sample, whether the top-1 prediction was right (None without
+            labelled data); for paired comparisons between artifacts, not in `to_dict`.
     """
 
     path: str
@@ -51,6 +53,7 @@ class BenchResult:
     latency_ms: LatencyStats
     accuracy: Optional[float]
     ratio_to_first: Optional[float]
+    correct: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,7 +141,7 @@ def benchmark(
         [_call(runner, batches) for runner, batches in zip(runners, inputs)], runs, warmup
     )
     labelled = dataset is not None and dataset.y is not None
-    accuracies = [top1_accuracy(r, dataset) if labelled else None for r in runners]
+    correct = [top1_correct(r, dataset) if labelled else None for r in runners]
     stats = [LatencyStats.from_ns(ns) for ns in samples_ns]
     results = tuple(
         BenchResult(
@@ -147,10 +150,11 @@ def benchmark(
             bytes=runner.path.stat().st_size,
             batch=len(batches[0]),
             latency_ms=stat,
-            accuracy=accuracy,
+            accuracy=None if hits is None else float(np.mean(hits)),
             ratio_to_first=_ratio(stat.median, stats[0].median),
+            correct=hits,
         )
-        for path, runner, batches, stat, accuracy in zip(paths, runners, inputs, stats, accuracies)
+        for path, runner, batches, stat, hits in zip(paths, runners, inputs, stats, correct)
     )
     return BenchReport(
         results=results,
@@ -207,7 +211,12 @@ def generated_input(shape: Shape, runner: ArtifactRunner, seed: int = 0) -> np.n
 
 
 def top1_accuracy(runner: ArtifactRunner, data: Dataset) -> float:
-    """Share of samples whose highest output is the label.
+    """Share of samples whose highest output is the label (`top1_correct`)."""
+    return float(np.mean(top1_correct(runner, data)))
+
+
+def top1_correct(runner: ArtifactRunner, data: Dataset) -> np.ndarray:
+    """Per sample, whether its highest output is the label.
 
     A single output column is read as a sigmoid probability, thresholded at 0.5
     (like Keras' binary accuracy).
@@ -230,7 +239,7 @@ def top1_accuracy(runner: ArtifactRunner, data: Dataset) -> float:
         predicted = (outputs[:, 0] > 0.5).astype(np.int64)
     else:
         predicted = outputs.argmax(axis=1)
-    return float(np.mean(predicted == data.y))
+    return predicted == data.y
 
 
 def check_options(paths: Sequence[Any], runs: int, warmup: int, threads: int) -> None:

@@ -19,7 +19,7 @@ from compressor.cli.console import (
 )
 from compressor.cli.options import JsonOpt, OutDirOpt
 from compressor.io.atomic import ensure_dir
-from compressor.models.examples import EXAMPLES, ExampleResult, build_example, get_example
+from compressor.models.examples import EXAMPLES, ExampleResult, build_example, check_example
 
 NameArg = Annotated[
     str,
@@ -36,6 +36,15 @@ LimitOpt = Annotated[
     Optional[int],
     typer.Option("--limit", min=1, help="Train on at most this many samples (quick smoke runs)."),
 ]
+SourceOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--source",
+        help="Folder of the four Fashion-MNIST idx files (train-images-idx3-ubyte[.gz], ...) for the "
+        "fashion-* examples (default: where Debian's dataset-fashion-mnist installs them).",
+        show_default=False,
+    ),
+]
 
 
 @handle_errors
@@ -45,23 +54,25 @@ def example_command(
     seed: SeedOpt = 0,
     epochs: EpochsOpt = None,
     limit: LimitOpt = None,
+    source: SourceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Train a built-in example model offline and write model.keras plus train/val/test .npz.
 
-    The data is made locally (no download), and the same --seed gives the same files.
+    The data is made locally or read from files already on the machine (no download), and
+    the same --seed gives the same files.
     """
-    spec = get_example(name)  # fail on a bad name or folder before importing TensorFlow
+    spec = check_example(name, source)  # fail on a bad name, data or folder before importing TensorFlow
     ensure_dir(out)
     load_tensorflow()
     if json_out:
         with stdout_to_stderr():
-            result = _build(name, out, seed, epochs, limit, quiet=True)
+            result = _build(name, out, seed, epochs, limit, source, quiet=True)
         print_json(result.to_dict())
         return
     err_console.print(f"Building [bold]{spec.name}[/]: {spec.description}")
     started = time.perf_counter()
-    result = _build(name, out, seed, epochs, limit, quiet=False)
+    result = _build(name, out, seed, epochs, limit, source, quiet=False)
     _print_summary(result, time.perf_counter() - started)
 
 
@@ -71,13 +82,13 @@ example_command.__doc__ = f"{example_command.__doc__}\n\nBuilt-in examples:\n\n{
 
 
 def _build(
-    name: str, out: Path, seed: int, epochs: Optional[int], limit: Optional[int], quiet: bool
+    name: str, out: Path, seed: int, epochs: Optional[int], limit: Optional[int], source: Optional[Path], quiet: bool
 ) -> ExampleResult:
     if quiet:
-        return build_example(name, out, seed=seed, epochs=epochs, limit=limit)
+        return build_example(name, out, seed=seed, epochs=epochs, limit=limit, source=source)
     with err_console.status("starting TensorFlow") as status:
         return build_example(
-            name, out, seed=seed, epochs=epochs, limit=limit,
+            name, out, seed=seed, epochs=epochs, limit=limit, source=source,
             on_stage=lambda stage: status.update(stage),
             on_epoch=_print_epoch,
         )

@@ -34,16 +34,22 @@ StageCallback = Callable[[str], None]
 """Called with a short description when a stage of the build begins."""
 
 
-def _digits_data(seed: int, limit: Optional[int]) -> Splits:
+def _digits_data(seed: int, limit: Optional[int], source: Optional[Path]) -> Splits:
     from compressor.models.digits import make_digit_splits
 
     return make_digit_splits(seed=seed, limit=limit)
 
 
-def _har_data(seed: int, limit: Optional[int]) -> Splits:
+def _har_data(seed: int, limit: Optional[int], source: Optional[Path]) -> Splits:
     from compressor.models.har import make_har_splits
 
     return make_har_splits(seed=seed, limit=limit)
+
+
+def _fashion_data(seed: int, limit: Optional[int], source: Optional[Path]) -> Splits:
+    from compressor.models.fashion import make_fashion_splits
+
+    return make_fashion_splits(seed=seed, limit=limit, source=source)
 
 
 @dataclass(frozen=True)
@@ -55,20 +61,22 @@ class ExampleSpec:
         description: One line for help texts.
         architecture: Key of `compressor.models.zoo.ARCHITECTURES`.
         model_kwargs: Keyword arguments of that builder.
-        make_data: (seed, limit) -> Splits.
+        make_data: (seed, limit, source) -> Splits.
         epochs: Default number of epochs.
         batch_size: Training batch size.
         learning_rate: Initial Adam learning rate (cosine-decayed to 0 over the run).
+        reads_files: Whether the data is read from files (`source`) rather than made.
     """
 
     name: str
     description: str
     architecture: str
     model_kwargs: Mapping[str, Any]
-    make_data: Callable[[int, Optional[int]], Splits]
+    make_data: Callable[[int, Optional[int], Optional[Path]], Splits]
     epochs: int
     batch_size: int = 64
     learning_rate: float = 2e-3
+    reads_files: bool = False
 
 
 EXAMPLES: dict[str, ExampleSpec] = {
@@ -99,6 +107,26 @@ EXAMPLES: dict[str, ExampleSpec] = {
             model_kwargs={"input_shape": (128, 3), "num_classes": 6},
             make_data=_har_data,
             epochs=15,
+        ),
+        ExampleSpec(
+            name="fashion-resnet20",
+            description="ResNet-20 on Fashion-MNIST (28x28, official splits; needs the idx files)",
+            architecture="resnet20",
+            model_kwargs={"input_shape": (28, 28, 1), "num_classes": 10},
+            make_data=_fashion_data,
+            epochs=4,
+            batch_size=128,
+            reads_files=True,
+        ),
+        ExampleSpec(
+            name="fashion-mobilenet",
+            description="MobileNet-style (alpha 1) on Fashion-MNIST (28x28, official splits; needs the idx files)",
+            architecture="mobilenet",
+            model_kwargs={"input_shape": (28, 28, 1), "num_classes": 10, "alpha": 1.0},
+            make_data=_fashion_data,
+            epochs=4,
+            batch_size=128,
+            reads_files=True,
         ),
     )
 }
@@ -159,6 +187,25 @@ def get_example(name: str) -> ExampleSpec:
         ) from None
 
 
+def check_example(name: str, source: Optional[Path | str] = None) -> ExampleSpec:
+    """The example, once its data can be had: refuses a `source` it would not read, and missing data files.
+
+    Cheap (no TensorFlow, no training): the CLI calls it before anything starts.
+
+    Raises:
+        CompressorError: One line saying what is wrong and what to do.
+    """
+    spec = get_example(name)
+    if spec.reads_files:
+        from compressor.models.fashion import find_source
+
+        find_source(source)
+    elif source is not None:
+        raise CompressorError(f"example {name} makes its own data; a source folder is only read by "
+                              + ", ".join(n for n, s in EXAMPLES.items() if s.reads_files))
+    return spec
+
+
 def build_example(
     name: str,
     out_dir: Path | str,
@@ -167,6 +214,7 @@ def build_example(
     limit: Optional[int] = None,
     on_epoch: Optional[EpochCallback] = None,
     on_stage: Optional[StageCallback] = None,
+    source: Optional[Path | str] = None,
 ) -> ExampleResult:
     """Generate an example's data, train its model, and write both to `out_dir`.
 
@@ -178,15 +226,18 @@ def build_example(
         limit: Train on at most this many samples (for quick runs); None uses all.
         on_epoch: Progress callback after each epoch.
         on_stage: Progress callback at the start of each stage.
+        source: Folder the data files are read from, for examples that read files
+            (`ExampleSpec.reads_files`); None: their default location.
 
     Returns:
         The paths, sizes, sample counts and accuracies of what was written.
 
     Raises:
-        CompressorError: Unknown example, invalid `epochs`/`limit`, or an output
+        CompressorError: Unknown example, invalid `epochs`/`limit`, a `source` for
+            an example that makes its own data, missing data files, or an output
             folder that cannot be written.
     """
-    spec = get_example(name)
+    spec = check_example(name, source)
     epochs = spec.epochs if epochs is None else epochs
     for label, value in (("epochs", epochs), ("limit", limit)):
         if value is not None and value < 1:
@@ -197,7 +248,7 @@ def build_example(
     from compressor.models.training import deterministic, train_classifier
 
     stage("generating data")
-    data = spec.make_data(seed, limit)
+    data = spec.make_data(seed, limit, None if source is None else Path(source))
     files = {split: out / f"{split}.npz" for split in SPLITS}
     for split, (x, y) in data.items():
         _save_npz(files[split], x, y)

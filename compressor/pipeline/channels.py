@@ -39,10 +39,12 @@ class ChannelStage:
             finetune=finetune_config(options),
             objective=policy.channel_objective(ctx.budget, options.budget_on),
             seed=options.seed,
+            confidence=options.confidence if ctx.data.guard is not None else None,
         )
         ctx.log(f"removing channels ({options.criterion})")
         data = ctx.data
-        result = search_channels(ctx.model, budget, settings, data.search, data.train, ctx.log, ctx.progress)
+        result = search_channels(ctx.model, budget, settings, data.search, data.train, ctx.log, ctx.progress,
+                                 accept=run.accepts if run.acceptance is not None else None)
         run.working = run.compressed = result.model
         return ChannelRecord(result.removals, result)
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from compressor.config import CompressOptions
     from compressor.io.data import Dataset
+    from compressor.pipeline.acceptance import Acceptance
     from compressor.search.budgets import Budget
     from compressor.surgery.plan import Plan
 
@@ -35,11 +36,15 @@ class Splits:
         search: What the search measures candidates on (and fine-tuning stops early on).
         held_out: What the report measures the result on; no search sees it.
         train: What fine-tuning and gate training train on.
+        guard: Under an accuracy budget, the part of the search data set aside for
+            accepting models (`compressor.pipeline.acceptance`): the search never
+            measures on it. None: models are accepted on the search data.
     """
 
     search: Optional[Dataset] = None
     held_out: Optional[Dataset] = None
     train: Optional[Dataset] = None
+    guard: Optional[Dataset] = None
 
     @property
     def labelled_search(self) -> Optional[Dataset]:
@@ -93,6 +98,8 @@ class Run:
         identity: The plan's record of the model it was made for (`model_identity`);
             set from the plan when one is replayed, else when the plan is assembled.
         records: Each stage's record, in stage order.
+        acceptance: The guard that accepts models under an accuracy budget (None:
+            no guard, the search data decides).
     """
 
     working: keras.Model
@@ -100,6 +107,11 @@ class Run:
     static: Optional[keras.Model] = None
     identity: Optional[dict[str, Any]] = None
     records: list[StageRecord] = field(default_factory=list)
+    acceptance: Optional[Acceptance] = None
+
+    def accepts(self, label: str, model: keras.Model) -> bool:
+        """Whether the run's guard accepts `model` (always, without a guard)."""
+        return self.acceptance is None or self.acceptance.look(label, model)
 
     def record(self, kind: type[R]) -> Optional[R]:
         """The record of the stage that keeps records of this type, or None when that stage did not run."""

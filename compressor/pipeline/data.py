@@ -4,7 +4,8 @@
 
 Accuracy in the report is measured on held-out data the search did not use: `test_data`
 when given, else (fixed_loss) a stratified split of `data`; a data-free search
-(fixed_params) measures all of `data`.
+(fixed_params) measures all of `data`. A fixed_loss search splits its search data once
+more: `guard_fraction` of it is the guard, which only the acceptance of models sees.
 """
 
 from __future__ import annotations
@@ -26,16 +27,23 @@ if TYPE_CHECKING:
 DATA_OPTIONS = ("data", "test_data", "train_data")
 
 
-def split_data(data: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+def split_data(data: Dataset, test_fraction: float, seed: int,
+               names: tuple[str, str] = ("search split", "held-out split")) -> tuple[Dataset, Dataset]:
     """Split into (search, held-out) parts, stratified by label when there are labels.
+
+    Args:
+        data: What to split.
+        test_fraction: The share of each class that goes to the second part.
+        seed: Seed of the shuffle.
+        names: How the two parts are named in messages.
 
     Raises:
         OptionError: Too few samples to split.
     """
     n = len(data)
     if n < 4:
-        raise OptionError("{source} has {n} samples; need at least 4 to split off held-out data (or pass {test_data})",
-                          source=data.source, n=n)
+        raise OptionError("{source} has {n} samples; need at least 4 to split off {part} (or pass {test_data})",
+                          source=data.source, n=n, part=names[1])
     rng = np.random.default_rng(seed)
     held = []
     groups = [np.arange(n)] if data.y is None else [np.flatnonzero(data.y == c) for c in np.unique(data.y)]
@@ -45,12 +53,13 @@ def split_data(data: Dataset, test_fraction: float, seed: int) -> tuple[Dataset,
     mask = np.zeros(n, bool)
     mask[np.asarray(held, int)] = True
     if mask.all() or not mask.any():
-        raise OptionError("could not split {source} into search and held-out parts; pass {test_data}", source=data.source)
+        raise OptionError("could not split {source} into a {first} and a {second}; pass more data",
+                          source=data.source, first=names[0], second=names[1])
 
     def part(m: np.ndarray, name: str) -> Dataset:
         return Dataset(data.x[m], None if data.y is None else data.y[m], f"{data.source} ({name})")
 
-    return part(~mask, "search split"), part(mask, "held-out split")
+    return part(~mask, names[0]), part(mask, names[1])
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,10 @@ def load_splits(model: keras.Model, options: CompressOptions, inputs: Inputs) ->
         search, held_out = split_data(data, options.test_fraction, options.seed)
     else:
         search, held_out = None, data  # data-free search: all of the data measures the result
-    return Splits(search=search, held_out=held_out, train=load("train_data"))
+    guard = None
+    if options.method == "fixed_loss" and options.plan is None and search is not None:
+        search, guard = split_data(search, options.guard_fraction, options.seed + 1, ("selection split", "guard split"))
+    return Splits(search=search, held_out=held_out, train=load("train_data"), guard=guard)
 
 
 def _data_loader(model: keras.Model, options: CompressOptions, inputs: Inputs) -> Callable[[str], Optional[Dataset]]:

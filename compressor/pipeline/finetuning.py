@@ -54,7 +54,7 @@ class FinetuneStage:
         if ctx.options.finetune_epochs and layers is not None and layers.edits:
             result = _finetune(ctx, run, layers.edits)
         epochs = (channels.epochs if channels is not None else 0) + (result.epochs_run if result is not None else 0)
-        return FinetuneRecord(_plan_entry(ctx.options, epochs), result)
+        return FinetuneRecord(plan_entry(ctx.options, epochs), result)
 
     def recorded(self, plan: Plan) -> Optional[FinetuneRecord]:
         return FinetuneRecord(plan.finetune) if plan.finetune is not None else None
@@ -98,7 +98,8 @@ def _finetune(ctx: RunContext, run: Run, edits: tuple[LayerEdit, ...]) -> Finetu
     )
 
 
-def _plan_entry(options: CompressOptions, epochs: int) -> Optional[dict[str, Any]]:
+def plan_entry(options: CompressOptions, epochs: int) -> Optional[dict[str, Any]]:
+    """The plan's "finetune" for a run that fine-tuned `epochs` epochs in all (None: none)."""
     if not epochs:
         return None
     return {"epochs": epochs, "epochs_per_run": options.finetune_epochs, "teacher": "original", "seed": options.seed}

@@ -7,7 +7,8 @@ margin for held-out noise as the static stages, measured against the original
 network with the gates (distilling the static model) wins some back.
 
 Gates are kept only when the gated TFLite model is faster per input than the static
-one, measured (`check_speed`). The plan records the gates (`gating_record`); a replay
+one, measured (`check_speed`), and, under an accuracy budget, when the run's guard
+accepts the gated model (`compressor.pipeline.acceptance`). The plan records the gates (`gating_record`); a replay
 rebuilds them (`replay_gates`).
 """
 
@@ -54,6 +55,10 @@ class GatingStage:
             return None
         static = run.compressed
         outcome = _gate(ctx, static)
+        if outcome.model is not None and not run.accepts("gated model", outcome.model):
+            outcome.model = None
+            outcome.reason = "the guard did not accept the gated model (drop not confirmed within the budget)"
+            ctx.log(f"gating: not applied, {outcome.reason}")
         if outcome.model is None:
             return GatingRecord(None, outcome, outcome.flops)
         run.static, run.compressed = static, outcome.model

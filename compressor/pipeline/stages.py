@@ -6,7 +6,10 @@ plan; `replay` applies a record again. The plan is made of the records' fields
 (`Run.plan`), so a replay reads exactly what the search wrote, and both go through the
 same stages in the same order:
 
-    channels → per-layer techniques → fine-tuning → gating
+    channels → per-layer techniques → fine-tuning → acceptance → gating
+
+Under an accuracy budget the run's guard (`compressor.pipeline.acceptance`) accepts
+each model a stage keeps, in that order.
 
 Adding a stage: a class with these four methods and a record with `plan_fields`, put
 in STAGES at its place.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Protocol, TypeVar
 
+from compressor.pipeline.acceptance import Acceptance, AcceptStage
 from compressor.pipeline.channels import ChannelStage
 from compressor.pipeline.context import Run, RunContext, StageRecord
 from compressor.pipeline.finetuning import FinetuneStage
@@ -52,7 +56,7 @@ class ModelStage(Protocol[R]):
         """Apply `record` to `run`'s models; return it, with what the replay measured."""
 
 
-STAGES: tuple[ModelStage[Any], ...] = (ChannelStage(), LayerStage(), FinetuneStage(), GatingStage())
+STAGES: tuple[ModelStage[Any], ...] = (ChannelStage(), LayerStage(), FinetuneStage(), AcceptStage(), GatingStage())
 """The model stages, in the order they run."""
 
 
@@ -62,7 +66,7 @@ def search(ctx: RunContext) -> Run:
 
     for stage in STAGES:
         stage.check(ctx, None)
-    run = Run(working=ctx.model, compressed=ctx.model)
+    run = Run(working=ctx.model, compressed=ctx.model, acceptance=Acceptance.for_run(ctx))
     for stage in STAGES:
         record = stage.search(ctx, run)
         if record is not None:

@@ -2,12 +2,16 @@
 
 Each runtime format is timed in one interleaved run (the original's artifact first, then
 the model before gates if any, then ours), so ratios stay fair on a noisy machine, and
-scored on the labelled held-out data; the Keras artifact is scored in Keras.
+scored on the labelled held-out data; the Keras artifact is scored in Keras. Each
+artifact's drop against the original's artifact is measured paired on the same samples,
+with its confidence interval (`drop_ci`, one-sided bounds at the run's confidence).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
 
 from compressor.pipeline.context import Run, RunContext
 from compressor.pipeline.export import runtime_formats
@@ -46,6 +50,7 @@ def time_artifacts(ctx: RunContext, run: Run, exported: Exported) -> tuple[list[
         for entry, result in zip(mine, ours):
             entry.update(
                 accuracy=result.accuracy,
+                drop_ci=drop_interval(original.correct, result.correct, options.confidence),
                 baseline_accuracy=original.accuracy,
                 latency_ms=result.latency_ms.to_dict(),
                 baseline_latency_ms=original.latency_ms.to_dict(),
@@ -56,12 +61,24 @@ def time_artifacts(ctx: RunContext, run: Run, exported: Exported) -> tuple[list[
     if runtime:
         ctx.progress("timing artifacts", len(runtime), len(runtime))
     if labelled is not None:
-        from compressor.finetune import accuracy
+        from compressor.search.evaluate import correct_predictions
 
         for entry in entries:
             if entry["format"] == "keras":
-                entry.update(accuracy=accuracy(run.compressed, labelled), baseline_accuracy=accuracy(ctx.model, labelled))
+                ours, original = correct_predictions(run.compressed, labelled), correct_predictions(ctx.model, labelled)
+                entry.update(accuracy=float(ours.mean()), baseline_accuracy=float(original.mean()),
+                             drop_ci=drop_interval(original, ours, options.confidence))
     return entries, static_entry
+
+
+def drop_interval(original: Optional[np.ndarray], ours: Optional[np.ndarray], confidence: float) -> Optional[list[float]]:
+    """[lower, upper] bounds of the paired drop from per-sample correctness (None without labels)."""
+    if original is None or ours is None:
+        return None
+    from compressor.search.confidence import paired_drop
+
+    measured = paired_drop(original, ours, confidence)
+    return [measured.lower, measured.upper]
 
 
 def benchmark_against(original: str, artifacts: list[str], data: Optional[Dataset], options: CompressOptions) -> BenchReport:

@@ -65,6 +65,8 @@ def build_report(ctx: RunContext, run: Run, measured: Measured, timings: Timings
         "dense_params": comp_cost.params,
     }
     budget_entry = _budget_entry(budget, baseline, result, search_achieved(run, budget), counted)
+    if counted is not None and counted.get("drop_ci") is not None and budget is not None and budget.kind == "accuracy_drop":
+        budget_entry.update(ci=counted["drop_ci"], confidence=options.confidence)
     channels = run.record(ChannelRecord)
     calibration = measured.calibration
     report = {
@@ -182,6 +184,8 @@ def _search_entry(ctx: RunContext, run: Run) -> dict[str, Any]:
             accuracy=search.accuracy,
         )
         entry["trials"] += [trial.to_dict() for trial in search.trials]
+    if run.acceptance is not None:
+        entry["acceptance"] = run.acceptance.to_dict()
     return entry
 
 
@@ -319,4 +323,7 @@ def _notes(run: Run, calibration_source: Optional[str]) -> list[str]:
             "Sparse weights make the TFLite file smaller (stored sparsely), but TFLite runs "
             "convolutions dense: compare latency_ms, not the parameter count, for speed."
         )
+    warning = run.acceptance.too_few_warning() if run.acceptance is not None else None
+    if warning:
+        notes.append(warning[0].upper() + warning[1:] + ".")
     return notes

@@ -128,6 +128,11 @@ def _budget_sentence(budget: Mapping[str, Any]) -> str:
     where = f", measured on {budget['measured_on']}" if budget.get("measured_on") else ""
     if kind == "accuracy_drop":
         text = f"Budget: lose at most {_points(limit)} of accuracy; lost {_points(achieved)} ({met}){where}."
+        ci = list_of(budget.get("ci"))
+        if len(ci) == 2 and all(is_number(bound) for bound in ci) and is_number(budget.get("confidence")):
+            two_sided = 2 * budget["confidence"] - 1
+            text += (f" The drop lies between {_points(ci[0])} and {_points(ci[1])} ({two_sided:.0%} interval; "
+                     f"at most {_points(ci[1])} with {budget['confidence']:.0%} confidence).")
         if budget.get("search_achieved") is not None:
             text += f" On the search data: {_points(budget['search_achieved'])}."
         return text
@@ -197,8 +202,31 @@ def _search(report: Mapping[str, Any], plot: Optional[Plot]) -> str:
     channels = _channels_sentence(mapping_of(report.get("channels")))
     if channels:
         parts.append(channels)
+    parts += _acceptance(mapping_of(search.get("acceptance")))
     parts += _plot_lines(plot, "Search-data accuracy against the fraction of the cost kept")
     return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
+def _acceptance(acceptance: Mapping[str, Any]) -> list[str]:
+    """The guard's looks, in order: what each model measured and whether it was accepted."""
+    if not acceptance:
+        return []
+    confidence = acceptance.get("confidence")
+    level = f"{confidence:.0%}" if is_number(confidence) else MISSING
+    text = (f"Models were accepted on a guard split of {acceptance.get('samples') or 0} samples the search never saw, "
+            f"when their drop was within the budget with {level} confidence; the first rejection ends the sequence.")
+    lines = [text]
+    looks = [mapping_of(look) for look in list_of(acceptance.get("looks"))]
+    if looks:
+        rows = []
+        for look in looks:
+            ci = list_of(look.get("ci"))
+            upper = _points(ci[1]) if len(ci) == 2 else "not measured"
+            verdict = "accepted" if look.get("accepted") else "rejected"
+            rows.append([str(look.get("model") or MISSING), _points(look.get("drop")) if "drop" in look else MISSING,
+                         upper, verdict])
+        lines.append(_table(["model shown to the guard", "drop", "upper bound", "verdict"], rows, "lrrl"))
+    return lines
 
 
 def _channels_sentence(channels: Mapping[str, Any]) -> str:

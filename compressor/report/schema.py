@@ -37,6 +37,8 @@ class Keys:
 LATENCY = Keys(("median", "p90", "min", "max", "mean"))
 FLOPS_PER_INPUT = Keys(("mean", "min", "p10", "median", "p90", "max", "histogram"), nested={"histogram": Keys(("edges", "counts"))})
 TRIAL = Keys(("stage", "params", "flops", "accuracy", "met", "chosen"))
+ACCEPTANCE = Keys(("samples", "confidence", "samples_needed", "warning", "looks"),
+                  nested={"looks": Keys(("model", "accepted"), optional=("drop", "ci"))})
 
 def _technique_parameters() -> frozenset[str]:
     """The parameters of every registered technique: a layer row carries its edit's."""
@@ -49,7 +51,7 @@ REPORT = Keys(
     required=("schema", "status", "method", "budget", "baseline", "compressed", "quantize", "layers", "artifacts",
               "search", "channels", "gating", "finetune", "calibration", "timings_s", "options", "notes"),
     nested={
-        "budget": Keys(("kind", "limit", "achieved", "met"), optional=("measured_on", "artifact", "search_achieved")),
+        "budget": Keys(("kind", "limit", "achieved", "met"), optional=("measured_on", "artifact", "search_achieved", "ci", "confidence")),
         "baseline": Keys(("params", "flops", "accuracy")),
         "compressed": Keys(("params", "flops", "accuracy", "dense_params"), optional=("expected_flops",)),
         "layers": Keys(("name", "technique"), optional=(
@@ -58,11 +60,12 @@ REPORT = Keys(
         "artifacts": Keys(
             ("format", "quantize", "path", "bytes", "accuracy", "max_abs_diff", "top1_agreement", "latency_ms",
              "baseline_latency_ms"),
-            optional=("baseline_accuracy", "latency_ratio", "baseline_path", "baseline_bytes"),
+            optional=("baseline_accuracy", "latency_ratio", "baseline_path", "baseline_bytes", "drop_ci"),
             nested={"latency_ms": LATENCY, "baseline_latency_ms": LATENCY},
         ),
         "search": Keys(("evaluations", "cached_evaluations", "search_samples", "held_out_samples", "trials"),
-                       optional=("baseline_accuracy", "accuracy"), nested={"trials": TRIAL}),
+                       optional=("baseline_accuracy", "accuracy", "acceptance"),
+                       nested={"trials": TRIAL, "acceptance": ACCEPTANCE}),
         "channels": Keys(
             ("groups_pruned", "channels_removed", "groups_blocked", "params", "flops", "baseline_accuracy", "accuracy",
              "finetune_epochs", "evaluations", "steps", "trials", "seconds"),

@@ -10,11 +10,15 @@ Budgets:
   model after each step (gradual pruning recovers more than one big cut).
 - An accuracy budget (fixed_loss): the same steps, each fine-tuned (early stop once
   the search data is within a quarter of the budget) and checked on the search data;
-  a step that loses more than MARGIN × budget (`compressor.search.budgets.MARGIN`) is
+  a step holds when its paired drop there is within the budget with the run's
+  confidence (`ChannelSettings.confidence`; without one, when it loses at most
+  MARGIN × budget, `compressor.search.budgets.MARGIN`). A step that does not hold is
   retried with a smaller step (the square root of the kept fraction, up to RETRIES
   times), and the search stops at the first step that still misses. Without
   fine-tuning, pruning once from the original is monotone enough for a bisection on
-  the kept fraction.
+  the kept fraction. A step that holds on the search data is then shown to `accept`
+  when given (the run's guard, `compressor.pipeline.acceptance`): the first step it
+  rejects ends the search, with the last accepted model.
 
 Removals are tracked as each producer's original output indices, so the result is a
 list of `ChannelRemoval`s of the ORIGINAL model's groups that `prune_channels`
@@ -58,6 +62,10 @@ class ChannelSettings:
         finetune: Fine-tuning after each step (None: none).
         objective: "flops" or "params": what an accuracy-budget search lowers.
         seed: Seed of scores that sample data.
+        confidence: Under an accuracy budget, a step holds when its paired drop on the
+            search data is within the budget with this one-sided confidence
+            (`compressor.search.confidence`); None: when its measured drop is within
+            MARGIN of the budget.
     """
 
     criterion: str = "magnitude"
@@ -66,6 +74,7 @@ class ChannelSettings:
     finetune: Optional[FinetuneConfig] = None
     objective: str = "flops"
     seed: int = 0
+    confidence: Optional[float] = None
 
     def __post_init__(self) -> None:
         from compressor.techniques.scores import CRITERIA
@@ -191,6 +200,7 @@ def search_channels(
     train_data: Optional[Dataset] = None,
     log: Optional[Log] = None,
     progress: Optional[Callable[[str, int, int], None]] = None,
+    accept: Optional[Callable[[str, keras.Model], bool]] = None,
 ) -> ChannelResult:
     """Remove channels of `model` to meet `budget`.
 
@@ -205,6 +215,9 @@ def search_channels(
         log: Called with one line per step.
         progress: Called as progress("fine-tuning", epoch, epochs) after each
             fine-tuning epoch of a step.
+        accept: Under an accuracy budget, called as accept(label, model) with each
+            model that holds on the search data, in order; a False ends the search
+            with the last model accepted. None: the search data decides alone.
 
     Returns:
         The pruned model and its record.
@@ -227,7 +240,7 @@ def search_channels(
     if not any(group.prunable for group in groups):
         reasons = "; ".join(f"{name}: {reason}" for name, reason in blocked[:3]) or "it has no channel groups"
         raise CompressorError(f"no channel group of '{model.name}' can be pruned ({reasons})")
-    run = _Run(model, groups, budget, settings, search_data, train_data, log, progress)
+    run = _Run(model, groups, budget, settings, search_data, train_data, log, progress, accept)
     if budget.kind != "accuracy_drop":
         run.to_cost(budget.limit)
     elif tuning:
@@ -256,9 +269,10 @@ def search_channels(
 class _Run:
     """The state of one channel search: the current model, its cost, the steps taken."""
 
-    def __init__(self, model, groups, budget, settings, search_data, train_data, log, progress=None) -> None:
+    def __init__(self, model, groups, budget, settings, search_data, train_data, log, progress=None, accept=None) -> None:
         from compressor.graph.cost import model_cost
 
+        self.accept = accept
         self.original, self.budget, self.settings, self.log = model, budget, settings, log
         self.progress = progress or (lambda stage, done, total: None)
         self.search_data, self.train_data = search_data, train_data
@@ -272,7 +286,8 @@ class _Run:
         self.trials: list[Trial] = []
         self.kept_trial: Optional[int] = None  # index in trials of the model kept last
         self.epochs = self.evaluations = 0
-        self.baseline_accuracy = self._accuracy(model) if _labelled(search_data) else None
+        self.baseline_correct = self._correct(model) if _labelled(search_data) else None
+        self.baseline_accuracy = None if self.baseline_correct is None else float(self.baseline_correct.mean())
         self.accuracy = self.baseline_accuracy
         self.teacher_outputs = None
         self.kind = budget.kind if budget.kind in ("params", "flops") else settings.objective
@@ -305,8 +320,12 @@ class _Run:
                 return
             started = time.perf_counter()
             epochs = self._finetune(candidate, target_accuracy=self.baseline_accuracy - allowed / 4)
-            accuracy = self._accuracy(candidate)
-            if self.baseline_accuracy - accuracy <= allowed:
+            correct = self._correct(candidate)
+            accuracy = float(correct.mean())
+            if self._holds(correct):
+                if not self._guard(candidate, cost):
+                    self._record(cost, accuracy, aim, epochs, False, started)
+                    return
                 self._accept(candidate, groups, removals, cost, accuracy, aim, epochs, started)
                 continue
             self._record(cost, accuracy, aim, epochs, False, started)
@@ -316,17 +335,20 @@ class _Run:
 
     def bisect_accuracy(self) -> None:
         """Without fine-tuning: the smallest kept fraction, pruned once, whose accuracy holds."""
-        allowed = MARGIN * self.budget.limit
         low, high = MIN_KEEP, 1.0  # fractions: high is known to hold
         best = None
         for _ in range(8):
             middle = math.sqrt(low * high)
             started = time.perf_counter()
             candidate, removals, groups, cost = self._cut(self.original, self.groups, middle * self._base())
-            accuracy = self._accuracy(candidate)
-            holds = bool(removals) and self.baseline_accuracy - accuracy <= allowed
-            self.steps.append(ChannelStep(middle, cost[0], cost[1], accuracy, 0, holds, round(time.perf_counter() - started, 3)))
-            self._trial(cost, accuracy, holds)
+            correct = self._correct(candidate)
+            accuracy = float(correct.mean())
+            holds = bool(removals) and self._holds(correct)
+            guarded = holds and self._guard(candidate, cost)
+            self.steps.append(ChannelStep(middle, cost[0], cost[1], accuracy, 0, guarded, round(time.perf_counter() - started, 3)))
+            self._trial(cost, accuracy, guarded)
+            if holds and not guarded:
+                break  # the guard's sequence has ended: nothing more can be accepted
             if holds:
                 high, best = middle, (candidate, groups, removals, cost, accuracy)
             else:
@@ -338,6 +360,12 @@ class _Run:
             self.tracker.remove(groups, removals)
             self.current, self.cost, self.accuracy = candidate, cost, accuracy
             self.groups = self._groups(candidate)
+
+    def _guard(self, candidate, cost) -> bool:
+        """Whether the run's guard accepts a step that held on the search data (True without a guard)."""
+        if self.accept is None:
+            return True
+        return self.accept(f"channels, {self.kind} {self._value(cost) / self._base():.3f} of the original", candidate)
 
     # Steps.
     def _cut(self, model, groups, aim: float):
@@ -405,10 +433,21 @@ class _Run:
         return channel_groups(model)
 
     def _accuracy(self, model) -> float:
-        from compressor.finetune import accuracy
+        return float(self._correct(model).mean())
+
+    def _correct(self, model) -> np.ndarray:
+        from compressor.search.evaluate import correct_predictions
 
         self.evaluations += 1
-        return accuracy(model, self.search_data)
+        return correct_predictions(model, self.search_data)
+
+    def _holds(self, correct: np.ndarray) -> bool:
+        """Whether a step's accuracy holds on the search data (`ChannelSettings.confidence`)."""
+        if self.settings.confidence is None:
+            return self.baseline_accuracy - float(correct.mean()) <= MARGIN * self.budget.limit
+        from compressor.search.confidence import paired_drop
+
+        return paired_drop(self.baseline_correct, correct, self.settings.confidence).within(self.budget.limit)
 
     def _score_data(self) -> Optional[Dataset]:
         return self.train_data if self.train_data is not None else self.search_data

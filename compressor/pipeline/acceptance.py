@@ -1,0 +1,186 @@
+"""Accepting models under an accuracy budget: a confidence bound on a guard split, in a fixed sequence.
+
+Why: the search chooses among many candidates by their accuracy on its data, stops
+fine-tuning on it and accepts steps on it, so the accuracy it saw for the model it kept
+is the best of many noisy numbers (DESIGN.md, "Measuring accuracy honestly"). The
+acceptance therefore measures on data the search never sees, the guard split
+(`guard_fraction` of the search data), and asks more than a point estimate: the drop,
+measured paired on the guard, must be within the budget with the stated one-sided
+confidence (`compressor.search.confidence`).
+
+A run shows the guard several models: each channel step, the result of the per-layer
+techniques and fine-tuning, the gated model. They are shown in the order the run makes
+them, which the guard does not influence, and the first rejection ends the sequence:
+the run keeps the last model accepted and shows the guard nothing more. This is the
+fixed-sequence procedure of multiple testing: the kept model has a drop above the
+budget only if the first such model in the sequence passed, which happens with
+probability at most 1 − confidence, however many models came before it. So the
+confidence needs no correction for the number of looks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+
+from compressor.pipeline.context import Log, Run
+from compressor.search.confidence import PairedDrop, can_confirm, paired_drop, samples_needed
+
+if TYPE_CHECKING:
+    import keras
+
+    from compressor.io.data import Dataset
+    from compressor.pipeline.context import RunContext
+
+
+@dataclass(frozen=True)
+class Look:
+    """One model shown to the guard: what it was, what the guard measured, the verdict."""
+
+    label: str
+    measured: Optional[PairedDrop]  # None: not measured, the sequence had ended
+    accepted: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"model": self.label, "accepted": self.accepted}
+        if self.measured is not None:
+            entry.update(drop=self.measured.drop, ci=[self.measured.lower, self.measured.upper])
+        return entry
+
+
+@dataclass
+class Acceptance:
+    """The guard of one run (module docstring).
+
+    Attributes:
+        guard: The guard split.
+        limit: The accuracy budget (a drop, as a fraction).
+        confidence: One-sided confidence of the bound.
+        original_correct: Per guard sample, whether the original gets it right.
+        looks: Every model shown, in order.
+        log: One line per look.
+    """
+
+    guard: Dataset
+    limit: float
+    confidence: float
+    original_correct: np.ndarray
+    looks: list[Look] = field(default_factory=list)
+    log: Log = lambda message: None
+
+    @classmethod
+    def for_run(cls, ctx: RunContext) -> Optional[Acceptance]:
+        """The run's guard: under an accuracy budget with a guard split, else None. Warns when it is too small."""
+        from compressor.search.evaluate import correct_predictions
+
+        guard, budget = ctx.data.guard, ctx.budget
+        if guard is None or budget is None or budget.kind != "accuracy_drop":
+            return None
+        acceptance = cls(guard, budget.limit, ctx.options.confidence, correct_predictions(ctx.model, guard), log=ctx.log)
+        warning = acceptance.too_few_warning()
+        if warning:
+            ctx.log(f"warning: {warning}")
+        return acceptance
+
+    @property
+    def closed(self) -> bool:
+        """Whether the guard rejected a model: the sequence has ended."""
+        return any(not look.accepted for look in self.looks)
+
+    def look(self, label: str, model: keras.Model) -> bool:
+        """Show the guard one more model; whether it is accepted (never, once the sequence has ended)."""
+        if self.closed:
+            self.looks.append(Look(label, None, False))
+            self.log(f"guard: {label} not accepted: an earlier model was rejected, the sequence has ended")
+            return False
+        from compressor.search.evaluate import correct_predictions
+
+        measured = paired_drop(self.original_correct, correct_predictions(model, self.guard), self.confidence)
+        accepted = measured.within(self.limit)
+        self.looks.append(Look(label, measured, accepted))
+        self.log(f"guard: {label} drop {measured.drop:+.4f}, at most {measured.upper:.4f} with "
+                 f"{self.confidence:.0%} confidence: {'accepted' if accepted else 'rejected'}")
+        return accepted
+
+    def too_few_warning(self) -> Optional[str]:
+        """One line when the guard is too small to confirm the budget (`can_confirm`), else None."""
+        n = len(self.guard)
+        if can_confirm(n, self.limit, self.confidence):
+            return None
+        if self.limit <= 0:
+            return (f"a budget of 0 cannot be confirmed by data: only models that change no prediction of the "
+                    f"{n} guard samples are accepted")
+        return (f"{n} guard samples are too few to confirm a drop of {self.limit:g} with {self.confidence:.0%} "
+                f"confidence: about {samples_needed(self.limit, self.confidence)} are needed (more search data, or a "
+                f"larger guard fraction); only models that change almost no prediction will be accepted")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": len(self.guard),
+            "confidence": self.confidence,
+            "samples_needed": samples_needed(self.limit, self.confidence) if self.limit > 0 else None,
+            "warning": self.too_few_warning(),
+            "looks": [look.to_dict() for look in self.looks],
+        }
+
+
+REJECTED_REASON = "left as it is: the guard rejected the per-layer edits (drop not confirmed within the budget)"
+
+
+class AcceptStage:
+    """Shows the guard the result of the per-layer techniques and fine-tuning; reverts them when it rejects.
+
+    Channel steps are shown by the channel search itself, and gates by the gating
+    stage; what is left to show is the model the per-layer stage and fine-tuning made.
+    On a rejection the run goes back to the last accepted model (without removed
+    channels, or the original) and the plan drops the per-layer edits. Nothing is
+    recorded: a replay applies the plan as it is.
+    """
+
+    name = "acceptance"
+
+    def check(self, ctx: RunContext, record: None) -> None:
+        """Nothing to refuse early."""
+
+    def search(self, ctx: RunContext, run: Run) -> None:
+        if run.acceptance is None or run.compressed is run.working:
+            return None
+        if run.accepts("per-layer edits" + (", fine-tuned" if _tuned(run) else ""), run.compressed):
+            return None
+        _revert_layers(ctx, run)
+        return None
+
+    def recorded(self, plan: Any) -> None:
+        return None
+
+    def replay(self, ctx: RunContext, run: Run, record: Any) -> Any:
+        return record
+
+
+def _tuned(run: Run) -> bool:
+    from compressor.pipeline.records import FinetuneRecord
+
+    tuning = run.record(FinetuneRecord)
+    return tuning is not None and tuning.result is not None
+
+
+def _revert_layers(ctx: RunContext, run: Run) -> None:
+    """Back to the model before the per-layer edits; the plan keeps channels (and their epochs) only."""
+    import dataclasses
+
+    from compressor.pipeline.finetuning import plan_entry
+    from compressor.pipeline.records import ChannelRecord, FinetuneRecord, LayerRecord
+    from compressor.surgery.plan import SkippedLayer
+
+    run.compressed = run.working
+    channels = run.record(ChannelRecord)
+    for index, record in enumerate(run.records):
+        if isinstance(record, LayerRecord):
+            skipped = record.skipped + tuple(SkippedLayer(edit.layer, REJECTED_REASON) for edit in record.edits)
+            run.records[index] = dataclasses.replace(record, edits=(), skipped=skipped, statistics=None, costs={})
+        elif isinstance(record, FinetuneRecord):
+            epochs = channels.epochs if channels is not None else 0
+            run.records[index] = FinetuneRecord(plan_entry(ctx.options, epochs), None)
+    ctx.log("guard: the per-layer edits are dropped; the run keeps the model accepted before them")
