@@ -99,7 +99,8 @@ def load_fashion(source: Optional[Path | str] = None) -> tuple[tuple[np.ndarray,
     return (arrays["train_images"], arrays["train_labels"]), (arrays["test_images"], arrays["test_labels"])
 
 
-def make_fashion_splits(seed: int = 0, limit: Optional[int] = None, source: Optional[Path | str] = None) -> Splits:
+def make_fashion_splits(seed: int = 0, limit: Optional[int] = None, source: Optional[Path | str] = None,
+                        val_size: int = VAL_SIZE) -> Splits:
     """Train (54,000) / validation (6,000, from the training images) / official test (10,000).
 
     `source_index` numbers the 70,000 images as the files do, test images after the
@@ -110,13 +111,14 @@ def make_fashion_splits(seed: int = 0, limit: Optional[int] = None, source: Opti
         limit: Keep at most this many training images (quick runs); validation and
             test stay whole.
         source: Folder of the idx files (default: Debian's).
+        val_size: Training images set aside for validation, the same number per class.
 
     Raises:
         FashionDataError: Missing or malformed files.
     """
     (x_train, y_train), (x_test, y_test) = load_fashion(source)
     rng = np.random.default_rng(seed)
-    per_class = VAL_SIZE // NUM_CLASSES
+    per_class = val_size // NUM_CLASSES
     val = np.concatenate([rng.permutation(np.flatnonzero(y_train == c))[:per_class] for c in range(NUM_CLASSES)])
     train = np.setdiff1d(np.arange(len(y_train)), val)
     train = rng.permutation(train)[:limit] if limit is not None else rng.permutation(train)

@@ -6,10 +6,13 @@
   the per-layer search gets what is left after the channels actually removed
   (`remaining_budget`: limit · baseline / pruned cost), or nothing when channels already
   met it.
-- Accuracy budgets. Every stage measures on the search data and keeps MARGIN of the
-  budget for it (`compressor.search.budgets.MARGIN`; the quarter left absorbs the
-  optimism of choosing among many noisy candidates, see DESIGN.md). The per-layer search
-  gets MARGIN · limit less what channel removal lost (`remaining_budget`).
+- Accuracy budgets. The stages search on the selection split; what they keep is then
+  accepted or refused on the guard split with a confidence bound
+  (`compressor.pipeline.acceptance`), which is what makes the budget hold on new data.
+  On the selection split, channel steps hold when their bound is within the budget;
+  the per-layer search, which compares counts, spends MARGIN of the budget
+  (`compressor.search.budgets.MARGIN`) less what channel removal lost
+  (`remaining_budget`), so that what it chooses has a fair chance at the guard.
 - Fine-tuning stops early once the search data is within a quarter of the budget of
   the original (`finetune_target`): more epochs would cost time for little.
 - Gating comes on top of the static stages, which spend the budget as they would alone:
