@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from compressor.errors import CompressorError
-from compressor.search.confidence import can_confirm, drop_bounds, paired_drop, samples_needed, z_value
+from compressor.search.confidence import can_confirm, drop_bounds, expected_upper, paired_drop, samples_needed, z_value
 
 
 def _draw(rng: np.random.Generator, n: int, p_loss: float, p_win: float) -> tuple[int, int]:
@@ -91,3 +91,11 @@ def test_bad_inputs_raise_one_line_errors():
         z_value(1.0)
     with pytest.raises(CompressorError, match="cannot be confirmed"):
         samples_needed(0.0)
+
+
+def test_the_expected_bound_at_another_size_keeps_the_shares_and_takes_that_size_s_width():
+    small = paired_drop(np.r_[np.ones(200, bool)], np.r_[np.zeros(4, bool), np.ones(196, bool)], 0.95)
+    assert expected_upper(small, 200) == pytest.approx(small.upper)
+    large = expected_upper(small, 2000)  # 40 losses in 2,000: the same 2% drop, a narrower bound
+    assert large == pytest.approx(drop_bounds(40, 0, 2000, 0.95)[1])
+    assert small.drop < large < small.upper

@@ -40,6 +40,7 @@ class ChannelStage:
             objective=policy.channel_objective(ctx.budget, options.budget_on),
             seed=options.seed,
             confidence=options.confidence if ctx.data.guard is not None else None,
+            guard_samples=len(ctx.data.guard) if ctx.data.guard is not None else None,
         )
         ctx.log(f"removing channels ({options.criterion})")
         data = ctx.data

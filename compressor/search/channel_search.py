@@ -10,9 +10,10 @@ Budgets:
   model after each step (gradual pruning recovers more than one big cut).
 - An accuracy budget (fixed_loss): the same steps, each fine-tuned (early stop once
   the search data is within a quarter of the budget) and checked on the search data;
-  a step holds when its paired drop there is within the budget with the run's
-  confidence (`ChannelSettings.confidence`; without one, when it loses at most
-  MARGIN × budget, `compressor.search.budgets.MARGIN`). A step that does not hold is
+  a step holds when the guard can be expected to accept it: the bound a guard of its
+  size would give for the losses and wins measured here is within the budget
+  (`ChannelSettings.confidence`, `guard_samples`; without a confidence, when it loses
+  at most MARGIN × budget, `compressor.search.budgets.MARGIN`). A step that does not hold is
   retried with a smaller step (the square root of the kept fraction, up to RETRIES
   times), and the search stops at the first step that still misses. Without
   fine-tuning, pruning once from the original is monotone enough for a bisection on
@@ -66,6 +67,10 @@ class ChannelSettings:
             search data is within the budget with this one-sided confidence
             (`compressor.search.confidence`); None: when its measured drop is within
             MARGIN of the budget.
+        guard_samples: With `confidence`, the bound is the one a guard of this many
+            samples would give for the same shares of losses and wins (`expected_upper`):
+            a step holds when the guard can be expected to accept it. None: the
+            search data's own bound.
     """
 
     criterion: str = "magnitude"
@@ -75,6 +80,7 @@ class ChannelSettings:
     objective: str = "flops"
     seed: int = 0
     confidence: Optional[float] = None
+    guard_samples: Optional[int] = None
 
     def __post_init__(self) -> None:
         from compressor.techniques.scores import CRITERIA
@@ -445,9 +451,11 @@ class _Run:
         """Whether a step's accuracy holds on the search data (`ChannelSettings.confidence`)."""
         if self.settings.confidence is None:
             return self.baseline_accuracy - float(correct.mean()) <= MARGIN * self.budget.limit
-        from compressor.search.confidence import paired_drop
+        from compressor.search.confidence import expected_upper, paired_drop
 
-        return paired_drop(self.baseline_correct, correct, self.settings.confidence).within(self.budget.limit)
+        measured = paired_drop(self.baseline_correct, correct, self.settings.confidence)
+        samples = self.settings.guard_samples or measured.samples
+        return expected_upper(measured, samples) <= self.budget.limit + 1e-12
 
     def _score_data(self) -> Optional[Dataset]:
         return self.train_data if self.train_data is not None else self.search_data

@@ -128,6 +128,19 @@ def paired_drop(original_correct: np.ndarray, candidate_correct: np.ndarray,
     return PairedDrop(len(original), losses, wins, float(confidence), lower, upper)
 
 
+def expected_upper(measured: PairedDrop, samples: int) -> float:
+    """The upper bound `samples` samples would give if they showed the same shares of losses and wins as `measured`.
+
+    How a search predicts, from its own data, whether a guard of another size would
+    accept a model: the drop and the disagreement carry over, the bound's width is the
+    guard's.
+    """
+    if measured.samples == 0:
+        return 1.0
+    scale = samples / measured.samples
+    return drop_bounds(round(measured.losses * scale), round(measured.wins * scale), samples, measured.confidence)[1]
+
+
 def can_confirm(samples: int, limit: float, confidence: float = DEFAULT_CONFIDENCE) -> bool:
     """Whether `samples` can confirm a candidate that loses half of `limit` and wins nothing back.
 

@@ -1,0 +1,196 @@
+"""Budgets on real data: the Fashion-MNIST examples at 1 and 2 points, over seeds; one table.
+
+    python benchmarks/fashion.py [--work DIR] [--examples fashion-resnet20,fashion-mobilenet]
+        [--budgets 0.01,0.02] [--seeds 5] [--seeds-for fashion-mobilenet=2] [--tfmot]
+        [--compress-args "..."] > benchmarks/fashion.md
+
+Needs Debian's dataset-fashion-mnist (or `--source DIR` of the four idx files). Each
+example is trained once (`compressor example NAME`, seed 0); then each (budget, seed)
+is one `compress` run in a fresh process, with `--seed` changing the selection/guard
+split, the scores' samples and the fine-tuning order. The search sees `val.npz` (6,000
+images carved from the training set); every accuracy figure is the TFLite artifact's on
+the official 10,000-image test set, which no search sees.
+
+Runs already done (their report.json in the work folder) are read back, not rerun, so
+an interrupted benchmark resumes, and `--seeds` can grow later.
+
+Per (example, budget): runs that met the budget on the test set; the held-out drop
+(mean, worst) and its 90% interval from the worst run; FLOPs and params kept (median,
+range); TFLite and ONNX latency of the original over ours (median, range; batch 1, one
+thread, timed interleaved in the same run); compress wall time. With `--tfmot`, a peer
+row per example: tfmot's `prune_low_magnitude` to the parameter count of our 2-point
+run of seed 0, fine-tuned for as many epochs of the training set as that run spent in
+all (`benchmarks/tfmot_baseline.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+DEFAULT_COMPRESS_ARGS = "--techniques channels --finetune-epochs 1 --runs 100 --warmup 10"
+
+
+def ensure_example(name: str, work: Path, source: Optional[str]) -> tuple[Path, dict[str, Any]]:
+    """The example's folder, trained once; its build record (test accuracy, training time)."""
+    folder = work / name
+    record = folder / "example.json"
+    if not record.exists():
+        command = [sys.executable, "-m", "compressor", "example", name, "--out", str(folder), "--json"]
+        if source:
+            command += ["--source", source]
+        result = subprocess.run(command, check=True, capture_output=True, text=True)
+        record.write_text(result.stdout)
+    return folder, json.loads(record.read_text())
+
+
+def compress(folder: Path, budget: float, seed: int, out: Path, extra: str) -> dict[str, Any]:
+    """One run (or its report, when it was done before), with its wall time."""
+    timing = out / "wall_s.txt"
+    if (out / "report.json").exists() and timing.exists():
+        return {"report": json.loads((out / "report.json").read_text()), "wall_s": float(timing.read_text())}
+    command = [
+        sys.executable, "-m", "compressor", "compress", str(folder / "model.keras"),
+        "--data", str(folder / "val.npz"), "--test-data", str(folder / "test.npz"),
+        "--train-data", str(folder / "train.npz"), "--method", "fixed_loss", "--max-acc-loss", str(budget),
+        "--seed", str(seed), "--out", str(out), "--overwrite", "--quiet", "--cache-dir", str(folder / "cache"),
+        *shlex.split(extra),
+    ]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode not in (0, 2):
+        raise SystemExit(f"compress failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-2000:]}")
+    timing.write_text(f"{wall:.1f}\n")
+    return {"report": json.loads((out / "report.json").read_text()), "wall_s": wall}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row of one (example, budget) from its runs."""
+    reports = [run["report"] for run in runs]
+    drops = [r["budget"]["achieved"] for r in reports]
+    worst = max(range(len(reports)), key=lambda i: drops[i])
+
+    def kept(kind: str) -> list[float]:
+        return [r["compressed"][kind] / r["baseline"][kind] for r in reports]
+
+    def speedup(fmt: str) -> list[float]:
+        ratios = [next((a.get("latency_ratio") for a in r["artifacts"] if a["format"] == fmt and a["quantize"] == "none"), None)
+                  for r in reports]
+        return [1 / ratio for ratio in ratios if ratio]
+
+    return {
+        "runs": len(runs),
+        "met": sum(bool(r["budget"]["met"]) for r in reports),
+        "ok": sum(r["status"] == "ok" for r in reports),
+        "drop_mean": statistics.mean(drops),
+        "drop_worst": drops[worst],
+        "ci_worst": reports[worst]["budget"].get("ci"),
+        "baseline_accuracy": statistics.mean(r["baseline"]["accuracy"] for r in reports),
+        "flops": kept("flops"),
+        "params": kept("params"),
+        "tflite": speedup("tflite"),
+        "onnx": speedup("onnx"),
+        "wall_s": [run["wall_s"] for run in runs],
+        "epochs": [r["finetune"]["epochs"] for r in reports],
+    }
+
+
+def spread(values: list[float], fmt: str) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+
+
+def tfmot_row(folder: Path, report: dict[str, Any], train_samples: int, work: Path) -> Optional[dict[str, Any]]:
+    """tfmot's prune_low_magnitude at our run's parameter count and fine-tuning budget (in epochs of the train set)."""
+    steps = sum(entry.get("steps", 0) for entry in report["finetune"].get("history", [])) or None
+    epochs = report["finetune"]["epochs"]
+    if steps:  # runs bounded in steps: the same number of samples seen, as whole epochs (at least one)
+        epochs = max(1, round(steps * 64 / train_samples))
+    out = work / f"tfmot-{folder.name}"
+    command = [sys.executable, str(Path(__file__).with_name("tfmot_baseline.py")), str(folder),
+               "--target-params", str(report["compressed"]["params"]), "--epochs", str(max(1, epochs)),
+               "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1:] or ["failed"]}
+    return {"output": result.stdout, "epochs": epochs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/work/fashion"))
+    parser.add_argument("--examples", default="fashion-resnet20,fashion-mobilenet")
+    parser.add_argument("--budgets", default="0.01,0.02")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds-for", action="append", default=[],
+                        help="NAME=N or NAME@BUDGET=N: fewer (or more) seeds for one example or one of its budgets")
+    parser.add_argument("--source", default=None, help="folder of the four Fashion-MNIST idx files")
+    parser.add_argument("--compress-args", default=DEFAULT_COMPRESS_ARGS)
+    parser.add_argument("--tfmot", action="store_true")
+    args = parser.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.seeds_for)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    rows, builds, peers = [], {}, {}
+    for name in args.examples.split(","):
+        folder, builds[name] = ensure_example(name, args.work, args.source)
+        for budget in budgets:
+            seeds = int(overrides.get(f"{name}@{budget:g}", overrides.get(name, args.seeds)))
+            runs = [compress(folder, budget, seed, args.work / "runs" / f"{name}-{budget:g}-s{seed}", args.compress_args)
+                    for seed in range(seeds)]
+            rows.append((name, budget, summarize(runs)))
+            print(f"{name} at {budget:g}: done {seeds} runs", file=sys.stderr)
+        if args.tfmot and 0.02 in budgets:
+            first = args.work / "runs" / f"{name}-0.02-s0" / "report.json"
+            peers[name] = tfmot_row(folder, json.loads(first.read_text()), builds[name]["samples"]["train"], args.work)
+    print_table(rows, builds, peers, args)
+
+
+def print_table(rows, builds, peers, args) -> None:
+    print("# Budgets on real data: Fashion-MNIST\n")
+    print(f"Command: `python benchmarks/fashion.py --examples {args.examples} --budgets {args.budgets} "
+          f"--seeds {args.seeds}{''.join(f' --seeds-for {s}' for s in args.seeds_for)}"
+          f"{' --tfmot' if args.tfmot else ''}` (compress arguments: `{args.compress_args}`)\n")
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. "
+          "Search on val.npz (6,000 images from the training set: half selection, half guard); every accuracy "
+          "figure is the TFLite artifact's on the official 10,000-image test set. Speed-ups are the original's "
+          "median latency over ours (batch 1, one thread, timed interleaved in the same run): median (range) over "
+          "seeds.\n")
+    print("| example | trained | test acc. |")
+    print("|---|---:|---:|")
+    for name, build in builds.items():
+        print(f"| {name} | {build['epochs']} epochs, {build['train_seconds'] / 60:.1f} min | {build['test_accuracy']:.2%} |")
+    print()
+    print("| example | budget | runs met | held-out drop mean / worst (pts) | worst run's 90% CI (pts) | FLOPs kept | "
+          "params kept | TFLite speed-up | ONNX speed-up | compress (min) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, budget, row in rows:
+        ci = row["ci_worst"]
+        ci_text = f"{100 * ci[0]:.2f} – {100 * ci[1]:.2f}" if ci else "–"
+        print(f"| {name} | {100 * budget:g} pts | {row['met']}/{row['runs']} | {100 * row['drop_mean']:.2f} / "
+              f"{100 * row['drop_worst']:.2f} | {ci_text} | {spread(row['flops'], '.3f')} | {spread(row['params'], '.3f')} | "
+              f"{spread(row['tflite'], '.2f')}× | {spread(row['onnx'], '.2f')}× | "
+              f"{spread([w / 60 for w in row['wall_s']], '.1f')} |")
+    for name, peer in peers.items():
+        print(f"\n## tfmot `prune_low_magnitude` on {name}\n")
+        if peer is None or "error" in peer:
+            print(f"Did not run: {(peer or {}).get('error')}")
+        else:
+            print(f"Same parameter count as our 2-point run of seed 0, {peer['epochs']} epoch(s) of fine-tuning:\n")
+            print(peer["output"])
+
+
+if __name__ == "__main__":
+    main()
