@@ -78,8 +78,11 @@ def z_value(confidence: float) -> float:
     return NormalDist().inv_cdf(float(confidence))
 
 
-def drop_bounds(losses: int, wins: int, samples: int, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
-    """(lower, upper) one-sided bounds of the drop (Tango's score interval, module docstring)."""
+def drop_bounds(losses: float, wins: float, samples: int, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:
+    """(lower, upper) one-sided bounds of the drop (Tango's score interval, module docstring).
+
+    Counts are usually whole; fractional ones (expected counts) give the bound of that share.
+    """
     z = z_value(confidence)
     if samples <= 0:
         return -1.0, 1.0
@@ -87,7 +90,7 @@ def drop_bounds(losses: int, wins: int, samples: int, confidence: float = DEFAUL
     return -_score_bound(wins, losses, samples, z, -measured), _score_bound(losses, wins, samples, z, measured)
 
 
-def _score_bound(losses: int, wins: int, n: int, z: float, measured: float) -> float:
+def _score_bound(losses: float, wins: float, n: int, z: float, measured: float) -> float:
     """The largest drop in [measured, 1] the score test does not reject (bisection: the statistic falls with δ)."""
 
     def statistic(delta: float) -> float:
@@ -138,7 +141,7 @@ def expected_upper(measured: PairedDrop, samples: int) -> float:
     if measured.samples == 0:
         return 1.0
     scale = samples / measured.samples
-    return drop_bounds(round(measured.losses * scale), round(measured.wins * scale), samples, measured.confidence)[1]
+    return drop_bounds(measured.losses * scale, measured.wins * scale, samples, measured.confidence)[1]
 
 
 def can_confirm(samples: int, limit: float, confidence: float = DEFAULT_CONFIDENCE) -> bool:
@@ -151,8 +154,7 @@ def can_confirm(samples: int, limit: float, confidence: float = DEFAULT_CONFIDEN
     """
     if limit <= 0:
         return False
-    losses = int(math.ceil(samples * limit / 2))
-    return drop_bounds(losses, 0, samples, confidence)[1] <= limit
+    return drop_bounds(samples * limit / 2, 0, samples, confidence)[1] <= limit  # a share, not rounded: monotone in samples
 
 
 def samples_needed(limit: float, confidence: float = DEFAULT_CONFIDENCE) -> int:
@@ -167,7 +169,7 @@ def samples_needed(limit: float, confidence: float = DEFAULT_CONFIDENCE) -> int:
     while not can_confirm(high, limit, confidence):
         high *= 2
     low = high // 2
-    while high - low > 1:  # can_confirm is monotone in samples up to the rounding of losses
+    while high - low > 1:  # can_confirm is monotone in samples
         middle = (low + high) // 2
         low, high = (low, middle) if can_confirm(middle, limit, confidence) else (middle, high)
     return high
