@@ -20,8 +20,8 @@ batches, and `distribute="mirrored"` runs it on every local device
 A run makes `epochs` passes over the data, each in a new order drawn from the seed,
 and stops after `max_steps` optimizer steps in all when that is set (the last epoch
 is then cut short). The accuracy on the validation data is checked at the end of
-each epoch and, with `max_steps`, every ceil(max_steps / 4) steps as well; the run
-stops early at a check that reaches the target.
+each epoch and, with `check_every`, every that many steps as well; the run stops
+early at a check that reaches the target.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ import tensorflow as tf
 
 from compressor.distillation import DEFAULT_TEMPERATURE, teacher_logits
 from compressor.errors import CompressorError, DataError
-from compressor.finetune_step import DISTRIBUTE, TEACHER_PASSES, batches, distribute_strategy, in_scope, train_step
+from compressor.config import DISTRIBUTE
+from compressor.finetune_step import TEACHER_PASSES, batch_sizes, batches, distribute_strategy, in_scope, train_step
 from compressor.graph.walk import nested_layers
 from compressor.io.data import Dataset
 from compressor.kernel_masks import KernelMasks, kernel_layers
@@ -46,9 +47,6 @@ from compressor.techniques.base import kernel_index
 
 EpochCallback = Callable[[int, int, dict], None]
 StepCallback = Callable[[int, int], None]
-
-CHECKS_PER_RUN = 4
-"""With `max_steps`, the validation accuracy is also checked every ceil(max_steps / CHECKS_PER_RUN) steps."""
 
 PROGRESS_UPDATES = 200
 """About how many times a run reports its progress (`on_step`)."""
@@ -74,6 +72,8 @@ class FinetuneConfig:
         teacher_pass: "once" (the teacher's outputs computed before the run and
             streamed with the inputs) or "per_batch" (computed inside each step).
         distribute: "none" or "mirrored" (every local device, `MirroredStrategy`).
+        check_every: Also check the validation accuracy (and the early stop) every
+            this many steps, not only at each epoch's end (None: only there).
     """
 
     epochs: int
@@ -85,10 +85,12 @@ class FinetuneConfig:
     max_steps: Optional[int] = None
     teacher_pass: str = "once"
     distribute: str = "none"
+    check_every: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.max_steps is not None:
-            _check_int("max_steps", self.max_steps, "an integer >= 1 or None", 1)
+        for name in ("max_steps", "check_every"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), "an integer >= 1 or None", 1)
         for name, choices in (("teacher_pass", TEACHER_PASSES), ("distribute", DISTRIBUTE)):
             if getattr(self, name) not in choices:
                 raise CompressorError(
@@ -165,7 +167,7 @@ class FinetuneResult:
         epochs_run: Epochs begun (the last one may have been cut short by
             `max_steps` or an early stop within it).
         steps: Optimizer steps taken.
-        history: Per check (each epoch's end, and every few steps with `max_steps`):
+        history: Per check (each epoch's end, and every `check_every` steps):
             {"epoch" (from 1), "step" (steps taken so far), "loss" (mean over the
             samples since the previous check), "val_accuracy" (None without
             validation data)}, and with gradual sparsity "density": {layer: fraction
@@ -234,12 +236,14 @@ def finetune(
     per_batch = config.teacher_pass == "per_batch" and teacher is not None and teacher_outputs is None
     soft = None if per_batch else teacher_logits(teacher, train, classes, teacher_outputs)
     weights = _loss_weights(train.y is not None, per_batch or soft is not None, config.distillation)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    planned = config.epochs * steps_per_epoch
+    strategy = distribute_strategy(config.distribute)
+    replicas = 1 if strategy is None else strategy.num_replicas_in_sync
+    if len(train) < replicas:
+        raise DataError(f"the training data from {train.source} has {len(train)} sample(s), fewer than the {replicas} devices")
+    sizes = batch_sizes(len(train), config.batch_size, replicas)
+    planned = config.epochs * len(sizes)
     if config.max_steps is not None:
         planned = min(planned, config.max_steps)
-    check_every = math.ceil(config.max_steps / CHECKS_PER_RUN) if config.max_steps is not None else None
-    strategy = distribute_strategy(config.distribute)
     model = student if strategy is None else in_scope(student, strategy)
     masker = KernelMasks(model, masks or {}, sparsity, planned)
     # Missing labels or teacher outputs are zeros the loss gives no weight: one step signature.
@@ -257,17 +261,17 @@ def finetune(
     step, stopped_early, epoch = 0, False, 0
     while epoch < config.epochs and step < planned and not stopped_early:
         epoch += 1
-        order = rng.permutation(len(train))[: (planned - step) * config.batch_size]
+        epoch_sizes = sizes[: planned - step]
+        order = rng.permutation(len(train))[: sum(epoch_sizes)]
         losses, seen, counted = [], 0, 0
-        for x, y, t in batches(arrays, order, config.batch_size, strategy):
+        for size, (x, y, t) in zip(epoch_sizes, batches(arrays, order, epoch_sizes, strategy)):
             masker.update(step)
-            size = min(config.batch_size, len(order) - seen)
             # Kept as tensors until a check: reading each loss would wait for its step.
             losses.append(step_fn(x, y, t) * size)
             step, seen, counted = step + 1, seen + size, counted + size
             progress(step)
             at_end = seen == len(order)
-            if at_end or (check_every and step % check_every == 0):
+            if at_end or (config.check_every and step % config.check_every == 0):
                 entry = _check(model, val, sparsity, masker, epoch, step, float(np.sum(losses)) / counted)
                 history.append(entry)
                 losses, counted = [], 0
@@ -282,7 +286,6 @@ def finetune(
         history[-1]["density"] = masker.densities()
     if model is not student:
         student.set_weights(model.get_weights())
-    replicas = 1 if strategy is None else strategy.num_replicas_in_sync
     return FinetuneResult(epoch, step, tuple(history), stopped_early, time.perf_counter() - start, replicas)
 
 

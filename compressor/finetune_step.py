@@ -30,12 +30,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from compressor.config import DISTRIBUTE
 from compressor.distillation import as_logits, per_sample_distillation
 from compressor.errors import CompressorError
 from compressor.kernel_masks import KernelMasks
-
-DISTRIBUTE = ("none", "mirrored")
-"""How fine-tuning uses the devices: one device (TensorFlow's default placement), or all local ones mirrored."""
 
 TEACHER_PASSES = ("once", "per_batch")
 """When the teacher's outputs are computed: once before the run, or inside each step."""
@@ -61,14 +59,30 @@ def in_scope(model: keras.Model, strategy: tf.distribute.Strategy) -> keras.Mode
     return clone
 
 
+def batch_sizes(samples: int, batch_size: int, replicas: int = 1) -> list[int]:
+    """The sizes of an epoch's batches: `batch_size` each, the rest last.
+
+    With several replicas a last batch smaller than their number joins the one
+    before it: every replica gets a sample (a replica's empty batch would give batch
+    normalization a mean of nothing).
+    """
+    sizes = [batch_size] * (samples // batch_size) + ([samples % batch_size] if samples % batch_size else [])
+    if len(sizes) > 1 and sizes[-1] < replicas:
+        sizes[-2:] = [sizes[-2] + sizes[-1]]
+    return sizes
+
+
 def batches(
-    arrays: tuple[np.ndarray, ...], order: np.ndarray, batch_size: int, strategy: Optional[tf.distribute.Strategy]
+    arrays: tuple[np.ndarray, ...], order: np.ndarray, sizes: list[int], strategy: Optional[tf.distribute.Strategy]
 ) -> Any:
-    """The rows of `arrays` in `order`, `batch_size` at a time, as a prefetching tf.data pipeline.
+    """The rows of `arrays` in `order`, in batches of `sizes` (`batch_sizes`), as a prefetching tf.data pipeline.
 
     Each batch is gathered from the in-memory arrays when tf.data asks for it; under a
     strategy, each global batch is split among the replicas.
     """
+    bounds = np.cumsum([0, *sizes])
+    if bounds[-1] != len(order):
+        raise ValueError(f"batch sizes add up to {bounds[-1]}, not to the {len(order)} indices in order")
     specs = tuple(tf.TensorSpec((None, *array.shape[1:]), tf.as_dtype(array.dtype)) for array in arrays)
 
     def gather(index: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -80,7 +94,11 @@ def batches(
             row.set_shape(spec.shape)
         return tuple(rows)
 
-    data = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).map(fetch).prefetch(PREFETCH)
+    def index_batches() -> Any:
+        return (order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))
+
+    index = tf.data.Dataset.from_generator(index_batches, output_signature=tf.TensorSpec((None,), tf.int64))
+    data = index.map(fetch).prefetch(PREFETCH)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     data = data.with_options(options)
