@@ -191,7 +191,7 @@ def test_mirrored_strategy_uses_two_replicas_and_trains_alike(tmp_path):
     for run in (two, odd):
         assert all(np.isfinite(run["losses"])) and run["masked_zero"] and run["kept_nonzero"], run
     # The same global batches and summed gradients; only batch norm's statistics are per replica
-    # (half batches). Observed: accuracy 0.871 both, losses within 0.5%.
+    # (half batches). Observed: accuracy 0.840 both, losses within 0.4%.
     assert abs(one["accuracy"] - two["accuracy"]) <= 0.03, (one, two)
     np.testing.assert_allclose(one["losses"], two["losses"], rtol=0.05)
 
