@@ -80,27 +80,30 @@ def batches(
     Each batch is gathered from the in-memory arrays when tf.data asks for it; under a
     strategy, each global batch is split among the replicas.
     """
-    bounds = np.cumsum([0, *sizes])
+    bounds = np.cumsum([0, *sizes]).astype(np.int64)
     if bounds[-1] != len(order):
         raise ValueError(f"batch sizes add up to {bounds[-1]}, not to the {len(order)} indices in order")
     specs = tuple(tf.TensorSpec((None, *array.shape[1:]), tf.as_dtype(array.dtype)) for array in arrays)
 
-    def gather(index: np.ndarray) -> tuple[np.ndarray, ...]:
+    def gather(lo: np.int64, hi: np.int64) -> tuple[np.ndarray, ...]:
+        index = order[lo:hi]
         return tuple(array[index] for array in arrays)
 
-    def fetch(index: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        rows = tf.numpy_function(gather, [index], [spec.dtype for spec in specs], stateful=False)
+    def fetch(lo: tf.Tensor, hi: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        rows = tf.numpy_function(gather, [lo, hi], [spec.dtype for spec in specs], stateful=False)
         for row, spec in zip(rows, specs):
             row.set_shape(spec.shape)
         return tuple(rows)
 
-    def index_batches() -> Any:
-        return (order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:]))
-
-    index = tf.data.Dataset.from_generator(index_batches, output_signature=tf.TensorSpec((None,), tf.int64))
-    data = index.map(fetch).prefetch(PREFETCH)
+    # Batch bounds, not samples, are the dataset's elements (a generator-fed dataset
+    # measured 1.5x slower per step here: its Python thread competes with the step's).
+    data = tf.data.Dataset.from_tensor_slices((bounds[:-1], bounds[1:])).map(fetch).prefetch(PREFETCH)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    # One thread gathers rows from memory, a fixed number of batches ahead: the cores stay with the step.
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    options.autotune.enabled = False
     data = data.with_options(options)
     return data if strategy is None else strategy.experimental_distribute_dataset(data)
 
