@@ -59,6 +59,8 @@ BUDGET_ON = ("params", "flops")
 # Kept in step with compressor.export.quantize.QUANTIZE_MODES (tested).
 QUANTIZE_MODES = ("none", "dynamic", "float16", "int8")
 DATA_KEYS = ("data", "test_data", "train_data")
+DISTRIBUTE = ("none", "mirrored")
+"""Where fine-tuning runs: TensorFlow's default device, or every local device under MirroredStrategy."""
 _N_M = re.compile(r"\d+:\d+")
 
 
@@ -165,6 +167,13 @@ class CompressOptions:
     finetune_epochs: int = option(
         0, help="Fine-tune the compressed model this many epochs (per pruning step) with the original as teacher; "
         "needs {train_data}.", check=integer(0, "finetune epochs"))
+    finetune_steps: Optional[int] = option(
+        None, help="At most N optimizer steps per fine-tuning run (each pruning step's, the final one's, a replay's): "
+        "{finetune_epochs} passes over {train_data} cut off at N steps; the search data is then checked every N/4 "
+        "steps for the early stop too (default: no cap).", check=integer(1, "finetune steps"))
+    distribute: str = option(
+        "none", help="Fine-tune on: none (default: TensorFlow's default device) or mirrored (every local GPU, "
+        "tf.distribute.MirroredStrategy).", parse=lowercase, check=one_of(DISTRIBUTE, "distribute"))
     max_channel_fraction: float = option(
         0.9, help="Most of a channel group that may be removed (default 0.9).", check=open_fraction("max channel fraction"))
     pruning_structure: str = option(
@@ -232,6 +241,8 @@ class CompressOptions:
             raise OptionError("pruning structure block needs {block_size} ROWS,COLS (e.g. 2,2)")
         if self.finetune_epochs and self.train_data is None:
             raise OptionError("{finetune_epochs} needs {train_data} (the data the compressed model is fine-tuned on)")
+        if self.finetune_steps is not None and not self.finetune_epochs:
+            raise OptionError("{finetune_steps} caps the steps of fine-tuning: it needs {finetune_epochs} as well")
         self._check_quantization()
         self._check_gating()
 

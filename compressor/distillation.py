@@ -106,9 +106,24 @@ def kl_divergence(teacher_logits: Any, student_logits: Any) -> Any:
     """Batch mean of KL(softmax(teacher) ‖ softmax(student))."""
     import tensorflow as tf
 
+    return tf.reduce_mean(_per_sample_kl(teacher_logits, student_logits))
+
+
+def per_sample_distillation(teacher_logits: Any, student_logits: Any, temperature: float) -> Any:
+    """T² · KL(softmax(t/T) ‖ softmax(s/T)) of each sample: the teacher's term before its weight and batch mean.
+
+    Summed and divided by the global batch size, a replica's share of the loss under
+    a distribution strategy (a replica's batch may be empty: no mean of nothing).
+    """
+    return temperature**2 * _per_sample_kl(teacher_logits / temperature, student_logits / temperature)
+
+
+def _per_sample_kl(teacher_logits: Any, student_logits: Any) -> Any:
+    import tensorflow as tf
+
     log_p = tf.nn.log_softmax(teacher_logits)
     log_q = tf.nn.log_softmax(student_logits)
-    return tf.reduce_mean(tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1))
+    return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
 
 
 def distillation_term(teacher_logits: Any, student_logits: Any, temperature: float, weight: float) -> Any:

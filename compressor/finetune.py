@@ -13,7 +13,15 @@ the labels' cross-entropy alone; without labels, the teacher term alone.
 
 Masked kernels stay sparse, and gradual sparsity prunes layers during the run
 (`compressor.kernel_masks`). The train step is a `tf.function` (XLA where `model.fit`
-would use it: a GPU is present and every layer supports it).
+would use it: a GPU is present and every layer supports it); tf.data streams its
+batches, and `distribute="mirrored"` runs it on every local device
+(`compressor.finetune_step`).
+
+A run makes `epochs` passes over the data, each in a new order drawn from the seed,
+and stops after `max_steps` optimizer steps in all when that is set (the last epoch
+is then cut short). The accuracy on the validation data is checked at the end of
+each epoch and, with `check_every`, every that many steps as well; the run stops
+early at a check that reaches the target.
 """
 
 from __future__ import annotations
@@ -27,14 +35,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from compressor.distillation import (
-    DEFAULT_TEMPERATURE,
-    as_logits,
-    distillation_term,
-    student_probabilities,
-    teacher_logits,
-)
+from compressor.distillation import DEFAULT_TEMPERATURE, teacher_logits
 from compressor.errors import CompressorError, DataError
+from compressor.config import DISTRIBUTE
+from compressor.finetune_step import TEACHER_PASSES, batch_sizes, batches, distribute_strategy, in_scope, train_step
 from compressor.graph.walk import nested_layers
 from compressor.io.data import Dataset
 from compressor.kernel_masks import KernelMasks, kernel_layers
@@ -42,6 +46,10 @@ from compressor.surgery.plan import SparsitySpec
 from compressor.techniques.base import kernel_index
 
 EpochCallback = Callable[[int, int, dict], None]
+StepCallback = Callable[[int, int], None]
+
+PROGRESS_UPDATES = 200
+"""About how many times a run reports its progress (`on_step`)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,14 @@ class FinetuneConfig:
         distillation: Weight of the teacher term in [0, 1]; the labels' cross-entropy
             gets 1 − distillation.
         seed: Seeds shuffling, dropout and every other random choice of the run.
+        max_steps: At most this many optimizer steps in the run (None: `epochs`
+            whole passes); the cosine decay and gradual sparsity span the steps
+            the run plans, min(epochs · batches per epoch, max_steps).
+        teacher_pass: "once" (the teacher's outputs computed before the run and
+            streamed with the inputs) or "per_batch" (computed inside each step).
+        distribute: "none" or "mirrored" (every local device, `MirroredStrategy`).
+        check_every: Also check the validation accuracy (and the early stop) every
+            this many steps, not only at each epoch's end (None: only there).
     """
 
     epochs: int
@@ -66,8 +82,20 @@ class FinetuneConfig:
     temperature: float = DEFAULT_TEMPERATURE
     distillation: float = 0.7
     seed: int = 0
+    max_steps: Optional[int] = None
+    teacher_pass: str = "once"
+    distribute: str = "none"
+    check_every: Optional[int] = None
 
     def __post_init__(self) -> None:
+        for name in ("max_steps", "check_every"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), "an integer >= 1 or None", 1)
+        for name, choices in (("teacher_pass", TEACHER_PASSES), ("distribute", DISTRIBUTE)):
+            if getattr(self, name) not in choices:
+                raise CompressorError(
+                    f"Invalid {name}. Expected one of {choices}. Received: {name}={getattr(self, name)!r}"
+                )
         _check_int("epochs", self.epochs, "an integer >= 1", 1)
         _check_int("batch_size", self.batch_size, "an integer >= 1", 1)
         _check_number("learning_rate", self.learning_rate, "a number > 0", lambda v: v > 0)
@@ -136,13 +164,18 @@ class FinetuneResult:
     """What a fine-tuning run did.
 
     Attributes:
-        epochs_run: Epochs completed.
+        epochs_run: Epochs begun (the last one may have been cut short by
+            `max_steps` or an early stop within it).
         steps: Optimizer steps taken.
-        history: Per epoch: {"epoch" (from 1), "loss" (mean over the epoch's
-            samples), "val_accuracy" (None without validation data)}, and with
-            gradual sparsity "density": {layer: fraction of its kernel kept}.
-        stopped_early: Whether `target_accuracy` was reached before the last epoch.
+        history: Per check (each epoch's end, and every `check_every` steps):
+            {"epoch" (from 1), "step" (steps taken so far), "loss" (mean over the
+            samples since the previous check), "val_accuracy" (None without
+            validation data)}, and with gradual sparsity "density": {layer: fraction
+            of its kernel kept}.
+        stopped_early: Whether `target_accuracy` was reached before the planned
+            steps ran out.
         seconds: Wall-clock time of the run.
+        replicas: Devices the steps ran on (1 unless `distribute` is "mirrored").
     """
 
     epochs_run: int
@@ -150,6 +183,7 @@ class FinetuneResult:
     history: tuple[dict, ...]
     stopped_early: bool
     seconds: float
+    replicas: int = 1
 
 
 def finetune(
@@ -164,6 +198,7 @@ def finetune(
     sparsity: Optional[GradualSparsity] = None,
     teacher_outputs: Optional[np.ndarray] = None,
     on_epoch: Optional[EpochCallback] = None,
+    on_step: Optional[StepCallback] = None,
 ) -> FinetuneResult:
     """Train `student` in place, distilling `teacher` into it (module docstring).
 
@@ -173,14 +208,17 @@ def finetune(
         train: Training data; its labels may be None when a teacher is given.
         config: Epochs, batch size, learning rate, temperature, weights, seed.
         val: Labelled data whose accuracy is measured after each epoch.
-        target_accuracy: Stop once the accuracy on `val` reaches it (needs `val`).
-            With gradual sparsity, not before the target density is reached.
+        target_accuracy: Stop at a check (module docstring) where the accuracy on
+            `val` reaches it (needs `val`). With gradual sparsity, not before the
+            target density is reached.
         masks: Layer name -> boolean array shaped like that layer's kernel: the
             weights where it is False are set to 0 and held there (`fixed_masks`).
         sparsity: Layers to prune gradually during the run.
         teacher_outputs: The teacher's predictions for `train.x`
             (`teacher_predictions`), to reuse across runs; used instead of `teacher`.
         on_epoch: Called after each epoch with (epoch, epochs, history entry).
+        on_step: Called as on_step(steps done, steps planned) about
+            PROGRESS_UPDATES times in the run, and after its last step.
 
     Returns:
         What the run did; the trained weights are in `student`.
@@ -195,37 +233,60 @@ def finetune(
     classes = _check_student(student)
     _check_run(train, val, target_accuracy, classes)
     keras.utils.set_random_seed(config.seed)
-    soft = teacher_logits(teacher, train, classes, teacher_outputs)
-    weights = _loss_weights(train.y is not None, soft is not None, config.distillation)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    masker = KernelMasks(student, masks or {}, sparsity, config.epochs * steps_per_epoch)
-    step_fn = _train_step(student, train.x, config, steps_per_epoch, weights, masker)
+    per_batch = config.teacher_pass == "per_batch" and teacher is not None and teacher_outputs is None
+    soft = None if per_batch else teacher_logits(teacher, train, classes, teacher_outputs)
+    weights = _loss_weights(train.y is not None, per_batch or soft is not None, config.distillation)
+    strategy = distribute_strategy(config.distribute)
+    replicas = 1 if strategy is None else strategy.num_replicas_in_sync
+    if len(train) < replicas:
+        raise DataError(f"the training data from {train.source} has {len(train)} sample(s), fewer than the {replicas} devices")
+    sizes = batch_sizes(len(train), config.batch_size, replicas)
+    planned = config.epochs * len(sizes)
+    if config.max_steps is not None:
+        planned = min(planned, config.max_steps)
+    model = student if strategy is None else in_scope(student, strategy)
+    masker = KernelMasks(model, masks or {}, sparsity, planned)
     # Missing labels or teacher outputs are zeros the loss gives no weight: one step signature.
     arrays = (
         train.x,
         np.zeros(len(train), np.int64) if train.y is None else train.y.astype(np.int64),
         np.zeros((len(train), 1), np.float32) if soft is None else soft,
     )
+    step_teacher = None if not per_batch else teacher if strategy is None else in_scope(teacher, strategy)
+    jit = strategy is None and _use_xla(model)
+    step_fn = train_step(model, step_teacher, arrays, planned, config, weights, masker, strategy, jit)
+    progress = _Progress(on_step, planned)
     rng = np.random.default_rng(config.seed)
     history: list[dict] = []
-    step, stopped_early = 0, False
-    for epoch in range(1, config.epochs + 1):
-        order = rng.permutation(len(train))
-        loss, step = _run_epoch(step_fn, masker, arrays, order, config.batch_size, step)
-        entry = {"epoch": epoch, "loss": loss, "val_accuracy": None if val is None else accuracy(student, val)}
-        if sparsity is not None:
-            entry["density"] = masker.densities()
-        history.append(entry)
-        if on_epoch is not None:
-            on_epoch(epoch, config.epochs, dict(entry))
-        reached = target_accuracy is not None and entry["val_accuracy"] >= target_accuracy
-        if reached and epoch < config.epochs and masker.pruning_done(step):
-            stopped_early = True
-            break
+    step, stopped_early, epoch = 0, False, 0
+    while epoch < config.epochs and step < planned and not stopped_early:
+        epoch += 1
+        epoch_sizes = sizes[: planned - step]
+        order = rng.permutation(len(train))[: sum(epoch_sizes)]
+        losses, seen, counted = [], 0, 0
+        for size, (x, y, t) in zip(epoch_sizes, batches(arrays, order, epoch_sizes, strategy)):
+            masker.update(step)
+            # Kept as tensors until a check: reading each loss would wait for its step.
+            losses.append(step_fn(x, y, t) * size)
+            step, seen, counted = step + 1, seen + size, counted + size
+            progress(step)
+            at_end = seen == len(order)
+            if at_end or (config.check_every and step % config.check_every == 0):
+                entry = _check(model, val, sparsity, masker, epoch, step, float(np.sum(losses)) / counted)
+                history.append(entry)
+                losses, counted = [], 0
+                if at_end and on_epoch is not None:
+                    on_epoch(epoch, config.epochs, dict(entry))
+                reached = target_accuracy is not None and entry["val_accuracy"] >= target_accuracy
+                if reached and step < planned and masker.pruning_done(step):
+                    stopped_early = True
+                    break
     masker.finish()
     if sparsity is not None:
         history[-1]["density"] = masker.densities()
-    return FinetuneResult(len(history), step, tuple(history), stopped_early, time.perf_counter() - start)
+    if model is not student:
+        student.set_weights(model.get_weights())
+    return FinetuneResult(epoch, step, tuple(history), stopped_early, time.perf_counter() - start, replicas)
 
 
 def fixed_masks(model: keras.Model, min_zeros: float = 0.3) -> dict[str, np.ndarray]:
@@ -319,73 +380,24 @@ def _loss_weights(has_labels: bool, has_teacher: bool, distillation: float) -> t
 # --- training --------------------------------------------------------------------------
 
 
-def _train_step(
-    student: keras.Model,
-    x_train: np.ndarray,
-    config: FinetuneConfig,
-    steps_per_epoch: int,
-    weights: tuple[float, float],
-    masker: KernelMasks,
-) -> Callable[[np.ndarray, np.ndarray, np.ndarray], Any]:
-    """A compiled step: forward in training mode, loss, Adam update, masks re-applied."""
-    variables = list(student.trainable_variables)
-    if not variables:
-        raise CompressorError(f"model {student.name!r} has no trainable weights: nothing to fine-tune")
-    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, config.epochs * steps_per_epoch)
-    optimizer = keras.optimizers.Adam(schedule)
-    optimizer.build(variables)
-    grad_masks = masker.masks_for(variables)
-    soft_weight, label_weight = weights
-    temperature = float(config.temperature)
-    probabilities = student_probabilities(student, x_train)
-
-    def step(x: tf.Tensor, y: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            outputs = tf.cast(student(x, training=True), tf.float32)
-            logits = as_logits(outputs, probabilities)
-            loss = tf.constant(0.0)
-            if soft_weight:
-                loss += distillation_term(t, logits, temperature, soft_weight)
-            if label_weight:
-                ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-                loss += label_weight * tf.reduce_mean(ce)
-            if student.losses:  # regularizers' penalties
-                loss += tf.add_n([tf.cast(penalty, tf.float32) for penalty in student.losses])
-        grads = tape.gradient(loss, variables)
-        pairs = [
-            (grad if keep is None else grad * keep, var)
-            for grad, var, keep in zip(grads, variables, grad_masks)
-            if grad is not None
-        ]
-        optimizer.apply_gradients(pairs)
-        masker.apply_in_graph()
-        return loss
-
-    signature = [
-        tf.TensorSpec((None, *x_train.shape[1:]), tf.as_dtype(x_train.dtype)),
-        tf.TensorSpec((None,), tf.int64),
-        tf.TensorSpec((None, None), tf.float32),
-    ]
-    return tf.function(step, input_signature=signature, jit_compile=_use_xla(student))
+def _check(model, val, sparsity, masker, epoch: int, step: int, loss: float) -> dict:
+    """A history entry: `loss` (the mean since the previous check), the accuracy on `val` now."""
+    entry = {"epoch": epoch, "step": step, "loss": loss, "val_accuracy": None if val is None else accuracy(model, val)}
+    if sparsity is not None:
+        entry["density"] = masker.densities()
+    return entry
 
 
-def _run_epoch(
-    step_fn: Callable,
-    masker: KernelMasks,
-    arrays: tuple[np.ndarray, ...],
-    order: np.ndarray,
-    batch_size: int,
-    step: int,
-) -> tuple[float, int]:
-    """One pass over the data in `order`; returns (mean loss per sample, next step)."""
-    losses = []
-    for lo in range(0, len(order), batch_size):
-        masker.update(step)
-        batch = order[lo : lo + batch_size]
-        # Kept as tensors until the epoch ends: reading each loss would wait for its step.
-        losses.append(step_fn(*(array[batch] for array in arrays)) * len(batch))
-        step += 1
-    return float(np.sum(losses)) / len(order), step
+class _Progress:
+    """Calls on_step(done, planned) every planned / PROGRESS_UPDATES steps and at the last."""
+
+    def __init__(self, on_step: Optional[StepCallback], planned: int) -> None:
+        self.on_step, self.planned = on_step, planned
+        self.every = max(1, planned // PROGRESS_UPDATES)
+
+    def __call__(self, step: int) -> None:
+        if self.on_step is not None and (step % self.every == 0 or step == self.planned):
+            self.on_step(step, self.planned)
 
 
 def _use_xla(model: keras.Model) -> bool:

@@ -114,10 +114,11 @@ def _write_error_report(options: Any, exc: Exception) -> None:
 
 
 def _run_with_progress(compress: Any, options: Any) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("ETA"), TimeRemainingColumn(),
         console=err_console, transient=False,
     ) as bars:
         tasks: dict[str, Any] = {}
@@ -125,6 +126,8 @@ def _run_with_progress(compress: Any, options: Any) -> dict:
         def progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = bars.add_task(stage, total=total)
+            elif done < bars.tasks[tasks[stage]].completed:  # a new run of the stage (a search's next step)
+                bars.reset(tasks[stage], total=total)
             bars.update(tasks[stage], completed=done, total=total)
 
         def log(message: str) -> None:

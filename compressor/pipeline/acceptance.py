@@ -181,6 +181,6 @@ def _revert_layers(ctx: RunContext, run: Run) -> None:
             skipped = record.skipped + tuple(SkippedLayer(edit.layer, REJECTED_REASON) for edit in record.edits)
             run.records[index] = dataclasses.replace(record, edits=(), skipped=skipped, statistics=None, costs={})
         elif isinstance(record, FinetuneRecord):
-            epochs = channels.epochs if channels is not None else 0
-            run.records[index] = FinetuneRecord(plan_entry(ctx.options, epochs), None)
+            epochs, steps = (channels.epochs, channels.finetune_steps) if channels is not None else (0, 0)
+            run.records[index] = FinetuneRecord(plan_entry(ctx.options, epochs, steps), None)
     ctx.log("guard: the per-layer edits are dropped; the run keeps the model accepted before them")

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from compressor.surgery.plan import Plan
 
 Progress = Callable[[str, int, int], None]
-"""Called as progress(stage, done, total) while a long step runs, e.g. ("fine-tuning", 2, 5)."""
+"""Called as progress(stage, done, total) while a long step runs, e.g. ("fine-tuning", 120, 844): optimizer
+steps of the current fine-tuning run (each run of a search starts again from 0)."""
 Log = Callable[[str], None]
 """Called with one line for people at each step of the run."""
 

@@ -8,13 +8,16 @@ schedule, from dense to the planned density over the first 60% of the steps), wh
 recovers more than fine-tuning a one-shot mask; other zeros (masks by another
 criterion, sparse residual branches) stay fixed.
 
-The plan records every epoch of the run (channel steps included) and the seed; a
-replay fine-tunes that many epochs at once, with the recorded seed.
+The plan records every epoch and every optimizer step of the run (channel steps
+included), the cap on steps per run (`finetune_steps`) and the seed; a replay
+fine-tunes that many epochs at once, cut off at that many steps, with the recorded
+seed. Plans written before steps were recorded replay their epochs whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any, Optional
 
 from compressor.errors import OptionError
@@ -22,6 +25,9 @@ from compressor.pipeline import policy
 from compressor.pipeline.context import Run, RunContext
 from compressor.pipeline.records import ChannelRecord, FinetuneRecord, LayerRecord
 from compressor.surgery.plan import LayerEdit, Plan
+
+CHECKS_PER_RUN = 4
+"""With `finetune_steps` N, a search's fine-tuning checks the search data every ceil(N / 4) steps as well."""
 
 if TYPE_CHECKING:
     from compressor.config import CompressOptions
@@ -34,7 +40,9 @@ def finetune_config(options: CompressOptions) -> Optional[FinetuneConfig]:
         return None
     from compressor.finetune import FinetuneConfig
 
-    return FinetuneConfig(epochs=options.finetune_epochs, seed=options.seed)
+    steps = options.finetune_steps
+    return FinetuneConfig(epochs=options.finetune_epochs, seed=options.seed, max_steps=steps, distribute=options.distribute,
+                          check_every=None if steps is None else math.ceil(steps / CHECKS_PER_RUN))
 
 
 class FinetuneStage:
@@ -54,7 +62,8 @@ class FinetuneStage:
         if ctx.options.finetune_epochs and layers is not None and layers.edits:
             result = _finetune(ctx, run, layers.edits)
         epochs = (channels.epochs if channels is not None else 0) + (result.epochs_run if result is not None else 0)
-        return FinetuneRecord(plan_entry(ctx.options, epochs), result)
+        steps = (channels.finetune_steps if channels is not None else 0) + (result.steps if result is not None else 0)
+        return FinetuneRecord(plan_entry(ctx.options, epochs, steps), result)
 
     def recorded(self, plan: Plan) -> Optional[FinetuneRecord]:
         return FinetuneRecord(plan.finetune) if plan.finetune is not None else None
@@ -64,9 +73,13 @@ class FinetuneStage:
             return record
         from compressor.finetune import FinetuneConfig, finetune, fixed_masks
 
-        config = FinetuneConfig(epochs=int(record.entry["epochs"]), seed=int(record.entry.get("seed", ctx.options.seed)))
-        ctx.log(f"fine-tuning {config.epochs} epoch(s), as the plan records")
-        result = finetune(run.compressed, ctx.model, ctx.data.train, config, masks=fixed_masks(run.compressed))
+        entry = record.entry
+        steps = int(entry["steps"]) if entry.get("steps") is not None else None
+        config = FinetuneConfig(epochs=int(entry["epochs"]), seed=int(entry.get("seed", ctx.options.seed)),
+                                max_steps=steps, distribute=ctx.options.distribute)
+        ctx.log(f"fine-tuning {config.epochs} epoch(s)" + (f", {steps} step(s)" if steps else "") + ", as the plan records")
+        result = finetune(run.compressed, ctx.model, ctx.data.train, config, masks=fixed_masks(run.compressed),
+                          on_step=lambda done, total: ctx.progress("fine-tuning", done, total))
         return dataclasses.replace(record, result=result)
 
 
@@ -87,19 +100,21 @@ def _finetune(ctx: RunContext, run: Run, edits: tuple[LayerEdit, ...]) -> Finetu
     target = None
     if policy.is_accuracy(ctx.budget) and search is not None:
         target = policy.finetune_target(accuracy(ctx.model, search), ctx.budget)
-    ctx.log(f"fine-tuning up to {options.finetune_epochs} epoch(s)")
+    cap = f", {options.finetune_steps} step(s)" if options.finetune_steps else ""
+    ctx.log(f"fine-tuning up to {options.finetune_epochs} epoch(s){cap}")
     return finetune(
         run.compressed, ctx.model, ctx.data.train, finetune_config(options),
         val=search,
         target_accuracy=target,
         masks={name: mask for name, mask in fixed_masks(run.compressed).items() if name not in gradual},
         sparsity=GradualSparsity(targets=gradual) if gradual else None,
-        on_epoch=lambda epoch, epochs, _entry: ctx.progress("fine-tuning", epoch, epochs),
+        on_step=lambda done, total: ctx.progress("fine-tuning", done, total),
     )
 
 
-def plan_entry(options: CompressOptions, epochs: int) -> Optional[dict[str, Any]]:
-    """The plan's "finetune" for a run that fine-tuned `epochs` epochs in all (None: none)."""
+def plan_entry(options: CompressOptions, epochs: int, steps: int) -> Optional[dict[str, Any]]:
+    """The plan's "finetune" for a run that fine-tuned `epochs` epochs and `steps` optimizer steps in all (None: none)."""
     if not epochs:
         return None
-    return {"epochs": epochs, "epochs_per_run": options.finetune_epochs, "teacher": "original", "seed": options.seed}
+    return {"epochs": epochs, "epochs_per_run": options.finetune_epochs, "steps": steps,
+            "steps_per_run": options.finetune_steps, "teacher": "original", "seed": options.seed}

@@ -41,6 +41,11 @@ class ChannelRecord:
         """Fine-tuning epochs the channel search spent between its steps."""
         return self.result.epochs if self.result is not None else 0
 
+    @property
+    def finetune_steps(self) -> int:
+        """Fine-tuning optimizer steps the channel search spent between its steps."""
+        return self.result.finetune_steps if self.result is not None else 0
+
     def plan_fields(self) -> dict[str, Any]:
         return {"channels": self.removals}
 
@@ -82,7 +87,9 @@ class FinetuneRecord:
 
     Attributes:
         entry: The plan's "finetune": {"epochs" (all of the run's epochs, channel steps
-            included), "epochs_per_run", "teacher", "seed"}; None when nothing was fine-tuned.
+            included), "epochs_per_run", "steps" (all of its optimizer steps),
+            "steps_per_run" (the cap, or None), "teacher", "seed"}; None when nothing
+            was fine-tuned. Plans written before steps were recorded lack "steps".
         result: The last fine-tuning run (after the per-layer edits, or the replay's one run).
     """
 

@@ -194,10 +194,16 @@ def _finetune_entry(run: Run) -> dict[str, Any]:
     channel_epochs = channels.epochs if channels is not None else 0
     last = tuning.result if tuning is not None else None
     final = last.epochs_run if last is not None else 0
+    final_steps = last.steps if last is not None else 0
+    channel_steps = channels.finetune_steps if channels is not None else 0
     return {
         "epochs": channel_epochs + final,
         "channel_steps_epochs": channel_epochs,
         "final_epochs": final,
+        "steps": channel_steps + final_steps,
+        "final_steps": final_steps,
+        "steps_per_run": ((tuning.entry or {}) if tuning is not None else {}).get("steps_per_run"),
+        "replicas": last.replicas if last is not None else None,
         "stopped_early": bool(last.stopped_early) if last is not None else None,
         "history": list(last.history) if last is not None else [],
     }

@@ -203,6 +203,9 @@ def _search(report: Mapping[str, Any], plot: Optional[Plot]) -> str:
     if channels:
         parts.append(channels)
     parts += _acceptance(mapping_of(search.get("acceptance")))
+    finetune = _finetune_sentence(mapping_of(report.get("finetune")))
+    if finetune:
+        parts.append(finetune)
     parts += _plot_lines(plot, "Search-data accuracy against the fraction of the cost kept")
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
@@ -227,6 +230,19 @@ def _acceptance(acceptance: Mapping[str, Any]) -> list[str]:
                          upper, verdict])
         lines.append(_table(["model shown to the guard", "drop", "upper bound", "verdict"], rows, "lrrl"))
     return lines
+
+
+def _finetune_sentence(finetune: Mapping[str, Any]) -> str:
+    """Fine-tuning's epochs and optimizer steps in all, its cap per run and its devices (reports with steps)."""
+    if not finetune.get("steps"):
+        return ""
+    text = (f"Fine-tuning took {_count(finetune['steps'], 'optimizer step')} in "
+            f"{_count(finetune.get('epochs') or 0, 'epoch')} in all")
+    if finetune.get("steps_per_run"):
+        text += f", at most {_int(finetune['steps_per_run'])} per run"
+    if (finetune.get("replicas") or 1) > 1:
+        text += f", on {finetune['replicas']} devices (mirrored)"
+    return text + "."
 
 
 def _channels_sentence(channels: Mapping[str, Any]) -> str:

@@ -124,6 +124,7 @@ class ChannelResult:
         baseline_accuracy, accuracy: On the search data (None without labelled data).
         steps: The progressive steps, in order.
         epochs: Fine-tuning epochs spent, over all steps.
+        finetune_steps: Fine-tuning optimizer steps taken, over all steps.
         evaluations: Whole-model accuracy evaluations on the search data.
         seconds: Wall time.
         trials: Each pruned model the search measured (after its fine-tuning), in
@@ -142,6 +143,7 @@ class ChannelResult:
     accuracy: Optional[float] = None
     steps: list[ChannelStep] = field(default_factory=list)
     epochs: int = 0
+    finetune_steps: int = 0
     evaluations: int = 0
     seconds: float = 0.0
     trials: tuple[Trial, ...] = ()
@@ -219,8 +221,8 @@ def search_channels(
         train_data: What fine-tuning trains on (and data-driven criteria score on);
             required with fine-tuning.
         log: Called with one line per step.
-        progress: Called as progress("fine-tuning", epoch, epochs) after each
-            fine-tuning epoch of a step.
+        progress: Called as progress("fine-tuning", steps done, steps planned)
+            during each fine-tuning run of a step.
         accept: Under an accuracy budget, called as accept(label, model) with each
             model that holds on the search data, in order; a False ends the search
             with the last model accepted. None: the search data decides alone.
@@ -266,6 +268,7 @@ def search_channels(
         accuracy=run.accuracy,
         steps=run.steps,
         epochs=run.epochs,
+        finetune_steps=run.finetune_steps,
         evaluations=run.evaluations,
         seconds=time.perf_counter() - started,
         trials=run.final_trials(),
@@ -291,7 +294,7 @@ class _Run:
         self.steps: list[ChannelStep] = []
         self.trials: list[Trial] = []
         self.kept_trial: Optional[int] = None  # index in trials of the model kept last
-        self.epochs = self.evaluations = 0
+        self.epochs = self.evaluations = self.finetune_steps = 0
         self.baseline_correct = self._correct(model) if _labelled(search_data) else None
         self.baseline_accuracy = None if self.baseline_correct is None else float(self.baseline_correct.mean())
         self.accuracy = self.baseline_accuracy
@@ -427,9 +430,10 @@ class _Run:
             candidate, None, self.train_data, self.settings.finetune,
             val=self.search_data if _labelled(self.search_data) else None,
             target_accuracy=target_accuracy, teacher_outputs=self.teacher_outputs,
-            on_epoch=lambda epoch, epochs, _entry: self.progress("fine-tuning", epoch, epochs),
+            on_step=lambda done, total: self.progress("fine-tuning", done, total),
         )
         self.epochs += result.epochs_run
+        self.finetune_steps += result.steps
         return result.epochs_run
 
     # Helpers.
