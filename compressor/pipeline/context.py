@@ -93,6 +93,7 @@ class Run:
         identity: The plan's record of the model it was made for (`model_identity`);
             set from the plan when one is replayed, else when the plan is assembled.
         records: Each stage's record, in stage order.
+        seconds: Wall time of each model stage that ran (searching or replaying), by stage name.
     """
 
     working: keras.Model
@@ -100,6 +101,7 @@ class Run:
     static: Optional[keras.Model] = None
     identity: Optional[dict[str, Any]] = None
     records: list[StageRecord] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def record(self, kind: type[R]) -> Optional[R]:
         """The record of the stage that keeps records of this type, or None when that stage did not run."""
