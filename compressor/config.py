@@ -188,7 +188,7 @@ class CompressOptions:
         None, help="Re-apply a plan.json to the original model instead of searching.", parse=as_path, check=path)
     seed: int = option(0, help="Seed for the data split and generated inputs (default 0).", check=integer(0, "seed"))
     cache_dir: Optional[Path] = option(
-        None, help="Where sensitivity tables are cached (default ~/.cache/compressor).", parse=as_path, check=path)
+        None, help="Where kernel-error curves and sensitivity tables are cached (default ~/.cache/compressor).", parse=as_path, check=path)
     runs: int = option(50, help="Timed runs per artifact (default 50).", check=integer(1, "runs"))
     warmup: int = option(5, help="Untimed runs per artifact before the timed ones (default 5).", check=integer(0, "warmup"))
     threads: int = option(1, help="Runtime threads when timing (default 1).", check=integer(0, "threads"))

@@ -123,6 +123,26 @@ def test_a_compress_run_gets_a_report_with_both_plots(fixed_loss_run):
     assert chosen.accuracy == report["search"]["accuracy"]
 
 
+def test_timings_give_each_stage_and_add_up_to_search_and_export(fixed_loss_run):
+    from compressor.report.build import STAGE_TIMINGS
+
+    report, out = fixed_loss_run
+    timings = report["timings_s"]
+    assert list(timings) == [*STAGE_TIMINGS, "search", "export", "total"]
+    assert all(isinstance(v, float) and v >= 0 for v in timings.values())
+    assert timings["layers"] > 0 and timings["channels"] < timings["layers"]  # channels was not asked for
+    # The model stages are the search; writing, verification and timing are the export (rounding, and the
+    # little run between them: the stages' checks, the plan written, calibration).
+    model_stages = sum(timings[name] for name in ("channels", "layers", "finetune", "gating"))
+    assert model_stages - 0.01 <= timings["search"] <= model_stages + 0.2 * timings["search"] + 0.5
+    output_stages = sum(timings[name] for name in ("writing", "verification", "timing"))
+    assert output_stages - 0.01 <= timings["export"] <= output_stages + 0.2 * timings["export"] + 0.5
+    assert timings["total"] >= timings["load"] + timings["search"] + timings["export"] - 0.01
+    markdown = render_markdown(report)
+    for name in timings:
+        assert f"| {name} | {timings[name]:.1f} s |" in markdown
+
+
 def test_a_saved_report_renders_again_from_the_command_line(fixed_loss_run, tmp_path, capsys):
     report, out = fixed_loss_run
     folder = tmp_path / "copy"

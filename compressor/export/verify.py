@@ -11,10 +11,12 @@ real check is accuracy on held-out data.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import keras
 import numpy as np
@@ -159,6 +161,8 @@ def export_and_verify(
     calibration: Optional[np.ndarray] = None,
     int8_io: bool = False,
     allow_model_code: bool = False,
+    expected: Optional[np.ndarray] = None,
+    seconds: Optional[dict[str, float]] = None,
 ) -> list[ArtifactCheck]:
     """Write each format into out_dir and check it against the model.
 
@@ -181,6 +185,11 @@ def export_and_verify(
         int8_io: With int8, the TFLite artifact takes and returns int8 tensors.
         allow_model_code: The model holds Python code its loader allowed (e.g. a
             Lambda layer): reload the `.keras` artifact with Keras' safe mode off.
+        expected: The model's outputs on x (`keras_outputs`), when the caller has
+            them already (several calls on one model); default: computed here.
+        seconds: Where to add the wall time spent "writing" (converting and
+            writing the artifacts) and on "verification" (the Keras outputs, and
+            running each artifact back).
 
     Returns:
         One check per format, in order, then one per quantized artifact.
@@ -195,28 +204,50 @@ def export_and_verify(
     shape = single_input_shape(model)
     if mode == "int8":
         check_calibration_shape(calibration, shape[1:])
-    expected = keras_outputs(model, x).astype(np.float64)
+    clock = _Clock(seconds)
+    with clock("verification"):
+        expected = (keras_outputs(model, x) if expected is None else np.asarray(expected)).astype(np.float64)
     checks = []
     for fmt in formats:
         path = Path(out_dir) / f"{stem}{SUFFIXES[fmt]}"
-        if fmt == "onnx":
-            written = export_onnx(model, path, opset=opset)
-        elif fmt == "tflite":
-            written = export_tflite(model, path, sparse=sparse_tflite)
-        else:
-            written = export_keras(model, path)
-        outputs = artifact_outputs(fmt, written, x, allow_model_code=allow_model_code)
-        checks.append(compare(fmt, written, expected, outputs, atol))
+        with clock("writing"):
+            if fmt == "onnx":
+                written = export_onnx(model, path, opset=opset)
+            elif fmt == "tflite":
+                written = export_tflite(model, path, sparse=sparse_tflite)
+            else:
+                written = export_keras(model, path)
+        with clock("verification"):
+            outputs = artifact_outputs(fmt, written, x, allow_model_code=allow_model_code)
+            checks.append(compare(fmt, written, expected, outputs, atol))
     if mode == "none":
         return checks
     for fmt in (f for f in formats if f in QUANTIZED_FORMATS):
         path = Path(out_dir) / quantized_name(stem, mode, SUFFIXES[fmt])
-        if fmt == "onnx":
-            written = export_onnx_quantized(Path(out_dir) / f"{stem}.onnx", path, mode, calibration)
-        else:
-            written = export_tflite_quantized(model, path, mode, calibration, int8_io=int8_io)
-        checks.append(compare(fmt, written, expected, artifact_outputs(fmt, written, x), atol, quantize=mode))
+        with clock("writing"):
+            if fmt == "onnx":
+                written = export_onnx_quantized(Path(out_dir) / f"{stem}.onnx", path, mode, calibration)
+            else:
+                written = export_tflite_quantized(model, path, mode, calibration, int8_io=int8_io)
+        with clock("verification"):
+            checks.append(compare(fmt, written, expected, artifact_outputs(fmt, written, x), atol, quantize=mode))
     return checks
+
+
+class _Clock:
+    """Adds the wall time of `with clock(name):` blocks to `seconds[name]` (nothing when seconds is None)."""
+
+    def __init__(self, seconds: Optional[dict[str, float]]) -> None:
+        self.seconds = seconds
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.seconds is not None:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 def ensure_passed(checks: Sequence[ArtifactCheck]) -> None:

@@ -101,6 +101,7 @@ class Run:
         records: Each stage's record, in stage order.
         acceptance: The guard that accepts models under an accuracy budget (None:
             no guard, the search data decides).
+        seconds: Wall time of each model stage that ran (searching or replaying), by stage name.
     """
 
     working: keras.Model
@@ -108,6 +109,7 @@ class Run:
     static: Optional[keras.Model] = None
     identity: Optional[dict[str, Any]] = None
     records: list[StageRecord] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
     acceptance: Optional[Acceptance] = None
 
     def accepts(self, label: str, model: keras.Model) -> bool:

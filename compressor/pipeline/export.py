@@ -8,6 +8,7 @@ gates, the model before them is exported as TFLite to `static/`.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Sequence
 
 from compressor.pipeline.context import Run, RunContext
@@ -46,7 +47,7 @@ def export_artifacts(ctx: RunContext, run: Run, calibration: Calibration) -> Exp
         ExportError: An artifact could not be written.
         VerificationError: An artifact does not match its Keras model within tolerance.
     """
-    from compressor.export.verify import ensure_passed, export_and_verify, verification_inputs
+    from compressor.export.verify import ensure_passed, export_and_verify, keras_outputs, verification_inputs
 
     options, out = ctx.options, ctx.staging
     x = verification_inputs(run.compressed, ctx.data.held_out, samples=64, seed=options.seed)
@@ -54,6 +55,12 @@ def export_artifacts(ctx: RunContext, run: Run, calibration: Calibration) -> Exp
     sparse = layers is not None and layers.sparse_weights
     runtime = runtime_formats(options.export)
     steps = len(options.export) + len(runtime)
+    seconds: dict[str, float] = {"writing": 0.0, "verification": 0.0}
+    # Each model's Keras outputs are computed once, not once per format (a real cost on large models).
+    started = time.perf_counter()
+    expected = keras_outputs(run.compressed, x) if options.export else None
+    original = keras_outputs(ctx.model, x) if runtime else None
+    seconds["verification"] += time.perf_counter() - started
     checks: list[ArtifactCheck] = []
     baselines: dict[str, ArtifactCheck] = {}
     for done, fmt in enumerate(options.export):
@@ -62,14 +69,17 @@ def export_artifacts(ctx: RunContext, run: Run, calibration: Calibration) -> Exp
             run.compressed, out, [fmt], x, atol=options.atol, sparse_tflite=sparse,
             quantize=options.quantize if fmt in RUNTIME_FORMATS else "none", calibration=calibration.samples,
             int8_io=options.int8_io and fmt == "tflite", allow_model_code=options.allow_model_code,
+            expected=expected, seconds=seconds,
         )
     for done, fmt in enumerate(runtime, start=len(options.export)):
         ctx.progress("exporting artifacts", done, steps)
-        original = export_and_verify(ctx.model, out / "baseline", [fmt], x, atol=options.atol)
-        baselines.update({check.format: check for check in original})
+        found = export_and_verify(ctx.model, out / "baseline", [fmt], x, atol=options.atol, expected=original,
+                                  seconds=seconds)
+        baselines.update({check.format: check for check in found})
     static = None
     if run.static is not None and "tflite" in runtime:
-        static = export_and_verify(run.static, out / "static", ["tflite"], x, atol=options.atol, sparse_tflite=sparse)[0]
+        static = export_and_verify(run.static, out / "static", ["tflite"], x, atol=options.atol, sparse_tflite=sparse,
+                                   seconds=seconds)[0]
     ctx.progress("exporting artifacts", steps, steps)
     ensure_passed(checks + list(baselines.values()) + ([static] if static is not None else []))
-    return Exported(tuple(checks), baselines, static)
+    return Exported(tuple(checks), baselines, static, seconds)

@@ -43,7 +43,7 @@ def layer_techniques(techniques: Sequence[str]) -> tuple[str, ...]:
 
 
 def default_cache_dir() -> Path:
-    """Where sensitivity tables are cached: $XDG_CACHE_HOME/compressor or ~/.cache/compressor."""
+    """Where kernel-error curves and sensitivity tables are cached: $XDG_CACHE_HOME/compressor or ~/.cache/compressor."""
     import os
 
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -121,7 +121,9 @@ def _search(ctx: RunContext, model: keras.Model, budget: Budget, techniques: tup
     options = ctx.options
     pattern = options.pattern() if any(registry[name].uses_pattern for name in techniques) else None
     kernels = KernelCache(registry=registry)  # effective kernels built for the candidates, reused by the search
-    candidates, skipped = layer_candidates(model, techniques, pattern, kernels=kernels, registry=registry)
+    cache = options.cache_dir or default_cache_dir()  # kernel errors (any method) and sensitivity tables (fixed_loss)
+    candidates, skipped = layer_candidates(model, techniques, pattern, kernels=kernels, registry=registry,
+                                           cache_dir=cache)
     if not candidates:
         reasons = "; ".join(f"{skip.layer}: {skip.reason}" for skip in skipped[:3]) or "it has no layers with weights"
         raise OptionError("no layer can be compressed with {techniques} {names} ({reasons})",
@@ -132,7 +134,6 @@ def _search(ctx: RunContext, model: keras.Model, budget: Budget, techniques: tup
         return search_fixed_params(model, candidates, budget, progress=ctx.progress, skipped=skipped)
     from compressor.search.fixed_loss import search_fixed_loss
 
-    cache = options.cache_dir or default_cache_dir()
     return search_fixed_loss(
         model, candidates, ctx.data.search, budget, cache_dir=cache, progress=ctx.progress, skipped=skipped, kernels=kernels
     )

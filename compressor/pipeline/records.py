@@ -9,7 +9,7 @@ measured for the report.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from compressor.surgery.plan import ChannelRemoval, LayerEdit, SkippedLayer
@@ -137,11 +137,13 @@ class Exported:
         checks: Our artifacts, in the order of `options.export` (float, then quantized).
         baselines: Runtime format -> the original model's artifact, to time ours against.
         static: The model before gates as TFLite, to time the gated one against (or None).
+        seconds: Wall time spent "writing" the artifacts and on their "verification".
     """
 
     checks: tuple[ArtifactCheck, ...]
     baselines: Mapping[str, ArtifactCheck]
     static: Optional[ArtifactCheck] = None
+    seconds: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

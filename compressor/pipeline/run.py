@@ -41,6 +41,7 @@ def compress_into(options: CompressOptions, staging: Path, progress: Progress, l
     check_data_and_plan(options, inputs)  # before the model loads; loading checks the model file
     model = load_model(options, inputs, log)
     ctx = RunContext(options, model, load_splits(model, options, inputs), options.budget(), staging, log, progress)
+    load_s = time.perf_counter() - started
 
     log("searching" if options.plan is None else f"replaying {options.plan}")
     search_started = time.perf_counter()
@@ -52,11 +53,14 @@ def compress_into(options: CompressOptions, staging: Path, progress: Progress, l
     run.plan().save(staging / "plan.json")
     samples = calibration(ctx)
     exported = export_artifacts(ctx, run, samples)
+    timing_started = time.perf_counter()
     artifacts, static_tflite = time_artifacts(ctx, run, exported)
+    timing_s = time.perf_counter() - timing_started
     export_s = time.perf_counter() - export_started
 
     measured = Measured(artifacts, static_tflite, samples, measure_gates(ctx, run))
-    report = build_report(ctx, run, measured, Timings(search_s, export_s, started))
+    stages_s = {"load": load_s, **run.seconds, **exported.seconds, "timing": timing_s}
+    report = build_report(ctx, run, measured, Timings(search_s, export_s, started, stages_s))
     relocate(report, staging, options.out)
     write_report(staging / "report.json", report)
     _write_markdown(report, staging, log)

@@ -17,6 +17,7 @@ in STAGES at its place.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional, Protocol, TypeVar
 
 from compressor.pipeline.acceptance import Acceptance, AcceptStage
@@ -68,7 +69,9 @@ def search(ctx: RunContext) -> Run:
         stage.check(ctx, None)
     run = Run(working=ctx.model, compressed=ctx.model, acceptance=Acceptance.for_run(ctx))
     for stage in STAGES:
+        started = time.perf_counter()
         record = stage.search(ctx, run)
+        run.seconds[stage.name] = time.perf_counter() - started
         if record is not None:
             run.records.append(record)
     run.identity = model_identity(ctx.model)
@@ -83,6 +86,8 @@ def replay(ctx: RunContext, plan: Plan) -> Run:
             stage.check(ctx, record)
     run = Run(working=ctx.model, compressed=ctx.model, identity=dict(plan.model))
     for stage, record in recorded:
+        started = time.perf_counter()
         if record is not None:
             run.records.append(stage.replay(ctx, run, record))
+        run.seconds[stage.name] = time.perf_counter() - started
     return run

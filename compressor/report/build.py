@@ -11,9 +11,9 @@ saw on its own data is reported next to them ("search_achieved", "search").
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from compressor.errors import CompressorError
 from compressor.pipeline.records import ChannelRecord, FinetuneRecord, GatingRecord, LayerRecord, Measured
@@ -28,16 +28,30 @@ if TYPE_CHECKING:
 FORMAT_ORDER = {"tflite": 0, "onnx": 1, "keras": 2}
 
 
+STAGE_TIMINGS = ("load", "channels", "layers", "finetune", "acceptance", "gating", "writing", "verification", "timing")
+"""The stages report.json's "timings_s" gives one by one, in run order (README schema)."""
+
+
 @dataclass(frozen=True)
 class Timings:
-    """Wall time of the run's parts, in seconds; the total runs until the report is built."""
+    """Wall time of the run's parts, in seconds; the total runs until the report is built.
+
+    Attributes:
+        search: Every model stage (channels, layers, fine-tuning, gating), searching or replaying.
+        export: Writing, verifying and timing the artifacts.
+        started: time.perf_counter() at the start of the run.
+        stages: Stage name (`STAGE_TIMINGS`) → its wall time; a stage that did not run counts 0.
+    """
 
     search: float
     export: float
-    started: float  # time.perf_counter() at the start of the run
+    started: float
+    stages: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, float]:
-        return {"search": round(self.search, 3), "export": round(self.export, 3),
+        """Each stage of `STAGE_TIMINGS`, then "search", "export" and "total"."""
+        found = {name: round(float(self.stages.get(name, 0.0)), 3) for name in STAGE_TIMINGS}
+        return {**found, "search": round(self.search, 3), "export": round(self.export, 3),
                 "total": round(time.perf_counter() - self.started, 3)}
 
 

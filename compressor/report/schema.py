@@ -85,7 +85,9 @@ REPORT = Keys(
         "finetune": Keys(("epochs", "channel_steps_epochs", "final_epochs", "stopped_early", "history"),
                          optional=("steps", "final_steps", "steps_per_run", "replicas")),
         "calibration": Keys(("samples", "data")),
-        "timings_s": Keys(("search", "export", "total")),
+        "timings_s": Keys(("search", "export", "total"),
+                          optional=("load", "channels", "layers", "finetune", "acceptance", "gating", "writing",
+                                    "verification", "timing")),
     },
 )
 """The keys of a complete report (status "ok" or "budget_not_met")."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import keras
@@ -19,6 +20,7 @@ import keras
 from compressor.errors import CompressorError, first_line
 from compressor.graph.calls import LayerCall, layer_calls
 from compressor.graph.cost import model_cost
+from compressor.search.curves import option_errors
 from compressor.search.kernels import KernelCache
 from compressor.surgery.editable import editable_layers, why_not_editable
 from compressor.surgery.plan import LayerEdit, SkippedLayer, SparsitySpec
@@ -78,6 +80,7 @@ def layer_candidates(
     pattern: Optional[SparsitySpec] = None,
     kernels: Optional[KernelCache] = None,
     registry: Optional[Registry] = None,
+    cache_dir: Optional[Path | str] = None,
 ) -> tuple[list[LayerCandidates], list[SkippedLayer]]:
     """The options of every compressible layer, and why the others are left alone.
 
@@ -91,8 +94,12 @@ def layer_candidates(
             residual in this pattern.
         kernels: Where to keep the effective kernels built to measure errors, so the
             search's evaluations reuse them; default: a fresh cache, dropped after.
+            Options a technique prices from the weights alone (every rank of a
+            Tucker-2 or SVD layer from one factorization) are not built here.
         registry: The technique instances (`compressor.techniques.registry.prepare_registry`);
             default: the kernel cache's.
+        cache_dir: Folder where the data-free kernel errors are cached across runs
+            (`compressor.search.curves`); None: computed each time.
 
     Returns:
         (candidates in topological order, skipped layers with reasons). Layers
@@ -106,23 +113,35 @@ def layer_candidates(
     kernels = KernelCache(registry=registry) if kernels is None else kernels
     registry = kernels.registry if registry is None else registry
     editable = editable_layers(model)
-    candidates: list[LayerCandidates] = []
-    skipped: list[SkippedLayer] = []
+    priced: list[_Priced] = []
+    skipped: dict[str, SkippedLayer] = {}
+    order: list[str] = []
     for name, calls in _calls_with_weights(model).items():
         layer = calls[0].operation
+        order.append(name)
         if name not in editable:
-            skipped.append(SkippedLayer(name, why_not_editable(model, name) or "cannot be replaced"))
+            skipped[name] = SkippedLayer(name, why_not_editable(model, name) or "cannot be replaced")
             continue
         try:
-            found = _layer_candidates(name, layer, calls, wanted, pattern, kernels, registry)
+            found = _layer_options(name, layer, calls, wanted, pattern, registry)
         except CompressorError as exc:
-            skipped.append(SkippedLayer(name, first_line(exc)))
+            skipped[name] = SkippedLayer(name, first_line(exc))
             continue
         if isinstance(found, str):
-            skipped.append(SkippedLayer(name, found))
+            skipped[name] = SkippedLayer(name, found)
         else:
-            candidates.append(found)
-    return candidates, skipped
+            priced.append(found)
+    pending = [(p.name, p.layer, [edit for edit, _, _ in p.options]) for p in priced]
+    errors, failed = option_errors(model, pending, kernels, cache_dir)
+    candidates = {}
+    for p in priced:
+        if p.name in failed:
+            skipped[p.name] = SkippedLayer(p.name, failed[p.name])
+            continue
+        options = [Option(edit, params, flops, error) for (edit, params, flops), error in zip(p.options, errors[p.name])]
+        options.sort(key=lambda option: (option.params, option.flops), reverse=True)
+        candidates[p.name] = LayerCandidates(p.name, p.layer, p.params, p.flops, tuple(options))
+    return [candidates[name] for name in order if name in candidates], [skipped[name] for name in order if name in skipped]
 
 
 def baseline_cost(model: keras.Model, candidates: Sequence[LayerCandidates]) -> tuple[int, int]:
@@ -149,16 +168,26 @@ def _calls_with_weights(model: keras.Model) -> dict[str, list[LayerCall]]:
     return grouped
 
 
-def _layer_candidates(
+@dataclass(frozen=True)
+class _Priced:
+    """A layer's edits with their costs, before their errors are known."""
+
+    name: str
+    layer: Any
+    params: int
+    flops: int
+    options: list[tuple[LayerEdit, int, int]]  # (edit, params, FLOPs)
+
+
+def _layer_options(
     name: str,
     layer: Any,
     calls: list[LayerCall],
     wanted: frozenset[str],
     pattern: Optional[SparsitySpec],
-    kernels: KernelCache,
     registry: Registry,
-) -> LayerCandidates | str:
-    """The layer's candidates, or the reason it has none."""
+) -> _Priced | str:
+    """The layer's edits that lower both its params and its FLOPs, with their costs, or the reason it has none."""
     shapes = [call_shapes(layer, call.input_shapes[0], call.output_shapes[0]) for call in calls]
     choice = technique_for(layer, wanted, *shapes[0], registry=registry)
     if choice.technique is None:
@@ -172,8 +201,7 @@ def _layer_candidates(
         option_flops = sum(cost[1] for cost in costs)
         if costs[0][0] >= params or option_flops >= flops:
             continue
-        options.append(Option(edit, costs[0][0], option_flops, kernels.get(layer, edit).error))
+        options.append((edit, costs[0][0], option_flops))
     if not options:
         return NO_OPTION
-    options.sort(key=lambda option: (option.params, option.flops), reverse=True)
-    return LayerCandidates(name, layer, params, flops, tuple(options))
+    return _Priced(name, layer, params, flops, options)

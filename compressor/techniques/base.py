@@ -142,6 +142,16 @@ class LayerTechnique:
     def sparse(self, edit: LayerEdit) -> bool:
         return False
 
+    def kernel_errors(self, layer: Any, edits: Sequence[LayerEdit]) -> list[Optional[float]]:
+        """||W − Ŵ||_F / ||W||_F of each edit, from the kernel alone, without building the edit.
+
+        A technique overrides this when it can price many edits of a layer at once
+        (one factorization for every rank) from nothing but the layer's weights: the
+        search then caches these errors across runs, keyed by the model's weights.
+        None for an edit means "build it to know" (the default for every edit).
+        """
+        return [None] * len(edits)
+
     def gradual_target(self, edit: LayerEdit, criterion: str) -> Optional[SparsitySpec]:
         """The mask fine-tuning should reach step by step instead of starting from it (None: keep its zeros fixed)."""
         return None

@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import keras
 import numpy as np
@@ -39,6 +39,7 @@ from compressor.techniques.base import (
     relative_error,
 )
 from compressor.techniques.params import PATTERN, RANK, RANKS, Param
+from compressor.techniques.rank_errors import one_blas_thread, svd_errors, tucker2_errors
 from compressor.techniques.sparsity import masked
 
 RANK_FRACTIONS = (3 / 4, 5 / 8, 1 / 2, 3 / 8, 1 / 4, 1 / 8, 1 / 16)
@@ -242,11 +243,12 @@ class LowRank(LayerTechnique):
         wide = kernel.astype(np.float64)
         residual = edit.params.get("residual")
         sparse = None
-        if residual is not None and kept_count(kernel.shape, residual):
-            factors, sparse = low_rank_plus_sparse(wide, fit, compose, residual)
-        else:
-            factors = fit(wide)
-        approx = compose(factors) + (0 if sparse is None else sparse)
+        with one_blas_thread():  # small problems: threads only spin on busy cores (`rank_errors`)
+            if residual is not None and kept_count(kernel.shape, residual):
+                factors, sparse = low_rank_plus_sparse(wide, fit, compose, residual)
+            else:
+                factors = fit(wide)
+            approx = compose(factors) + (0 if sparse is None else sparse)
         notes = {
             "reconstruction_error": relative_error(wide, approx),
             "residual_weights": 0 if sparse is None else kept_count(kernel.shape, residual),
@@ -256,7 +258,23 @@ class LowRank(LayerTechnique):
     def sparse(self, edit: LayerEdit) -> bool:
         return edit.params.get("residual") is not None
 
+    def kernel_errors(self, layer: Any, edits: Sequence[LayerEdit]) -> list[Optional[float]]:
+        """Errors of the plain (residual-free) edits from one factorization (`rank_errors`); hybrids: None."""
+        plain = [i for i, edit in enumerate(edits) if edit.technique == self.name and edit.params.get("residual") is None]
+        found: list[Optional[float]] = [None] * len(edits)
+        if plain and self.applies(layer) is None:
+            kernel = kernel_of(layer)
+            for i in plain:
+                self._validate_rank(layer.name, kernel.shape, edits[i])
+            errors = self._rank_errors(kernel, [edits[i].params[self.params[0].name] for i in plain])
+            for i, error in zip(plain, errors):
+                found[i] = error
+        return found
+
     # Subclass hooks.
+    def _rank_errors(self, kernel: np.ndarray, ranks: list) -> list[float]:
+        raise NotImplementedError
+
     def _ranks(self, kernel_shape: tuple[int, ...]) -> list:
         raise NotImplementedError
 
@@ -305,6 +323,9 @@ class Tucker(LowRank):
                 f"Received: ranks={ranks}"
             )
 
+    def _rank_errors(self, kernel: np.ndarray, ranks: list) -> list[float]:
+        return tucker2_errors(kernel, [tuple(r) for r in ranks])
+
     def _fit(self, kernel_shape: tuple[int, ...], edit: LayerEdit) -> tuple[Callable, Callable]:
         ranks = edit.params["ranks"]
         return (lambda kernel: tucker2(kernel, ranks)), (lambda factors: compose_tucker2(*factors))
@@ -352,6 +373,9 @@ class SVD(LowRank):
                 f"svd rank of {layer_name!r} must be at most min({rows}, {cols}) = {min(rows, cols)}. "
                 f"Received: rank={rank}"
             )
+
+    def _rank_errors(self, kernel: np.ndarray, ranks: list) -> list[float]:
+        return svd_errors(kernel.reshape(-1, kernel.shape[-1]), ranks)
 
     def _fit(self, kernel_shape: tuple[int, ...], edit: LayerEdit) -> tuple[Callable, Callable]:
         rows, rank = math.prod(kernel_shape[:-1]), edit.params["rank"]
