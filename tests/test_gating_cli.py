@@ -46,8 +46,10 @@ def test_gating_end_to_end_with_report_static_artifact_and_exact_replay(workdir,
     import keras
 
     out = tmp_path / "gated"
+    # --data's 48 samples leave 24 to the guard, which confirms no budget under about 0.12: 0.3 lets the guard
+    # accept gates that change a few predictions (the guard itself is tested in test_acceptance.py).
     result = _compress(
-        workdir, out, "--method", "fixed_loss", "--max-acc-loss", "0.1", "--techniques", "gating",
+        workdir, out, "--method", "fixed_loss", "--max-acc-loss", "0.3", "--techniques", "gating",
         "--train-data", workdir / "train.npz", "--gating-epochs", "3", "--gating-target", "0.1", "--gates-only",
     )
     assert result.exit_code in (0, 2), result.output
@@ -153,9 +155,9 @@ def test_slower_gates_are_not_kept(workdir, tmp_path, monkeypatch):
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)["gating"]
-    assert timed == [48]  # timed on the search data (--data), not on the held-out data
+    assert timed == [24]  # timed on the search data (the selection half of --data), not on the held-out data
     assert report["applied"] is False and "the gates cost more than they skip" in report["reason"]
-    assert report["latency_check"] == {"static_ms": 0.5, "gated_ms": 0.6, "data": "search", "samples": 48}
+    assert report["latency_check"] == {"static_ms": 0.5, "gated_ms": 0.6, "data": "search", "samples": 24}
 
 
 def test_tflite_latency_times_both_models_on_the_inputs():

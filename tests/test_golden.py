@@ -36,11 +36,12 @@ VOLATILE = {"timings_s", "latency_ms", "baseline_latency_ms", "static_latency_ms
 # (fine-tuning, gates) on 2 threads may reorder float sums, so those runs get a tolerance.
 RUNS = {
     "fixed_params": (["--method", "fixed_params", "--compression-factor", "0.6", "--export", "tflite,onnx,keras"], 1e-6),
-    "fixed_loss": (["--method", "fixed_loss", "--max-acc-loss", "0.05", "--techniques", "tucker,sparsity",
+    # fixed_loss: --data's 96 samples leave 48 to the guard, which confirms 30 points with room for the search.
+    "fixed_loss": (["--method", "fixed_loss", "--max-acc-loss", "0.3", "--techniques", "tucker,sparsity",
                     "--export", "tflite"], 1e-6),
     "channels": (["--method", "fixed_params", "--compression-factor", "0.5", "--techniques", "channels,tucker",
                   "--export", "tflite"], 1e-6),
-    "channels_finetuned": (["--method", "fixed_loss", "--max-acc-loss", "0.05", "--techniques", "channels,tucker",
+    "channels_finetuned": (["--method", "fixed_loss", "--max-acc-loss", "0.3", "--techniques", "channels,tucker",
                   "--finetune-epochs", "1", "--train-data", "TRAIN", "--export", "tflite"], 0.05),
     "hessian": (["--method", "fixed_params", "--compression-factor", "0.5", "--techniques", "hessian,sparsity",
                  "--criterion", "snip", "--train-data", "TRAIN", "--export", "tflite"], 1e-4),

@@ -90,3 +90,18 @@ def test_is_accuracy():
     assert policy.is_accuracy(Budget.accuracy_drop(0.02))
     assert not policy.is_accuracy(Budget.params(0.5))
     assert not policy.is_accuracy(None)
+
+
+def test_with_a_guard_the_per_layer_search_aims_at_what_the_guard_can_confirm():
+    from compressor.search.confidence import drop_bounds
+
+    budget, guard = Budget.accuracy_drop(0.02), policy.Guard(samples=3000, confidence=0.95)
+    allowance = policy.layer_allowance(budget, guard)
+    # A candidate that loses exactly that much (and wins nothing back) has its bound at the budget.
+    assert drop_bounds(3000 * allowance, 0, 3000, 0.95)[1] == pytest.approx(0.02, abs=1e-6)
+    assert 0.01 < allowance < 0.02
+    left = policy.remaining_budget(budget, 0.004, Cost(1, 1), Cost(1, 1), guard)
+    assert left.limit == pytest.approx(allowance - 0.004)
+    # A larger guard confirms more; a guard too small to confirm even an unchanged model leaves nothing.
+    assert policy.layer_allowance(budget, policy.Guard(30000, 0.95)) > allowance
+    assert policy.remaining_budget(budget, None, Cost(1, 1), Cost(1, 1), policy.Guard(50, 0.95)) is None

@@ -79,10 +79,11 @@ def fixed_loss_run(tmp_path_factory):
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
     model.fit(*separable_data(512, seed=1), epochs=4, batch_size=64, verbose=0)
     model.save(folder / "model.keras")
-    for name, seed in (("val", 2), ("test", 3)):
-        np.savez(folder / f"{name}.npz", **dict(zip("xy", separable_data(200, seed))))
+    # 800 search samples: the guard's 400 confirm a 20-point budget with room for the search to spend.
+    for name, seed, n in (("val", 2, 800), ("test", 3, 200)):
+        np.savez(folder / f"{name}.npz", **dict(zip("xy", separable_data(n, seed))))
     options = CompressOptions(
-        model=folder / "model.keras", out=folder / "out", method="fixed_loss", max_acc_loss=0.05,
+        model=folder / "model.keras", out=folder / "out", method="fixed_loss", max_acc_loss=0.2,
         data=str(folder / "val.npz"), test_data=str(folder / "test.npz"), export=("tflite",),
         runs=3, warmup=1, cache_dir=folder / "cache",
     )
@@ -105,7 +106,7 @@ def test_a_compress_run_gets_a_report_with_both_plots(fixed_loss_run):
     # The headline comes first and says status, method, limit, achieved and where it was measured.
     headline = markdown.split("\n## ")[0]
     assert "**Status: ok** · method `fixed_loss`" in headline
-    assert "lose at most 5.00 points" in headline and f"lost {100 * report['budget']['achieved']:.2f} points" in headline
+    assert "lose at most 20.00 points" in headline and f"lost {100 * report['budget']['achieved']:.2f} points" in headline
     assert "measured on held-out data" in headline
     sections = re.findall(r"^## (.+)$", markdown, flags=re.M)
     assert sections == ["Original and compressed", "Artifacts", "Search", "Layers", "Timings"]

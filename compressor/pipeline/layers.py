@@ -98,14 +98,16 @@ class LayerStage:
 
 def _remaining_budget(ctx: RunContext, run: Run) -> Optional[Budget]:
     channels = run.record(ChannelRecord)
+    guard = policy.Guard(len(ctx.data.guard), ctx.options.confidence) if run.acceptance is not None else None
     if channels is None or channels.result is None:
-        return ctx.budget
+        return ctx.budget if guard is None else policy.remaining_budget(ctx.budget, None, None, None, guard)
     from compressor.graph.cost import model_cost
 
     result = channels.result
     drop = result.baseline_accuracy - result.accuracy if policy.is_accuracy(ctx.budget) else None
     base, now = model_cost(ctx.model), model_cost(run.working)
-    return policy.remaining_budget(ctx.budget, drop, policy.Cost(base.params, base.flops), policy.Cost(now.params, now.flops))
+    return policy.remaining_budget(ctx.budget, drop, policy.Cost(base.params, base.flops), policy.Cost(now.params, now.flops),
+                                   guard)
 
 
 def statistics_data(data: Splits) -> tuple[Optional[Dataset], str]:

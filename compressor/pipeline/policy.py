@@ -64,21 +64,44 @@ def channel_objective(budget: Budget, budget_on: str) -> str:
     return budget_on if budget.kind != "accuracy_drop" else "flops"
 
 
-def remaining_budget(budget: Budget, channel_drop: Optional[float], baseline: Cost, pruned: Cost) -> Optional[Budget]:
+def remaining_budget(budget: Budget, channel_drop: Optional[float], baseline: Cost, pruned: Cost,
+                     guard: Optional[Guard] = None) -> Optional[Budget]:
     """The budget left for the per-layer search after channel removal; None when nothing is left.
 
     Args:
         budget: The run's budget.
         channel_drop: Accuracy the channel removal lost on the search data (an accuracy
-            budget; negative when it rose).
+            budget; negative when it rose). None when no channel was removed.
         baseline: Cost of the original model.
         pruned: Cost of the model without its removed channels.
+        guard: The run's guard (an accuracy budget accepted on a guard split): the
+            search then aims at what the guard can confirm (`layer_allowance`).
     """
     if budget.kind == "accuracy_drop":
-        left = MARGIN * budget.limit - max(channel_drop or 0.0, 0.0)
+        allowance = layer_allowance(budget, guard) if guard is not None else MARGIN * budget.limit
+        left = allowance - max(channel_drop or 0.0, 0.0)
         return Budget.accuracy_drop(left) if left > 0 else None
     fraction = budget.limit * baseline.of(budget.kind) / max(pruned.of(budget.kind), 1)
     return Budget(budget.kind, fraction) if fraction < 1.0 else None
+
+
+class Guard(NamedTuple):
+    """The guard split's size and the confidence it accepts at."""
+
+    samples: int
+    confidence: float
+
+
+def layer_allowance(budget: Budget, guard: Guard) -> float:
+    """The drop the per-layer search may spend on the selection split: the largest the guard can confirm.
+
+    The per-layer search compares counts, not bounds; aiming at the drop a guard of this
+    size confirms for a candidate that only loses (`confirmable_drop`) keeps it from
+    choosing plans that the guard then rejects whole.
+    """
+    from compressor.search.confidence import confirmable_drop
+
+    return confirmable_drop(budget.limit, guard.samples, guard.confidence)
 
 
 def finetune_target(baseline_accuracy: float, budget: Budget) -> float:

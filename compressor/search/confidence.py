@@ -144,6 +144,22 @@ def expected_upper(measured: PairedDrop, samples: int) -> float:
     return drop_bounds(measured.losses * scale, measured.wins * scale, samples, measured.confidence)[1]
 
 
+def confirmable_drop(limit: float, samples: int, confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """The largest drop `samples` samples can confirm within `limit`, for a candidate that only loses (0 if none).
+
+    What a search that compares counts on other data should aim at, so that what it
+    chooses has a fair chance at a guard of this size: a candidate that also wins
+    some samples back needs a smaller drop still.
+    """
+    if samples <= 0 or drop_bounds(0, 0, samples, confidence)[1] > limit:
+        return 0.0
+    low, high = 0.0, max(limit, 0.0)
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if drop_bounds(samples * middle, 0, samples, confidence)[1] <= limit else (low, middle)
+    return low
+
+
 def can_confirm(samples: int, limit: float, confidence: float = DEFAULT_CONFIDENCE) -> bool:
     """Whether `samples` can confirm a candidate that loses half of `limit` and wins nothing back.
 
