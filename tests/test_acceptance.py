@@ -119,3 +119,24 @@ def test_per_layer_edits_the_guard_rejects_are_dropped_from_the_model_and_the_pl
     assert plan["edits"] == []
     assert report["compressed"]["params"] == report["baseline"]["params"]
     assert any("guard rejected" in (row.get("reason") or "") for row in report["layers"])
+
+
+def test_after_a_rejected_channel_step_the_per_layer_search_does_not_run(workdir, tmp_path, monkeypatch):
+    looked = []
+
+    def reject(self, label, model):
+        looked.append(label)
+        self.looks.append(Look(label, None, False))
+        return False
+
+    from compressor.search import channel_search
+
+    monkeypatch.setattr(Acceptance, "look", reject)
+    monkeypatch.setattr(channel_search._Run, "_holds", lambda self, correct: True)  # every step reaches the guard
+    result = _compress(workdir, tmp_path / "out", "--max-acc-loss", "0.5", "--techniques", "channels,tucker")
+    assert result.exit_code == 0, result.output
+    assert len(looked) == 1 and looked[0].startswith("channels")  # one channel step shown, then nothing
+    assert "per-layer techniques skipped" in result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["compressed"]["flops"] == report["baseline"]["flops"]
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["edits"] == []

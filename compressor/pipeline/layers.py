@@ -62,6 +62,9 @@ class LayerStage:
         from compressor.search.apply import apply_plan
 
         techniques = layer_techniques(ctx.options.techniques)
+        if techniques and run.acceptance is not None and run.acceptance.closed:
+            ctx.log("per-layer techniques skipped: the guard rejected a channel step, so nothing more can be accepted")
+            return None
         budget = _remaining_budget(ctx, run) if techniques else None
         if budget is None:
             return None
