@@ -115,10 +115,12 @@ def spread(values: list[float], fmt: str) -> str:
 
 def tfmot_row(folder: Path, report: dict[str, Any], train_samples: int, work: Path) -> Optional[dict[str, Any]]:
     """tfmot's prune_low_magnitude at our run's parameter count and fine-tuning budget (in epochs of the train set)."""
-    steps = sum(entry.get("steps", 0) for entry in report["finetune"].get("history", [])) or None
+    from compressor.finetune import FinetuneConfig
+
+    steps = report["finetune"].get("steps")  # every fine-tuning run's optimizer steps, in all
     epochs = report["finetune"]["epochs"]
     if steps:  # runs bounded in steps: the same number of samples seen, as whole epochs (at least one)
-        epochs = max(1, round(steps * 64 / train_samples))
+        epochs = max(1, round(steps * FinetuneConfig().batch_size / train_samples))
     out = work / f"tfmot-{folder.name}"
     command = [sys.executable, str(Path(__file__).with_name("tfmot_baseline.py")), str(folder),
                "--target-params", str(report["compressed"]["params"]), "--epochs", str(max(1, epochs)),

@@ -235,11 +235,14 @@ def top1_correct(runner: ArtifactRunner, data: Dataset) -> np.ndarray:
             f"data from {data.source} has labels up to {int(data.y.max())}, but "
             f"{runner.path.name} outputs {outputs.shape[1]} class scores"
         )
+    return top1_classes(outputs) == data.y
+
+
+def top1_classes(outputs: np.ndarray) -> np.ndarray:
+    """The predicted class of each row of (samples, scores): the highest score, or a single sigmoid column at 0.5."""
     if outputs.shape[1] == 1:
-        predicted = (outputs[:, 0] > 0.5).astype(np.int64)
-    else:
-        predicted = outputs.argmax(axis=1)
-    return predicted == data.y
+        return (outputs[:, 0] > 0.5).astype(np.int64)
+    return outputs.argmax(axis=1)
 
 
 def check_options(paths: Sequence[Any], runs: int, warmup: int, threads: int) -> None:

@@ -34,12 +34,12 @@ DEFAULT_BATCH_SIZE = 256
 def correct_predictions(model: keras.Model, data: Dataset, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     """Per sample of labelled `data`, whether the model's top output is its label (inference mode).
 
-    Read like `compressor.bench.benchmark.top1_correct`: a single output column is a
-    sigmoid probability thresholded at 0.5.
+    Read as the artifacts are (`compressor.bench.benchmark.top1_classes`).
     """
+    from compressor.bench.benchmark import top1_classes
+
     outputs = np.asarray(model.predict(data.x, batch_size=batch_size, verbose=0)).reshape(len(data), -1)
-    predicted = (outputs[:, 0] > 0.5).astype(np.int64) if outputs.shape[1] == 1 else outputs.argmax(axis=1)
-    return predicted == np.asarray(data.y)
+    return top1_classes(outputs) == np.asarray(data.y)
 
 
 @dataclass(frozen=True)

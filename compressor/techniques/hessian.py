@@ -257,10 +257,7 @@ class Hessian(LayerTechnique):
         self, layer: Any, input_shape: Optional[Shape] = None, output_shape: Optional[Shape] = None
     ) -> Optional[str]:
         """None if the layer has a basis and some edit of it lowers its cost, else a reason a user can read."""
-        reason = self._why_not(layer)
-        if reason is None and not self.options(layer, None, input_shape, output_shape):
-            return self.no_option_reason
-        return reason
+        return self._why_not(layer) or super().check(layer, input_shape, output_shape)
 
     def options(
         self,
