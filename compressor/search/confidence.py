@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any
 
 import numpy as np
 
@@ -61,10 +60,6 @@ class PairedDrop:
     def within(self, limit: float) -> bool:
         """Whether the drop is at most `limit` with the stated confidence (the upper bound is)."""
         return self.upper <= limit + 1e-12
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"drop": self.drop, "ci": [self.lower, self.upper], "confidence": self.confidence,
-                "samples": self.samples, "losses": self.losses, "wins": self.wins}
 
 
 def z_value(confidence: float) -> float:
