@@ -61,3 +61,56 @@ def test_settings_are_validated():
         ChannelSettings(max_fraction=1.0)
     with pytest.raises(CompressorError, match="Invalid step"):
         ChannelSettings(step=0.0)
+
+
+def _scripted_search(monkeypatch, accuracies):
+    """search_channels under a 2-point budget on a tiny CNN, its step accuracies scripted in order."""
+    import keras
+
+    from compressor.finetune import FinetuneConfig
+    from compressor.io.data import Dataset
+    from compressor.search import channel_search
+    from compressor.search.budgets import Budget
+
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="out")(x))
+    rng = np.random.default_rng(0)
+    data = Dataset(rng.normal(size=(200, 8, 8, 1)).astype("float32"), np.zeros(200, np.int64), "scripted")
+    # The baseline is measured first (accuracy 0.9); each later measurement takes the next scripted accuracy.
+    script = iter([0.9, *accuracies])
+    runs = []
+
+    def correct(self, model):
+        share = next(script)
+        return np.arange(200) < round(share * 200)
+
+    def finetune(self, candidate, target_accuracy, run=0):
+        runs.append(run)
+        return 1
+
+    monkeypatch.setattr(channel_search._Run, "_correct", correct)
+    monkeypatch.setattr(channel_search._Run, "_finetune", finetune)
+    settings = channel_search.ChannelSettings(finetune=FinetuneConfig(epochs=1), step=0.5)
+    result = channel_search.search_channels(model, Budget("accuracy_drop", 0.02), settings, data, data)
+    return result, runs
+
+
+def test_a_step_that_misses_within_the_budget_is_fine_tuned_once_more(monkeypatch):
+    # MARGIN x 2 points = 1.5 points hold; step 1 loses 1.0 (holds), step 2 loses 2.0: within the
+    # budget but not the margin, so it is fine-tuned again (run 1), then loses 1.0 and holds.
+    # Then two smaller steps lose 5 points each (beyond the budget: no second run) and the search stops.
+    result, runs = _scripted_search(monkeypatch, [0.89, 0.88, 0.89, 0.85, 0.85, 0.85])
+    assert runs == [0, 0, 1, 0, 0, 0]
+    assert [step.accepted for step in result.steps] == [True, True, False, False, False]
+    assert result.steps[1].epochs == 2 and result.steps[1].accuracy == pytest.approx(0.89)
+
+
+def test_a_step_still_missing_after_its_second_run_is_retried_smaller(monkeypatch):
+    result, runs = _scripted_search(monkeypatch, [0.88, 0.882, 0.85, 0.85])
+    assert runs == [0, 1, 0, 0]
+    assert [step.accepted for step in result.steps] == [False, False, False]
+    assert result.steps[1].target > result.steps[0].target  # the retry keeps more of the cost
+    assert result.flops == result.baseline_flops
