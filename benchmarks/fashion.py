@@ -2,7 +2,7 @@
 
     python benchmarks/fashion.py [--work DIR] [--examples fashion-resnet20,fashion-mobilenet]
         [--budgets 0.01,0.02] [--seeds 5] [--seeds-for fashion-mobilenet=2] [--tfmot]
-        [--compress-args "..."] > benchmarks/fashion.md
+        [--compress-args "..."] [--jobs 2] > benchmarks/fashion.md
 
 Needs Debian's dataset-fashion-mnist (or `--source DIR` of the four idx files). Each
 example is trained once (`compressor example NAME`, seed 0); then each (budget, seed)
@@ -10,6 +10,12 @@ is one `compress` run in a fresh process, with `--seed` changing the selection/g
 split, the scores' samples and the fine-tuning order. The search sees `val.npz` (6,000
 images carved from the training set); every accuracy figure is the TFLite artifact's on
 the official 10,000-image test set, which no search sees.
+
+`--jobs N` runs N compress runs at a time. A run trains on about one core (TensorFlow's
+CPU train step here is serial: one thread gives the same images/s as its default pool),
+so on 2 cores `--jobs 2` halves the benchmark's wall time while each run's wall time
+stays close to a lone run's; each run's latencies are then timed while another run
+trains (the original and ours alike, interleaved).
 
 Runs already done (their report.json in the work folder) are read back, not rerun, so
 an interrupted benchmark resumes, and `--seeds` can grow later.
@@ -34,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -142,18 +149,25 @@ def main() -> None:
     parser.add_argument("--source", default=None, help="folder of the four Fashion-MNIST idx files")
     parser.add_argument("--compress-args", default=DEFAULT_COMPRESS_ARGS)
     parser.add_argument("--tfmot", action="store_true")
+    parser.add_argument("--jobs", type=int, default=1, help="compress runs at a time (each trains on about one core)")
     args = parser.parse_args()
     overrides = dict(item.split("=", 1) for item in args.seeds_for)
     budgets = [float(b) for b in args.budgets.split(",")]
-    rows, builds, peers = [], {}, {}
+    rows, builds, peers, jobs = [], {}, {}, {}
     for name in args.examples.split(","):
         folder, builds[name] = ensure_example(name, args.work, args.source)
         for budget in budgets:
             seeds = int(overrides.get(f"{name}@{budget:g}", overrides.get(name, args.seeds)))
-            runs = [compress(folder, budget, seed, args.work / "runs" / f"{name}-{budget:g}-s{seed}", args.compress_args)
-                    for seed in range(seeds)]
-            rows.append((name, budget, summarize(runs)))
-            print(f"{name} at {budget:g}: done {seeds} runs", file=sys.stderr)
+            jobs[name, budget] = [(folder, budget, seed, args.work / "runs" / f"{name}-{budget:g}-s{seed}", args.compress_args)
+                                  for seed in range(seeds)]
+    # A compress run trains on about one core (TensorFlow's CPU step here is serial: one
+    # thread gives the same images/s as the default pool), so --jobs 2 fills 2 cores.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {key: [pool.submit(compress, *job) for job in runs] for key, runs in jobs.items()}
+        for (name, budget), pending in futures.items():
+            rows.append((name, budget, summarize([future.result() for future in pending])))
+            print(f"{name} at {budget:g}: done {len(pending)} runs", file=sys.stderr)
+    for name, folder in ((name, args.work / name) for name in builds):
         if args.tfmot and 0.02 in budgets:
             first = args.work / "runs" / f"{name}-0.02-s0" / "report.json"
             peers[name] = tfmot_row(folder, json.loads(first.read_text()), builds[name]["samples"]["train"], args.work)
@@ -164,7 +178,7 @@ def print_table(rows, builds, peers, args) -> None:
     print("# Budgets on real data: Fashion-MNIST\n")
     print(f"Command: `python benchmarks/fashion.py --examples {args.examples} --budgets {args.budgets} "
           f"--seeds {args.seeds}{''.join(f' --seeds-for {s}' for s in args.seeds_for)}"
-          f"{' --tfmot' if args.tfmot else ''}` (compress arguments: `{args.compress_args}`)\n")
+          f"{' --tfmot' if args.tfmot else ''}{f' --jobs {args.jobs}' if args.jobs > 1 else ''}` (compress arguments: `{args.compress_args}`)\n")
     print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. "
           "Search on val.npz (6,000 images from the training set: half selection, half guard); every accuracy "
           "figure is the TFLite artifact's on the official 10,000-image test set. Speed-ups are the original's "
