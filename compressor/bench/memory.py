@@ -60,8 +60,8 @@ def peak_memory_bytes(
         calls: Inferences to run on `batch`.
 
     Returns:
-        Bytes: the process's peak resident memory after the runs, less its peak after
-        importing the runtime.
+        Bytes: the process's peak resident memory after the runs, less its resident
+        memory after importing the runtime (see the module's doc).
 
     Raises:
         CompressorError: The measuring process failed (its error line is in the message).
@@ -69,8 +69,9 @@ def peak_memory_bytes(
     with tempfile.TemporaryDirectory(prefix="compressor-memory-") as folder:
         sample = Path(folder) / "input.npy"
         np.save(sample, batch)
-        command = [sys.executable, "-m", "compressor.bench.memory", str(path), "--input", str(sample),
-                   "--threads", str(threads), "--calls", str(calls)]
+        # The same Python, started the same way (-S: without site packages, as a board may run it).
+        command = [sys.executable, *(["-S"] if sys.flags.no_site else []), "-m", "compressor.bench.memory",
+                   str(path), "--input", str(sample), "--threads", str(threads), "--calls", str(calls)]
         if not xnnpack:
             command.append("--no-xnnpack")
         if onnx_provider is not None:
