@@ -187,7 +187,7 @@ def test_report_to_dict_is_json(arts):
     report = benchmark([arts["small"]["tflite"]], runs=2, warmup=0)
     payload = json.loads(json.dumps(report.to_dict()))
     assert payload["results"][0]["ratio_to_first"] == 1.0
-    assert set(payload["results"][0]["latency_ms"]) == {"median", "p90", "min", "max", "mean"}
+    assert set(payload["results"][0]["latency_ms"]) == {"median", "p90", "min", "max", "mean", "std", "p5", "p95"}
 
 
 @pytest.mark.parametrize(

@@ -124,6 +124,21 @@ def test_a_compress_run_gets_a_report_with_both_plots(fixed_loss_run):
     assert chosen.accuracy == report["search"]["accuracy"]
 
 
+def test_the_artifacts_carry_load_first_call_spread_and_peak_memory(fixed_loss_run):
+    """report.json holds what `compressor bench` measures per artifact, and report.md shows it."""
+    report, out = fixed_loss_run
+    (entry,) = [entry for entry in report["artifacts"] if entry["format"] == "tflite"]
+    assert entry["init_ms"] > 0 and entry["first_inference_ms"] > 0
+    assert entry["peak_memory_bytes"] > 0 and entry["baseline_peak_memory_bytes"] > 0
+    assert (entry["threads"], entry["delegate"], entry["provider"]) == (1, "xnnpack", None)
+    latency = entry["latency_ms"]
+    assert latency["min"] <= latency["p5"] <= latency["median"] <= latency["p95"] <= latency["max"]
+    assert latency["std"] >= 0
+    markdown = render_markdown(report, out_dir=out)
+    row = next(line for line in markdown.splitlines() if line.startswith("| [model.tflite](model.tflite) | xnnpack"))
+    assert "xnnpack, 1 thread(s)" in row and row.count(" ms |") == 5 and "iB |" in row
+
+
 def test_timings_give_each_stage_and_add_up_to_search_and_export(fixed_loss_run):
     from compressor.report.build import STAGE_TIMINGS
 

@@ -76,6 +76,8 @@ def benchmark(
     runs: int = 100,
     warmup: int = 10,
     threads: int = 1,
+    xnnpack: bool = True,
+    onnx_provider: Optional[str] = None,
     remote: Optional[str] = None,
     remote_python: Optional[str] = None,
     remote_timeout: Optional[float] = None,
@@ -84,6 +86,10 @@ def benchmark(
 ) -> BenchRun:
     """Time .tflite/.onnx artifacts at batch 1 in interleaved rounds, and measure top-1 accuracy on `data`.
 
+    Per artifact the report also has its load time (`init_ms`), its first call
+    (`first_inference_ms`), its peak memory in a fresh process (`peak_memory_bytes`),
+    and the threads, delegate (TFLite) or execution provider (ONNX) it ran with.
+
     Args:
         artifacts: Artifacts of the same model; the first is the reference of the ratios.
         data: Inputs to time on (and labels to measure accuracy with): a path, a hook,
@@ -91,6 +97,10 @@ def benchmark(
         runs: Timed calls per artifact.
         warmup: Untimed calls per artifact before them.
         threads: Threads per runtime (0: the runtime's default).
+        xnnpack: Let LiteRT apply its default XNNPACK delegate to TFLite artifacts
+            (False: its builtin kernels alone).
+        onnx_provider: onnxruntime's execution provider for ONNX artifacts (default
+            CPUExecutionProvider); one that onnxruntime lacks is an OptionError.
         remote: Time on another machine, through this command (e.g. "ssh user@board").
         remote_python: The Python to run there (default python3).
         remote_timeout: Seconds to wait for the remote run (default: no limit).
@@ -105,7 +115,8 @@ def benchmark(
     """
     previous = check_bench(data, remote, remote_python, remote_timeout, baseline, max_regression)
     dataset = as_dataset("data", data) if data is not None and not is_path(data) else data
-    report = _measure(artifacts, dict(data=dataset, runs=runs, warmup=warmup, threads=threads),
+    report = _measure(artifacts, dict(data=dataset, runs=runs, warmup=warmup, threads=threads, xnnpack=xnnpack,
+                                      onnx_provider=onnx_provider),
                       dict(prefix=remote, timeout=remote_timeout, python=remote_python))
     gate = None
     if previous is not None:

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import NoReturn, Optional, Sequence
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, flag_name
 from compressor.quiet import stdout_to_stderr
 
 # The import name of each package the benchmark needs, and what pip calls it.
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls per artifact first")
     parser.add_argument("--threads", type=int, default=1, help="threads per runtime (0: default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated input")
+    parser.add_argument("--xnnpack", action=argparse.BooleanOptionalAction, default=True,
+                        help="let LiteRT apply its default XNNPACK delegate to .tflite artifacts")
+    parser.add_argument("--onnx-provider", help="onnxruntime execution provider (default CPUExecutionProvider)")
     return parser
 
 
@@ -64,7 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _error(_missing_package(exc, sys.executable) or f"cannot import what the benchmark needs: {exc}")
     except CompressorError as exc:
         missing = _missing_package(exc.__cause__, sys.executable)
-        return _error(f"{exc} ({missing})" if missing else str(exc))
+        message = exc.render(flag_name)
+        return _error(f"{message} ({missing})" if missing else message)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     sys.stdout.flush()
     return 0
@@ -81,6 +85,8 @@ def _run(args: argparse.Namespace) -> dict:
         warmup=args.warmup,
         threads=args.threads,
         seed=args.seed,
+        xnnpack=args.xnnpack,
+        onnx_provider=args.onnx_provider,
     )
     return report.to_dict()
 

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import time
+
 import numpy as np
 
 from compressor.bench.latency import LatencyStats, time_interleaved
+from compressor.bench.memory import peak_memory_bytes
 from compressor.bench.runtime import ArtifactRunner, open_artifact
-from compressor.errors import CompressorError, DataError
+from compressor.errors import CompressorError, DataError, OptionError
 from compressor.io.data import Dataset, check_fits, load_data
 
 Shape = tuple[Optional[int], ...]
@@ -39,9 +42,16 @@ class BenchResult:
         format: "tflite" or "onnx".
         bytes: File size.
         batch: Batch size of the timed calls (1 unless the artifact has a fixed batch).
-        latency_ms: Latency of one call.
+        latency_ms: Latency of one call, over the timed runs (not the first call, not warm-up).
         accuracy: Top-1 accuracy over the data, or None without labelled data.
         ratio_to_first: Median latency divided by the first artifact's median.
+        init_ms: Time to load it into its runtime (`ArtifactRunner.init_ms`).
+        first_inference_ms: Its first call after loading, before warm-up and timed runs.
+        peak_memory_bytes: Peak resident memory that loading and running it took, in a
+            fresh process of its own (`compressor.bench.memory`); None when not measured.
+        threads: Threads its runtime could use (0: the runtime's default).
+        delegate: TFLite: "xnnpack" or "none" (LiteRT's builtin kernels only); None for ONNX.
+        provider: ONNX: the execution provider it ran on; None for TFLite.
         correct: Per sample, whether the top-1 prediction was right (None without
             labelled data); for paired comparisons between artifacts, not in `to_dict`.
     """
@@ -53,6 +63,12 @@ class BenchResult:
     latency_ms: LatencyStats
     accuracy: Optional[float]
     ratio_to_first: Optional[float]
+    init_ms: float = 0.0
+    first_inference_ms: float = 0.0
+    peak_memory_bytes: Optional[int] = None
+    threads: int = DEFAULT_THREADS
+    delegate: Optional[str] = None
+    provider: Optional[str] = None
     correct: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,6 +80,18 @@ class BenchResult:
             "latency_ms": self.latency_ms.to_dict(),
             "accuracy": self.accuracy,
             "ratio_to_first": self.ratio_to_first,
+            **self.runtime_dict(),
+        }
+
+    def runtime_dict(self) -> dict[str, Any]:
+        """What else was measured and how: load, first call, peak memory, threads, delegate, provider."""
+        return {
+            "init_ms": self.init_ms,
+            "first_inference_ms": self.first_inference_ms,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "threads": self.threads,
+            "delegate": self.delegate,
+            "provider": self.provider,
         }
 
 
@@ -78,6 +106,8 @@ class BenchReport:
         threads: Threads each runtime could use (0: the runtime's default).
         input: Where the timed inputs came from: the data source, or "generated".
         samples: Number of samples accuracy was measured on (0 without labelled data).
+        xnnpack: Whether LiteRT could apply its XNNPACK delegate to TFLite artifacts.
+        onnx_provider: The execution provider asked for ONNX artifacts (None: the default).
     """
 
     results: tuple[BenchResult, ...]
@@ -86,6 +116,8 @@ class BenchReport:
     threads: int
     input: str
     samples: int
+    xnnpack: bool = True
+    onnx_provider: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +127,8 @@ class BenchReport:
             "threads": self.threads,
             "input": self.input,
             "samples": self.samples,
+            "xnnpack": self.xnnpack,
+            "onnx_provider": self.onnx_provider,
         }
 
 
@@ -105,8 +139,15 @@ def benchmark(
     warmup: int = DEFAULT_WARMUP,
     threads: int = DEFAULT_THREADS,
     seed: int = 0,
+    xnnpack: bool = True,
+    onnx_provider: Optional[str] = None,
+    memory: bool = True,
 ) -> BenchReport:
     """Time artifacts side by side and measure their accuracy.
+
+    Per artifact: the time to load it (`init_ms`), its first call, then `warmup`
+    untimed rounds and `runs` timed ones, interleaved; then, with `memory`, its peak
+    memory in a fresh process of its own.
 
     Args:
         paths: .tflite and .onnx files taking the same input; the first is the reference.
@@ -117,17 +158,21 @@ def benchmark(
         warmup: Untimed calls per artifact first (>= 0).
         threads: Threads per runtime (>= 0; 0 lets the runtime choose).
         seed: Seed of the generated input.
+        xnnpack: Let LiteRT apply its default XNNPACK delegate to TFLite artifacts.
+        onnx_provider: onnxruntime's execution provider (default CPUExecutionProvider).
+        memory: Measure each artifact's peak memory (a fresh Python process each).
 
     Returns:
         The report, results in the order of `paths`.
 
     Raises:
+        OptionError: An execution provider onnxruntime does not have here.
         CompressorError: Bad options; a missing, unknown or unreadable artifact;
             artifacts with different inputs.
         DataError: The data cannot be read or does not fit the artifacts.
     """
-    check_options(paths, runs, warmup, threads)
-    runners = [open_artifact(path, threads) for path in paths]
+    check_options(paths, runs, warmup, threads, xnnpack, onnx_provider)
+    runners = [open_artifact(path, threads, xnnpack=xnnpack, onnx_provider=onnx_provider) for path in paths]
     sample_shape = common_sample_shape(runners)
     dataset = _load(data, sample_shape)
     if dataset is None:
@@ -137,9 +182,13 @@ def benchmark(
         # Only as many samples as there are calls: a large dataset need not be copied.
         sample = dataset.x[: min(len(dataset), warmup + runs)]
         inputs = [_batches(r, sample) for r in runners]
-    samples_ns = time_interleaved(
-        [_call(runner, batches) for runner, batches in zip(runners, inputs)], runs, warmup
-    )
+    calls = [_call(runner, batches) for runner, batches in zip(runners, inputs)]
+    first_ms = [_first_call_ms(call) for call in calls]
+    samples_ns = time_interleaved(calls, runs, warmup)
+    peaks = [
+        peak_memory_bytes(r.path, batches[0], threads, xnnpack, onnx_provider) if memory else None
+        for r, batches in zip(runners, inputs)
+    ]
     labelled = dataset is not None and dataset.y is not None
     correct = [top1_correct(r, dataset) if labelled else None for r in runners]
     stats = [LatencyStats.from_ns(ns) for ns in samples_ns]
@@ -152,9 +201,17 @@ def benchmark(
             latency_ms=stat,
             accuracy=None if hits is None else float(np.mean(hits)),
             ratio_to_first=_ratio(stat.median, stats[0].median),
+            init_ms=runner.init_ms,
+            first_inference_ms=first,
+            peak_memory_bytes=peak,
+            threads=threads,
+            delegate=runner.delegate,
+            provider=runner.provider,
             correct=hits,
         )
-        for path, runner, batches, stat, hits in zip(paths, runners, inputs, stats, correct)
+        for path, runner, batches, stat, hits, first, peak in zip(
+            paths, runners, inputs, stats, correct, first_ms, peaks
+        )
     )
     return BenchReport(
         results=results,
@@ -163,6 +220,8 @@ def benchmark(
         threads=threads,
         input="generated" if dataset is None else dataset.source,
         samples=len(dataset) if labelled else 0,
+        xnnpack=xnnpack,
+        onnx_provider=onnx_provider,
     )
 
 
@@ -245,7 +304,9 @@ def top1_classes(outputs: np.ndarray) -> np.ndarray:
     return outputs.argmax(axis=1)
 
 
-def check_options(paths: Sequence[Any], runs: int, warmup: int, threads: int) -> None:
+def check_options(
+    paths: Sequence[Any], runs: int, warmup: int, threads: int, xnnpack: bool = True, onnx_provider: Any = None
+) -> None:
     """Check the options of `benchmark` before any artifact is loaded.
 
     Raises:
@@ -258,6 +319,11 @@ def check_options(paths: Sequence[Any], runs: int, warmup: int, threads: int) ->
     for name, value, low in (("runs", runs, 1), ("warmup", warmup, 0), ("threads", threads, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise CompressorError(f"{name} must be an integer >= {low}. Received: {name}={value!r}")
+    if not isinstance(xnnpack, (bool, np.bool_)):
+        raise CompressorError(f"xnnpack must be True or False. Received: xnnpack={xnnpack!r}")
+    if onnx_provider is not None and (not isinstance(onnx_provider, str) or not onnx_provider.strip()):
+        raise OptionError("{onnx_provider} must name an onnxruntime execution provider, e.g. CPUExecutionProvider. "
+                          "Received: {value!r}", value=onnx_provider)
 
 
 def _load(data: str | Path | Dataset | None, sample_shape: Shape) -> Optional[Dataset]:
@@ -284,6 +350,13 @@ def _call(runner: ArtifactRunner, batches: list[np.ndarray]):
         return runner.invoke(batches[round_index % len(batches)])
 
     return call
+
+
+def _first_call_ms(call) -> float:
+    """The first inference after loading (round 0's input), apart from warm-up and timed runs."""
+    start = time.perf_counter_ns()
+    call(0)
+    return (time.perf_counter_ns() - start) / 1e6
 
 
 def _ratio(median: float, reference: float) -> Optional[float]:

@@ -46,6 +46,6 @@ def tflite_latency(
         models = {"static": static, "gated": gated}
         paths = [export_tflite(model, Path(folder) / f"{name}.tflite") for name, model in models.items()]
         data = Dataset(x, None, "search data")
-        report = benchmark(paths, data=data, runs=runs, warmup=10, threads=threads, seed=seed)
+        report = benchmark(paths, data=data, runs=runs, warmup=10, threads=threads, seed=seed, memory=False)
     static_result, gated_result = report.results
     return static_result.latency_ms.mean, gated_result.latency_ms.mean

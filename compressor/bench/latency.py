@@ -33,6 +33,10 @@ class LatencyStats:
         max: Slowest run.
         mean: Mean run: with inputs that take different paths (a gated model skips
             blocks for some inputs), the expected latency per input.
+        std: Standard deviation of the runs (over all of them, as LiteRT's
+            benchmark_model reports it: the root of the mean squared deviation).
+        p5: 5th percentile (linear interpolation, as p90).
+        p95: 95th percentile (linear interpolation, as p90).
     """
 
     median: float
@@ -40,6 +44,9 @@ class LatencyStats:
     min: float
     max: float
     mean: float
+    std: float
+    p5: float
+    p95: float
 
     @classmethod
     def from_ns(cls, samples_ns: Sequence[int]) -> "LatencyStats":
@@ -47,12 +54,16 @@ class LatencyStats:
         ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
         if ms.size == 0:
             raise ValueError("no timed runs to summarize")
+        p5, p90, p95 = (float(value) for value in np.percentile(ms, [5, 90, 95]))
         return cls(
             median=float(np.median(ms)),
-            p90=float(np.percentile(ms, 90)),
+            p90=p90,
             min=float(ms.min()),
             max=float(ms.max()),
             mean=float(ms.mean()),
+            std=float(ms.std()),
+            p5=p5,
+            p95=p95,
         )
 
     def to_dict(self) -> dict[str, float]:

@@ -52,6 +52,7 @@ PACKAGE_FILES = (
     "bench/__main__.py",
     "bench/runtime.py",
     "bench/latency.py",
+    "bench/memory.py",
     "bench/benchmark.py",
     "io/__init__.py",
     "io/data.py",
@@ -106,6 +107,8 @@ def bench_remote(
     seed: int = 0,
     python: str = DEFAULT_PYTHON,
     timeout: Optional[float] = None,
+    xnnpack: bool = True,
+    onnx_provider: Optional[str] = None,
 ) -> dict[str, Any]:
     """Time artifacts on the machine a command prefix reaches, like `benchmark` does here.
 
@@ -121,6 +124,9 @@ def bench_remote(
         seed: Seed of the generated input.
         python: The remote Python command (a name, a path, or a command with options).
         timeout: Seconds to wait for the whole remote run; None waits for ever.
+        xnnpack: Let LiteRT apply its default XNNPACK delegate to TFLite artifacts.
+        onnx_provider: onnxruntime's execution provider there (checked there; default
+            CPUExecutionProvider).
 
     Returns:
         The dict of `BenchReport.to_dict()` as measured remotely, with the paths
@@ -131,13 +137,16 @@ def bench_remote(
             Python or a runtime, printed no report, or ran past `timeout`.
         DataError: The data cannot be read here.
     """
-    check_options(paths, runs, warmup, threads)
+    check_options(paths, runs, warmup, threads, xnnpack, onnx_provider)
     command = _split("{remote} command", prefix, "e.g. 'ssh user@board'")
     launcher = _split("remote python", python, "e.g. 'python3'")
     _check_timeout(timeout)
     artifacts = [_local_artifact(path) for path in paths]
     dataset = _dataset(data)
-    options = ["--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads), "--seed", str(seed)]
+    options = ["--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads), "--seed", str(seed),
+               "--xnnpack" if xnnpack else "--no-xnnpack"]
+    if onnx_provider is not None:
+        options += ["--onnx-provider", onnx_provider]
     files, args, local = _bundle(paths, artifacts, dataset, options)
     marker = f"@@compressor-bench-{secrets.token_hex(8)}@@"
     script = remote_script(_payload(files), launcher, args, marker)

@@ -12,16 +12,21 @@ where only numpy, ai-edge-litert and onnxruntime are installed.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from compressor.errors import CompressorError, first_line
+from compressor.errors import CompressorError, OptionError, first_line
 from compressor.quiet import muted_stderr
 
 FORMATS = {".tflite": "tflite", ".onnx": "onnx"}
+
+DEFAULT_ONNX_PROVIDER = "CPUExecutionProvider"
+XNNPACK = "xnnpack"
+NO_DELEGATE = "none"
 
 QuantParams = tuple[float, int]
 """(scale, zero_point) of an integer tensor: real = scale * (q - zero_point)."""
@@ -41,6 +46,12 @@ class ArtifactRunner:
         output_dtype: dtype of the artifact's raw output tensor.
         input_quantization: (scale, zero_point) of a quantized integer input, else None.
         output_quantization: (scale, zero_point) of a quantized integer output, else None.
+        init_ms: Time to make it runnable, in ms: LiteRT's interpreter built and its
+            tensors allocated, or onnxruntime's session created (the runtime's import
+            and reading nothing else are not in it).
+        delegate: TFLite: "xnnpack" when LiteRT applies its default XNNPACK delegate,
+            "none" when it runs its builtin kernels alone; None for ONNX.
+        provider: ONNX: the execution provider the session runs on; None for TFLite.
     """
 
     path: Path
@@ -51,6 +62,9 @@ class ArtifactRunner:
     output_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
     input_quantization: Optional[QuantParams] = None
     output_quantization: Optional[QuantParams] = None
+    init_ms: float = 0.0
+    delegate: Optional[str] = None
+    provider: Optional[str] = None
 
     @property
     def quantized_io(self) -> bool:
@@ -126,17 +140,23 @@ def dequantize_values(q: np.ndarray, params: QuantParams) -> np.ndarray:
     return (np.float32(scale) * (q.astype(np.float32) - np.float32(zero_point))).astype(np.float32)
 
 
-def open_artifact(path: Path | str, threads: int = 1) -> ArtifactRunner:
+def open_artifact(
+    path: Path | str, threads: int = 1, xnnpack: bool = True, onnx_provider: Optional[str] = None
+) -> ArtifactRunner:
     """Load a .tflite or .onnx file with its runtime.
 
     Args:
         path: The artifact.
         threads: Threads the runtime may use (0: the runtime's default).
+        xnnpack: TFLite: let LiteRT apply its default XNNPACK delegate (False: its
+            builtin kernels only, `OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES`).
+        onnx_provider: ONNX: the execution provider (default CPUExecutionProvider).
 
     Returns:
         A runner for the artifact.
 
     Raises:
+        OptionError: An execution provider this onnxruntime does not have.
         CompressorError: Missing file, unknown extension, or a file the runtime rejects.
     """
     path = Path(path)
@@ -148,7 +168,9 @@ def open_artifact(path: Path | str, threads: int = 1) -> ArtifactRunner:
             f"cannot run {path.name}: expected a .tflite or .onnx file, got '{path.suffix}'"
         )
     try:
-        return _open_tflite(path, threads) if fmt == "tflite" else _open_onnx(path, threads)
+        if fmt == "tflite":
+            return _open_tflite(path, threads, xnnpack)
+        return _open_onnx(path, threads, check_onnx_provider(onnx_provider))
     except CompressorError:
         raise
     except Exception as exc:  # the runtimes raise assorted types for a bad file
@@ -164,12 +186,34 @@ def _single(items: list[Any], what: str, path: Path) -> Any:
     return items[0]
 
 
-def _open_tflite(path: Path, threads: int) -> ArtifactRunner:
-    from ai_edge_litert.interpreter import Interpreter
+def check_onnx_provider(name: Optional[str]) -> str:
+    """The execution provider to run ONNX artifacts on: `name`, checked, or the default.
 
+    Raises:
+        OptionError: `name` is not one of `onnxruntime.get_available_providers()`.
+    """
+    if name is None:
+        return DEFAULT_ONNX_PROVIDER
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if name not in available:
+        raise OptionError("{onnx_provider} {name!r} is not available in onnxruntime {version} here; it has: {known}",
+                          name=name, version=ort.__version__, known=", ".join(available))
+    return name
+
+
+def _open_tflite(path: Path, threads: int, xnnpack: bool) -> ArtifactRunner:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     with muted_stderr():  # LiteRT announces its XNNPACK delegate on fd 2
-        interpreter = Interpreter(model_path=str(path), num_threads=threads or None)
+        start = time.perf_counter_ns()
+        interpreter = Interpreter(
+            model_path=str(path), num_threads=threads or None, experimental_op_resolver_type=resolver
+        )
         interpreter.allocate_tensors()
+        init_ms = (time.perf_counter_ns() - start) / 1e6
     inp = _single(interpreter.get_input_details(), "input", path)
     out = _single(interpreter.get_output_details(), "output", path)
     signature = tuple(int(d) for d in inp.get("shape_signature", inp["shape"]))
@@ -202,6 +246,8 @@ def _open_tflite(path: Path, threads: int) -> ArtifactRunner:
         output_dtype=np.dtype(out["dtype"]),
         input_quantization=_tflite_quantization(inp),
         output_quantization=out_params,
+        init_ms=init_ms,
+        delegate=XNNPACK if xnnpack else NO_DELEGATE,
     )
 
 
@@ -224,16 +270,16 @@ _ONNX_DTYPES = {
 }
 
 
-def _open_onnx(path: Path, threads: int) -> ArtifactRunner:
+def _open_onnx(path: Path, threads: int, provider: str) -> ArtifactRunner:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    session = ort.InferenceSession(
-        str(path), sess_options=options, providers=["CPUExecutionProvider"]
-    )
+    start = time.perf_counter_ns()
+    session = ort.InferenceSession(str(path), sess_options=options, providers=[provider])
+    init_ms = (time.perf_counter_ns() - start) / 1e6
     inp = _single(session.get_inputs(), "input", path)
     out = _single(session.get_outputs(), "output", path)
     shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
@@ -245,4 +291,5 @@ def _open_onnx(path: Path, threads: int) -> ArtifactRunner:
 
     # Quantized ONNX models (QDQ) keep float inputs and outputs: nothing to convert.
     output_dtype = np.dtype(_ONNX_DTYPES.get(out.type, np.float32))
-    return ArtifactRunner(path, "onnx", shape, dtype, invoke, output_dtype=output_dtype)
+    return ArtifactRunner(path, "onnx", shape, dtype, invoke, output_dtype=output_dtype, init_ms=init_ms,
+                          provider=session.get_providers()[0])

@@ -47,6 +47,22 @@ ArtifactsArg = Annotated[
 ThreadsOpt = Annotated[
     int, typer.Option("--threads", help="Threads per runtime (0: the runtime's default).")
 ]
+XnnpackOpt = Annotated[
+    bool,
+    typer.Option(
+        "--xnnpack/--no-xnnpack",
+        help="Let LiteRT apply its default XNNPACK delegate to .tflite artifacts, or run its builtin kernels alone.",
+    ),
+]
+OnnxProviderOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--onnx-provider",
+        help="onnxruntime execution provider for .onnx artifacts (default CPUExecutionProvider); "
+        "one of onnxruntime.get_available_providers() where they run.",
+        show_default=False,
+    ),
+]
 RunsOpt = Annotated[int, typer.Option("--runs", help="Timed calls per artifact.")]
 WarmupOpt = Annotated[
     int, typer.Option("--warmup", help="Untimed calls per artifact before timing.")
@@ -112,6 +128,8 @@ def bench_command(
     artifacts: ArtifactsArg,
     data: DataOpt = None,
     threads: ThreadsOpt = 1,
+    xnnpack: XnnpackOpt = True,
+    onnx_provider: OnnxProviderOpt = None,
     runs: RunsOpt = 100,
     warmup: WarmupOpt = 10,
     remote: RemoteOpt = None,
@@ -132,7 +150,8 @@ def bench_command(
 
     previous = check_bench(data, remote, remote_python, remote_timeout, baseline, max_regression)  # before timing
     measure = functools.partial(
-        benchmark, artifacts, data, runs=runs, warmup=warmup, threads=threads, remote=remote,
+        benchmark, artifacts, data, runs=runs, warmup=warmup, threads=threads, xnnpack=xnnpack,
+        onnx_provider=onnx_provider, remote=remote,
         remote_python=remote_python, remote_timeout=remote_timeout, baseline=previous, max_regression=max_regression,
     )
     run = _measure_showing_progress(measure, len(artifacts), runs, remote, not (json_output or quiet), json_output)
@@ -173,6 +192,7 @@ def _render(
     if quiet:
         return
     console.print(_table(report))
+    console.print(_runtime_table(report))
     if gate is not None:
         console.print(_gate_table(report, gate, baseline))
         if gate.warning:
@@ -213,6 +233,44 @@ def _table(report: dict[str, Any]) -> Table:
             "-" if accuracy is None else f"{accuracy:.1%}",
         )
     return table
+
+
+def _runtime_table(report: dict[str, Any]) -> Table:
+    """Per artifact: what it ran on, its load and first call, the spread of its timed runs, its peak memory."""
+    caption = (
+        "ms; init: load into the runtime (LiteRT: interpreter + allocate, onnxruntime: session); "
+        "1st call: the first after it, before warm-up; std, p5, p95: over the timed runs; "
+        "peak memory: loading and running it, in a fresh process"
+    )
+    table = Table(caption=escape(caption), box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+    table.add_column("artifact", overflow="fold", min_width=12)
+    table.add_column("runs on", no_wrap=True)
+    for name in ("init", "1st call", "std", "p5", "p95", "peak memory"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for result in report["results"]:
+        latency, peak = result["latency_ms"], result.get("peak_memory_bytes")
+        table.add_row(
+            escape(result["path"]),
+            escape(runs_on(result)),
+            *(_ms_or_dash(value) for value in (result.get("init_ms"), result.get("first_inference_ms"))),
+            *(_ms_or_dash(latency.get(key)) for key in ("std", "p5", "p95")),
+            "-" if peak is None else human_bytes(peak),
+        )
+    return table
+
+
+def runs_on(result: dict[str, Any]) -> str:
+    """What an artifact ran on, in a few words: "xnnpack", "no delegate", "CPU" (onnxruntime's provider)."""
+    if result.get("provider"):
+        return str(result["provider"]).removesuffix("ExecutionProvider") or str(result["provider"])
+    delegate = result.get("delegate")
+    if delegate is None:
+        return "-"
+    return "no delegate" if delegate == "none" else str(delegate)
+
+
+def _ms_or_dash(value: Any) -> str:
+    return "-" if value is None else _ms(value)
 
 
 def _gate_table(report: dict[str, Any], gate: GateResult, baseline: Optional[Path]) -> Table:

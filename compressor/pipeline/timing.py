@@ -2,7 +2,8 @@
 
 Each runtime format is timed in one interleaved run (the original's artifact first, then
 the model before gates if any, then ours), so ratios stay fair on a noisy machine, and
-scored on the labelled held-out data; the Keras artifact is scored in Keras. Each
+scored on the labelled held-out data; the Keras artifact is scored in Keras. Each one's
+load time, first call and peak memory (in a fresh process) come with its latency. Each
 artifact's drop against the original's artifact is measured paired on the same samples,
 with its confidence interval (`drop_ci`, one-sided bounds at the run's confidence).
 """
@@ -57,6 +58,8 @@ def time_artifacts(ctx: RunContext, run: Run, exported: Exported) -> tuple[list[
                 latency_ratio=result.ratio_to_first,
                 baseline_path=baseline.path,
                 baseline_bytes=baseline.bytes,
+                **result.runtime_dict(),
+                baseline_peak_memory_bytes=original.peak_memory_bytes,
             )
     if runtime:
         ctx.progress("timing artifacts", len(runtime), len(runtime))

@@ -180,7 +180,32 @@ def _artifacts(report: Mapping[str, Any], out_dir: Optional[Path]) -> str:
     headers = ["format", "quantization", "file", "size", "original's size", "accuracy (held-out)",
                "median latency", "original's median", "latency ratio"]
     text = "## Artifacts\n\n" + _table(headers, rows, "lllrrrrrr")
-    return text + "\n\nLatency ratio: our median over the original's, timed interleaved in one run (below 1: faster)."
+    text += "\n\nLatency ratio: our median over the original's, timed interleaved in one run (below 1: faster)."
+    return text + _runtime_table(artifacts, out_dir, out)
+
+
+def _runtime_table(artifacts: Sequence[Mapping[str, Any]], out_dir: Optional[Path], out: Optional[str]) -> str:
+    """Load time, first call, spread of the runs and peak memory of each timed artifact (reports since these keys)."""
+    timed = [entry for entry in artifacts if "init_ms" in entry]
+    if not timed:
+        return ""
+    rows = [[_file_link(entry.get("path"), out_dir, out), _runs_on(entry), _ms(entry.get("init_ms")),
+             _ms(entry.get("first_inference_ms")),
+             *(_ms(mapping_of(entry.get("latency_ms")).get(key)) for key in ("std", "p5", "p95")),
+             _bytes(entry.get("peak_memory_bytes")), _bytes(entry.get("baseline_peak_memory_bytes"))] for entry in timed]
+    headers = ["file", "runs on", "load", "first call", "std", "p5", "p95", "peak memory", "original's peak memory"]
+    return ("\n\n" + _table(headers, rows, "llrrrrrrr") + "\n\nLoad: into the runtime (interpreter and tensors, or "
+            "session); first call: the one after it, before warm-up; std, p5, p95: over the timed runs; peak memory: "
+            "loading and running it in a fresh process.")
+
+
+def _runs_on(entry: Mapping[str, Any]) -> str:
+    delegate = entry.get("delegate")
+    where = entry.get("provider") or ("no delegate" if delegate == "none" else delegate) or MISSING
+    threads = entry.get("threads")
+    if not is_number(threads):
+        return where
+    return f"{where}, {threads} thread(s)" if threads else f"{where}, default threads"
 
 
 def _search(report: Mapping[str, Any], plot: Optional[Plot]) -> str:

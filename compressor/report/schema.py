@@ -34,7 +34,7 @@ class Keys:
     """Further allowed keys known only at run time (a layer row's technique parameters)."""
 
 
-LATENCY = Keys(("median", "p90", "min", "max", "mean"))
+LATENCY = Keys(("median", "p90", "min", "max", "mean"), optional=("std", "p5", "p95"))
 FLOPS_PER_INPUT = Keys(("mean", "min", "p10", "median", "p90", "max", "histogram"), nested={"histogram": Keys(("edges", "counts"))})
 TRIAL = Keys(("stage", "params", "flops", "accuracy", "met", "chosen"))
 ACCEPTANCE = Keys(("samples", "confidence", "samples_needed", "warning", "looks"),
@@ -60,7 +60,9 @@ REPORT = Keys(
         "artifacts": Keys(
             ("format", "quantize", "path", "bytes", "accuracy", "max_abs_diff", "top1_agreement", "latency_ms",
              "baseline_latency_ms"),
-            optional=("baseline_accuracy", "latency_ratio", "baseline_path", "baseline_bytes", "drop_ci"),
+            optional=("baseline_accuracy", "latency_ratio", "baseline_path", "baseline_bytes", "drop_ci", "init_ms",
+                      "first_inference_ms", "peak_memory_bytes", "baseline_peak_memory_bytes", "threads", "delegate",
+                      "provider"),
             nested={"latency_ms": LATENCY, "baseline_latency_ms": LATENCY},
         ),
         "search": Keys(("evaluations", "cached_evaluations", "search_samples", "held_out_samples", "trials"),
