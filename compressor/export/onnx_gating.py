@@ -30,14 +30,12 @@ rejects the broken Conv that the default checker lets through.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import keras
 
 from compressor.errors import ExportError, first_line
+from compressor.export.onnx_ops import tf2onnx_errors
 from compressor.layers.gating import gate_layers
 
 if TYPE_CHECKING:  # TensorFlow and ONNX load only when a conversion runs.
@@ -79,7 +77,7 @@ def convert_gated(model: keras.Model, opset: int = 17) -> "onnx.ModelProto":
     shape = single_input_shape(model)
     spec = [tf.TensorSpec((1, *shape[1:]), model.inputs[0].dtype, name=ONNX_INPUT_NAME)]
     try:
-        with _tf2onnx_errors() as errors:
+        with tf2onnx_errors() as errors:
             proto = tf2onnx_model(model, spec, opset, prepare=fill_branch_shapes)
     except Exception as exc:
         raise ExportError(f"ONNX conversion failed: {first_line(exc)}") from exc
@@ -158,42 +156,6 @@ def _function_graph(function: Any) -> Any:
     from tensorflow.python.framework.function_def_to_graph import function_def_to_graph
 
     return function_def_to_graph(function)
-
-
-@contextlib.contextmanager
-def _tf2onnx_errors() -> Iterator[list[str]]:
-    """Collect tf2onnx's error log lines instead of printing them; also mute its prints.
-
-    tf2onnx's graph_def entry point converts with `continue_on_error`: a node it
-    fails on is only logged and stays half-converted in the model. The caller turns
-    the collected lines into an ExportError.
-    """
-    logger = logging.getLogger("tf2onnx")
-    errors: list[str] = []
-    handler = _ListHandler(errors)
-    saved = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.ERROR)
-    logger.propagate = False
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # tf2onnx's deprecation notices
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield errors
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
-
-
-class _ListHandler(logging.Handler):
-    """A log handler that appends each record's first line to a list."""
-
-    def __init__(self, lines: list[str]) -> None:
-        super().__init__(logging.ERROR)
-        self.lines = lines
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage().splitlines()[0])
 
 
 def _check(proto: "onnx.ModelProto", gates: int) -> None:

@@ -19,9 +19,13 @@ from typing import Callable, Iterator
 import keras
 
 from compressor.errors import ExportError, first_line
+from compressor.export.failures import onnx_failure, tflite_failure
+from compressor.export.onnx_ops import inline_compiled_functions, register_handlers, tf2onnx_errors
+from compressor.graph.walk import nested_layers
 from compressor.io.atomic import atomic_path, write_bytes_atomic
 from compressor.io.models import save_model
 from compressor.layers.gating import is_gated
+from compressor.quiet import muted_stderr
 
 FORMATS = ("tflite", "onnx", "keras")
 SUFFIXES = {"tflite": ".tflite", "onnx": ".onnx", "keras": ".keras"}
@@ -32,10 +36,13 @@ ONNX_OUTPUT_NAME = "output"
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Keep the converters' Python prints and INFO logs out of the user's output."""
-    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # tf2onnx's deprecation notices
-    with contextlib.redirect_stdout(io.StringIO()):
+    """Keep the TFLite converter's prints, INFO logs and MLIR diagnostics (on fd 2) out of the user's output.
+
+    A failure's diagnostics are in the exception the converter raises, which
+    `failures.tflite_failure` turns into one line.
+    """
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), muted_stderr():
         yield
 
 
@@ -72,25 +79,33 @@ def export_tflite(model: keras.Model, path: Path | str, sparse: bool = False) ->
                 converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
             flatbuffer = converter.convert()
     except Exception as exc:
-        raise ExportError(f"TFLite conversion failed: {first_line(exc)}") from exc
+        raise tflite_failure(model, exc) from exc
     return write_bytes_atomic(path, flatbuffer)
 
 
 def tflite_model(model: keras.Model) -> keras.Model:
-    """What the TFLite converter gets: the model, or a gated model called on a batch-1 input.
+    """What the TFLite converter gets: the model, or a gated or recurrent model called on a batch-1 input.
 
-    At batch 1 each gate's decision is one scalar: a real IF op.
+    At batch 1 each gate's decision is one scalar: a real IF op. A recurrent layer
+    (`LSTM`, `GRU`, `SimpleRNN`, also inside `Bidirectional`) becomes a TensorFlow while
+    loop over a tensor list; the converter lowers it to a TFLite WHILE op only when the
+    list's element shape is static, i.e. at a fixed batch.
 
     Converted through the Keras path, every IF branch holds its own weights as
     constants (batch norm folded into the convolutions), which XNNPACK runs. A frozen
     trace passes the weights into the branches as inputs instead: XNNPACK leaves such
     convolutions to the reference kernels, 3x slower on the digits ResNet-20.
     """
-    if not is_gated(model):
+    if not (is_gated(model) or has_recurrent_layers(model)):
         return model
     shape = single_input_shape(model)
     inputs = keras.Input(batch_shape=(1, *shape[1:]), dtype=model.inputs[0].dtype, name=ONNX_INPUT_NAME)
     return keras.Model(inputs, model(inputs), name=model.name)
+
+
+def has_recurrent_layers(model: keras.Model) -> bool:
+    """Whether the model (or a model nested in it) holds a recurrent layer, wrapped ones included."""
+    return any(isinstance(layer, (keras.layers.RNN, keras.layers.Bidirectional)) for layer in nested_layers(model))
 
 
 def export_onnx(model: keras.Model, path: Path | str, opset: int = DEFAULT_OPSET) -> Path:
@@ -123,23 +138,29 @@ def _convert(model: keras.Model, shape: tuple, opset: int) -> object:
 
     spec = [tf.TensorSpec((None, *shape[1:]), model.inputs[0].dtype, name=ONNX_INPUT_NAME)]
     try:
-        with _quiet():
-            return tf2onnx_model(model, spec, opset)
+        with tf2onnx_errors() as errors:
+            proto = tf2onnx_model(model, spec, opset)
     except Exception as exc:
         raise ExportError(f"ONNX conversion failed: {first_line(exc)}") from exc
+    if errors:  # tf2onnx logs what it cannot convert and leaves it in the model
+        raise onnx_failure(model, errors, opset)
+    return proto
 
 
 def tf2onnx_model(model: keras.Model, spec: list, opset: int, prepare: Callable[[object], object] = lambda graph: graph) -> object:
     """tf2onnx's ONNX model of a frozen trace for `spec`, input "input" and output "output".
+
+    Exact GELU's `Erfc` and grouped convolutions convert through `onnx_ops`.
 
     Args:
         prepare: Applied to the frozen GraphDef before conversion.
     """
     import tf2onnx
 
+    register_handlers()
     graph_def, input_name, output_name = _frozen_graph(model, spec)
     proto, _ = tf2onnx.convert.from_graph_def(
-        prepare(graph_def),
+        prepare(inline_compiled_functions(graph_def)),
         name=model.name,
         input_names=[input_name],
         output_names=[output_name],

@@ -2,8 +2,11 @@
 
 Every artifact is loaded back and compared with the Keras model it came from
 (`compressor.export.verify`): a run whose artifact does not match stops here. The
-original model is exported too, so the timing stage compares like with like; with
-gates, the model before them is exported as TFLite to `static/`.
+original model is exported too, so the timing stage compares like with like, and it
+is exported first, before the search (`export_baselines`): a layer a runtime format
+cannot take fails the run in one line naming the layer and the format before any
+search time is spent. With gates, the model before them is exported as TFLite to
+`static/`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Sequence
 
 from compressor.pipeline.context import Run, RunContext
-from compressor.pipeline.records import Calibration, Exported, LayerRecord
+from compressor.pipeline.records import Baselines, Calibration, Exported, LayerRecord
 
 if TYPE_CHECKING:
     from compressor.export.verify import ArtifactCheck
@@ -40,8 +43,40 @@ def calibration(ctx: RunContext) -> Calibration:
     return Calibration()
 
 
-def export_artifacts(ctx: RunContext, run: Run, calibration: Calibration) -> Exported:
-    """Write and verify the artifacts (float, then quantized), the original's, and the model before gates.
+def export_baselines(ctx: RunContext) -> Baselines:
+    """Write and verify the original model's artifact of each runtime format asked for (the export preflight).
+
+    Raises:
+        ExportError: The original model does not convert: one line naming the layer and format.
+        VerificationError: An artifact of the original does not match it within tolerance.
+    """
+    from compressor.export.verify import ensure_passed, export_and_verify, keras_outputs, verification_inputs
+
+    options = ctx.options
+    runtime = runtime_formats(options.export)
+    if not runtime:
+        return Baselines()
+    seconds: dict[str, float] = {"writing": 0.0, "verification": 0.0}
+    x = verification_inputs(ctx.model, ctx.data.held_out, samples=64, seed=options.seed)
+    started = time.perf_counter()
+    original = keras_outputs(ctx.model, x)
+    seconds["verification"] += time.perf_counter() - started
+    checks: dict[str, ArtifactCheck] = {}
+    for done, fmt in enumerate(runtime):
+        ctx.progress("converting the original model", done, len(runtime))
+        found = export_and_verify(ctx.model, ctx.staging / "baseline", [fmt], x, atol=options.atol, expected=original,
+                                  seconds=seconds)
+        checks.update({check.format: check for check in found})
+    ctx.progress("converting the original model", len(runtime), len(runtime))
+    ensure_passed(list(checks.values()))
+    return Baselines(checks, seconds)
+
+
+def export_artifacts(ctx: RunContext, run: Run, calibration: Calibration, baselines: Baselines) -> Exported:
+    """Write and verify the artifacts (float, then quantized) and the model before gates.
+
+    Args:
+        baselines: The original's artifacts (`export_baselines`), kept in the record.
 
     Raises:
         ExportError: An artifact could not be written.
@@ -53,16 +88,13 @@ def export_artifacts(ctx: RunContext, run: Run, calibration: Calibration) -> Exp
     x = verification_inputs(run.compressed, ctx.data.held_out, samples=64, seed=options.seed)
     layers = run.record(LayerRecord)
     sparse = layers is not None and layers.sparse_weights
-    runtime = runtime_formats(options.export)
-    steps = len(options.export) + len(runtime)
-    seconds: dict[str, float] = {"writing": 0.0, "verification": 0.0}
-    # Each model's Keras outputs are computed once, not once per format (a real cost on large models).
+    steps = len(options.export)
+    seconds = dict(baselines.seconds) or {"writing": 0.0, "verification": 0.0}
+    # The Keras outputs are computed once, not once per format (a real cost on large models).
     started = time.perf_counter()
     expected = keras_outputs(run.compressed, x) if options.export else None
-    original = keras_outputs(ctx.model, x) if runtime else None
     seconds["verification"] += time.perf_counter() - started
     checks: list[ArtifactCheck] = []
-    baselines: dict[str, ArtifactCheck] = {}
     for done, fmt in enumerate(options.export):
         ctx.progress("exporting artifacts", done, steps)
         checks += export_and_verify(
@@ -71,15 +103,10 @@ def export_artifacts(ctx: RunContext, run: Run, calibration: Calibration) -> Exp
             int8_io=options.int8_io and fmt == "tflite", allow_model_code=options.allow_model_code,
             expected=expected, seconds=seconds,
         )
-    for done, fmt in enumerate(runtime, start=len(options.export)):
-        ctx.progress("exporting artifacts", done, steps)
-        found = export_and_verify(ctx.model, out / "baseline", [fmt], x, atol=options.atol, expected=original,
-                                  seconds=seconds)
-        baselines.update({check.format: check for check in found})
     static = None
-    if run.static is not None and "tflite" in runtime:
+    if run.static is not None and "tflite" in runtime_formats(options.export):
         static = export_and_verify(run.static, out / "static", ["tflite"], x, atol=options.atol, sparse_tflite=sparse,
                                    seconds=seconds)[0]
     ctx.progress("exporting artifacts", steps, steps)
-    ensure_passed(checks + list(baselines.values()) + ([static] if static is not None else []))
-    return Exported(tuple(checks), baselines, static, seconds)
+    ensure_passed(checks + ([static] if static is not None else []))
+    return Exported(tuple(checks), dict(baselines.checks), static, seconds)

@@ -130,6 +130,22 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Baselines:
+    """The original model's runtime artifacts, written and verified before any search.
+
+    Converting the original first is the export preflight: a layer that TFLite or ONNX
+    cannot take ends the run in one line before the search spends any time.
+
+    Attributes:
+        checks: Runtime format -> the original model's artifact, to time ours against.
+        seconds: Wall time spent "writing" them and on their "verification".
+    """
+
+    checks: Mapping[str, ArtifactCheck] = field(default_factory=dict)
+    seconds: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Exported:
     """The export stage: every artifact written and verified against the model it came from.
 
