@@ -219,13 +219,11 @@ def ensure_runtimes(root: Path, wheels: Path) -> dict[str, Any]:
     probe = in_root(root, "python3", "-c",
                     "import platform, sys; print(sys.version_info[0], sys.version_info[1], platform.libc_ver()[1])",
                     capture_output=True).stdout.split()
-    major, minor, glibc_minor = probe[0], probe[1], int(probe[2].split(".")[1])
-    # Every manylinux tag the root's glibc runs (pip before 24 does not expand manylinux_2_Y itself).
-    platforms = ["manylinux2014_aarch64", *(f"manylinux_2_{m}_aarch64" for m in range(17, glibc_minor + 1))]
+    major, minor, glibc = probe
     wheels.mkdir(parents=True, exist_ok=True)
     pins = [f"{name}=={version}" for name, version in wanted.items()]
     run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(wheels), "--only-binary=:all:",
-         *(f"--platform={tag}" for tag in platforms), "--python-version", f"{major}.{minor}",
+         *(f"--platform={tag}" for tag in manylinux_platforms(glibc)), "--python-version", f"{major}.{minor}",
          "--implementation", "cp", *pins])
     target = root / WHEELS_IN_ROOT.lstrip("/")
     shutil.rmtree(target, ignore_errors=True)
@@ -243,6 +241,18 @@ def ensure_runtimes(root: Path, wheels: Path) -> dict[str, Any]:
              "debian": (root / "etc/debian_version").read_text().strip()}
     ready.write_text(json.dumps(board, indent=1))
     return board
+
+
+def manylinux_platforms(glibc: str, arch: str = "aarch64") -> list[str]:
+    """Every manylinux platform tag a glibc runs, for `pip download --platform`.
+
+    pip before 24 takes `--platform manylinux_2_36_aarch64` literally, so a wheel tagged
+    manylinux_2_28 would not match: name each one from 2_17 (manylinux2014) up.
+    """
+    major, minor = (int(part) for part in glibc.split(".")[:2])
+    if major != 2 or minor < 17:
+        raise ValueError(f"glibc {glibc} is older than manylinux2014 (2.17)")
+    return [f"manylinux2014_{arch}", *(f"manylinux_2_{m}_{arch}" for m in range(17, minor + 1))]
 
 
 def ensure_artifacts(work: Path, folder: Optional[Path], data: Optional[Path]) -> tuple[list[Path], Path, str]:
