@@ -451,4 +451,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except subprocess.CalledProcessError as exc:  # its own output is above
+        sys.exit(f"error: {shlex.join(map(str, exc.cmd))[:300]} failed with exit status {exc.returncode}")
