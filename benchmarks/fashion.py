@@ -167,7 +167,8 @@ def main() -> None:
         for (name, budget), pending in futures.items():
             rows.append((name, budget, summarize([future.result() for future in pending])))
             print(f"{name} at {budget:g}: done {len(pending)} runs", file=sys.stderr)
-    for name, folder in ((name, args.work / name) for name in builds):
+    for name in builds:
+        folder = args.work / name  # where ensure_example put it
         if args.tfmot and 0.02 in budgets:
             first = args.work / "runs" / f"{name}-0.02-s0" / "report.json"
             peers[name] = tfmot_row(folder, json.loads(first.read_text()), builds[name]["samples"]["train"], args.work)

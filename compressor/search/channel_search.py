@@ -30,6 +30,7 @@ replays, whatever steps it took.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -429,8 +430,6 @@ class _Run:
 
     def _finetune(self, candidate, target_accuracy: Optional[float], run: int = 0) -> int:
         """Fine-tune `candidate` in place; `run` > 0 continues it in another order of the data. Returns the epochs begun."""
-        import dataclasses
-
         from compressor.distillation import teacher_predictions
         from compressor.finetune import finetune
 
