@@ -72,6 +72,7 @@ def _scripted_search(monkeypatch, accuracies):
     from compressor.search import channel_search
     from compressor.search.budgets import Budget
 
+    keras.utils.set_random_seed(0)  # the cuts follow the weights' magnitudes
     inputs = keras.Input((8, 8, 1))
     x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="c1")(inputs)
     x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="c2")(x)
@@ -114,3 +115,31 @@ def test_a_step_still_missing_after_its_second_run_is_retried_smaller(monkeypatc
     assert [step.accepted for step in result.steps] == [False, False, False]
     assert result.steps[1].target > result.steps[0].target  # the retry keeps more of the cost
     assert result.flops == result.baseline_flops
+
+
+def test_misses_are_counted_in_a_row_a_kept_step_starts_the_count_again(monkeypatch):
+    # Step 1 (half the cost) loses 5 points: retried at sqrt(0.5) of the cost, which holds and is kept.
+    # The count of misses starts again there: three more misses in a row (RETRIES + 1) end the search,
+    # each smaller than the last.
+    result, runs = _scripted_search(monkeypatch, [0.85, 0.89, 0.85, 0.85, 0.85])
+    assert [step.accepted for step in result.steps] == [False, True, False, False, False]
+    kept = result.steps[1].flops / result.baseline_flops  # what the kept step reached
+    later = [step.target / kept for step in result.steps[2:]]  # each aim as a fraction of it
+    assert later == sorted(later) and later[0] == pytest.approx(0.5 ** 0.5, rel=0.01)
+
+
+def test_a_smaller_step_that_cuts_the_same_channels_is_not_fine_tuned_again(monkeypatch):
+    from compressor.search import channel_search
+
+    cut = channel_search._Run._cut
+    first = []
+
+    def same_cut(self, model, groups, aim):
+        # Every step cuts what the first one cut, whatever it aims at.
+        first.append(first[0] if first else cut(self, model, groups, aim))
+        return first[-1]
+
+    monkeypatch.setattr(channel_search._Run, "_cut", same_cut)
+    result, runs = _scripted_search(monkeypatch, [0.85])
+    assert runs == [0] and len(result.steps) == 1 and not result.steps[0].accepted
+    assert len(first) == 1 + channel_search.RETRIES  # the retries were cut, found the same, and skipped

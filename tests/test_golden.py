@@ -30,7 +30,8 @@ UPDATE = bool(os.environ.get("COMPRESSOR_UPDATE_GOLDEN"))
 
 # Measured, machine-dependent or wall-clock values: not part of the behaviour.
 VOLATILE = {"timings_s", "latency_ms", "baseline_latency_ms", "static_latency_ms", "latency_ratio",
-            "mean_latency_ratio", "latency_check", "seconds", "bytes", "baseline_bytes", "static_bytes"}
+            "mean_latency_ratio", "latency_check", "seconds", "bytes", "baseline_bytes", "static_bytes",
+            "init_ms", "first_inference_ms", "peak_memory_bytes", "baseline_peak_memory_bytes"}
 
 # name → (arguments, tolerance on numbers). Runs without training are deterministic; training
 # (fine-tuning, gates) on 2 threads may reorder float sums, so those runs get a tolerance.

@@ -16,8 +16,9 @@ Budgets:
   at most MARGIN × budget, `compressor.search.budgets.MARGIN`). A step that does not
   hold although its drop on the search data is within the budget (its bound missed, not
   its drop) is fine-tuned once more, in another order of the data, and checked again. A
-  step that still does not hold is retried with a smaller step (the square root of the kept fraction, up to RETRIES
-  times), and the search stops at the first step that still misses. Without
+  step that still does not hold is retried with a smaller step (the square root of the kept fraction), and the
+  search stops after RETRIES + 1 misses in a row; a kept step starts the count again and the search goes on
+  at the smaller step. Without
   fine-tuning, pruning once from the original is monotone enough for a bisection on
   the kept fraction. A step that holds on the search data is then shown to `accept`
   when given (the run's guard, `compressor.pipeline.acceptance`): the first step it
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 
 MIN_KEEP = 0.03  # never aim below this fraction of the baseline cost
-RETRIES = 2  # smaller steps tried after a step that misses, before the search stops
+RETRIES = 2  # smaller steps tried after a step that misses, before the search stops (misses in a row)
 
 
 @dataclass(frozen=True)
@@ -323,13 +324,18 @@ class _Run:
         """Fine-tuned steps down in cost while the search-data accuracy holds."""
         allowed = MARGIN * self.budget.limit
         step = self.settings.step
-        retries = 0
+        retries, missed = 0, set()  # missed: the costs of the cuts from the current model that missed
         while self._value(self.cost) > MIN_KEEP * self._base():
             aim = self._value(self.cost) * step
             candidate, removals, groups, cost = self._cut(self.current, self.groups, aim)
             if not removals:
                 self.log("channels: every prunable group is at its cap")
                 return
+            if cost in missed:  # a smaller step that cuts the same channels: no use fine-tuning it again
+                if retries == RETRIES:
+                    return
+                retries, step = retries + 1, math.sqrt(step)
+                continue
             started = time.perf_counter()
             target = self.baseline_accuracy - allowed / 4
             epochs = self._finetune(candidate, target_accuracy=target)
@@ -344,7 +350,9 @@ class _Run:
                     self._record(cost, accuracy, aim, epochs, False, started)
                     return
                 self._accept(candidate, groups, removals, cost, accuracy, aim, epochs, started)
+                retries, missed = 0, set()  # misses count in a row: a kept step starts again (at the smaller step)
                 continue
+            missed.add(cost)
             self._record(cost, accuracy, aim, epochs, False, started)
             if retries == RETRIES:
                 return
