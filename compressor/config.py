@@ -50,6 +50,7 @@ from compressor.option_fields import (
     parse_block_size,
     parse_values,
     path,
+    text,
 )
 from compressor.surgery.plan import STRUCTURES, PlanError
 from compressor.techniques.registry import CRITERIA, parse_techniques, techniques_help  # names only: no TensorFlow
@@ -59,9 +60,12 @@ BUDGET_ON = ("params", "flops")
 # Kept in step with compressor.export.quantize.QUANTIZE_MODES (tested).
 QUANTIZE_MODES = ("none", "dynamic", "float16", "int8")
 DATA_KEYS = ("data", "test_data", "train_data")
+CLASS_METRICS = ("top1", "top5", "agreement")  # kept in step with compressor.metrics (tested)
+BUILTIN_METRICS = ("top1", "top5", "mse", "mae", "agreement")
 DISTRIBUTE = ("none", "mirrored")
 """Where fine-tuning runs: TensorFlow's default device, or every local device under MirroredStrategy."""
 _N_M = re.compile(r"\d+:\d+")
+_HOOK = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 class ConfigError(OptionError):
@@ -121,6 +125,12 @@ def _confidence(name: str, value: Any) -> None:
                           value=value)
 
 
+def _metric_name(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not (value.strip().lower() in BUILTIN_METRICS or _HOOK.fullmatch(value.strip())):
+        raise OptionError("Invalid metric. Expected one of {known} or pkg.module:function. Received: metric={value!r}",
+                          known=", ".join(BUILTIN_METRICS), value=value)
+
+
 _DATA = dict(cli_type=str, parse=_data, check=_data_check)
 _OUTPUT_STYLE = ("cli", "file")  # how the command line prints; the Python API returns, never prints
 
@@ -150,6 +160,19 @@ class CompressOptions:
     max_acc_loss: Optional[float] = option(
         None, help="fixed_loss: largest top-1 accuracy drop, as a fraction (0.02 = 2 points).",
         check=number("max accuracy loss"))
+    metric: str = option(
+        "top1", help="What the budget measures: top1 (default), top5, mse, mae (relative to the original's error), "
+        "agreement (top-1 agreement with the original; needs no labels), or a pkg.module:function(y_true, y_pred) "
+        "-> float hook.", check=_metric_name)
+    max_metric_loss: Optional[float] = option(
+        None, help="fixed_loss: largest loss of {metric}, in its unit: points of accuracy (0.02) for top1, top5 and "
+        "agreement, the relative increase of the error (0.05 = 5% more than the original's) for mse and mae, the "
+        "absolute change for a hook.", check=number("max metric loss", minimum=0))
+    metric_higher_is_better: Optional[bool] = option(
+        None, help="With a {metric} hook: whether larger values are better (required for a hook).",
+        flags=("--metric-higher-is-better/--metric-lower-is-better",), check=boolean)
+    metric_output: Optional[str] = option(
+        None, help="The output {metric} reads, by name (default: the model's only output).", check=text("metric output"))
     confidence: float = option(
         0.95, help="fixed_loss: a model is kept only when its accuracy drop is within {max_acc_loss} with this "
         "one-sided confidence, measured on the guard split (default 0.95).", check=_confidence)
@@ -268,13 +291,58 @@ class CompressOptions:
     def _check_method(self) -> None:
         if self.method is None and self.plan is None:
             raise OptionError("choose a method: {method} fixed_loss or fixed_params (or replay a {plan})")
+        self._check_metric()
         if self.method == "fixed_loss":
-            if self.max_acc_loss is None:
-                raise OptionError("method fixed_loss needs {max_acc_loss} (e.g. 0.02 for 2 points)")
+            if self.max_acc_loss is None and self.max_metric_loss is None:
+                if self.metric_name in CLASS_METRICS:
+                    raise OptionError("method fixed_loss needs {max_acc_loss} (e.g. 0.02 for 2 points)")
+                raise OptionError("method fixed_loss needs {max_metric_loss} for {metric} {name} (e.g. 0.05)",
+                                  name=self.metric)
             if self.data is None:
-                raise OptionError("method fixed_loss needs labelled {data} to measure accuracy on")
+                raise OptionError("method fixed_loss needs labelled {data} to measure accuracy on"
+                                  if self.metric_name != "agreement" else "method fixed_loss needs {data} (unlabelled "
+                                  "is enough for {metric} agreement) to measure agreement on")
         if self.method == "fixed_params" and self.compression_factor is None:
             raise OptionError("method fixed_params needs {compression_factor} (fraction kept, e.g. 0.5)")
+
+    @property
+    def metric_name(self) -> str:
+        """The metric's built-in name in lower case, or the hook as given."""
+        from compressor.metrics import BUILTIN
+
+        return self.metric.strip().lower() if self.metric.strip().lower() in BUILTIN else self.metric.strip()
+
+    def _check_metric(self) -> None:
+        """How the metric options go together (`compressor.metrics`), without importing a hook."""
+        name = self.metric_name
+        if self.max_acc_loss is not None and self.max_metric_loss is not None:
+            raise OptionError("give {max_acc_loss} or {max_metric_loss}, not both ({max_acc_loss} is the top-1 "
+                              "spelling of {max_metric_loss})")
+        if self.max_acc_loss is not None and name not in CLASS_METRICS:
+            raise OptionError("{max_acc_loss} is an accuracy budget; metric {name} takes {max_metric_loss} (in its "
+                              "unit, see {metric})", name=name)
+        if self.metric_higher_is_better is not None and name in BUILTIN_METRICS:
+            raise OptionError("{metric_higher_is_better} is for a pkg.module:function metric; {name} has its own "
+                              "direction", name=name)
+        if self.metric_higher_is_better is None and name not in BUILTIN_METRICS:
+            raise OptionError("metric {name} is a function: say which way is better with "
+                              "{metric_higher_is_better} (or its opposite)", name=name)
+        top1_only = [what for what, used in (("{techniques} channels", "channels" in self.techniques),
+                                             ("{techniques} gating", "gating" in self.techniques),
+                                             ("{finetune_epochs}", self.finetune_epochs > 0)) if used]
+        if top1_only and name not in ("top1", "agreement"):
+            raise OptionError(" and ".join(top1_only) + " measure top-1 accuracy; metric {name} works with the "
+                              "per-layer techniques (leave these out, or use {metric} top1 or agreement)", name=name)
+
+    def metric_spec(self):
+        """The run's `compressor.metrics.Metric` (a hook is imported here).
+
+        Raises:
+            OptionError: A hook that does not import.
+        """
+        from compressor.metrics import resolve_metric
+
+        return resolve_metric(self.metric_name, self.metric_higher_is_better)
 
     def _check_quantization(self) -> None:
         if self.int8_io and self.quantize != "int8":
@@ -300,7 +368,9 @@ class CompressOptions:
         from compressor.search.budgets import Budget
 
         if self.method == "fixed_loss":
-            return Budget.accuracy_drop(self.max_acc_loss)
+            if self.max_metric_loss is not None and self.metric_name not in CLASS_METRICS:
+                return Budget.metric_drop(self.max_metric_loss)
+            return Budget.accuracy_drop(self.max_acc_loss if self.max_acc_loss is not None else self.max_metric_loss)
         if self.method == "fixed_params":
             return Budget(self.budget_on, self.compression_factor)
         return None
@@ -414,7 +484,7 @@ def _refuse_config_code(config: Path, used: Mapping[str, Any]) -> None:
         raise ConfigError("{file}: custom-objects imports Python modules ({modules}); a config file runs no code "
                           "unless {allow_config_code} is given on the command line",
                           file=config, modules=_shown(used["custom_objects"]))
-    for key in DATA_KEYS:
+    for key in (*DATA_KEYS, "metric"):
         value = used.get(key)
         if value is not None and is_hook(str(value)):
             raise ConfigError("{file}: {key} = {value!r} is a Python hook (it imports code); a config file runs no "

@@ -172,6 +172,16 @@ def boolean(name: str, value: Any) -> None:
         _invalid(name, "true or false", name, value)
 
 
+def text(label: str) -> Check:
+    """A non-empty string (a name such as an output's)."""
+
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, str) or not value.strip():
+            _invalid(label, "a name", name, value)
+
+    return check
+
+
 def names(label: str) -> Check:
     """A tuple of non-empty strings (what `parse_list` makes)."""
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from compressor.api.inputs import as_dataset, as_model, data_name, is_path, model_name
-from compressor.config import DATA_KEYS, CompressOptions, InMemory, check_names
+from compressor.config import CLASS_METRICS, DATA_KEYS, CompressOptions, InMemory, check_names
 from compressor.errors import OptionError, python_name
 from compressor.option_fields import declared, help_text
 from compressor.pipeline.context import Log, Progress
@@ -95,7 +95,8 @@ def compress(model: Any, data: Any = None, *, test_data: Any = None, train_data:
     run = _options(model, _output_folder(out), {**stand_ins, **_keywords(options)})
     keras_model = as_model(model, run.custom_objects, run.allow_model_code)
     shape = single_input_shape(keras_model)[1:]
-    inputs = Inputs(model=keras_model, **{key: as_dataset(key, value, shape) for key, value in in_memory.items()})
+    targets = run.metric_name not in CLASS_METRICS  # mse, mae, a hook: y holds numbers, not classes
+    inputs = Inputs(model=keras_model, **{key: as_dataset(key, value, shape, targets) for key, value in in_memory.items()})
     report, compressed = compress_model(run, progress, log, inputs)
     return CompressResult(compressed, report, artifact_paths(report), Path(run.out))
 

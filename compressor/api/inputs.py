@@ -63,7 +63,7 @@ def data_name(option: str, value: Any) -> str:
         "or a compressor.Dataset. Received: {kind}" % option, kind=type(value).__name__)
 
 
-def as_dataset(option: str, value: Any, input_shape: Optional[Shape] = None) -> Optional[Dataset]:
+def as_dataset(option: str, value: Any, input_shape: Optional[Shape] = None, targets: bool = False) -> Optional[Dataset]:
     """The Dataset of a value given for a data option (None stays None); paths and hooks are loaded.
 
     Args:
@@ -71,6 +71,7 @@ def as_dataset(option: str, value: Any, input_shape: Optional[Shape] = None) -> 
         value: See the module docstring.
         input_shape: Per-sample model input shape, to check samples against (and to
             tell batched tf.data elements from single ones); None when no model is at hand.
+        targets: Keep `y` as numbers (regression targets) rather than class labels.
 
     Raises:
         OptionError: A value that is no kind of data.
@@ -79,14 +80,14 @@ def as_dataset(option: str, value: Any, input_shape: Optional[Shape] = None) -> 
     if value is None:
         return None
     if is_path(value):
-        return load_data(value, input_shape=input_shape)
+        return load_data(value, input_shape=input_shape, targets=targets)
     name = data_name(option, value)
     if isinstance(value, Dataset):
         data = value
     elif hasattr(value, "as_numpy_iterator"):
-        data = from_tf_dataset(value, name, input_shape)
+        data = from_tf_dataset(value, name, input_shape, targets)
     elif isinstance(value, (tuple, list)):
-        data = from_arrays(value[0], value[1], name)
+        data = from_arrays(value[0], value[1], name, targets)
     else:
         data = from_arrays(value, None, name)
     if input_shape is not None:

@@ -25,6 +25,7 @@ from compressor.bench.memory import peak_memory_bytes
 from compressor.bench.runtime import ArtifactRunner, open_artifact
 from compressor.errors import CompressorError, DataError, OptionError
 from compressor.io.data import Dataset, check_fits, load_data
+from compressor.metrics import Metric
 
 Shape = tuple[Optional[int], ...]
 
@@ -54,6 +55,8 @@ class BenchResult:
         provider: ONNX: the execution provider it ran on; None for TFLite.
         correct: Per sample, whether the top-1 prediction was right (None without
             labelled data); for paired comparisons between artifacts, not in `to_dict`.
+            Benchmarked with another metric, its per-sample values (`Metric.values`),
+            and `accuracy` is their mean.
     """
 
     path: str
@@ -142,6 +145,7 @@ def benchmark(
     xnnpack: bool = True,
     onnx_provider: Optional[str] = None,
     memory: bool = True,
+    metric: Optional[Metric] = None,
 ) -> BenchReport:
     """Time artifacts side by side and measure their accuracy.
 
@@ -161,6 +165,7 @@ def benchmark(
         xnnpack: Let LiteRT apply its default XNNPACK delegate to TFLite artifacts.
         onnx_provider: onnxruntime's execution provider (default CPUExecutionProvider).
         memory: Measure each artifact's peak memory (a fresh Python process each).
+        metric: What `accuracy` measures (default top-1; `compressor.metrics`).
 
     Returns:
         The report, results in the order of `paths`.
@@ -190,7 +195,7 @@ def benchmark(
         for r, batches in zip(runners, inputs)
     ]
     labelled = dataset is not None and dataset.y is not None
-    correct = [top1_correct(r, dataset) if labelled else None for r in runners]
+    correct = [metric_values(r, dataset, metric) if labelled else None for r in runners]
     stats = [LatencyStats.from_ns(ns) for ns in samples_ns]
     results = tuple(
         BenchResult(
@@ -267,6 +272,15 @@ def generated_input(shape: Shape, runner: ArtifactRunner, seed: int = 0) -> np.n
         info = np.iinfo(dtype)
         return rng.integers(info.min, int(info.max) + 1, size=(1, *shape), dtype=dtype)
     return rng.standard_normal((1, *shape)).astype(dtype)
+
+
+def metric_values(runner: ArtifactRunner, data: Dataset, metric: Optional[Metric] = None) -> np.ndarray:
+    """Per sample, the metric's value for the artifact (`top1_correct` for top-1 and by default)."""
+    if metric is None or metric.name == "top1":
+        return top1_correct(runner, data)
+    if len(data) == 0:
+        raise DataError(f"data from {data.source} has no samples")
+    return metric.values(runner.predict(data.x).reshape(len(data), -1), data.y)
 
 
 def top1_accuracy(runner: ArtifactRunner, data: Dataset) -> float:

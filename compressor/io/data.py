@@ -29,7 +29,8 @@ class Dataset:
 
     Attributes:
         x: Inputs, float32 unless the source had another numeric type.
-        y: Class indices (int64), or None when the source has no labels.
+        y: Class indices (int64), or None when the source has no labels; loaded with
+            `targets`, the numbers `y` held (float32 regression targets, batch first).
         source: Where the data came from, for messages and reports.
     """
 
@@ -45,7 +46,7 @@ class Dataset:
         return Dataset(self.x[:n], None if self.y is None else self.y[:n], self.source)
 
 
-def load_data(spec: str | Path, input_shape: Optional[Shape] = None) -> Dataset:
+def load_data(spec: str | Path, input_shape: Optional[Shape] = None, targets: bool = False) -> Dataset:
     """Load data from an .npz file, an image folder, or a `pkg.module:function` hook.
 
     Args:
@@ -53,6 +54,8 @@ def load_data(spec: str | Path, input_shape: Optional[Shape] = None) -> Dataset:
             a folder with one subfolder of images per class, or a hook.
         input_shape: Per-sample input shape of the model (no batch axis; None for
             free dimensions). Images are resized to it; every source is checked against it.
+        targets: Keep `y` as the numbers it holds (regression targets, `compressor.metrics`)
+            instead of reading it as class labels.
 
     Returns:
         The dataset.
@@ -63,11 +66,13 @@ def load_data(spec: str | Path, input_shape: Optional[Shape] = None) -> Dataset:
     text = str(spec)
     path = Path(text)
     if path.is_dir():
+        if targets:
+            raise DataError(f"{text} is an image folder, whose labels are classes; targets come in an .npz's 'y'")
         data = _load_image_folder(path, input_shape)
     elif path.suffix.lower() == ".npz" or path.exists():
-        data = _load_npz(path)
+        data = _load_npz(path, targets)
     elif _HOOK.match(text):
-        data = _load_hook(text, input_shape)
+        data = _load_hook(text, input_shape, targets)
     else:
         raise DataError(f"data not found: {text} ({_EXPECTED})")
     if input_shape is not None:
@@ -78,18 +83,19 @@ def load_data(spec: str | Path, input_shape: Optional[Shape] = None) -> Dataset:
 _EXPECTED = "expected an .npz file, an image folder, or a hook written pkg.module:function"
 
 
-def from_arrays(x: Any, y: Any = None, source: str = "arrays") -> Dataset:
+def from_arrays(x: Any, y: Any = None, source: str = "arrays", targets: bool = False) -> Dataset:
     """A Dataset of in-memory arrays, checked as loaded data is (batch first, numeric, finite, labels).
 
     Args:
         x: Inputs, batch first.
         y: Integer labels or one-hot rows, or None.
         source: How messages name the data.
+        targets: Keep `y` as numbers (regression targets), not class labels.
 
     Raises:
         DataError: The arrays are not usable data.
     """
-    return _finish(x, y, source)
+    return _finish(x, y, source, targets)
 
 
 def is_hook(spec: str | Path) -> bool:
@@ -158,7 +164,7 @@ def check_fits(data: Dataset, input_shape: Shape) -> None:
         )
 
 
-def _finish(x: Any, y: Any, source: str) -> Dataset:
+def _finish(x: Any, y: Any, source: str, targets: bool = False) -> Dataset:
     x = np.asarray(x)
     if x.ndim < 2:
         raise DataError(f"{source}: x must be batch-first with at least 2 dimensions, got shape {x.shape}")
@@ -167,6 +173,8 @@ def _finish(x: Any, y: Any, source: str) -> Dataset:
     if np.issubdtype(x.dtype, np.floating) or x.dtype == np.bool_ or x.dtype.itemsize < 4:
         x = x.astype(np.float32, copy=False)
     _check_finite(x, source)
+    if y is not None and targets:
+        return Dataset(x, _targets(y, len(x), source), source)
     return Dataset(x, None if y is None else _labels(y, len(x), source), source)
 
 
@@ -209,7 +217,21 @@ def _labels(y: Any, n: int, source: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _load_npz(path: Path) -> Dataset:
+def _targets(y: Any, n: int, source: str) -> np.ndarray:
+    """`y` as numbers per sample (float32, or int64 when whole), batch first and finite."""
+    y = np.asarray(y)
+    if y.ndim < 1 or len(y) != n:
+        raise DataError(f"{source}: x has {n} samples but y has shape {y.shape}")
+    if not (np.issubdtype(y.dtype, np.number) or y.dtype == np.bool_):
+        raise DataError(f"{source}: y must be numeric targets, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)):
+            raise DataError(f"{source}: y holds values that are not finite; targets must be finite")
+        return y.astype(np.float32, copy=False)
+    return y.astype(np.int64)
+
+
+def _load_npz(path: Path, targets: bool = False) -> Dataset:
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     try:
@@ -226,7 +248,7 @@ def _load_npz(path: Path) -> Dataset:
         raise
     except Exception as exc:
         raise DataError(f"could not read {path} as an .npz archive: {exc}") from exc
-    return _finish(x, y, str(path))
+    return _finish(x, y, str(path), targets)
 
 
 def _load_image_folder(root: Path, input_shape: Optional[Shape]) -> Dataset:
@@ -261,7 +283,7 @@ def _load_image_folder(root: Path, input_shape: Optional[Shape]) -> Dataset:
     return _finish(np.stack(images), np.asarray(labels), str(root))
 
 
-def _load_hook(spec: str, input_shape: Optional[Shape]) -> Dataset:
+def _load_hook(spec: str, input_shape: Optional[Shape], targets: bool = False) -> Dataset:
     module_name, func_name = spec.split(":")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         # The working folder is importable, but last: a stray file there must not shadow an installed module.
@@ -278,16 +300,16 @@ def _load_hook(spec: str, input_shape: Optional[Shape]) -> Dataset:
     except Exception as exc:
         raise DataError(f"data hook {spec} failed: {type(exc).__name__}: {exc}") from exc
     if hasattr(result, "as_numpy_iterator"):
-        return from_tf_dataset(result, spec, input_shape)
+        return from_tf_dataset(result, spec, input_shape, targets)
     if isinstance(result, tuple) and len(result) == 2:
-        return _finish(result[0], result[1], spec)
+        return _finish(result[0], result[1], spec, targets)
     raise DataError(
         f"data hook {spec} returned {type(result).__name__}; expected a tuple (x, y) "
         "of arrays or a tf.data.Dataset of (x, y)"
     )
 
 
-def from_tf_dataset(dataset: Any, source: str, input_shape: Optional[Shape] = None) -> Dataset:
+def from_tf_dataset(dataset: Any, source: str, input_shape: Optional[Shape] = None, targets: bool = False) -> Dataset:
     """A Dataset of a finite `tf.data.Dataset` of (x, y) pairs, batched or not, checked as loaded data is.
 
     Read through the dataset's own `as_numpy_iterator`, so this module imports no TensorFlow.
@@ -314,7 +336,7 @@ def from_tf_dataset(dataset: Any, source: str, input_shape: Optional[Shape] = No
     batched = _is_batched(xs[0], ys[0], input_shape)
     x = np.concatenate(xs) if batched else np.stack(xs)
     y = np.concatenate(ys) if batched else np.stack(ys)
-    return _finish(x, y, source)
+    return _finish(x, y, source, targets)
 
 
 def _is_batched(x: np.ndarray, y: np.ndarray, input_shape: Optional[Shape]) -> bool:

@@ -16,6 +16,11 @@ fixed-sequence procedure of multiple testing: the kept model has a drop above th
 budget only if the first such model in the sequence passed, which happens with
 probability at most 1 − confidence, however many models came before it. So the
 confidence needs no correction for the number of looks.
+
+Under a metric with per-sample values (mse, mae, a hook; `compressor.metrics`) the drop
+is a mean of paired per-sample differences of scores, bounded by a t bound
+(`paired_difference`); how many guard samples the budget needs then depends on how
+spread those differences are, so the "too few samples" warning comes from the looks.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
+from compressor.metrics import TOP1, Metric
 from compressor.pipeline.context import Log, Run
-from compressor.search.confidence import PairedDrop, can_confirm, paired_drop, samples_needed
+from compressor.search.confidence import PairedDrop, can_confirm, paired_difference, paired_drop, samples_needed
 
 if TYPE_CHECKING:
     import keras
@@ -58,9 +64,11 @@ class Acceptance:
         guard: The guard split.
         limit: The accuracy budget (a drop, as a fraction).
         confidence: One-sided confidence of the bound.
-        original_correct: Per guard sample, whether the original gets it right.
+        original_correct: Per guard sample, whether the original gets it right (under
+            a metric with per-sample values, the original's metric value).
         looks: Every model shown, in order.
         log: One line per look.
+        metric: What the budget measures.
     """
 
     guard: Dataset
@@ -69,16 +77,18 @@ class Acceptance:
     original_correct: np.ndarray
     looks: list[Look] = field(default_factory=list)
     log: Log = lambda message: None
+    metric: Metric = TOP1
 
     @classmethod
     def for_run(cls, ctx: RunContext) -> Optional[Acceptance]:
         """The run's guard: under an accuracy budget with a guard split, else None. Warns when it is too small."""
-        from compressor.search.evaluate import correct_predictions
+        from compressor.search.evaluate import sample_values
 
         guard, budget = ctx.data.guard, ctx.budget
         if guard is None or budget is None or budget.kind != "accuracy_drop":
             return None
-        acceptance = cls(guard, budget.limit, ctx.options.confidence, correct_predictions(ctx.model, guard), log=ctx.log)
+        acceptance = cls(guard, budget.limit, ctx.options.confidence, sample_values(ctx.model, guard, ctx.metric),
+                         log=ctx.log, metric=ctx.metric)
         warning = acceptance.too_few_warning()
         if warning:
             ctx.log(f"warning: {warning}")
@@ -95,11 +105,19 @@ class Acceptance:
             self.looks.append(Look(label, None, False))
             self.log(f"guard: {label} not accepted: an earlier model was rejected, the sequence has ended")
             return False
-        from compressor.search.evaluate import correct_predictions
+        from compressor.search.evaluate import sample_values
 
-        measured = paired_drop(self.original_correct, correct_predictions(model, self.guard), self.confidence)
+        values = sample_values(model, self.guard, self.metric)
+        if self.metric.binary:
+            measured = paired_drop(self.original_correct, values, self.confidence)
+        else:
+            reference = float(np.mean(self.original_correct))
+            measured = paired_difference(self.metric.scores(self.original_correct, reference),
+                                         self.metric.scores(values, reference), self.confidence)
         accepted = measured.within(self.limit)
         self.looks.append(Look(label, measured, accepted))
+        if not self.metric.binary and len(self.looks) == 1 and self.too_few_warning():
+            self.log(f"warning: {self.too_few_warning()}")
         self.log(f"guard: {label} drop {measured.drop:+.4f}, at most {measured.upper:.4f} with "
                  f"{self.confidence:.0%} confidence: {'accepted' if accepted else 'rejected'}")
         return accepted
@@ -107,6 +125,8 @@ class Acceptance:
     def too_few_warning(self) -> Optional[str]:
         """One line when the guard is too small to confirm the budget (`can_confirm`), else None."""
         n = len(self.guard)
+        if not self.metric.binary:
+            return self._too_spread_warning()
         if can_confirm(n, self.limit, self.confidence):
             return None
         if self.limit <= 0:
@@ -116,11 +136,32 @@ class Acceptance:
                 f"confidence: about {samples_needed(self.limit, self.confidence)} are needed (more search data, or a "
                 f"larger guard fraction); only models that change almost no prediction will be accepted")
 
+    def _too_spread_warning(self) -> Optional[str]:
+        """Per-sample values: a warning when the last measured bound is wider than half the budget."""
+        needed = self._samples_needed_measured()
+        if needed is None or needed <= len(self.guard):
+            return None
+        return (f"{len(self.guard)} guard samples measure the {self.metric.name} drop too loosely to confirm "
+                f"{self.limit:g} with {self.confidence:.0%} confidence: about {needed} are needed (more search data, "
+                "or a larger guard fraction); only models that change the outputs very little will be accepted")
+
+    def _samples_needed_measured(self) -> Optional[int]:
+        """Per-sample values: the guard size at which the last look's bound would be half the budget wide."""
+        measured = [look.measured for look in self.looks if look.measured is not None]
+        if not measured or self.limit <= 0 or measured[-1].spread is None:
+            return None
+        width = measured[-1].upper - measured[-1].drop
+        return int(np.ceil(len(self.guard) * (width / (self.limit / 2)) ** 2))
+
     def to_dict(self) -> dict[str, Any]:
+        if not self.metric.binary:
+            needed = self._samples_needed_measured()
+        else:
+            needed = samples_needed(self.limit, self.confidence) if self.limit > 0 else None
         return {
             "samples": len(self.guard),
             "confidence": self.confidence,
-            "samples_needed": samples_needed(self.limit, self.confidence) if self.limit > 0 else None,
+            "samples_needed": needed,
             "warning": self.too_few_warning(),
             "looks": [look.to_dict() for look in self.looks],
         }

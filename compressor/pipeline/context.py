@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypeVar
 
+from compressor.metrics import TOP1, Metric
+
 if TYPE_CHECKING:
     import keras
 
@@ -65,6 +67,7 @@ class RunContext:
         staging: The folder outputs are written to before they move to `options.out`.
         log: One line per step, for people.
         progress: Progress of long steps.
+        metric: What the budget measures (`compressor.metrics`).
     """
 
     options: CompressOptions
@@ -74,6 +77,7 @@ class RunContext:
     staging: Path
     log: Log = lambda message: None
     progress: Progress = lambda stage, done, total: None
+    metric: Metric = TOP1
 
 
 class StageRecord(Protocol):

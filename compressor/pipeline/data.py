@@ -22,6 +22,8 @@ from compressor.pipeline.context import Log, Splits
 if TYPE_CHECKING:
     import keras
 
+    from compressor.metrics import Metric
+
     from compressor.config import CompressOptions
 
 DATA_OPTIONS = ("data", "test_data", "train_data")
@@ -46,7 +48,8 @@ def split_data(data: Dataset, test_fraction: float, seed: int,
                           source=data.source, n=n, part=names[1])
     rng = np.random.default_rng(seed)
     held = []
-    groups = [np.arange(n)] if data.y is None else [np.flatnonzero(data.y == c) for c in np.unique(data.y)]
+    by_class = data.y is not None and data.y.ndim == 1 and np.issubdtype(data.y.dtype, np.integer)
+    groups = [np.flatnonzero(data.y == c) for c in np.unique(data.y)] if by_class else [np.arange(n)]
     for idx in groups:
         idx = rng.permutation(idx)
         held.extend(idx[: int(round(len(idx) * test_fraction))])
@@ -109,14 +112,21 @@ def load_model(options: CompressOptions, inputs: Inputs, log: Log) -> keras.Mode
     return load(options.model, options.custom_objects, allow_model_code=options.allow_model_code)
 
 
-def load_splits(model: keras.Model, options: CompressOptions, inputs: Inputs) -> Splits:
+def load_splits(model: keras.Model, options: CompressOptions, inputs: Inputs, metric: Optional[Metric] = None) -> Splits:
     """The run's data, loaded and checked against the model, split by what it is for.
 
+    Under `metric` agreement every split is labelled with the original's top-1 classes
+    (its own labels, if any, are not read), so top-1 accuracy on it is agreement.
+
     Raises:
-        DataError: Data that does not fit the model.
+        DataError: Data that does not fit the model or the metric.
         OptionError: fixed_loss on unlabelled data, or data too small to split.
     """
-    load = _data_loader(model, options, inputs)
+    from compressor.metrics import TOP1, output_index
+
+    metric = metric or TOP1
+    index = output_index(list(model.output_names), options.metric_output)
+    load = _data_loader(model, options, inputs, metric, index)
     data = load("data")
     if options.method == "fixed_loss" and data is not None and data.y is None:
         raise OptionError("method fixed_loss needs labels: {source} has no 'y'", source=data.source)
@@ -135,7 +145,8 @@ def load_splits(model: keras.Model, options: CompressOptions, inputs: Inputs) ->
     return Splits(search=search, held_out=held_out, train=load("train_data"), guard=guard)
 
 
-def _data_loader(model: keras.Model, options: CompressOptions, inputs: Inputs) -> Callable[[str], Optional[Dataset]]:
+def _data_loader(model: keras.Model, options: CompressOptions, inputs: Inputs,
+                 metric: Metric, index: int = 0) -> Callable[[str], Optional[Dataset]]:
     """Load an option's data (by option name), checked against the model: samples of its input shape, labels among its classes.
 
     In-memory data of `inputs` stands in for the option's file; None when there is neither.
@@ -145,21 +156,37 @@ def _data_loader(model: keras.Model, options: CompressOptions, inputs: Inputs) -
     """
     from compressor.export.writers import single_input_shape
     from compressor.io.data import check_fits, check_labels, load_data
+    from compressor.metrics import check_targets
 
     shape = single_input_shape(model)[1:]
     outputs = model.outputs
     classes = outputs[0].shape[-1] if len(outputs) == 1 and len(outputs[0].shape) >= 2 else None
+    width = int(np.prod([d or 1 for d in outputs[0].shape[1:]]))
 
     def load(option: str) -> Optional[Dataset]:
         data, spec = getattr(inputs, option), getattr(options, option)
         if data is None and spec is None:
             return None
         if data is None:
-            data = load_data(spec, input_shape=shape)
+            data = load_data(spec, input_shape=shape, targets=metric.labels == "targets")
         else:
             check_fits(data, shape)
-        if classes is not None:
+        if metric.name == "agreement":
+            return _labelled_by(model, data, index)
+        if classes is not None and metric.labels == "classes":
             check_labels(data, int(classes))
+        if data.y is not None and metric.labels == "targets":
+            check_targets(metric, data.y, width, data.source)
         return data
 
     return load
+
+
+def _labelled_by(model: keras.Model, data: Dataset, index: int = 0) -> Dataset:
+    """`data` with the original model's top-1 class of each sample (output `index`) as its label (metric agreement)."""
+    from compressor.bench.benchmark import top1_classes
+
+    outputs = model.predict(data.x, batch_size=256, verbose=0)
+    outputs = outputs[index] if isinstance(outputs, (list, tuple)) else outputs
+    outputs = np.asarray(outputs).reshape(len(data), -1)
+    return Dataset(data.x, top1_classes(outputs), data.source)

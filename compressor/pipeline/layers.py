@@ -101,7 +101,8 @@ class LayerStage:
 
 def _remaining_budget(ctx: RunContext, run: Run) -> Optional[Budget]:
     channels = run.record(ChannelRecord)
-    guard = policy.Guard(len(ctx.data.guard), ctx.options.confidence) if run.acceptance is not None else None
+    guard = (policy.Guard(len(ctx.data.guard), ctx.options.confidence, ctx.metric.binary)
+             if run.acceptance is not None else None)
     if channels is None or channels.result is None:
         return ctx.budget if guard is None else policy.remaining_budget(ctx.budget, None, None, None, guard)
     from compressor.graph.cost import model_cost
@@ -140,7 +141,8 @@ def _search(ctx: RunContext, model: keras.Model, budget: Budget, techniques: tup
     from compressor.search.fixed_loss import search_fixed_loss
 
     return search_fixed_loss(
-        model, candidates, ctx.data.search, budget, cache_dir=cache, progress=ctx.progress, skipped=skipped, kernels=kernels
+        model, candidates, ctx.data.search, budget, cache_dir=cache, progress=ctx.progress, skipped=skipped, kernels=kernels,
+        metric=ctx.metric,
     )
 
 

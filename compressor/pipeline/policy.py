@@ -23,10 +23,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Optional
 
 from compressor.search.budgets import MARGIN, Budget
 
+CONTINUOUS_SHARE = 0.5
+"""Share of the budget the per-layer search may spend on the selection split under a metric with
+per-sample values (mse, mae, a hook): the rest is for the guard's bound, whose width is measured."""
 FINETUNE_STOP_SHARE = 0.25
 """Fine-tuning stops once the search-data drop is within this share of an accuracy budget."""
 
@@ -80,7 +84,7 @@ def remaining_budget(budget: Budget, channel_drop: Optional[float], baseline: Co
     if budget.kind == "accuracy_drop":
         allowance = layer_allowance(budget, guard) if guard is not None else MARGIN * budget.limit
         left = allowance - max(channel_drop or 0.0, 0.0)
-        return Budget.accuracy_drop(left) if left > 0 else None
+        return dataclasses.replace(budget, limit=left) if left > 0 else None
     fraction = budget.limit * baseline.of(budget.kind) / max(pruned.of(budget.kind), 1)
     return Budget(budget.kind, fraction) if fraction < 1.0 else None
 
@@ -90,6 +94,7 @@ class Guard(NamedTuple):
 
     samples: int
     confidence: float
+    binary: bool = True  # the metric's per-sample scores are right or wrong (`compressor.metrics`)
 
 
 def layer_allowance(budget: Budget, guard: Guard) -> float:
@@ -101,6 +106,10 @@ def layer_allowance(budget: Budget, guard: Guard) -> float:
     """
     from compressor.search.confidence import confirmable_drop
 
+    if not guard.binary:
+        # Per-sample values: the guard's bound is as wide as the candidate's differences
+        # are spread, which no count predicts before it measures; half the budget is left for it.
+        return CONTINUOUS_SHARE * budget.limit
     return confirmable_drop(budget.limit, guard.samples, guard.confidence)
 
 

@@ -40,8 +40,10 @@ def compress_into(options: CompressOptions, staging: Path, progress: Progress, l
 
     started = time.perf_counter()
     check_data_and_plan(options, inputs)  # before the model loads; loading checks the model file
+    metric = options.metric_spec()  # a hook imports here, before the model loads
     model = load_model(options, inputs, log)
-    ctx = RunContext(options, model, load_splits(model, options, inputs), options.budget(), staging, log, progress)
+    ctx = RunContext(options, model, load_splits(model, options, inputs, metric), options.budget(), staging, log,
+                     progress, metric)
     load_s = time.perf_counter() - started
     log("converting the original model")  # the export preflight: a layer no format takes fails here, before the search
     baselines = export_baselines(ctx)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from compressor.config import CompressOptions
     from compressor.export.verify import ArtifactCheck
     from compressor.io.data import Dataset
+    from compressor.metrics import Metric
 
 
 def time_artifacts(ctx: RunContext, run: Run, exported: Exported) -> tuple[list[dict[str, Any]], Optional[dict[str, Any]]]:
@@ -43,16 +44,17 @@ def time_artifacts(ctx: RunContext, run: Run, exported: Exported) -> tuple[list[
         mine = [entry for entry in entries if entry["format"] == fmt]
         others = [extra[fmt].path] if fmt in extra else []
         baseline = exported.baselines[fmt]
-        bench = benchmark_against(baseline.path, others + [entry["path"] for entry in mine], labelled, options)
+        bench = benchmark_against(baseline.path, others + [entry["path"] for entry in mine], labelled, options, ctx.metric)
         original, *ours = bench.results
         if others:
             static_result, *ours = ours
             static_entry = {**static_result.to_dict(), "max_abs_diff": extra[fmt].max_abs_diff}
         for entry, result in zip(mine, ours):
+            scores = scored(ctx, original.correct, result.correct)  # keys in the order reports have always had
             entry.update(
-                accuracy=result.accuracy,
-                drop_ci=drop_interval(original.correct, result.correct, options.confidence),
-                baseline_accuracy=original.accuracy,
+                accuracy=scores.pop("accuracy"),
+                drop_ci=scores.pop("drop_ci"),
+                baseline_accuracy=scores.pop("baseline_accuracy", original.accuracy),
                 latency_ms=result.latency_ms.to_dict(),
                 baseline_latency_ms=original.latency_ms.to_dict(),
                 latency_ratio=result.ratio_to_first,
@@ -60,18 +62,43 @@ def time_artifacts(ctx: RunContext, run: Run, exported: Exported) -> tuple[list[
                 baseline_bytes=baseline.bytes,
                 **result.runtime_dict(),
                 baseline_peak_memory_bytes=original.peak_memory_bytes,
+                **scores,
             )
     if runtime:
         ctx.progress("timing artifacts", len(runtime), len(runtime))
     if labelled is not None:
-        from compressor.search.evaluate import correct_predictions
+        from compressor.search.evaluate import sample_values
 
         for entry in entries:
             if entry["format"] == "keras":
-                ours, original = correct_predictions(run.compressed, labelled), correct_predictions(ctx.model, labelled)
-                entry.update(accuracy=float(ours.mean()), baseline_accuracy=float(original.mean()),
-                             drop_ci=drop_interval(original, ours, options.confidence))
+                ours, original = sample_values(run.compressed, labelled, ctx.metric), sample_values(ctx.model, labelled, ctx.metric)
+                scores = scored(ctx, original, ours)
+                entry.update(accuracy=scores.pop("accuracy"), baseline_accuracy=scores.pop("baseline_accuracy", float(original.mean())),
+                             drop_ci=scores.pop("drop_ci"), **scores)
     return entries, static_entry
+
+
+def scored(ctx: RunContext, original: Optional[np.ndarray], ours: Optional[np.ndarray]) -> dict[str, Any]:
+    """An artifact's accuracy and drop interval from per-sample values (the original's first).
+
+    Top-1: accuracy (share right) and `drop_ci`. Another metric: `accuracy` and
+    `baseline_accuracy` are mean scores in the budget's unit (`Metric.scores`, the
+    original's value as reference), with the metric's own values beside them
+    (`metric_value`, `baseline_metric_value`).
+    """
+    confidence, metric = ctx.options.confidence, ctx.metric
+    if original is None or ours is None:
+        return {"accuracy": None, "drop_ci": None}
+    if metric.name == "top1":
+        return {"accuracy": float(np.mean(ours)), "drop_ci": drop_interval(original, ours, confidence)}
+    from compressor.search.confidence import paired_difference, paired_drop
+
+    reference = float(np.mean(original))
+    base, mine = metric.scores(original, reference), metric.scores(ours, reference)
+    measured = paired_drop(base, mine, confidence) if metric.binary else paired_difference(base, mine, confidence)
+    return {"accuracy": float(np.mean(mine)), "baseline_accuracy": float(np.mean(base)),
+            "drop_ci": [measured.lower, measured.upper],
+            "metric_value": float(np.mean(ours)), "baseline_metric_value": reference}
 
 
 def drop_interval(original: Optional[np.ndarray], ours: Optional[np.ndarray], confidence: float) -> Optional[list[float]]:
@@ -84,12 +111,13 @@ def drop_interval(original: Optional[np.ndarray], ours: Optional[np.ndarray], co
     return [measured.lower, measured.upper]
 
 
-def benchmark_against(original: str, artifacts: list[str], data: Optional[Dataset], options: CompressOptions) -> BenchReport:
+def benchmark_against(original: str, artifacts: list[str], data: Optional[Dataset], options: CompressOptions,
+                      metric: Optional[Metric] = None) -> BenchReport:
     """Time the original's artifact and ours in one interleaved run (ratios stay fair on a noisy machine)."""
     from compressor.bench.benchmark import benchmark
 
     return benchmark([original, *artifacts], data=data, runs=options.runs, warmup=options.warmup,
-                     threads=options.threads, seed=options.seed)
+                     threads=options.threads, seed=options.seed, metric=metric)
 
 
 def artifact_entry(check: ArtifactCheck) -> dict[str, Any]:

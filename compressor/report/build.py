@@ -81,6 +81,10 @@ def build_report(ctx: RunContext, run: Run, measured: Measured, timings: Timings
     budget_entry = _budget_entry(budget, baseline, result, search_achieved(run, budget), counted)
     if counted is not None and counted.get("drop_ci") is not None and budget is not None and budget.kind == "accuracy_drop":
         budget_entry.update(ci=counted["drop_ci"], confidence=options.confidence)
+    if budget is not None and budget.kind == "accuracy_drop" and ctx.metric.name != "top1":
+        values = {} if counted is None or "metric_value" not in counted else {
+            "baseline_value": counted["baseline_metric_value"], "value": counted["metric_value"]}
+        budget_entry["metric"] = {**ctx.metric.to_dict(), **values}
     channels = run.record(ChannelRecord)
     calibration = measured.calibration
     report = {

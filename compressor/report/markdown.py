@@ -126,6 +126,8 @@ def _budget_sentence(budget: Mapping[str, Any]) -> str:
     kind, limit, achieved = budget["kind"], budget.get("limit"), budget.get("achieved")
     met = {True: "met", False: "**not met**"}.get(budget.get("met"), "not measured")
     where = f", measured on {budget['measured_on']}" if budget.get("measured_on") else ""
+    if kind == "accuracy_drop" and isinstance(budget.get("metric"), Mapping):
+        return _metric_budget_sentence(budget, mapping_of(budget["metric"]), met, where)
     if kind == "accuracy_drop":
         text = f"Budget: lose at most {_points(limit)} of accuracy; lost {_points(achieved)} ({met}){where}."
         ci = list_of(budget.get("ci"))
@@ -138,6 +140,26 @@ def _budget_sentence(budget: Mapping[str, Any]) -> str:
         return text
     name = COST_NAMES.get(kind, kind)
     return f"Budget: keep at most {_percent(limit)} of the {name}; kept {_percent(achieved)} ({met}){where}."
+
+
+def _metric_budget_sentence(budget: Mapping[str, Any], metric: Mapping[str, Any], met: str, where: str) -> str:
+    """The budget of a metric other than top-1: its name and unit, the drop, its bounds, the metric's own values."""
+    name, unit = metric.get("name", MISSING), metric.get("unit", "")
+    limit, achieved = budget.get("limit"), budget.get("achieved")
+    text = (f"Budget (metric `{name}`, in {unit}): lose at most {_number(limit)}; lost {_number(achieved)} "
+            f"({met}){where}.")
+    ci = list_of(budget.get("ci"))
+    if len(ci) == 2 and all(is_number(bound) for bound in ci) and is_number(budget.get("confidence")):
+        text += f" At most {_number(ci[1])} with {budget['confidence']:.0%} confidence."
+    if is_number(metric.get("baseline_value")) and is_number(metric.get("value")):
+        text += f" {name}: {_number(metric['baseline_value'])} (original) → {_number(metric['value'])}."
+    if budget.get("search_achieved") is not None:
+        text += f" On the search data: {_number(budget['search_achieved'])}."
+    return text
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if is_number(value) else MISSING
 
 
 def _summary(report: Mapping[str, Any]) -> str:

@@ -47,11 +47,16 @@ def _technique_parameters() -> frozenset[str]:
     return parameter_names()
 
 
+METRIC = Keys(("name", "higher_is_better", "relative", "unit"), optional=("baseline_value", "value"))
+"""budget.metric: what the budget measures when it is not top-1 (`compressor.metrics`)."""
+
 REPORT = Keys(
     required=("schema", "status", "method", "budget", "baseline", "compressed", "quantize", "layers", "artifacts",
               "search", "channels", "gating", "finetune", "calibration", "timings_s", "options", "notes"),
     nested={
-        "budget": Keys(("kind", "limit", "achieved", "met"), optional=("measured_on", "artifact", "search_achieved", "ci", "confidence")),
+        "budget": Keys(("kind", "limit", "achieved", "met"),
+                       optional=("measured_on", "artifact", "search_achieved", "ci", "confidence", "metric"),
+                       nested={"metric": METRIC}),
         "baseline": Keys(("params", "flops", "accuracy")),
         "compressed": Keys(("params", "flops", "accuracy", "dense_params"), optional=("expected_flops",)),
         "layers": Keys(("name", "technique"), optional=(
@@ -62,7 +67,7 @@ REPORT = Keys(
              "baseline_latency_ms"),
             optional=("baseline_accuracy", "latency_ratio", "baseline_path", "baseline_bytes", "drop_ci", "init_ms",
                       "first_inference_ms", "peak_memory_bytes", "baseline_peak_memory_bytes", "threads", "delegate",
-                      "provider"),
+                      "provider", "metric_value", "baseline_metric_value"),
             nested={"latency_ms": LATENCY, "baseline_latency_ms": LATENCY},
         ),
         "search": Keys(("evaluations", "cached_evaluations", "search_samples", "held_out_samples", "trials"),

@@ -12,7 +12,7 @@ the limit. For "accuracy_drop" the achieved value is baseline − compressed acc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from compressor.errors import CompressorError
 
@@ -44,12 +44,17 @@ class Budget:
             fraction in [0, 1) (0.02 = 2 points). For "params"/"flops", the fraction
             of the baseline kept, 0 < limit < 1 (0.5 = at most half).
 
+        bounded: An "accuracy_drop" limit must be below 1 (a share of samples); False
+            for a metric whose drop is in another unit (`metric_drop`: relative error
+            increase, a hook's unit), where any finite limit >= 0 goes.
+
     Raises:
         BudgetError: An unknown kind, or a limit outside its range.
     """
 
     kind: str
     limit: float
+    bounded: bool = field(default=True, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
@@ -57,7 +62,10 @@ class Budget:
         if isinstance(self.limit, bool) or not isinstance(self.limit, (int, float)):
             raise BudgetError(f"Invalid budget limit. Expected a number. Received: limit={self.limit!r}")
         limit = float(self.limit)
-        if self.kind == "accuracy_drop":
+        if self.kind == "accuracy_drop" and not self.bounded:
+            if not (math.isfinite(limit) and limit >= 0.0):
+                raise BudgetError(f"Invalid max metric loss. Expected a number >= 0. Received: max_metric_loss={self.limit}")
+        elif self.kind == "accuracy_drop":
             if not (math.isfinite(limit) and 0.0 <= limit < 1.0):
                 hint = f" (a fraction: use {limit / 100:g} for {limit:g} points)" if 1.0 <= limit < 100.0 else ""
                 raise BudgetError(
@@ -73,6 +81,11 @@ class Budget:
     def accuracy_drop(cls, max_acc_loss: float) -> "Budget":
         """Lose at most `max_acc_loss` (a fraction) of top-1 accuracy."""
         return cls("accuracy_drop", max_acc_loss)
+
+    @classmethod
+    def metric_drop(cls, max_metric_loss: float) -> "Budget":
+        """Lose at most `max_metric_loss` of a metric's score, in its unit (`compressor.metrics`)."""
+        return cls("accuracy_drop", max_metric_loss, bounded=False)
 
     @classmethod
     def params(cls, compression_factor: float) -> "Budget":

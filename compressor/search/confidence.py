@@ -17,6 +17,11 @@ wins under that drop. Unlike the plain Wald bound it does not collapse to zero w
 when the two models disagree on few or no samples, and its one-sided coverage stays
 near nominal where a compressed model mostly loses and rarely wins (measured in the
 tests). Pure NumPy and the standard library: no TensorFlow.
+
+Metrics with per-sample values (mse, mae, a hook; `compressor.metrics`) have no counts:
+their drop is the mean of the paired per-sample differences of scores (original minus
+candidate), bounded by the one-sided Student t bound on that mean (`paired_difference`),
+with the t quantile from its Cornish-Fisher expansion (no SciPy).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Optional
 
 import numpy as np
 
@@ -43,6 +49,9 @@ class PairedDrop:
         confidence: One-sided confidence of each bound.
         lower, upper: The drop is at least `lower` and at most `upper`, each with
             `confidence` (together a two-sided interval of 2·confidence − 1).
+        mean: For per-sample values (`paired_difference`): the mean difference of
+            scores, the drop; None for counts.
+        spread: For per-sample values: the standard deviation of the differences.
     """
 
     samples: int
@@ -51,10 +60,14 @@ class PairedDrop:
     confidence: float
     lower: float
     upper: float
+    mean: Optional[float] = None
+    spread: Optional[float] = None
 
     @property
     def drop(self) -> float:
-        """The measured drop: (losses − wins) / samples."""
+        """The measured drop: (losses − wins) / samples, or the mean difference of per-sample scores."""
+        if self.mean is not None:
+            return self.mean
         return (self.losses - self.wins) / self.samples if self.samples else 0.0
 
     def within(self, limit: float) -> bool:
@@ -126,6 +139,37 @@ def paired_drop(original_correct: np.ndarray, candidate_correct: np.ndarray,
     return PairedDrop(len(original), losses, wins, float(confidence), lower, upper)
 
 
+def paired_difference(original_scores: np.ndarray, candidate_scores: np.ndarray,
+                      confidence: float = DEFAULT_CONFIDENCE) -> PairedDrop:
+    """The drop of a candidate against the original from per-sample scores (higher is better), with t bounds.
+
+    `losses` and `wins` count the samples whose score fell and rose.
+
+    Raises:
+        CompressorError: Arrays of different shapes, or a bad confidence.
+    """
+    original, candidate = np.asarray(original_scores, np.float64), np.asarray(candidate_scores, np.float64)
+    if original.shape != candidate.shape or original.ndim != 1:
+        raise CompressorError(f"paired samples differ: {original.shape} against {candidate.shape}")
+    z, n = z_value(confidence), len(original)
+    differences = original - candidate
+    if n < 2:
+        mean = float(differences.mean()) if n else 0.0
+        return PairedDrop(n, int(np.sum(differences > 0)), int(np.sum(differences < 0)), float(confidence),
+                          -math.inf, math.inf, mean, None)
+    mean, spread = float(differences.mean()), float(differences.std(ddof=1))
+    width = t_value(z, n - 1) * spread / math.sqrt(n)
+    return PairedDrop(n, int(np.sum(differences > 0)), int(np.sum(differences < 0)), float(confidence),
+                      mean - width, mean + width, mean, spread)
+
+
+def t_value(z: float, freedom: int) -> float:
+    """Student's t quantile at the normal quantile `z` with `freedom` degrees (Cornish-Fisher, 3 terms)."""
+    v = float(freedom)
+    return z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2) + \
+        (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+
+
 def expected_upper(measured: PairedDrop, samples: int) -> float:
     """The upper bound `samples` samples would give if they showed the same shares of losses and wins as `measured`.
 
@@ -135,6 +179,10 @@ def expected_upper(measured: PairedDrop, samples: int) -> float:
     """
     if measured.samples == 0:
         return 1.0
+    if measured.mean is not None:  # per-sample values: same mean and spread, the width of `samples`
+        if measured.spread is None or samples < 2:
+            return math.inf
+        return measured.mean + t_value(z_value(measured.confidence), samples - 1) * measured.spread / math.sqrt(samples)
     scale = samples / measured.samples
     return drop_bounds(measured.losses * scale, measured.wins * scale, samples, measured.confidence)[1]
 

@@ -7,7 +7,8 @@ model, sets the Ŵ of a plan into the copy's layers, runs one compiled forward p
 over the search data, and puts the original kernels back. No graph is rewritten and
 nothing is retraced between evaluations.
 
-Each pass measures two things: how many samples are classified right, and how far
+Each pass measures two things: how many samples are classified right (under another
+metric than top-1, the sum of the per-sample scores, `compressor.metrics`), and how far
 the outputs moved from the original model's, as Σ‖f̂(x) − f(x)‖² / Σ‖f(x)‖² over the
 samples (a noise-to-signal ratio; the original's outputs come from the first pass).
 """
@@ -22,6 +23,7 @@ import numpy as np
 
 from compressor.errors import DataError
 from compressor.io.data import Dataset
+from compressor.metrics import TOP1, Metric
 from compressor.search.kernels import KernelCache
 from compressor.surgery.editable import editable_layers
 from compressor.surgery.plan import LayerEdit, PlanError
@@ -42,18 +44,27 @@ def correct_predictions(model: keras.Model, data: Dataset, batch_size: int = DEF
     return top1_classes(outputs) == np.asarray(data.y)
 
 
+def sample_values(model: keras.Model, data: Dataset, metric: Metric = TOP1,
+                  batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+    """Per sample of `data`, the metric's value for the model (`Metric.values`; top-1: `correct_predictions`)."""
+    outputs = model.predict(data.x, batch_size=batch_size, verbose=0)
+    outputs = keras.tree.flatten(outputs)[0] if isinstance(outputs, (list, tuple, dict)) else outputs
+    return metric.values(np.asarray(outputs).reshape(len(data), -1), data.y)
+
+
 @dataclass(frozen=True)
 class Measurement:
     """One evaluation of the model with some edits.
 
     Attributes:
-        correct: Samples classified right (top-1).
+        correct: Samples classified right (top-1); under another metric, the sum of the
+            per-sample scores (`Metric.scores`, the original's mean value as reference).
         output_error: Σ‖f̂(x) − f(x)‖² / Σ‖f(x)‖² of the first output against the
             original model's, over all samples; 0 for the original, inf when the
             outputs are not finite.
     """
 
-    correct: int
+    correct: float
     output_error: float
 
 
@@ -66,6 +77,7 @@ class Evaluator:
         kernels: Effective kernels already built (e.g. by `layer_candidates`); default
             a fresh cache.
         batch_size: Samples per forward pass.
+        metric: What `correct` counts (default top-1; `compressor.metrics`).
 
     Attributes:
         evaluations: Forward passes over the whole data run so far.
@@ -81,8 +93,12 @@ class Evaluator:
         data: Dataset,
         kernels: Optional[KernelCache] = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        metric: Metric = TOP1,
     ) -> None:
         check_labels(data)
+        self.metric = metric
+        self._labels = data.y
+        self._reference: Optional[float] = None  # the original's mean metric value (metrics other than top-1)
         self.kernels = KernelCache() if kernels is None else kernels
         self.evaluations = 0
         self.samples = len(data)
@@ -91,11 +107,12 @@ class Evaluator:
         self._copy = rewrite_model(model, {})
         self._layers = editable_layers(self._copy)
         self._saved: dict[str, np.ndarray] = {}
-        self._predict = _compiled_predict(self._copy, data)
-        self._batches = _batches(data, batch_size)
+        self._predict = _compiled_predict(self._copy, data) if metric.is_top1 else _compiled_outputs(self._copy, data)
+        self._batches = _batches(data, batch_size) if metric.is_top1 else [(x, None) for x, _ in _batches(
+            Dataset(data.x, np.zeros(len(data), np.int64), data.source), batch_size)]
         self._references: Optional[list[np.ndarray]] = None  # the original's outputs, per batch
         classes = _output_classes(self._copy)
-        if int(data.y.max()) >= max(classes, 2):
+        if metric.labels == "classes" and int(data.y.max()) >= max(classes, 2):
             raise DataError(
                 f"data from {data.source} has labels up to {int(data.y.max())}, but the model "
                 f"outputs {classes} class score(s)"
@@ -122,7 +139,7 @@ class Evaluator:
         error = noise / signal if signal else noise
         return Measurement(correct, error if np.isfinite(error) else float("inf"))  # non-finite outputs: infinitely far
 
-    def correct(self, edits: Iterable[LayerEdit] = ()) -> int:
+    def correct(self, edits: Iterable[LayerEdit] = ()) -> float:
         """How many samples the model with `edits` applied classifies right (one evaluation).
 
         Raises:
@@ -134,17 +151,25 @@ class Evaluator:
         """Top-1 accuracy of the model with `edits` applied (see `correct`)."""
         return self.correct(edits) / self.samples
 
-    def _run(self, edits: list[LayerEdit]) -> tuple[int, list[np.ndarray]]:
-        """One forward pass with `edits` set: (correct count, outputs per batch); kernels restored."""
+    def _run(self, edits: list[LayerEdit]) -> tuple[float, list[np.ndarray]]:
+        """One forward pass with `edits` set: (correct count or score sum, outputs per batch); kernels restored."""
+        if not self.metric.is_top1 and self._reference is None and edits:
+            self._run([])  # the original's value, which the scores are relative to
         try:
             for edit in edits:
                 self._set(edit)
-            results = [self._predict(x, y) for x, y in self._batches]
+            results = [self._predict(x, y) if self.metric.is_top1 else (0, self._predict(x)) for x, y in self._batches]
         finally:
             self._restore()
         self.evaluations += 1
-        correct = sum(int(batch_correct) for batch_correct, _ in results)
-        return correct, [np.asarray(outputs, dtype=np.float64) for _, outputs in results]
+        outputs = [np.asarray(out, dtype=np.float64) for _, out in results]
+        if self.metric.is_top1:
+            return sum(int(batch_correct) for batch_correct, _ in results), outputs
+        values = self.metric.values(np.concatenate(outputs), self._labels)
+        if self._reference is None:
+            self._reference = float(np.mean(values))
+        total = np.sum(self.metric.scores(values, self._reference))
+        return (int(total) if self.metric.binary else float(total)), outputs
 
     def _set(self, edit: LayerEdit) -> None:
         if edit.layer not in self._layers or kernel_name(self._layers[edit.layer]) is None:
@@ -188,6 +213,18 @@ def _batches(data: Dataset, batch_size: int) -> list[tuple[Any, Any]]:
         (tf.constant(data.x[start : start + batch_size]), tf.constant(data.y[start : start + batch_size]))
         for start in range(0, len(data), batch_size)
     ]
+
+
+def _compiled_outputs(model: keras.Model, data: Dataset) -> Any:
+    """A tf.function samples → outputs flattened per sample (the first output), for metrics scored in NumPy."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec((None, *data.x.shape[1:]), tf.as_dtype(data.x.dtype))])
+    def predict(x: Any) -> Any:
+        outputs = keras.tree.flatten(model(x, training=False))[0]
+        return tf.reshape(outputs, (-1, int(np.prod(outputs.shape[1:]))))
+
+    return predict
 
 
 def _compiled_predict(model: keras.Model, data: Dataset) -> Any:

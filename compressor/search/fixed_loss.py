@@ -25,7 +25,9 @@ model. On the digits ResNet-20 at a 2-point budget it found plans with 2–3 tim
 FLOPs reduction, and smaller drops on held-out data.
 
 Accuracies are compared as counts of correctly classified samples, so a budget of 0
-accepts only plans that lose no sample.
+accepts only plans that lose no sample. Under a metric with per-sample values (mse, mae,
+a hook; `compressor.metrics`) the "counts" are sums of per-sample scores in the budget's
+unit, compared without rounding.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import keras
 from compressor.errors import CompressorError
 from compressor.io.atomic import write_bytes_atomic
 from compressor.io.data import Dataset
+from compressor.metrics import TOP1, Metric
 from compressor.search.budgets import Budget, BudgetError, achieved_drop
 from compressor.search.candidates import LayerCandidates, baseline_cost
 from compressor.search.evaluate import DEFAULT_BATCH_SIZE, Evaluator, check_labels
@@ -73,15 +76,16 @@ class Sensitivity:
 
     Attributes:
         samples: Number of samples evaluated.
-        baseline: Samples the original model classifies right.
+        baseline: Samples the original model classifies right (under a metric with
+            per-sample values, the sum of its scores: `Measurement.correct`).
         correct: Layer name → samples classified right with only that layer edited,
-            one count per option, in the candidates' option order.
+            one count per option, in the candidates' option order (or score sums).
         output_error: Layer name → output change with only that layer edited, per option.
     """
 
     samples: int
-    baseline: int
-    correct: dict[str, list[int]]
+    baseline: float
+    correct: dict[str, list[float]]
     output_error: dict[str, list[float]]
 
     def scores(self, name: str, score: str) -> list[float]:
@@ -108,6 +112,7 @@ def search_fixed_loss(
     kernels: Optional[KernelCache] = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     score: str = "output",
+    metric: Metric = TOP1,
 ) -> SearchResult:
     """The most compressed plan (by `objective`) whose search-data accuracy drop meets the budget.
 
@@ -129,6 +134,7 @@ def search_fixed_loss(
         score: The sensitivity score the level τ is on: "output" (single-layer output
             change) or "accuracy" (single-layer accuracy drop, as AIMET); see the
             module docstring.
+        metric: What the budget measures (`compressor.metrics`; default top-1).
 
     Returns:
         The result; `met` is always true (the empty plan loses nothing).
@@ -145,10 +151,10 @@ def search_fixed_loss(
         raise BudgetError(f"Invalid sensitivity score. Expected one of {SCORES}. Received: score={score!r}")
     check_labels(data)
     started = time.perf_counter()
-    evaluator = Evaluator(model, data, kernels, batch_size)
+    evaluator = Evaluator(model, data, kernels, batch_size, metric)
     table, cached = sensitivity_table(model, candidates, data, evaluator, cache_dir, progress)
     levels = allocations(candidates, table, objective, score)
-    at, correct, tried = _confirm(candidates, levels, table, budget, evaluator, progress)
+    at, correct, tried = _confirm(candidates, levels, table, budget, evaluator, progress, metric)
     chosen_at = levels[at] if at >= 0 else {}
     chosen = chosen_options(candidates, chosen_at)
     baseline = baseline_cost(model, candidates)
@@ -162,7 +168,7 @@ def search_fixed_loss(
         plan=plan_for(model, chosen, candidates, skipped, KEPT_REASON),
         budget=budget,
         achieved=drop,
-        met=table.baseline - correct <= _allowed_loss(budget, table.samples),
+        met=table.baseline - correct <= _allowed_loss(budget, table.samples, metric),
         baseline_params=baseline[0],
         baseline_flops=baseline[1],
         params=params,
@@ -175,7 +181,7 @@ def search_fixed_loss(
         baseline_accuracy=base_accuracy,
         accuracy=accuracy,
         layers=layer_choices(candidates, chosen, single, moved),
-        trials=_trials(candidates, levels, tried, at, baseline, table, budget),
+        trials=_trials(candidates, levels, tried, at, baseline, table, budget, metric),
     )
 
 
@@ -203,8 +209,9 @@ def sensitivity_table(
     store = None
     measured = _Measured(evaluator.samples)
     if cache_dir is not None:
-        key = sensitivity_key(model, data, candidates)
-        store = _TableFile(Path(cache_dir).expanduser() / f"sensitivity-{key[:24]}.json", key, candidates)
+        key = sensitivity_key(model, data, candidates, evaluator.metric)
+        store = _TableFile(Path(cache_dir).expanduser() / f"sensitivity-{key[:24]}.json", key, candidates,
+                           evaluator.metric.binary)
         measured = store.load(evaluator.samples) or measured
     cached = measured.count
     if progress is not None and cached:
@@ -213,12 +220,15 @@ def sensitivity_table(
     return measured.table(), cached
 
 
-def sensitivity_key(model: keras.Model, data: Dataset, candidates: Sequence[LayerCandidates]) -> str:
-    """Hex sha256 of what a sensitivity table depends on: model, data, and the option list.
+def sensitivity_key(model: keras.Model, data: Dataset, candidates: Sequence[LayerCandidates],
+                    metric: Metric = TOP1) -> str:
+    """Hex sha256 of what a sensitivity table depends on: model, data, the option list, the metric.
 
-    The option list holds the techniques and the sparsity pattern the user chose.
+    The option list holds the techniques and the sparsity pattern the user chose; the
+    metric enters the key only when it is not top-1 (top-1 keys stay as they were).
     """
-    content = {
+    content: dict[str, Any] = {} if metric.name == "top1" else {"metric": metric.name}
+    content |= {
         "version": CACHE_VERSION,
         "model": model_fingerprint(model),
         "data": data_fingerprint(data.x, data.y),
@@ -232,8 +242,8 @@ class _Measured:
     """The part of a sensitivity table measured so far: per layer, a prefix of its options."""
 
     samples: int
-    baseline: Optional[int] = None
-    correct: dict[str, list[int]] = field(default_factory=dict)
+    baseline: Optional[float] = None
+    correct: dict[str, list[float]] = field(default_factory=dict)
     output_error: dict[str, list[float]] = field(default_factory=dict)
 
     @property
@@ -290,8 +300,8 @@ class _TableFile:
     layers not reached yet are absent.
     """
 
-    def __init__(self, path: Path, key: str, candidates: Sequence[LayerCandidates]) -> None:
-        self.path, self.key = path, key
+    def __init__(self, path: Path, key: str, candidates: Sequence[LayerCandidates], counts: bool = True) -> None:
+        self.path, self.key, self.counts = path, key, counts  # counts: whole sample counts, else score sums
         self.options = {c.name: [option.edit.to_dict() for option in c.options] for c in candidates}
 
     def save(self, measured: _Measured) -> None:
@@ -318,14 +328,14 @@ class _TableFile:
             if content["version"] != CACHE_VERSION or content["key"] != self.key or content["samples"] != samples:
                 return None
             baseline = content["baseline_correct"]
-            measured = _Measured(samples, None if baseline is None else _count(baseline, samples))
+            measured = _Measured(samples, None if baseline is None else _count(baseline, samples, self.counts))
             for name, entry in content["layers"].items():
                 counts, errors = entry["correct"], entry["output_error"]
                 if entry["options"] != self.options[name]:
                     return None
                 if len(counts) != len(errors) or len(counts) > len(self.options[name]):
                     return None
-                measured.correct[name] = [_count(value, samples) for value in counts]
+                measured.correct[name] = [_count(value, samples, self.counts) for value in counts]
                 measured.output_error[name] = [_error(value) for value in errors]
             if measured.baseline is None and measured.correct:
                 return None  # options without the baseline they are compared with
@@ -334,7 +344,11 @@ class _TableFile:
             return None  # missing or corrupt: evaluated again and rewritten
 
 
-def _count(value: Any, most: float) -> int:
+def _count(value: Any, most: float, whole: bool = True) -> float:
+    if not whole:  # a sum of scores: any finite number
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"not a score sum: {value!r}")
+        return float(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
         raise ValueError(f"not a sample count: {value!r}")
     return value
@@ -380,7 +394,8 @@ def _confirm(
     budget: Budget,
     evaluator: Evaluator,
     progress: Optional[Progress],
-) -> tuple[int, int, list[tuple[int, int]]]:
+    metric: Metric = TOP1,
+) -> tuple[int, float, list[tuple[int, float]]]:
     """Binary search for the last allocation whose combined drop meets the budget.
 
     Returns:
@@ -390,10 +405,10 @@ def _confirm(
         (the most compressed) is accepted; the empty allocation (the original
         model) always meets it.
     """
-    allowed = _allowed_loss(budget, table.samples)
+    allowed = _allowed_loss(budget, table.samples, metric)
     by_name = {c.name: c for c in candidates}
     accepted, accepted_correct = -1, table.baseline
-    tried: list[tuple[int, int]] = []
+    tried: list[tuple[int, float]] = []
     low, high = -1, len(levels)  # low: meets the budget (-1 = no edits); high: does not (or beyond)
     total = math.ceil(math.log2(len(levels) + 1))
     while high - low > 1:
@@ -412,14 +427,15 @@ def _confirm(
 def _trials(
     candidates: Sequence[LayerCandidates],
     levels: list[Allocation],
-    tried: list[tuple[int, int]],
+    tried: list[tuple[int, float]],
     accepted: int,
     baseline: tuple[int, int],
     table: Sensitivity,
     budget: Budget,
+    metric: Metric = TOP1,
 ) -> tuple[Trial, ...]:
     """A trial per evaluated allocation, at its predicted cost; first the original when it was kept."""
-    allowed = _allowed_loss(budget, table.samples)
+    allowed = _allowed_loss(budget, table.samples, metric)
     found = []
     if accepted < 0:  # measured as the sensitivity baseline
         found.append(Trial("layers", baseline[0], baseline[1], table.baseline / table.samples, True, True))
@@ -430,6 +446,8 @@ def _trials(
     return tuple(found)
 
 
-def _allowed_loss(budget: Budget, samples: int) -> int:
-    """The most samples the budget allows to lose."""
+def _allowed_loss(budget: Budget, samples: int, metric: Metric = TOP1) -> float:
+    """The most samples the budget allows to lose (a score sum, not rounded, under a metric with per-sample values)."""
+    if not metric.binary:
+        return budget.limit * samples + 1e-9 * samples
     return int(math.floor(budget.limit * samples + 1e-9))
