@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from compressor.errors import OptionError
-from compressor.io.data import Dataset, Shape, check_fits, from_arrays, from_tf_dataset, load_data
+from compressor.io.data import Dataset, Shapes, check_fits, from_arrays, from_tf_dataset, load_data
 
 
 def is_path(value: Any) -> bool:
@@ -63,14 +63,15 @@ def data_name(option: str, value: Any) -> str:
         "or a compressor.Dataset. Received: {kind}" % option, kind=type(value).__name__)
 
 
-def as_dataset(option: str, value: Any, input_shape: Optional[Shape] = None) -> Optional[Dataset]:
+def as_dataset(option: str, value: Any, input_shape: Optional[Shapes] = None) -> Optional[Dataset]:
     """The Dataset of a value given for a data option (None stays None); paths and hooks are loaded.
 
     Args:
         option: The keyword it was given as (for messages).
         value: See the module docstring.
-        input_shape: Per-sample model input shape, to check samples against (and to
-            tell batched tf.data elements from single ones); None when no model is at hand.
+        input_shape: Per-sample model input shape (one per input name for several
+            inputs), to check samples against (and to tell batched tf.data elements
+            from single ones); None when no model is at hand.
 
     Raises:
         OptionError: A value that is no kind of data.

@@ -418,7 +418,7 @@ def _load_hook(spec: str, input_shape: Optional[Shape]) -> Dataset:
     )
 
 
-def from_tf_dataset(dataset: Any, source: str, input_shape: Optional[Shape] = None) -> Dataset:
+def from_tf_dataset(dataset: Any, source: str, input_shape: Optional[Shapes] = None) -> Dataset:
     """A Dataset of a finite `tf.data.Dataset` of (x, y) pairs, batched or not, checked as loaded data is.
 
     Read through the dataset's own `as_numpy_iterator`, so this module imports no TensorFlow.
@@ -445,7 +445,7 @@ def from_tf_dataset(dataset: Any, source: str, input_shape: Optional[Shape] = No
     if isinstance(xs[0], dict):
         join = np.concatenate if _is_batched(next(iter(xs[0].values())), ys[0], None) else np.stack
         return _finish({name: join([x[name] for x in xs]) for name in xs[0]}, join(ys), source)
-    batched = _is_batched(xs[0], ys[0], input_shape)
+    batched = _is_batched(xs[0], ys[0], _single_shape(input_shape))
     x = np.concatenate(xs) if batched else np.stack(xs)
     y = np.concatenate(ys) if batched else np.stack(ys)
     return _finish(x, y, source)

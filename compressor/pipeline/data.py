@@ -10,7 +10,7 @@ more: `guard_fraction` of it is the guard, which only the acceptance of models s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
@@ -57,7 +57,7 @@ def split_data(data: Dataset, test_fraction: float, seed: int,
                           source=data.source, first=names[0], second=names[1])
 
     def part(m: np.ndarray, name: str) -> Dataset:
-        return Dataset(data.x[m], None if data.y is None else data.y[m], f"{data.source} ({name})")
+        return replace(data.select(m), source=f"{data.source} ({name})")
 
     return part(~mask, names[0]), part(mask, names[1])
 
@@ -109,14 +109,21 @@ def load_model(options: CompressOptions, inputs: Inputs, log: Log) -> keras.Mode
     return load(options.model, options.custom_objects, allow_model_code=options.allow_model_code)
 
 
-def load_splits(model: keras.Model, options: CompressOptions, inputs: Inputs) -> Splits:
+def load_splits(model: keras.Model, options: CompressOptions, inputs: Inputs, log: Log = lambda message: None,
+                metric_output: Optional[str] = None) -> Splits:
     """The run's data, loaded and checked against the model, split by what it is for.
+
+    Args:
+        log: Where the note on which output an accuracy reads goes (several outputs).
+        metric_output: For a model with several outputs, the output whose top-1 the
+            accuracy reads (its labels: the data's `y_<name>`, or `y`); None: the only
+            output, or the first with class scores (`compressor.graph.signature.metric_output`).
 
     Raises:
         DataError: Data that does not fit the model.
-        OptionError: fixed_loss on unlabelled data, or data too small to split.
+        OptionError: fixed_loss on unlabelled data, data too small to split, or no such output.
     """
-    load = _data_loader(model, options, inputs)
+    load = _data_loader(model, options, inputs, log, metric_output)
     data = load("data")
     if options.method == "fixed_loss" and data is not None and data.y is None:
         raise OptionError("method fixed_loss needs labels: {source} has no 'y'", source=data.source)
@@ -135,20 +142,28 @@ def load_splits(model: keras.Model, options: CompressOptions, inputs: Inputs) ->
     return Splits(search=search, held_out=held_out, train=load("train_data"), guard=guard)
 
 
-def _data_loader(model: keras.Model, options: CompressOptions, inputs: Inputs) -> Callable[[str], Optional[Dataset]]:
-    """Load an option's data (by option name), checked against the model: samples of its input shape, labels among its classes.
+def _data_loader(model: keras.Model, options: CompressOptions, inputs: Inputs, log: Log,
+                 metric_output: Optional[str]) -> Callable[[str], Optional[Dataset]]:
+    """Load an option's data (by option name), checked against the model: samples of its input shapes, labels among its classes.
 
     In-memory data of `inputs` stands in for the option's file; None when there is neither.
+    For a model with several outputs, `y` labels the output the accuracy reads.
 
     Labels are checked here, right after the model loads, so that a label the model
     cannot predict stops the run before the search rather than at the timing step.
     """
-    from compressor.export.writers import single_input_shape
-    from compressor.io.data import check_fits, check_labels, load_data
+    from compressor.graph.signature import metric_output as choose_output, output_names, sample_shapes
+    from compressor.io.data import check_fits, check_labels, load_data, with_labels_of
 
-    shape = single_input_shape(model)[1:]
+    shape = sample_shapes(model)
     outputs = model.outputs
-    classes = outputs[0].shape[-1] if len(outputs) == 1 and len(outputs[0].shape) >= 2 else None
+    several = len(outputs) > 1
+    output, note = choose_output(model, metric_output) if several else (None, None)
+    read = outputs[output_names(model).index(output)] if several else outputs[0]
+    classes = read.shape[-1] if len(read.shape) >= 2 else None
+    if note is not None and any(getattr(inputs, key) is not None or getattr(options, key) is not None
+                                for key in DATA_OPTIONS):
+        log(note)
 
     def load(option: str) -> Optional[Dataset]:
         data, spec = getattr(inputs, option), getattr(options, option)
@@ -158,6 +173,8 @@ def _data_loader(model: keras.Model, options: CompressOptions, inputs: Inputs) -
             data = load_data(spec, input_shape=shape)
         else:
             check_fits(data, shape)
+        if output is not None:
+            data = with_labels_of(data, output)
         if classes is not None:
             check_labels(data, int(classes))
         return data

@@ -41,7 +41,9 @@ def compress_into(options: CompressOptions, staging: Path, progress: Progress, l
     started = time.perf_counter()
     check_data_and_plan(options, inputs)  # before the model loads; loading checks the model file
     model = load_model(options, inputs, log)
-    ctx = RunContext(options, model, load_splits(model, options, inputs), options.budget(), staging, log, progress)
+    # A multi-output model's accuracy reads `metric_output` when the options name one.
+    splits = load_splits(model, options, inputs, log, getattr(options, "metric_output", None))
+    ctx = RunContext(options, model, splits, options.budget(), staging, log, progress)
     load_s = time.perf_counter() - started
     log("converting the original model")  # the export preflight: a layer no format takes fails here, before the search
     baselines = export_baselines(ctx)

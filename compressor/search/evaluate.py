@@ -21,7 +21,8 @@ import keras
 import numpy as np
 
 from compressor.errors import DataError
-from compressor.io.data import Dataset
+from compressor.graph.signature import output_index, pick_output
+from compressor.io.data import Dataset, sample_rows
 from compressor.search.kernels import KernelCache
 from compressor.surgery.editable import editable_layers
 from compressor.surgery.plan import LayerEdit, PlanError
@@ -34,11 +35,13 @@ DEFAULT_BATCH_SIZE = 256
 def correct_predictions(model: keras.Model, data: Dataset, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     """Per sample of labelled `data`, whether the model's top output is its label (inference mode).
 
-    Read as the artifacts are (`compressor.bench.benchmark.top1_classes`).
+    Read as the artifacts are (`compressor.bench.benchmark.top1_classes`); for a model
+    with several outputs, the output `data.y` labels (`data.output`).
     """
     from compressor.bench.benchmark import top1_classes
 
-    outputs = np.asarray(model.predict(data.x, batch_size=batch_size, verbose=0)).reshape(len(data), -1)
+    predicted = model.predict(data.x, batch_size=batch_size, verbose=0)
+    outputs = np.asarray(pick_output(predicted, output_index(model, data.output))).reshape(len(data), -1)
     return top1_classes(outputs) == np.asarray(data.y)
 
 
@@ -48,8 +51,8 @@ class Measurement:
 
     Attributes:
         correct: Samples classified right (top-1).
-        output_error: Σ‖f̂(x) − f(x)‖² / Σ‖f(x)‖² of the first output against the
-            original model's, over all samples; 0 for the original, inf when the
+        output_error: Σ‖f̂(x) − f(x)‖² / Σ‖f(x)‖² of the output the labels read (the
+            first, or `Dataset.output`) against the original model's, over all samples; 0 for the original, inf when the
             outputs are not finite.
     """
 
@@ -91,10 +94,11 @@ class Evaluator:
         self._copy = rewrite_model(model, {})
         self._layers = editable_layers(self._copy)
         self._saved: dict[str, np.ndarray] = {}
-        self._predict = _compiled_predict(self._copy, data)
+        index = output_index(self._copy, data.output)
+        self._predict = _compiled_predict(self._copy, data, index)
         self._batches = _batches(data, batch_size)
         self._references: Optional[list[np.ndarray]] = None  # the original's outputs, per batch
-        classes = _output_classes(self._copy)
+        classes = _output_classes(self._copy, index)
         if int(data.y.max()) >= max(classes, 2):
             raise DataError(
                 f"data from {data.source} has labels up to {int(data.y.max())}, but the model "
@@ -176,8 +180,8 @@ def _kernel_variable(layer: Any) -> Any:
     return layer.weights[kernel_index(layer)]
 
 
-def _output_classes(model: keras.Model) -> int:
-    output = keras.tree.flatten(model.outputs)[0]
+def _output_classes(model: keras.Model, index: int = 0) -> int:
+    output = keras.tree.flatten(model.outputs)[index]
     return int(np.prod([d for d in output.shape[1:] if d is not None] or [1]))
 
 
@@ -185,27 +189,30 @@ def _batches(data: Dataset, batch_size: int) -> list[tuple[Any, Any]]:
     import tensorflow as tf
 
     return [
-        (tf.constant(data.x[start : start + batch_size]), tf.constant(data.y[start : start + batch_size]))
+        (tf.nest.map_structure(tf.constant, sample_rows(data.x, slice(start, start + batch_size))),
+         tf.constant(data.y[start : start + batch_size]))
         for start in range(0, len(data), batch_size)
     ]
 
 
-def _compiled_predict(model: keras.Model, data: Dataset) -> Any:
+def _compiled_predict(model: keras.Model, data: Dataset, index: int = 0) -> Any:
     """A tf.function (samples, labels) → (number classified right, outputs flattened per sample).
 
-    Read like `compressor.bench.benchmark.top1_accuracy`: the first output, flattened
-    per sample; a single column is a sigmoid probability thresholded at 0.5.
+    Read like `compressor.bench.benchmark.top1_accuracy`: output `index` (the first
+    unless the labels read another), flattened per sample; a single column is a
+    sigmoid probability thresholded at 0.5. Samples of several inputs are a dict by input name.
     """
     import tensorflow as tf
 
-    signature = [
-        tf.TensorSpec((None, *data.x.shape[1:]), tf.as_dtype(data.x.dtype)),
-        tf.TensorSpec((None,), tf.as_dtype(data.y.dtype)),
-    ]
+    def spec(values: np.ndarray) -> Any:
+        return tf.TensorSpec((None, *values.shape[1:]), tf.as_dtype(values.dtype))
+
+    samples = {name: spec(v) for name, v in data.x.items()} if isinstance(data.x, dict) else spec(data.x)
+    signature = [samples, tf.TensorSpec((None,), tf.as_dtype(data.y.dtype))]
 
     @tf.function(input_signature=signature)
     def predict(x: Any, y: Any) -> Any:
-        outputs = keras.tree.flatten(model(x, training=False))[0]
+        outputs = keras.tree.flatten(model(x, training=False))[index]
         width = int(np.prod(outputs.shape[1:]))  # static: the model's output shape is known
         outputs = tf.reshape(outputs, (-1, width))
         if width == 1:
