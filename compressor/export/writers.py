@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -45,7 +46,9 @@ def _quiet() -> Iterator[None]:
     `failures.tflite_failure` turns into one line.
     """
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), muted_stderr():
+    with contextlib.redirect_stdout(io.StringIO()), muted_stderr(), warnings.catch_warnings():
+        # The converter calls a model built on a dict of inputs with a list: Keras warns, and maps them right.
+        warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match", category=UserWarning)
         yield
 
 
