@@ -39,13 +39,16 @@ class Inspection:
     outputs: tuple[tuple[str, tuple], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """`{"params", "flops", "layers": [...], "inputs", "outputs"}`: what `compressor inspect --json` prints.
+        """`{"params", "flops", "layers": [...]}`: what `compressor inspect --json` prints.
 
-        `inputs` and `outputs` list `{"name", "shape"}` per tensor (per-sample shape, null for a free dimension).
+        A model with several inputs or outputs adds `inputs` and `outputs`: `{"name",
+        "shape"}` per tensor (per-sample shape, null for a free dimension).
         """
-        return {"params": self.params, "flops": self.flops, "layers": [layer.to_dict() for layer in self.layers],
-                "inputs": [{"name": n, "shape": list(s)} for n, s in self.inputs],
-                "outputs": [{"name": n, "shape": list(s)} for n, s in self.outputs]}
+        document = {"params": self.params, "flops": self.flops, "layers": [layer.to_dict() for layer in self.layers]}
+        if len(self.inputs) > 1 or len(self.outputs) > 1:
+            document["inputs"] = [{"name": n, "shape": list(s)} for n, s in self.inputs]
+            document["outputs"] = [{"name": n, "shape": list(s)} for n, s in self.outputs]
+        return document
 
 
 def inspect(model: Any, *, custom_objects: Sequence[str] = (), allow_model_code: bool = False) -> Inspection:
