@@ -49,6 +49,10 @@ from compressor.techniques.params import PATTERN, RANK, RANKS, Param
 from compressor.techniques.rank_errors import one_blas_thread, svd_errors, tucker2_errors
 from compressor.techniques.sparsity import masked
 
+ATTENTION_REASON = (
+    "its query, key, value and output projections are EinsumDense layers inside the attention layer, "
+    "which are not factorized; the Dense layers around it are"
+)
 RANK_FRACTIONS = (3 / 4, 5 / 8, 1 / 2, 3 / 8, 1 / 4, 1 / 8, 1 / 16)
 RESIDUAL_DENSITIES = (0.1, 0.05, 0.02, 0.01)
 HYBRID_ITERATIONS = 5
@@ -320,7 +324,7 @@ class Tucker(LowRank):
             if math.prod(layer.kernel_size) == 1:
                 return "kernel is 1x1: use svd"
             return _grouped_reason(layer)
-        if isinstance(layer, (keras.layers.Conv1D, keras.layers.Dense) + SEPARABLE + recurrent.RECURRENT):
+        if isinstance(layer, (keras.layers.Conv1D, keras.layers.Dense, keras.layers.MultiHeadAttention) + SEPARABLE + recurrent.RECURRENT):
             return f"tucker factorizes kxk Conv2D kernels: use svd for {type(layer).__name__}"
         return f"tucker applies to Conv2D layers, not {type(layer).__name__}"
 
@@ -379,6 +383,8 @@ class SVD(LowRank):
             return None
         if recurrent.is_recurrent(layer):
             return recurrent.recurrent_reason(layer)
+        if isinstance(layer, keras.layers.MultiHeadAttention):
+            return ATTENTION_REASON
         return (
             "svd applies to Dense, Conv1D, 1x1 Conv2D, separable convolution, LSTM, GRU and SimpleRNN layers, "
             f"not {type(layer).__name__}"
