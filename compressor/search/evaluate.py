@@ -29,7 +29,7 @@ from compressor.search.kernels import KernelCache
 from compressor.surgery.editable import editable_layers
 from compressor.surgery.plan import LayerEdit, PlanError
 from compressor.surgery.rewrite import rewrite_model
-from compressor.techniques.base import kernel_index, kernel_name
+from compressor.techniques.base import assign_searched_kernel, kernel_name, searched_kernel
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -183,13 +183,13 @@ class Evaluator:
             raise PlanError(f"the edit of layer {edit.layer!r} does not name a layer with a kernel in the model")
         if edit.layer in self._saved:
             raise PlanError(f"two edits of layer {edit.layer!r} in one evaluation")
-        variable = _kernel_variable(self._layers[edit.layer])
-        self._saved[edit.layer] = keras.ops.convert_to_numpy(variable)
-        variable.assign(self.kernels.get(self._originals[edit.layer], edit).kernel)
+        layer = self._layers[edit.layer]
+        self._saved[edit.layer] = searched_kernel(layer)
+        assign_searched_kernel(layer, self.kernels.get(self._originals[edit.layer], edit).kernel)
 
     def _restore(self) -> None:
         for name, kernel in self._saved.items():
-            _kernel_variable(self._layers[name]).assign(kernel)
+            assign_searched_kernel(self._layers[name], kernel)
         self._saved.clear()
 
 
@@ -202,10 +202,6 @@ def check_labels(data: Dataset) -> None:
         )
     if len(data) == 0:
         raise DataError(f"data from {data.source} has no samples")
-
-
-def _kernel_variable(layer: Any) -> Any:
-    return layer.weights[kernel_index(layer)]
 
 
 def _output_classes(model: keras.Model, index: int = 0) -> int:
