@@ -163,3 +163,26 @@ def test_bad_npz_names_the_input(workdir, tmp_path, arrays, message):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "input '" in errors[0], result.stderr
     assert result.stderr.rstrip().endswith(errors[0])
+
+
+def test_a_regression_metric_reads_the_output_it_names(workdir, tmp_path):
+    import compressor
+    from compressor.errors import CompressorError
+
+    folder, model = workdir
+    x = _samples(1600, seed=2)
+    target = x["meta"].sum(axis=1, keepdims=True) + x["image"].mean(axis=(1, 2, 3))[:, None]
+    label, score = model.predict(x, verbose=0)
+    np.savez(tmp_path / "reg.npz", **x, y_label=label.argmax(-1), y_score=target)
+    args = dict(method="fixed_loss", metric="mse", max_metric_loss=0.5, export=("tflite",), runs=3)
+    with pytest.raises(CompressorError, match="label, score"):  # a metric on numbers: the output must be named
+        compressor.compress(folder / "model.keras", tmp_path / "reg.npz", out=tmp_path / "unnamed", **args)
+    result = compressor.compress(folder / "model.keras", tmp_path / "reg.npz", out=tmp_path / "mse",
+                                 metric_output="score", **args)
+    budget = result.report["budget"]
+    assert budget["metric"]["name"] == "mse" and budget["met"] is True and budget["achieved"] <= 0.5
+    # The original's MSE on the held-out part is the score head's against y_score (not the label head's):
+    # the whole file's value, within the spread of a random fifth of it.
+    whole = float(np.mean((score - target) ** 2))
+    assert 0.5 * whole <= budget["metric"]["baseline_value"] <= 2.0 * whole
+    assert result.report["compressed"]["flops"] < result.report["baseline"]["flops"]
