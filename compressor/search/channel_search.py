@@ -122,6 +122,8 @@ class ChannelResult:
         model: The pruned model (fine-tuned when fine-tuning was asked for).
         removals: Channel removals of the original model's groups.
         blocked: (group, reason) of the groups left whole.
+        blocked_layers: (layer, reason) of the layers with weights none of whose
+            channels could go (`ChannelAnalysis.blocked_layers`), in graph order.
         params, flops: Cost of `model`.
         baseline_params, baseline_flops: Cost of the original.
         baseline_accuracy, accuracy: On the search data (None without labelled data).
@@ -150,12 +152,14 @@ class ChannelResult:
     evaluations: int = 0
     seconds: float = 0.0
     trials: tuple[Trial, ...] = ()
+    blocked_layers: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "groups_pruned": sum(1 for removal in self.removals if removal.remove),
             "channels_removed": sum(len(removal.remove) for removal in self.removals),
             "groups_blocked": [{"group": name, "reason": reason} for name, reason in self.blocked],
+            "layers_blocked": [{"layer": name, "reason": reason} for name, reason in self.blocked_layers],
             "params": self.params,
             "flops": self.flops,
             "baseline_accuracy": self.baseline_accuracy,
@@ -176,8 +180,7 @@ class RemovalTracker:
         self.kept: dict[str, np.ndarray] = {}
         for group in groups:
             for name in group.producers:
-                width = int(np.max(group.indices[name])) + 1 if len(group.indices[name]) else 0
-                self.kept.setdefault(name, np.arange(width))
+                self.kept.setdefault(name, np.arange(len(group.output_indices[name])))
 
     def remove(self, groups: Sequence[Any], removals: Mapping[str, Sequence[int]]) -> None:
         """Record removals given as channel indices of the CURRENT model's groups."""
@@ -185,8 +188,7 @@ class RemovalTracker:
         for name, channels in removals.items():
             group = by_name[name]
             for producer in group.producers:
-                index = np.asarray(group.indices[producer])[list(channels)]
-                index = index[index >= 0]
+                index = np.flatnonzero(np.isin(group.output_indices[producer], list(channels)))
                 self.kept[producer] = np.delete(self.kept[producer], index)
 
     def original_removals(self, criterion: str) -> tuple[ChannelRemoval, ...]:
@@ -237,7 +239,7 @@ def search_channels(
         BudgetError: An accuracy budget without labelled search data.
         CompressorError: Fine-tuning without training data, or no prunable group.
     """
-    from compressor.graph.groups import channel_groups
+    from compressor.graph.groups import analyze_channels
 
     log = log or (lambda message: None)
     started = time.perf_counter()
@@ -246,7 +248,8 @@ def search_channels(
     tuning = settings.finetune is not None and settings.finetune.epochs > 0
     if tuning and train_data is None:
         raise OptionError("fine-tuning needs training data: pass {train_data}")
-    groups = channel_groups(model)
+    analysis = analyze_channels(model)
+    groups = list(analysis.groups)
     blocked = [(group.name, group.reason or "cannot be pruned") for group in groups if not group.prunable]
     if not any(group.prunable for group in groups):
         reasons = "; ".join(f"{name}: {reason}" for name, reason in blocked[:3]) or "it has no channel groups"
@@ -275,6 +278,7 @@ def search_channels(
         evaluations=run.evaluations,
         seconds=time.perf_counter() - started,
         trials=run.final_trials(),
+        blocked_layers=list(analysis.blocked_layers.items()),
     )
 
 

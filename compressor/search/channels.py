@@ -8,7 +8,9 @@ run by hand (`examples/prune_channels.py`):
 
 1. Score. Each producer's filter scores (`compressor.techniques.scores.filter_scores`
    with the chosen criterion) are divided by their mean, so layers of different scale
-   compare; a group channel's score is the mean over the group's producers.
+   compare; a group channel's score is the mean over the group's producers (of the
+   mean over its filters, where a channel holds several: a whole group of a grouped
+   convolution).
 2. Order. All channels of prunable groups, least important first; a group loses at
    most `max_fraction` of its channels and always keeps one.
 3. Prune to a cost. Bisection on how many channels of that order go, until the pruned
@@ -48,10 +50,12 @@ def group_scores(
         total, counted = np.zeros(group.size), np.zeros(group.size)
         for name in group.producers:
             score = np.asarray(scores[name], dtype=np.float64)
-            index = np.asarray(group.indices[name])
-            present = index >= 0
+            channels = np.asarray(group.output_indices[name])
             mean = float(score.mean()) if score.size else 0.0
-            total[present] += score[index[present]] / (mean if mean > 0 else 1.0)
+            sums = np.bincount(channels, weights=score / (mean if mean > 0 else 1.0), minlength=group.size)
+            filters = np.bincount(channels, minlength=group.size)
+            present = filters > 0
+            total[present] += sums[present] / filters[present]
             counted[present] += 1
         out[group.name] = total / np.maximum(counted, 1)
     return out

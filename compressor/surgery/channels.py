@@ -8,7 +8,12 @@ group named "conv1" (see `compressor.graph.groups`) everywhere they live:
   of every spatial position; in a SeparableConvND, the depthwise kernel and the
   pointwise rows of each depth multiple);
 - per-channel layers are sliced along: BatchNormalization gamma/beta/statistics,
-  DepthwiseConvND kernel and bias, PReLU alpha, and a Reshape's `target_shape`.
+  LayerNormalization gamma/beta, DepthwiseConvND kernel and bias, PReLU alpha, and a
+  Reshape's `target_shape`;
+- a grouped ConvND loses whole groups: the filters of the removed groups go (kernel
+  output axis and bias), its per-group input axis stays, and `groups` drops by the
+  number of groups removed (the channel analysis ties each group's input channels to
+  its filters, so a removal always takes whole groups).
 
 The model is cloned with `keras.models.clone_model` (`compressor.graph.clone`), each
 layer built from its (updated) config under its own name, so the result is a plain
@@ -207,6 +212,8 @@ class _Slice:
         if self.output_keep is None:
             return config
         width = int(self.output_keep.sum())
+        if getattr(self.layer, "groups", 1) > 1:
+            config["groups"] = _kept_groups(self.layer, self.input_keep, self.output_keep)
         if isinstance(self.layer, L.Dense):
             config["units"] = width
         elif isinstance(self.layer, _PRODUCERS):
@@ -255,11 +262,26 @@ def _weight_axes(layer: Any, input_keep: Any, output_keep: Any) -> dict[str, dic
         return {"kernel": {-2: input_keep, -1: output_keep}, "bias": {0: output_keep}}
     if isinstance(layer, DEPTHWISE):  # kernel (..., channels, multiplier); bias over channels × multiplier
         return {"kernel": {-2: input_keep}, "bias": {0: output_keep}}
+    if getattr(layer, "groups", 1) > 1:  # kernel (..., in_channels / groups, filters): whole groups go
+        return {"kernel": {-1: output_keep}, "bias": {0: output_keep}}
     if isinstance(layer, L.BatchNormalization):
         return {name: {0: input_keep} for name in ("gamma", "beta", "moving_mean", "moving_variance")}
+    if isinstance(layer, L.LayerNormalization):
+        return {"gamma": {0: input_keep}, "beta": {0: input_keep}}
     if isinstance(layer, L.PReLU):  # alpha shared over channels (last dim 1) is left whole
         return {"alpha": {-1: input_keep}}
     return {}
+
+
+def _kept_groups(layer: Any, input_keep: Optional[np.ndarray], output_keep: np.ndarray) -> int:
+    """The groups a grouped convolution keeps; raises PlanError unless whole groups go, on both sides."""
+    groups = layer.groups
+    kept_out = output_keep.reshape(groups, -1)
+    kept_in = kept_out[:, :1] if input_keep is None else input_keep.reshape(groups, -1)
+    whole = (kept_out.all(1) | ~kept_out.any(1)) & (kept_in.all(1) | ~kept_in.any(1))
+    if not whole.all() or not (kept_in[:, 0] == kept_out[:, 0]).all() or not kept_out.any():
+        raise PlanError(f"channel removal would split or empty the groups of '{layer.name}' ({type(layer).__name__})")
+    return int(kept_out[:, 0].sum())
 
 
 def _slices(analysis: ChannelAnalysis, removed: np.ndarray) -> dict[str, _Slice]:
