@@ -166,6 +166,49 @@ def test_blocked_layers_say_why_per_layer():
     }  # pw1's units can go; pw2 and the classifier read them, so none of these is whole
 
 
+def test_a_grouped_convolution_group_is_scored_ordered_and_tracked_whole():
+    from compressor.search.channel_search import RemovalTracker
+    from compressor.search.channels import group_scores, removal_order
+
+    model = build_resnext()
+    in_group = np.repeat(np.arange(4), 8)
+    _zero_filters(model.get_layer("b0_reduce"), in_group != 2)
+    _zero_filters(model.get_layer("b0_grouped"), in_group != 2)
+    groups = list(_groups(model).values())
+    scores = group_scores(model, groups, "magnitude", None)
+    assert scores["b0_reduce"].shape == (4,) and scores["b0_reduce"][2] == 0.0
+    assert np.delete(scores["b0_reduce"], 2).min() > 0
+    assert removal_order(groups, scores, 0.9)[0] == ("b0_reduce", 2)  # the all-zero group goes first
+    tracker = RemovalTracker(groups)
+    tracker.remove(groups, {"b0_reduce": [2]})
+    for name in ("b0_reduce", "b0_grouped"):  # all 8 filters of group 2 gone from both producers
+        np.testing.assert_array_equal(tracker.kept[name], np.flatnonzero(in_group != 2))
+    (removal,) = tracker.original_removals("magnitude")
+    assert (removal.group, removal.remove, removal.size) == ("b0_reduce", (2,), 4)
+
+
+def test_channel_search_reports_why_each_layer_kept_its_channels():
+    from compressor.report import render_markdown
+    from compressor.search.budgets import Budget
+    from compressor.search.channel_search import ChannelSettings, search_channels
+
+    keras = _keras()
+    L = keras.layers
+    inputs = keras.Input((8, 16), name="tokens")
+    x = L.LayerNormalization(name="ln")(L.Add()([inputs, L.MultiHeadAttention(2, 8, name="mha")(inputs, inputs)]))
+    x = L.Dense(16, name="pw2")(L.Dense(64, activation="gelu", name="pw1")(x))
+    x = L.Dense(4, activation="softmax", name="predictions")(L.GlobalAveragePooling1D()(x))
+    model = keras.Model(inputs, x, name="encoder")
+    result = search_channels(model, Budget("params", 0.8), ChannelSettings())
+    assert result.params < model.count_params()  # the MLP's hidden units went
+    entry = result.to_dict()
+    assert [row["layer"] for row in entry["layers_blocked"]] == ["mha", "ln"]
+    assert entry["layers_blocked"][0]["reason"] == "MultiHeadAttention, which channel pruning cannot see through"
+    text = render_markdown({"schema": 1, "status": "ok", "channels": entry})
+    assert "- `mha`: MultiHeadAttention, which channel pruning cannot see through" in text
+    assert "- `ln`: its channels are tied to those of the model input 'tokens'" in text
+
+
 # --- exact removal -----------------------------------------------------------------------
 
 
@@ -257,6 +300,7 @@ def test_compress_channels_then_export_within_tolerance(tmp_path, quadrant_data,
     assert result.status == "ok" and report["budget"]["achieved"] <= 0.5 + 1e-9
     assert result.model.count_params() <= 0.5 * model.count_params()
     assert report["channels"]["channels_removed"] > 0
+    assert report["channels"]["layers_blocked"] == []  # every layer with weights could lose channels
     assert [a["format"] for a in report["artifacts"]] == ["tflite", "onnx"]
     for artifact in report["artifacts"]:
         assert artifact["max_abs_diff"] <= ATOL, artifact

@@ -191,11 +191,11 @@ def test_to_dict_is_json_with_the_documented_keys():
 TECHNIQUE_CASES = [
     (lambda: L.Conv2D(4, 3), (6, 6, 2), ("tucker", "sparsity", "channel")),
     (lambda: L.Conv2D(4, 1), (6, 6, 2), ("svd", "sparsity", "channel")),
-    (lambda: L.Conv2D(4, 3, groups=2), (6, 6, 2), ("sparsity",)),
+    (lambda: L.Conv2D(4, 3, groups=2), (6, 6, 2), ("sparsity", "channel")),
     (lambda: L.Conv1D(4, 3), (6, 2), ("svd", "sparsity", "channel")),
     (lambda: L.Dense(4), (3,), ("svd", "sparsity", "channel")),
     (lambda: L.DepthwiseConv2D(3), (6, 6, 2), ("sparsity", "channel")),
-    (lambda: L.SeparableConv2D(4, 3), (6, 6, 2), ("sparsity",)),
+    (lambda: L.SeparableConv2D(4, 3), (6, 6, 2), ("sparsity", "channel")),
     (lambda: L.Conv2DTranspose(4, 3), (6, 6, 2), ("sparsity",)),
     (lambda: L.BatchNormalization(), (6, 6, 2), ()),
     (lambda: L.ReLU(), (6, 6, 2), ()),

@@ -117,10 +117,12 @@ def applicable_techniques(layer: Any) -> tuple[str, ...]:
     - "svd": 1x1 Conv2D, Conv1D and Dense (truncated SVD into two layers).
     - "sparsity": any layer with a kernel (ConvND, ConvNDTranspose, Dense,
       DepthwiseConvND, SeparableConvND).
-    - "channel": Conv1D, Conv2D, Dense, DepthwiseConv2D (structured channel removal).
+    - "channel": Conv1D, Conv2D (grouped too), Dense, DepthwiseConv1D/2D,
+      SeparableConv1D/2D (structured channel removal; a grouped convolution loses
+      whole groups).
 
-    Grouped convolutions (groups > 1) get only "sparsity": their kernel is not one
-    matrix over all channels, and their channels can only go a whole group at a time.
+    Grouped convolutions (groups > 1) get no "tucker" or "svd": their kernel is not one
+    matrix over all channels.
 
     Args:
         layer: A Keras layer (or a keras.ops operation, which gets none).
@@ -138,8 +140,7 @@ def applicable_techniques(layer: Any) -> tuple[str, ...]:
         found.append("svd")
     if isinstance(layer, CONV + CONV_TRANSPOSE + DEPTHWISE + SEPARABLE + (keras.layers.Dense,)):
         found.append("sparsity")
-    plain = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D)
-    if isinstance(layer, plain) and not grouped:
+    if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense) + DEPTHWISE + SEPARABLE):
         found.append("channel")
     return tuple(found)
 
