@@ -34,7 +34,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import keras
 import numpy as np
@@ -42,7 +42,7 @@ import numpy as np
 from compressor.errors import CompressorError, OptionError
 from compressor.io.data import Dataset
 from compressor.search.budgets import MARGIN, Budget, BudgetError, achieved_drop, achieved_fraction
-from compressor.search.channels import group_scores, prune_to, removal_order
+from compressor.search.channels import RemovalTracker, group_scores, prune_to, removal_order
 from compressor.search.result import Trial, with_chosen
 from compressor.surgery.plan import ChannelRemoval
 
@@ -170,39 +170,6 @@ class ChannelResult:
             "trials": [trial.to_dict() for trial in self.trials],
             "seconds": round(self.seconds, 3),
         }
-
-
-class RemovalTracker:
-    """Each producer's original output indices still present, across progressive steps."""
-
-    def __init__(self, groups: Sequence[Any]) -> None:
-        self.groups = list(groups)
-        self.kept: dict[str, np.ndarray] = {}
-        for group in groups:
-            for name in group.producers:
-                self.kept.setdefault(name, np.arange(len(group.output_indices[name])))
-
-    def remove(self, groups: Sequence[Any], removals: Mapping[str, Sequence[int]]) -> None:
-        """Record removals given as channel indices of the CURRENT model's groups."""
-        by_name = {group.name: group for group in groups}
-        for name, channels in removals.items():
-            group = by_name[name]
-            for producer in group.producers:
-                index = np.flatnonzero(np.isin(group.output_indices[producer], list(channels)))
-                self.kept[producer] = np.delete(self.kept[producer], index)
-
-    def original_removals(self, criterion: str) -> tuple[ChannelRemoval, ...]:
-        """The removals, as channels of the original groups."""
-        out = []
-        for group in self.groups:
-            if not group.prunable:
-                continue
-            first = group.name if group.name in group.producers else group.producers[0]
-            index, kept = np.asarray(group.indices[first]), set(self.kept[first].tolist())
-            gone = [k for k in range(group.size) if index[k] >= 0 and index[k] not in kept]
-            if gone:
-                out.append(ChannelRemoval(group.name, group.size, tuple(gone), criterion))
-        return tuple(out)
 
 
 def search_channels(

@@ -15,6 +15,9 @@ run by hand (`examples/prune_channels.py`):
    most `max_fraction` of its channels and always keeps one.
 3. Prune to a cost. Bisection on how many channels of that order go, until the pruned
    model's params or FLOPs fall to the target (`compressor.surgery.channels.pruned_cost`).
+
+Across steps, `RemovalTracker` keeps each producer's original output indices still
+present, so the removals of every step can be given as channels of the original groups.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import keras
 import numpy as np
 
 from compressor.io.data import Dataset
+from compressor.surgery.plan import ChannelRemoval
 
-__all__ = ["group_scores", "prune_to", "removal_order", "removals_of"]
+__all__ = ["RemovalTracker", "group_scores", "prune_to", "removal_order", "removals_of"]
 
 
 def group_scores(
@@ -133,3 +137,36 @@ def prune_to(
         else:
             low = middle
     return removals_of(order, high), found
+
+
+class RemovalTracker:
+    """Each producer's original output indices still present, across progressive steps."""
+
+    def __init__(self, groups: Sequence[Any]) -> None:
+        self.groups = list(groups)
+        self.kept: dict[str, np.ndarray] = {}
+        for group in groups:
+            for name in group.producers:
+                self.kept.setdefault(name, np.arange(len(group.output_indices[name])))
+
+    def remove(self, groups: Sequence[Any], removals: Mapping[str, Sequence[int]]) -> None:
+        """Record removals given as channel indices of the CURRENT model's groups."""
+        by_name = {group.name: group for group in groups}
+        for name, channels in removals.items():
+            group = by_name[name]
+            for producer in group.producers:
+                index = np.flatnonzero(np.isin(group.output_indices[producer], list(channels)))
+                self.kept[producer] = np.delete(self.kept[producer], index)
+
+    def original_removals(self, criterion: str) -> tuple[ChannelRemoval, ...]:
+        """The removals, as channels of the original groups."""
+        out = []
+        for group in self.groups:
+            if not group.prunable:
+                continue
+            first = group.name if group.name in group.producers else group.producers[0]
+            index, kept = np.asarray(group.indices[first]), set(self.kept[first].tolist())
+            gone = [k for k in range(group.size) if index[k] >= 0 and index[k] not in kept]
+            if gone:
+                out.append(ChannelRemoval(group.name, group.size, tuple(gone), criterion))
+        return tuple(out)
