@@ -72,7 +72,21 @@ def build_convnext():
     return keras.Model(inputs, _head(keras, x), name="convnext")
 
 
-MODELS = {"mini_xception": build_mini_xception, "resnext": build_resnext, "convnext": build_convnext}
+def build_encoder():
+    """Patches of the image as 16 tokens: a transformer encoder block (4-head attention, LayerNorm, GELU MLP)."""
+    keras = _keras()
+    L = keras.layers
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = L.Reshape((16, 48), name="tokens")(L.Conv2D(48, 4, strides=4, name="patches")(inputs))
+    x = L.Dense(16, name="embed")(x)
+    x = L.LayerNormalization(name="ln1")(L.Add()([x, L.MultiHeadAttention(4, 8, name="mha")(x, x)]))
+    x = L.LayerNormalization(name="ln2")(L.Add()([x, L.Dense(16, name="pw2")(L.Dense(64, activation="gelu", name="pw1")(x))]))
+    x = L.GlobalAveragePooling1D(name="gap")(x)
+    return keras.Model(inputs, L.Dense(4, activation="softmax", name="predictions")(x), name="encoder")
+
+
+MODELS = {"mini_xception": build_mini_xception, "resnext": build_resnext, "convnext": build_convnext,
+          "encoder": build_encoder}
 
 
 def _groups(model):
@@ -155,7 +169,7 @@ def test_blocked_layers_say_why_per_layer():
     keras = _keras()
     L = keras.layers
     inputs = keras.Input((8, 16), name="tokens")
-    x = L.MultiHeadAttention(2, 8, name="mha")(inputs, inputs)
+    x = L.MultiHeadAttention(1, 8, name="mha")(inputs, inputs)  # one head: nothing to remove
     x = L.LayerNormalization(name="ln")(L.Add(name="residual")([inputs, x]))
     x = L.Dense(16, name="pw2")(L.Dense(32, activation="gelu", name="pw1")(x))
     x = L.Dense(4, activation="softmax", name="predictions")(L.GlobalAveragePooling1D(name="gap")(x))
@@ -195,7 +209,7 @@ def test_channel_search_reports_why_each_layer_kept_its_channels():
     keras = _keras()
     L = keras.layers
     inputs = keras.Input((8, 16), name="tokens")
-    x = L.LayerNormalization(name="ln")(L.Add()([inputs, L.MultiHeadAttention(2, 8, name="mha")(inputs, inputs)]))
+    x = L.LayerNormalization(name="ln")(L.Add()([inputs, L.MultiHeadAttention(1, 8, name="mha")(inputs, inputs)]))
     x = L.Dense(16, name="pw2")(L.Dense(64, activation="gelu", name="pw1")(x))
     x = L.Dense(4, activation="softmax", name="predictions")(L.GlobalAveragePooling1D()(x))
     model = keras.Model(inputs, x, name="encoder")
@@ -210,6 +224,27 @@ def test_channel_search_reports_why_each_layer_kept_its_channels():
 
 
 # --- exact removal -----------------------------------------------------------------------
+
+
+def test_attention_heads_are_a_group_and_a_head_without_output_weights_goes_exactly():
+    from compressor.graph.cost import model_cost
+    from compressor.surgery.channels import prune_channels, pruned_cost
+
+    model = build_encoder()
+    heads = _groups(model)["mha"]
+    assert heads.prunable and heads.size == 4 and heads.producers == ("mha",) and not heads.consumers
+    mha = model.get_layer("mha")
+    weights = mha.get_weights()
+    weights[6][2] = 0.0  # attention_output/kernel (heads, dim, d_model): head 2 adds nothing
+    mha.set_weights(weights)
+    pruned = prune_channels(model, {"mha": [2]})
+    narrow = pruned.get_layer("mha")
+    assert narrow.num_heads == 3 and tuple(narrow.weights[0].shape) == (16, 3, 8)
+    np.testing.assert_array_equal(np.asarray(narrow.weights[6]), np.delete(weights[6], 2, axis=0))
+    assert pruned.count_params() == model.count_params() - 3 * (16 * 8 + 8) - 8 * 16  # q, k, v and output weights
+    assert pruned_cost(model, {"mha": [2]}) == (model_cost(pruned).params, model_cost(pruned).flops)
+    x = np.random.default_rng(0).random((4, 16, 16, 3), dtype=np.float32)
+    np.testing.assert_allclose(_outputs(pruned, x), _outputs(model, x), atol=EXACT)
 
 
 def test_separable_narrowing_of_a_zero_channel_is_exact():
@@ -300,7 +335,11 @@ def test_compress_channels_then_export_within_tolerance(tmp_path, quadrant_data,
     assert result.status == "ok" and report["budget"]["achieved"] <= 0.5 + 1e-9
     assert result.model.count_params() <= 0.5 * model.count_params()
     assert report["channels"]["channels_removed"] > 0
-    assert report["channels"]["layers_blocked"] == []  # every layer with weights could lose channels
+    # every layer with weights could lose channels, but where attention reads the residual stream
+    blocked = [row["layer"] for row in report["channels"]["layers_blocked"]]
+    assert blocked == (["ln1", "ln2", "predictions"] if family == "encoder" else [])
+    if family == "encoder":  # whole heads went, and the narrower attention exported within tolerance
+        assert result.model.get_layer("mha").num_heads < 4
     assert [a["format"] for a in report["artifacts"]] == ["tflite", "onnx"]
     for artifact in report["artifacts"]:
         assert artifact["max_abs_diff"] <= ATOL, artifact

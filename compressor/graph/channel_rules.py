@@ -10,6 +10,10 @@ Rescaling), LayerNormalization over the channel axis alone, merges, and reshapes
 keep the channel axis last. Anything else is opaque: `opaque_reason` says why, in
 words that complete "'name' (Type), ...".
 
+A MultiHeadAttention is opaque to the channels of its tensors, but its heads can go
+whole (`attention_heads`): a head is its slice of the query, key and value projections
+and its rows of the output projection, so the layer keeps its input and output widths.
+
 LayerNormalization is transparent although its statistics mix channels: its
 gamma/beta are per channel and slice like BatchNormalization's, and the mean and
 variance are then taken over the channels kept. Removing a channel therefore moves the
@@ -48,6 +52,12 @@ KNOWN_WEIGHTS = (
     ((L.PReLU,), {"alpha"}),
 )
 CHANNEL_SOFTMAX = {"softmax", "log_softmax"}
+# The weights of a MultiHeadAttention whose heads can be removed: weight key → its head axis.
+HEAD_AXES = {
+    **{f"{part}/kernel": 1 for part in ("query", "key", "value")},  # (d_model, heads, dim)
+    **{f"{part}/bias": 0 for part in ("query", "key", "value")},  # (heads, dim)
+    "attention_output/kernel": 0,  # (heads, dim, d_model); its bias is over d_model
+}
 OPAQUE = "which channel pruning cannot see through"
 
 
@@ -65,6 +75,18 @@ def opaque_reason(layer: Any, node: Any) -> Optional[str]:
     if any(len(t.shape) < 2 for t in (*node.inputs, *node.outputs)):
         return f"whose tensors have no channel axis, {OPAQUE}"
     return _layer_reason(layer, node)
+
+
+def attention_heads(layer: Any) -> bool:
+    """Whether `layer` is a MultiHeadAttention with several heads and only the weights in HEAD_AXES."""
+    if not isinstance(layer, L.MultiHeadAttention) or layer.num_heads < 2 or not layer.weights:
+        return False
+    return {weight_key(weight) for weight in layer.weights} <= {*HEAD_AXES, "attention_output/bias"}
+
+
+def weight_key(weight: Any) -> str:
+    """A weight's name with its sublayer's ("query/kernel"), as a layer's own weight names can repeat."""
+    return "/".join(weight.path.split("/")[-2:])
 
 
 def _layer_reason(layer: Any, node: Any) -> Optional[str]:

@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 import keras
 
 from compressor.graph.calls import LayerCall, Shape, layer_calls
+from compressor.graph.channel_rules import attention_heads
 from compressor.graph.flops import CONV, CONV_TRANSPOSE, DEPTHWISE, SEPARABLE, layer_flops
 
 TECHNIQUES = ("tucker", "svd", "sparsity", "channel")
@@ -118,8 +119,8 @@ def applicable_techniques(layer: Any) -> tuple[str, ...]:
     - "sparsity": any layer with a kernel (ConvND, ConvNDTranspose, Dense,
       DepthwiseConvND, SeparableConvND).
     - "channel": Conv1D, Conv2D (grouped too), Dense, DepthwiseConv1D/2D,
-      SeparableConv1D/2D (structured channel removal; a grouped convolution loses
-      whole groups).
+      SeparableConv1D/2D, MultiHeadAttention with several heads (structured channel removal; a grouped
+      convolution loses whole groups, an attention layer whole heads).
 
     Grouped convolutions (groups > 1) get no "tucker" or "svd": their kernel is not one
     matrix over all channels.
@@ -140,7 +141,8 @@ def applicable_techniques(layer: Any) -> tuple[str, ...]:
         found.append("svd")
     if isinstance(layer, CONV + CONV_TRANSPOSE + DEPTHWISE + SEPARABLE + (keras.layers.Dense,)):
         found.append("sparsity")
-    if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense) + DEPTHWISE + SEPARABLE):
+    channel = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense) + DEPTHWISE + SEPARABLE
+    if isinstance(layer, channel) or attention_heads(layer):
         found.append("channel")
     return tuple(found)
 

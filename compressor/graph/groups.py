@@ -28,6 +28,8 @@ Torch-Pruning's dependency graph does, with a union-find over channel "atoms":
 - Add/Subtract/Multiply/Average/Maximum/Minimum unite the atoms position by position
   (an input of width 1 broadcasts and is ignored); Concatenate on the channel axis
   lays its inputs' atoms side by side (on another axis it unites them like Add).
+- A MultiHeadAttention with several heads is a producer of one atom per head, tied to
+  nothing: its heads form a group of their own (its tensors' channels stay opaque).
 - Any other layer (normalization over other axes, softmax over channels, Permute,
   Lambda, MultiHeadAttention, keras.ops nodes, nested models, layers with weights we
   cannot slice) blocks the atoms it reads, and its output is fixed. Atoms that reach a
@@ -52,7 +54,7 @@ from typing import Any, Mapping, Optional, Sequence
 import keras
 import numpy as np
 
-from compressor.graph.channel_rules import CHANNEL_SOFTMAX, PRODUCERS, activation_name, opaque_reason
+from compressor.graph.channel_rules import CHANNEL_SOFTMAX, PRODUCERS, activation_name, attention_heads, opaque_reason
 from compressor.graph.flops import DEPTHWISE, MERGE
 from compressor.graph.group_records import ChannelAnalysis, ChannelGroup, SlicedLayer, TensorCall
 from compressor.graph.walk import require_graph
@@ -199,6 +201,8 @@ class _Walker:
         layer = node.operation
         why = opaque_reason(layer, node)
         if why is not None:
+            if attention_heads(layer) and layer.name not in self.producers:
+                self.sliced[layer.name] = SlicedLayer(layer, None, self._produce(layer, layer.num_heads))
             return self._opaque(node, inputs, why)
         x, shape = inputs[0], tuple(node.inputs[0].shape)
         if getattr(layer, "groups", 1) > 1:
@@ -331,15 +335,14 @@ class _Grouper:
             name = getattr(layer, "name", None)
             if name in out or not isinstance(layer, L.Layer) or not layer.weights:
                 continue
-            if name in self.walker.opaque:
-                out[name] = self.walker.opaque[name]
-                continue
             sliced = self.sliced.get(name)
-            if sliced is None:
-                continue
-            atoms = [a for a in (sliced.input_atoms, sliced.output_atoms) if a is not None]
+            atoms = [a for a in (sliced.input_atoms, sliced.output_atoms) if a is not None] if sliced else []
             roots = set(self.roots[np.concatenate(atoms)].tolist()) if atoms else set()
             if roots & free:
+                continue
+            if name in self.walker.opaque or sliced is None:
+                if name in self.walker.opaque:
+                    out[name] = self.walker.opaque[name]
                 continue
             reasons = sorted(blocked[root] for root in roots if root in blocked)
             out[name] = reasons[0][1] if reasons else next((held[r] for r in roots if r in held), "it has no channel axis")

@@ -10,7 +10,8 @@ run by hand (`examples/prune_channels.py`):
    with the chosen criterion) are divided by their mean, so layers of different scale
    compare; a group channel's score is the mean over the group's producers (of the
    mean over its filters, where a channel holds several: a whole group of a grouped
-   convolution).
+   convolution). The heads of a MultiHeadAttention are scored by the L2 norm of their
+   query, key, value and output weights, whatever the criterion.
 2. Order. All channels of prunable groups, least important first; a group loses at
    most `max_fraction` of its channels and always keeps one.
 3. Prune to a cost. Bisection on how many channels of that order go, until the pruned
@@ -48,7 +49,9 @@ def group_scores(
     producers = sorted({name for group in prunable for name in group.producers})
     if not producers:
         return {}
-    scores = filter_scores(model, criterion, data, layers=producers, seed=seed)
+    heads = {name: _head_norms(model.get_layer(name)) for name in producers if _has_heads(model, name)}
+    filters = [name for name in producers if name not in heads]
+    scores = {**(filter_scores(model, criterion, data, layers=filters, seed=seed) if filters else {}), **heads}
     out = {}
     for group in prunable:
         total, counted = np.zeros(group.size), np.zeros(group.size)
@@ -63,6 +66,22 @@ def group_scores(
             counted[present] += 1
         out[group.name] = total / np.maximum(counted, 1)
     return out
+
+
+def _has_heads(model: keras.Model, name: str) -> bool:
+    return isinstance(model.get_layer(name), keras.layers.MultiHeadAttention)
+
+
+def _head_norms(layer: Any) -> np.ndarray:
+    """L2 norm of each head's weights in a MultiHeadAttention (query, key, value, output)."""
+    from compressor.graph.channel_rules import HEAD_AXES, weight_key
+
+    parts = [
+        np.moveaxis(np.asarray(weight, dtype=np.float64), HEAD_AXES[weight_key(weight)], 0).reshape(layer.num_heads, -1)
+        for weight in layer.weights
+        if weight_key(weight) in HEAD_AXES
+    ]
+    return np.sqrt(np.sum(np.concatenate(parts, axis=1) ** 2, axis=1))
 
 
 def removal_order(

@@ -13,7 +13,9 @@ group named "conv1" (see `compressor.graph.groups`) everywhere they live:
 - a grouped ConvND loses whole groups: the filters of the removed groups go (kernel
   output axis and bias), its per-group input axis stays, and `groups` drops by the
   number of groups removed (the channel analysis ties each group's input channels to
-  its filters, so a removal always takes whole groups).
+  its filters, so a removal always takes whole groups);
+- a MultiHeadAttention loses whole heads: their query, key and value projections and
+  their rows of the output projection (`num_heads` drops; widths stay).
 
 The model is cloned with `keras.models.clone_model` (`compressor.graph.clone`), each
 layer built from its (updated) config under its own name, so the result is a plain
@@ -35,6 +37,7 @@ from typing import Any, Mapping, Optional, Sequence
 import keras
 import numpy as np
 
+from compressor.graph.channel_rules import HEAD_AXES, weight_key
 from compressor.graph.clone import clone_graph, copy_layer
 from compressor.graph.cost import model_cost
 from compressor.graph.flops import CONV, CONV_TRANSPOSE, DEPTHWISE, SEPARABLE, layer_flops
@@ -214,7 +217,9 @@ class _Slice:
         width = int(self.output_keep.sum())
         if getattr(self.layer, "groups", 1) > 1:
             config["groups"] = _kept_groups(self.layer, self.input_keep, self.output_keep)
-        if isinstance(self.layer, L.Dense):
+        if isinstance(self.layer, L.MultiHeadAttention):
+            config["num_heads"] = width
+        elif isinstance(self.layer, L.Dense):
             config["units"] = width
         elif isinstance(self.layer, _PRODUCERS):
             config["filters"] = width
@@ -227,7 +232,7 @@ class _Slice:
         axes = _weight_axes(self.layer, self.input_keep, self.output_keep)
         out = []
         for variable, value in zip(self.layer.weights, self.layer.get_weights()):
-            for axis, keep in axes.get(variable.name, {}).items():
+            for axis, keep in _axes_of(axes, variable).items():
                 if keep is not None and value.shape[axis] == len(keep):
                     value = np.compress(keep, value, axis=axis)
             out.append(value)
@@ -240,15 +245,21 @@ class _Slice:
         for variable in self.layer.weights:
             shape = [int(d) for d in variable.shape]
             before = math.prod(shape)
-            for axis, keep in axes.get(variable.name, {}).items():
+            for axis, keep in _axes_of(axes, variable).items():
                 if keep is not None and shape[axis] == len(keep):
                     shape[axis] = int(keep.sum())
             change += math.prod(shape) - before
         return change
 
 
+def _axes_of(axes: Mapping[str, dict[int, Any]], variable: Any) -> dict[int, Any]:
+    return axes.get(variable.name) or axes.get(weight_key(variable), {})
+
+
 def _weight_axes(layer: Any, input_keep: Any, output_keep: Any) -> dict[str, dict[int, Any]]:
-    """Weight name → {axis: kept channels along it} for a layer's weights."""
+    """Weight name (or "sublayer/name") → {axis: kept channels along it} for a layer's weights."""
+    if isinstance(layer, L.MultiHeadAttention):  # output atoms: its heads
+        return {key: {axis: output_keep} for key, axis in HEAD_AXES.items()}
     if isinstance(layer, SEPARABLE):
         rows = None if input_keep is None else np.repeat(input_keep, layer.depth_multiplier)
         return {

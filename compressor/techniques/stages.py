@@ -14,8 +14,8 @@ from compressor.graph.cost import applicable_techniques
 def channels_apply(layer: Any) -> bool:
     """Whether channel removal can narrow `layer`: its "channel" kind in `applicable_techniques`.
 
-    Conv1D, Conv2D (a grouped one loses whole groups), Dense, DepthwiseConv1D/2D and
-    SeparableConv1D/2D; whether a given layer's channels can go also depends on the
+    Conv1D, Conv2D (a grouped one loses whole groups), Dense, DepthwiseConv1D/2D,
+    SeparableConv1D/2D and MultiHeadAttention (whole heads); whether a given layer's channels can go also depends on the
     graph around it (`compressor.graph.groups`).
     """
     return "channel" in applicable_techniques(layer)
