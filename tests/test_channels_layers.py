@@ -201,6 +201,22 @@ def test_a_grouped_convolution_group_is_scored_ordered_and_tracked_whole():
     assert (removal.group, removal.remove, removal.size) == ("b0_reduce", (2,), 4)
 
 
+def test_hessian_scores_what_k_fac_cannot_take_by_magnitude():
+    from compressor.io.data import Dataset
+    from compressor.search.channels import group_scores
+
+    x, y = quadrants(32, seed=0)
+    data = Dataset(x, y, "arrays")
+    model = build_mini_xception()
+    groups = list(_groups(model).values())
+    hessian, magnitude = group_scores(model, groups, "hessian", data), group_scores(model, groups, "magnitude", None)
+    np.testing.assert_allclose(hessian["sep24a"], magnitude["sep24a"])  # a SeparableConv2D alone: magnitude
+    assert not np.allclose(hessian["stem"], magnitude["stem"])  # a Conv2D alone: K-FAC
+    resnext = build_resnext()  # b0_reduce (K-FAC) with b0_grouped (magnitude), one score per group
+    scores = group_scores(resnext, list(_groups(resnext).values()), "hessian", data)
+    assert scores["b0_reduce"].shape == (4,) and np.all(np.isfinite(scores["b0_reduce"]))
+
+
 def test_channel_search_reports_why_each_layer_kept_its_channels():
     from compressor.report import render_markdown
     from compressor.search.budgets import Budget

@@ -11,7 +11,10 @@ run by hand (`examples/prune_channels.py`):
    compare; a group channel's score is the mean over the group's producers (of the
    mean over its filters, where a channel holds several: a whole group of a grouped
    convolution). The heads of a MultiHeadAttention are scored by the L2 norm of their
-   query, key, value and output weights, whatever the criterion.
+   query, key, value and output weights, whatever the criterion; under "hessian", the
+   producers K-FAC cannot take (grouped and separable convolutions, layers shared by
+   several calls) are scored by "magnitude", which their mean-normalization makes
+   comparable.
 2. Order. All channels of prunable groups, least important first; a group loses at
    most `max_fraction` of its channels and always keeps one.
 3. Prune to a cost. Bisection on how many channels of that order go, until the pruned
@@ -50,8 +53,10 @@ def group_scores(
     if not producers:
         return {}
     heads = {name: _head_norms(model.get_layer(name)) for name in producers if _has_heads(model, name)}
-    filters = [name for name in producers if name not in heads]
+    plain = _magnitude_only(model, [name for name in producers if name not in heads], criterion)
+    filters = [name for name in producers if name not in heads and name not in plain]
     scores = {**(filter_scores(model, criterion, data, layers=filters, seed=seed) if filters else {}), **heads}
+    scores.update(filter_scores(model, "magnitude", layers=plain) if plain else {})
     out = {}
     for group in prunable:
         total, counted = np.zeros(group.size), np.zeros(group.size)
@@ -66,6 +71,16 @@ def group_scores(
             counted[present] += 1
         out[group.name] = total / np.maximum(counted, 1)
     return out
+
+
+def _magnitude_only(model: keras.Model, producers: Sequence[str], criterion: str) -> list[str]:
+    """The producers `criterion` cannot score, which are scored by magnitude: K-FAC's unsupported layers."""
+    if criterion != "hessian":
+        return []
+    from compressor.techniques.kfac import kfac_layers
+
+    supported, _ = kfac_layers(model)
+    return [name for name in producers if name not in supported]
 
 
 def _has_heads(model: keras.Model, name: str) -> bool:
