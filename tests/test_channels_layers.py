@@ -36,7 +36,8 @@ def build_mini_xception():
     previous = x
     for size in (24, 32):
         x = L.SeparableConv2D(size, 3, padding="same", name=f"sep{size}a")(L.Activation("relu")(x))
-        x = L.SeparableConv2D(size, 3, padding="same", name=f"sep{size}b")(L.Activation("relu")(L.BatchNormalization()(x)))
+        x = L.Activation("relu")(L.BatchNormalization()(x))
+        x = L.SeparableConv2D(size, 3, padding="same", name=f"sep{size}b")(x)
         x = L.MaxPooling2D(3, strides=2, padding="same")(L.BatchNormalization()(x))
         x = L.Add()([x, L.Conv2D(size, 1, strides=2, padding="same", name=f"proj{size}")(previous)])
         previous = x
@@ -80,7 +81,8 @@ def build_encoder():
     x = L.Reshape((16, 48), name="tokens")(L.Conv2D(48, 4, strides=4, name="patches")(inputs))
     x = L.Dense(16, name="embed")(x)
     x = L.LayerNormalization(name="ln1")(L.Add()([x, L.MultiHeadAttention(4, 8, name="mha")(x, x)]))
-    x = L.LayerNormalization(name="ln2")(L.Add()([x, L.Dense(16, name="pw2")(L.Dense(64, activation="gelu", name="pw1")(x))]))
+    mlp = L.Dense(16, name="pw2")(L.Dense(64, activation="gelu", name="pw1")(x))
+    x = L.LayerNormalization(name="ln2")(L.Add()([x, mlp]))
     x = L.GlobalAveragePooling1D(name="gap")(x)
     return keras.Model(inputs, L.Dense(4, activation="softmax", name="predictions")(x), name="encoder")
 
@@ -160,7 +162,9 @@ def test_layer_normalization_over_other_axes_still_blocks():
     model = keras.Model(inputs, _head(keras, L.Conv2D(3, 1, name="b")(x)), name="ln_all")
     groups = _groups(model)
     assert not groups["a"].prunable
-    assert groups["a"].reason == "it feeds 'ln' (LayerNormalization), normalizing over axes [1, 2, 3], not the channel axis alone"
+    assert groups["a"].reason == (
+        "it feeds 'ln' (LayerNormalization), normalizing over axes [1, 2, 3], not the channel axis alone"
+    )
 
 
 def test_blocked_layers_say_why_per_layer():

@@ -207,7 +207,10 @@ def test_adding_the_model_input_blocks_the_producer():
 @pytest.mark.parametrize(
     "make, reason",
     [
-        (lambda L: L.LayerNormalization(axis=(1, 2), name="blocker"), "'blocker' (LayerNormalization), normalizing over axes [1, 2]"),
+        (
+            lambda L: L.LayerNormalization(axis=(1, 2), name="blocker"),
+            "'blocker' (LayerNormalization), normalizing over axes [1, 2]",
+        ),
         (lambda L: L.Activation("softmax", name="blocker"), "'blocker' (Activation), a softmax across channels"),
         (lambda L: L.Permute((3, 1, 2), name="blocker"), "'blocker' (Permute), which channel pruning cannot"),
         (lambda L: L.Reshape((6, 12, 2), name="blocker"), "'blocker' (Reshape), a reshape that moves the channel axis"),

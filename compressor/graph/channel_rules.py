@@ -142,5 +142,6 @@ def activation_name(layer: Any) -> str:
 
 _TRANSPARENT = (  # the layer classes the rules above know
     PRODUCERS + DEPTHWISE + MERGE + POOLING + GLOBAL_POOLING + RESAMPLING + ELEMENTWISE
-    + (L.Concatenate, L.BatchNormalization, L.LayerNormalization, L.PReLU, L.Activation, L.Softmax, L.Rescaling, L.Flatten, L.Reshape)
+    + (L.Concatenate, L.BatchNormalization, L.LayerNormalization, L.PReLU, L.Activation, L.Softmax, L.Rescaling)
+    + (L.Flatten, L.Reshape)
 )  # fmt: skip

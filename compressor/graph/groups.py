@@ -327,7 +327,9 @@ class _Grouper:
     def blocked_layers(self, groups: list[ChannelGroup], classes: Mapping[str, np.ndarray]) -> dict[str, str]:
         """Layer → why none of its channels can go, for the layers with weights, in graph order."""
         free = {int(root) for group in groups if group.prunable for root in classes[group.name].tolist()}
-        held = {int(root): group.reason for group in groups if not group.prunable for root in classes[group.name].tolist()}
+        held = {
+            int(root): group.reason for group in groups if not group.prunable for root in classes[group.name].tolist()
+        }
         blocked = self._reasons()
         out: dict[str, str] = {}
         for call in self.walker.calls:
@@ -345,7 +347,8 @@ class _Grouper:
                     out[name] = self.walker.opaque[name]
                 continue
             reasons = sorted(blocked[root] for root in roots if root in blocked)
-            out[name] = reasons[0][1] if reasons else next((held[r] for r in roots if r in held), "it has no channel axis")
+            fallback = next((held[root] for root in roots if root in held), "it has no channel axis")
+            out[name] = reasons[0][1] if reasons else fallback
         return out
 
     def _components(self) -> list[list[str]]:
@@ -413,7 +416,8 @@ class _Grouper:
             indices[name], outputs[name] = _frozen(index), _frozen(channels)
             heads = self.walker.grouped.get(name, [])  # one atom of each group of a grouped convolution
             if len(set(self.roots[heads].tolist())) < len(heads):
-                tied = tied or f"the groups of '{name}' ({type(self.sliced[name].layer).__name__}) are tied to each other"
+                kind = type(self.sliced[name].layer).__name__
+                tied = tied or f"the groups of '{name}' ({kind}) are tied to each other"
         reasons = [blocked[root] for root in classes.tolist() if root in blocked]
         reason = min(reasons)[1] if reasons else tied
         consumers = tuple(n for n in inputs if n in self.walker.producers)
