@@ -56,6 +56,7 @@ PACKAGE_FILES = (
     "bench/benchmark.py",
     "io/__init__.py",
     "io/data.py",
+    "metrics.py",
 )
 
 DEFAULT_PYTHON = "python3"
