@@ -367,7 +367,12 @@ def test_ctrl_c_inside_the_converter_is_an_interruption(workdir, tmp_path, monke
                 raise RuntimeError("pybind11::error_already_set: KeyboardInterrupt") from None
 
     monkeypatch.setattr(tf.lite.TFLiteConverter, "from_keras_model", staticmethod(lambda model: Converter()))
-    result = _compress(workdir, tmp_path / "out", *FAST_FP)
+    # Python's own handler, as in a fresh process (a test before this one may have left another).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = _compress(workdir, tmp_path / "out", *FAST_FP)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert result.exit_code == 130 and "interrupted" in result.stderr, result.output
     assert not (tmp_path / "out").exists()  # no error report in a fresh folder
 
