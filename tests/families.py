@@ -111,15 +111,15 @@ def build_kws(units: int = 16, classes: int = 12):
     return keras.Model(inputs, layers.Dense(classes, activation="softmax")(x), name="kws")
 
 
-def build_simple_rnn(units: int = 8):
+def build_simple_rnn(units: int = 8, steps: int = 10, features: int = 6):
     keras = _keras()
-    inputs = keras.Input((10, 6))
+    inputs = keras.Input((steps, features))
     return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.SimpleRNN(units)(inputs)), name="simple_rnn")
 
 
-def build_bidirectional(units: int = 8):
+def build_bidirectional(units: int = 8, steps: int = 10, features: int = 6):
     keras = _keras()
-    inputs = keras.Input((10, 6))
+    inputs = keras.Input((steps, features))
     x = keras.layers.Bidirectional(keras.layers.LSTM(units))(inputs)
     return keras.Model(inputs, keras.layers.Dense(3)(x), name="bidirectional")
 
