@@ -81,13 +81,16 @@ def test_parity_failure_reports_numbers(tmp_path, monkeypatch):
         ensure_passed(checks)
 
 
-def test_multi_output_model_is_refused(tmp_path):
+def test_multi_output_model_exports_but_is_not_quantized(tmp_path):
     import keras
 
     inputs = keras.Input((4,))
-    model = keras.Model(inputs, [keras.layers.Dense(2)(inputs), keras.layers.Dense(3)(inputs)])
-    with pytest.raises(ExportError, match="single-input, single-output"):
-        export_and_verify(model, tmp_path, ("tflite",), np.zeros((1, 4), np.float32))
+    model = keras.Model(inputs, [keras.layers.Dense(2, name="a")(inputs), keras.layers.Dense(3, name="b")(inputs)])
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    (check,) = export_and_verify(model, tmp_path, ("tflite",), x)
+    assert check.passed and set(check.output_diffs) == {"a", "b"}
+    with pytest.raises(ExportError, match="quantization supports single-input, single-output"):
+        export_and_verify(model, tmp_path, ("tflite",), x, quantize="dynamic")
 
 
 @pytest.mark.parametrize("text, expected", [("tflite", ("tflite",)), (" ONNX, tflite,onnx ", ("onnx", "tflite"))])

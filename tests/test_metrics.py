@@ -219,10 +219,10 @@ def test_targets_load_from_an_npz_and_image_folders_refuse_them(tmp_path):
     from compressor.io.data import load_data
 
     np.savez(tmp_path / "r.npz", x=np.zeros((3, 2), np.float32), y=np.array([[0.5, 1.5]] * 3))
-    data = load_data(tmp_path / "r.npz", targets=True)
+    data = load_data(tmp_path / "r.npz", numeric=True)
     assert data.y.dtype == np.float32 and data.y.shape == (3, 2)
     assert load_data(tmp_path / "r.npz").y.tolist() == [1, 1, 1]  # without targets: class labels, as before
     (tmp_path / "images" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="image folder"):
-        load_data(tmp_path / "images", targets=True)
+        load_data(tmp_path / "images", numeric=True)
     assert sys.modules.get("compressor.metrics") is not None

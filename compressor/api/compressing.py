@@ -86,7 +86,7 @@ def compress(model: Any, data: Any = None, *, test_data: Any = None, train_data:
         OptionError: An unknown, invalid or contradictory option.
         CompressorError: A model, data or artifact problem (subclasses say which).
     """
-    from compressor.export.writers import single_input_shape
+    from compressor.graph.signature import sample_shapes
     from compressor.pipeline import Inputs, compress_model
 
     given = {"data": data, "test_data": test_data, "train_data": train_data}
@@ -94,9 +94,9 @@ def compress(model: Any, data: Any = None, *, test_data: Any = None, train_data:
     stand_ins = {key: InMemory(data_name(key, value)) if key in in_memory else value for key, value in given.items()}
     run = _options(model, _output_folder(out), {**stand_ins, **_keywords(options)})
     keras_model = as_model(model, run.custom_objects, run.allow_model_code)
-    shape = single_input_shape(keras_model)[1:]
-    targets = run.metric_name not in CLASS_METRICS  # mse, mae, a hook: y holds numbers, not classes
-    inputs = Inputs(model=keras_model, **{key: as_dataset(key, value, shape, targets) for key, value in in_memory.items()})
+    shape = sample_shapes(keras_model)
+    numeric = run.metric_name not in CLASS_METRICS  # mse, mae, a hook: y holds numbers, not classes
+    inputs = Inputs(model=keras_model, **{key: as_dataset(key, value, shape, numeric) for key, value in in_memory.items()})
     report, compressed = compress_model(run, progress, log, inputs)
     return CompressResult(compressed, report, artifact_paths(report), Path(run.out))
 

@@ -95,7 +95,8 @@ def export_model(
     mode = check_export(model, data, quantize, int8_io)
     from compressor.export.quantize import QUANTIZED_FORMATS, calibration_set
     from compressor.export.verify import ensure_passed, export_and_verify, verification_inputs
-    from compressor.export.writers import parse_formats, single_input_shape
+    from compressor.export.writers import parse_formats
+    from compressor.graph.signature import sample_shapes
     from compressor.io.atomic import ensure_dir
 
     wanted = parse_formats(formats if isinstance(formats, str) else ",".join(formats))
@@ -106,7 +107,7 @@ def export_model(
         raise OptionError("exporting .keras into {folder} would overwrite the input model; choose another {out}", folder=out)
     ensure_dir(out)
     keras_model = as_model(model, custom_objects, allow_model_code)
-    dataset = as_dataset("data", data, single_input_shape(keras_model)[1:])
+    dataset = as_dataset("data", data, sample_shapes(keras_model))
     checks = export_and_verify(
         keras_model, Path(out), wanted, verification_inputs(keras_model, dataset, samples), atol=atol, opset=opset,
         stem=Path(model).stem if is_path(model) else keras_model.name, quantize=mode,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from compressor.errors import OptionError
-from compressor.io.data import Dataset, Shape, check_fits, from_arrays, from_tf_dataset, load_data
+from compressor.io.data import Dataset, Shapes, check_fits, from_arrays, from_tf_dataset, load_data
 
 
 def is_path(value: Any) -> bool:
@@ -63,15 +63,16 @@ def data_name(option: str, value: Any) -> str:
         "or a compressor.Dataset. Received: {kind}" % option, kind=type(value).__name__)
 
 
-def as_dataset(option: str, value: Any, input_shape: Optional[Shape] = None, targets: bool = False) -> Optional[Dataset]:
+def as_dataset(option: str, value: Any, input_shape: Optional[Shapes] = None, numeric: bool = False) -> Optional[Dataset]:
     """The Dataset of a value given for a data option (None stays None); paths and hooks are loaded.
 
     Args:
         option: The keyword it was given as (for messages).
         value: See the module docstring.
-        input_shape: Per-sample model input shape, to check samples against (and to
-            tell batched tf.data elements from single ones); None when no model is at hand.
-        targets: Keep `y` as numbers (regression targets) rather than class labels.
+        input_shape: Per-sample model input shape (one per input name for several
+            inputs), to check samples against (and to tell batched tf.data elements
+            from single ones); None when no model is at hand.
+        numeric: Keep `y` as numbers (regression targets) rather than class labels.
 
     Raises:
         OptionError: A value that is no kind of data.
@@ -80,14 +81,14 @@ def as_dataset(option: str, value: Any, input_shape: Optional[Shape] = None, tar
     if value is None:
         return None
     if is_path(value):
-        return load_data(value, input_shape=input_shape, targets=targets)
+        return load_data(value, input_shape=input_shape, numeric=numeric)
     name = data_name(option, value)
     if isinstance(value, Dataset):
         data = value
     elif hasattr(value, "as_numpy_iterator"):
-        data = from_tf_dataset(value, name, input_shape, targets)
+        data = from_tf_dataset(value, name, input_shape, numeric)
     elif isinstance(value, (tuple, list)):
-        data = from_arrays(value[0], value[1], name, targets)
+        data = from_arrays(value[0], value[1], name, numeric)
     else:
         data = from_arrays(value, None, name)
     if input_shape is not None:

@@ -26,6 +26,8 @@ class Inspection:
         layers: One `compressor.graph.cost.LayerCost` per leaf layer, in topological order.
         free_inputs: Inputs with free dimensions besides the batch: layers whose shapes
             depend on them count 0 FLOPs.
+        inputs: (name, per-sample shape) of each model input, in order (None: a free dimension).
+        outputs: (name, per-sample shape) of each model output, in order.
     """
 
     model: str
@@ -33,10 +35,20 @@ class Inspection:
     flops: int
     layers: tuple[LayerCost, ...]
     free_inputs: tuple[str, ...] = ()
+    inputs: tuple[tuple[str, tuple], ...] = ()
+    outputs: tuple[tuple[str, tuple], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """`{"params", "flops", "layers": [...]}`: what `compressor inspect --json` prints."""
-        return {"params": self.params, "flops": self.flops, "layers": [layer.to_dict() for layer in self.layers]}
+        """`{"params", "flops", "layers": [...]}`: what `compressor inspect --json` prints.
+
+        A model with several inputs or outputs adds `inputs` and `outputs`: `{"name",
+        "shape"}` per tensor (per-sample shape, null for a free dimension).
+        """
+        document = {"params": self.params, "flops": self.flops, "layers": [layer.to_dict() for layer in self.layers]}
+        if len(self.inputs) > 1 or len(self.outputs) > 1:
+            document["inputs"] = [{"name": n, "shape": list(s)} for n, s in self.inputs]
+            document["outputs"] = [{"name": n, "shape": list(s)} for n, s in self.outputs]
+        return document
 
 
 def inspect(model: Any, *, custom_objects: Sequence[str] = (), allow_model_code: bool = False) -> Inspection:
@@ -53,12 +65,18 @@ def inspect(model: Any, *, custom_objects: Sequence[str] = (), allow_model_code:
     Raises:
         ModelLoadError: The model cannot be loaded or analysed (a subclassed model).
     """
+    import keras
+
     from compressor.graph.cost import model_cost
+    from compressor.graph.signature import input_names, output_names
 
     keras_model = as_model(model, custom_objects, allow_model_code)
     cost = model_cost(keras_model)
     free = tuple(x.name for x in keras_model.inputs if any(d is None for d in x.shape[1:]))
-    return Inspection(keras_model.name, cost.params, cost.flops, _with_techniques(cost.layers, keras_model), free)
+    inputs = tuple(zip(input_names(keras_model), (tuple(t.shape[1:]) for t in keras.tree.flatten(keras_model.inputs))))
+    outputs = tuple(zip(output_names(keras_model), (tuple(t.shape[1:]) for t in keras.tree.flatten(keras_model.outputs))))
+    return Inspection(keras_model.name, cost.params, cost.flops, _with_techniques(cost.layers, keras_model), free,
+                      inputs, outputs)
 
 
 def _with_techniques(rows: Sequence[LayerCost], model: Any) -> tuple[LayerCost, ...]:

@@ -24,10 +24,9 @@ from compressor.bench.latency import LatencyStats, time_interleaved
 from compressor.bench.memory import peak_memory_bytes
 from compressor.bench.runtime import ArtifactRunner, open_artifact
 from compressor.errors import CompressorError, DataError, OptionError
-from compressor.io.data import Dataset, check_fits, load_data
+from compressor.io.data import Dataset, Samples, Shape, Shapes, check_fits, load_data, sample_count, sample_rows
 from compressor.metrics import Metric
 
-Shape = tuple[Optional[int], ...]
 
 DEFAULT_RUNS = 100
 DEFAULT_WARMUP = 10
@@ -185,7 +184,7 @@ def benchmark(
         inputs = [_batches(r, generated_input(sample_shape, r, seed)) for r in runners]
     else:
         # Only as many samples as there are calls: a large dataset need not be copied.
-        sample = dataset.x[: min(len(dataset), warmup + runs)]
+        sample = sample_rows(dataset.x, slice(0, min(len(dataset), warmup + runs)))
         inputs = [_batches(r, sample) for r in runners]
     calls = [_call(runner, batches) for runner, batches in zip(runners, inputs)]
     first_ms = [_first_call_ms(call) for call in calls]
@@ -202,7 +201,7 @@ def benchmark(
             path=str(path),
             format=runner.format,
             bytes=runner.path.stat().st_size,
-            batch=len(batches[0]),
+            batch=sample_count(batches[0]),
             latency_ms=stat,
             accuracy=None if hits is None else float(np.mean(hits)),
             ratio_to_first=_ratio(stat.median, stats[0].median),
@@ -230,29 +229,42 @@ def benchmark(
     )
 
 
-def common_sample_shape(runners: Sequence[ArtifactRunner]) -> Shape:
-    """The per-sample input shape all artifacts accept (None where all are free).
+def common_sample_shape(runners: Sequence[ArtifactRunner]) -> Shapes:
+    """The per-sample input shape all artifacts accept (None where all are free); one per input name for several.
 
     Raises:
-        CompressorError: Two artifacts take inputs of different shapes.
+        CompressorError: Two artifacts take inputs of different shapes or names.
     """
-    shape: Shape = tuple(runners[0].input_shape[1:])
+    shapes = _sample_shapes(runners[0])
     for runner in runners[1:]:
-        other = tuple(runner.input_shape[1:])
-        if len(other) != len(shape) or any(
-            a is not None and b is not None and a != b for a, b in zip(shape, other)
-        ):
+        other = _sample_shapes(runner)
+        if set(other) != set(shapes):
             raise CompressorError(
-                f"artifacts take different inputs: {runners[0].path.name} expects "
-                f"{_show(shape)} per sample but {runner.path.name} expects {_show(other)}; "
-                "benchmark artifacts of the same model together"
+                f"artifacts take different inputs: {runners[0].path.name} takes {', '.join(shapes)} but "
+                f"{runner.path.name} takes {', '.join(other)}; benchmark artifacts of the same model together"
             )
-        shape = tuple(a if a is not None else b for a, b in zip(shape, other))
-    return shape
+        for name, shape in list(shapes.items()):
+            theirs = other[name]
+            if len(theirs) != len(shape) or any(
+                a is not None and b is not None and a != b for a, b in zip(shape, theirs)
+            ):
+                raise CompressorError(
+                    f"artifacts take different inputs: {runners[0].path.name} expects "
+                    f"{_show(shape)} per sample but {runner.path.name} expects {_show(theirs)}; "
+                    "benchmark artifacts of the same model together"
+                )
+            shapes[name] = tuple(a if a is not None else b for a, b in zip(shape, theirs))
+    return shapes if runners[0].multi_input else next(iter(shapes.values()))
 
 
-def generated_input(shape: Shape, runner: ArtifactRunner, seed: int = 0) -> np.ndarray:
-    """One fixed, realistic sample (batch of 1) for timing without data.
+def _sample_shapes(runner: ArtifactRunner) -> dict[str, Shape]:
+    if not runner.multi_input:
+        return {"": tuple(runner.input_shape[1:])}
+    return {info.name: tuple(info.shape[1:]) for info in runner.inputs}
+
+
+def generated_input(shape: Shapes, runner: ArtifactRunner, seed: int = 0) -> Samples:
+    """One fixed, realistic sample (batch of 1) for timing without data: one array per input for several.
 
     Float inputs get standard-normal values, like normalized images or features:
     zeros or tiny values would take fast paths, and random garbage can produce
@@ -261,13 +273,19 @@ def generated_input(shape: Shape, runner: ArtifactRunner, seed: int = 0) -> np.n
     Raises:
         CompressorError: The input has a free dimension, so no shape can be made up.
     """
+    if isinstance(shape, dict):
+        dtypes = {info.name: info.dtype for info in runner.inputs}
+        return {name: _generated(one, dtypes[name], runner, seed + k) for k, (name, one) in enumerate(shape.items())}
+    return _generated(shape, runner.input_dtype, runner, seed)
+
+
+def _generated(shape: Shape, dtype: np.dtype, runner: ArtifactRunner, seed: int) -> np.ndarray:
     if any(d is None for d in shape):
         raise CompressorError.naming(
             "{name} takes inputs of shape {shape} with free dimensions; give data ({data}) so that the timed "
             "inputs have a real shape", name=runner.path.name, shape=_show(shape),
         )
     rng = np.random.default_rng(seed)
-    dtype = runner.input_dtype
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         return rng.integers(info.min, int(info.max) + 1, size=(1, *shape), dtype=dtype)
@@ -280,7 +298,7 @@ def metric_values(runner: ArtifactRunner, data: Dataset, metric: Optional[Metric
         return top1_correct(runner, data)
     if len(data) == 0:
         raise DataError(f"data from {data.source} has no samples")
-    return metric.values(runner.predict(data.x).reshape(len(data), -1), data.y)
+    return metric.values(runner.predict(data.x, output=data.output).reshape(len(data), -1), data.y)
 
 
 def top1_accuracy(runner: ArtifactRunner, data: Dataset) -> float:
@@ -301,7 +319,7 @@ def top1_correct(runner: ArtifactRunner, data: Dataset) -> np.ndarray:
         raise DataError(f"data from {data.source} has no labels; accuracy needs labels (y)")
     if len(data) == 0:
         raise DataError(f"data from {data.source} has no samples")
-    outputs = runner.predict(data.x).reshape(len(data), -1)
+    outputs = runner.predict(data.x, output=data.output).reshape(len(data), -1)
     classes = max(outputs.shape[1], 2)
     if int(data.y.max()) >= classes:
         raise DataError(
@@ -340,7 +358,7 @@ def check_options(
                           "Received: {value!r}", value=onnx_provider)
 
 
-def _load(data: str | Path | Dataset | None, sample_shape: Shape) -> Optional[Dataset]:
+def _load(data: str | Path | Dataset | None, sample_shape: Shapes) -> Optional[Dataset]:
     if data is None:
         return None
     dataset = data if isinstance(data, Dataset) else load_data(data, input_shape=sample_shape)
@@ -350,12 +368,15 @@ def _load(data: str | Path | Dataset | None, sample_shape: Shape) -> Optional[Da
     return dataset
 
 
-def _batches(runner: ArtifactRunner, samples: np.ndarray) -> list[np.ndarray]:
-    """Prepared inputs, one per sample, each with the batch the artifact runs."""
+def _batches(runner: ArtifactRunner, samples: Samples) -> list[Samples]:
+    """Prepared inputs, one per sample, each with the batch the artifact runs (a dict per sample for several inputs)."""
     batch = runner.fixed_batch or 1
     prepared = runner.prepare(samples)
     # An artifact converted with a fixed batch > 1 only accepts that batch: repeat
     # the sample to fill it, and report the batch next to the latency.
+    if isinstance(prepared, dict):
+        return [{name: np.repeat(values[i : i + 1], batch, axis=0) for name, values in prepared.items()}
+                for i in range(sample_count(prepared))]
     return [np.repeat(prepared[i : i + 1], batch, axis=0) for i in range(len(prepared))]
 
 

@@ -45,7 +45,7 @@ TIMEOUT_S = 600.0
 
 def peak_memory_bytes(
     path: str | Path,
-    batch: np.ndarray,
+    batch: np.ndarray | dict,
     threads: int = 1,
     xnnpack: bool = True,
     onnx_provider: Optional[str] = None,
@@ -55,7 +55,8 @@ def peak_memory_bytes(
 
     Args:
         path: A .tflite or .onnx file.
-        batch: One input batch, as the artifact's runner takes it (`ArtifactRunner.prepare`).
+        batch: One input batch, as the artifact's runner takes it (`ArtifactRunner.prepare`):
+            an array, or a dict input name -> array for several inputs.
         threads, xnnpack, onnx_provider: As in `open_artifact`.
         calls: Inferences to run on `batch`.
 
@@ -67,8 +68,12 @@ def peak_memory_bytes(
         CompressorError: The measuring process failed (its error line is in the message).
     """
     with tempfile.TemporaryDirectory(prefix="compressor-memory-") as folder:
-        sample = Path(folder) / "input.npy"
-        np.save(sample, batch)
+        if isinstance(batch, dict):  # several inputs: an .npz, one array per input name
+            sample = Path(folder) / "input.npz"
+            np.savez(sample, **batch)
+        else:
+            sample = Path(folder) / "input.npy"
+            np.save(sample, batch)
         # The same Python, started the same way (-S: without site packages, as a board may run it).
         command = [sys.executable, *(["-S"] if sys.flags.no_site else []), "-m", "compressor.bench.memory",
                    str(path), "--input", str(sample), "--threads", str(threads), "--calls", str(calls)]
@@ -124,7 +129,7 @@ def reset_peak() -> None:
         pass
 
 
-def measure(path: str, batch: np.ndarray, threads: int, xnnpack: bool, onnx_provider: Optional[str],
+def measure(path: str, batch: np.ndarray | dict, threads: int, xnnpack: bool, onnx_provider: Optional[str],
             calls: int) -> int:
     """In this (fresh) process: import the runtime, note the peak, load and run the artifact, return the rise."""
     from compressor.bench.runtime import FORMATS, open_artifact
@@ -151,14 +156,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Measure one artifact; print {"peak_memory_bytes": N} on stdout, or one error line on stderr (exit 1)."""
     parser = _Parser(prog="python -m compressor.bench.memory", description=__doc__.splitlines()[0])
     parser.add_argument("artifact")
-    parser.add_argument("--input", required=True, help="an .npy file: one batch, as the artifact takes it")
+    parser.add_argument("--input", required=True, help="an .npy file: one batch, as the artifact takes it "
+                        "(an .npz with one array per input name for several inputs)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--xnnpack", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--onnx-provider")
     parser.add_argument("--calls", type=int, default=CALLS)
     args = parser.parse_args(argv)
     try:
-        batch = np.load(args.input)
+        if args.input.endswith(".npz"):
+            with np.load(args.input) as archive:
+                batch = {name: archive[name] for name in archive.files}
+        else:
+            batch = np.load(args.input)
         peak = measure(args.artifact, batch, args.threads, args.xnnpack, args.onnx_provider, args.calls)
     except CompressorError as exc:
         sys.stderr.write(f"error: {exc.render(flag_name)}\n")

@@ -39,7 +39,7 @@ from compressor.bench.benchmark import (
 )
 from compressor.bench.runtime import FORMATS
 from compressor.errors import CompressorError, DataError
-from compressor.io.data import Dataset, load_data
+from compressor.io.data import Dataset, dataset_arrays, load_data
 
 # What `python -m compressor.bench` imports, relative to the package folder: the only
 # files of this package that go to the board. A file missing here fails the remote
@@ -266,7 +266,7 @@ def _bundle(
 
 
 def _npz_bytes(dataset: Dataset) -> bytes:
-    arrays = {"x": dataset.x} if dataset.y is None else {"x": dataset.x, "y": dataset.y}
+    arrays = dataset_arrays(dataset)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()

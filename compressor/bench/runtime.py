@@ -6,6 +6,10 @@ input tensor's scale and zero point (once, outside any timed loop), and `invoke`
 dequantizes the output, so accuracy is computed as for a float artifact while the
 timed graph runs on integer inputs.
 
+An artifact with several inputs or outputs is fed and read by name (the TFLite
+signature's names, the ONNX graph's; the Keras names when this package exported it):
+its inputs are a dict name -> array, and `predict_outputs` returns every output.
+
 This module must not import TensorFlow or Keras: it is what runs on a target board,
 where only numpy, ai-edge-litert and onnxruntime are installed.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -31,6 +35,19 @@ NO_DELEGATE = "none"
 QuantParams = tuple[float, int]
 """(scale, zero_point) of an integer tensor: real = scale * (q - zero_point)."""
 
+Batch = Union[np.ndarray, dict]
+"""Inputs of one call: an array, or (several inputs) a dict input name -> array."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One named input of an artifact: shape (None for dynamic dimensions, batch first), dtype, quantization."""
+
+    name: str
+    shape: tuple[Optional[int], ...]
+    dtype: np.dtype
+    quantization: Optional[QuantParams] = None
+
 
 @dataclass
 class ArtifactRunner:
@@ -39,10 +56,14 @@ class ArtifactRunner:
     Attributes:
         path: The artifact file.
         format: "tflite" or "onnx".
-        input_shape: Input shape with None for dynamic dimensions (batch first).
+        input_shape: Input shape with None for dynamic dimensions (batch first); the
+            first input's for several inputs.
         input_dtype: numpy dtype the artifact expects (int8 for an int8-I/O model).
         invoke: Runs one prepared batch (see `prepare`); returns the first output,
             dequantized to float32 when the artifact outputs a quantized tensor.
+        inputs: Every input by name, in the artifact's order (one for most artifacts).
+        output_names: Every output's name, in the artifact's order.
+        invoke_outputs: Runs one prepared batch; returns every output by name.
         output_dtype: dtype of the artifact's raw output tensor.
         input_quantization: (scale, zero_point) of a quantized integer input, else None.
         output_quantization: (scale, zero_point) of a quantized integer output, else None.
@@ -65,6 +86,14 @@ class ArtifactRunner:
     init_ms: float = 0.0
     delegate: Optional[str] = None
     provider: Optional[str] = None
+    inputs: tuple[TensorInfo, ...] = ()
+    output_names: tuple[str, ...] = ()
+    invoke_outputs: Optional[Callable[[Batch], dict[str, np.ndarray]]] = field(default=None, repr=False)
+
+    @property
+    def multi_input(self) -> bool:
+        """Whether the artifact takes several inputs (fed as a dict by name)."""
+        return len(self.inputs) > 1
 
     @property
     def quantized_io(self) -> bool:
@@ -76,50 +105,106 @@ class ArtifactRunner:
         """The batch size baked into the artifact, or None when it is dynamic."""
         return self.input_shape[0] if self.input_shape else None
 
-    def predict(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def predict(self, x: Batch, batch_size: int = 64, output: Optional[str] = None) -> np.ndarray:
         """Run any number of samples, in batches the artifact accepts.
 
         Args:
-            x: Inputs, batch first, with the artifact's per-sample shape.
+            x: Inputs, batch first, with the artifact's per-sample shape (a dict by
+                input name for several inputs).
             batch_size: Batch used when the artifact's batch is dynamic.
+            output: The output to return, by name; None: the first.
 
         Returns:
-            The first output for all samples, concatenated.
+            That output for all samples, concatenated.
 
         Raises:
             CompressorError: The samples do not fit the artifact's input shape.
         """
+        if output is None and self.invoke_outputs is None:
+            return self._predict(self.invoke, x, batch_size)
+        return self.predict_outputs(x, batch_size)[output or self.output_names[0]]
+
+    def predict_outputs(self, x: Batch, batch_size: int = 64) -> dict[str, np.ndarray]:
+        """Every output for all samples, by output name (see `predict`)."""
+        if self.invoke_outputs is None:
+            return {self.output_names[0] if self.output_names else "output": self.predict(x, batch_size)}
+        run = self.invoke_outputs
+        parts = self._predict(lambda batch: [run(batch)[name] for name in self.output_names], x, batch_size)
+        return dict(zip(self.output_names, parts))
+
+    def _predict(self, run: Callable[[Batch], Any], x: Batch, batch_size: int) -> Any:
         x = self.prepare(x)
+        n = _count(x)
         step = self.fixed_batch or batch_size
         outputs = []
-        for i in range(0, len(x), step):
-            chunk = x[i : i + step]
-            if self.fixed_batch and len(chunk) < step:
+        for i in range(0, n, step):
+            chunk = _rows(x, slice(i, i + step))
+            size = _count(chunk)
+            if self.fixed_batch and size < step:
                 # A fixed batch takes only full batches: pad the last one, drop the padding.
-                pad = np.repeat(chunk[-1:], step - len(chunk), axis=0)
-                outputs.append(self.invoke(np.concatenate([chunk, pad]))[: len(chunk)])
+                padded = _map(chunk, lambda a: np.concatenate([a, np.repeat(a[-1:], step - size, axis=0)]))
+                outputs.append(_map_out(run(padded), lambda a: a[:size]))
             else:
-                outputs.append(self.invoke(chunk))
+                outputs.append(run(chunk))
+        if isinstance(outputs[0], list):
+            return [np.concatenate([out[k] for out in outputs], axis=0) for k in range(len(outputs[0]))]
         return np.concatenate(outputs, axis=0)
 
-    def prepare(self, x: np.ndarray) -> np.ndarray:
+    def prepare(self, x: Batch) -> Batch:
         """Check the per-sample shape and convert to what `invoke` takes.
 
         For a quantized integer input, data in any other dtype holds the model's
         real input values and is quantized with the input's scale and zero point;
-        data already in the input's dtype is taken as quantized.
+        data already in the input's dtype is taken as quantized. An artifact with
+        several inputs takes a dict by input name and gets one.
         """
-        x = np.asarray(x)
-        expected = self.input_shape[1:]
-        got = tuple(x.shape[1:])
-        if len(expected) != len(got) or any(e not in (None, g) for e, g in zip(expected, got)):
-            raise CompressorError(
-                f"data samples have shape {got} but {self.path.name} expects "
-                f"{tuple('?' if d is None else d for d in expected)}"
-            )
-        if self.input_quantization is not None and x.dtype != self.input_dtype:
-            return np.ascontiguousarray(quantize_values(x, self.input_quantization, self.input_dtype))
-        return np.ascontiguousarray(x, dtype=self.input_dtype)
+        if not self.multi_input:
+            if isinstance(x, dict):
+                if len(x) != 1:
+                    raise CompressorError(f"{self.path.name} takes one input, got arrays {', '.join(x)}")
+                x = next(iter(x.values()))
+            info = self.inputs[0] if self.inputs else TensorInfo("input", self.input_shape, self.input_dtype,
+                                                                  self.input_quantization)
+            return _prepare_one(info, x, self.path, "")
+        if not isinstance(x, dict):
+            raise CompressorError(f"{self.path.name} takes inputs {', '.join(i.name for i in self.inputs)}; "
+                                  "give one array per input, by name")
+        missing = [info.name for info in self.inputs if info.name not in x]
+        if missing:
+            raise CompressorError(f"{self.path.name} takes input {missing[0]!r}, which the data does not have "
+                                  f"(it has {', '.join(x)})")
+        return {info.name: _prepare_one(info, x[info.name], self.path, f" for input {info.name!r}")
+                for info in self.inputs}
+
+
+def _prepare_one(info: TensorInfo, x: Any, path: Path, which: str) -> np.ndarray:
+    x = np.asarray(x)
+    expected = info.shape[1:]
+    got = tuple(x.shape[1:])
+    if len(expected) != len(got) or any(e not in (None, g) for e, g in zip(expected, got)):
+        raise CompressorError(
+            f"data samples have shape {got}{which} but {path.name} expects "
+            f"{tuple('?' if d is None else d for d in expected)}"
+        )
+    if info.quantization is not None and x.dtype != info.dtype:
+        return np.ascontiguousarray(quantize_values(x, info.quantization, info.dtype))
+    return np.ascontiguousarray(x, dtype=info.dtype)
+
+
+def _count(x: Batch) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def _rows(x: Batch, index: Any) -> Batch:
+    return {name: values[index] for name, values in x.items()} if isinstance(x, dict) else x[index]
+
+
+def _map(x: Batch, function: Callable[[np.ndarray], np.ndarray]) -> Batch:
+    return {name: function(values) for name, values in x.items()} if isinstance(x, dict) else function(x)
+
+
+def _map_out(outputs: Any, function: Callable[[np.ndarray], np.ndarray]) -> Any:
+    return [function(o) for o in outputs] if isinstance(outputs, list) else function(outputs)
 
 
 def quantize_values(x: np.ndarray, params: QuantParams, dtype: np.dtype) -> np.ndarray:
@@ -177,15 +262,6 @@ def open_artifact(
         raise CompressorError(f"{fmt} runtime could not load {path}: {first_line(exc)}") from exc
 
 
-def _single(items: list[Any], what: str, path: Path) -> Any:
-    if len(items) != 1:
-        raise CompressorError(
-            f"{path.name} has {len(items)} {what}s; only single-input, single-output "
-            "artifacts are supported"
-        )
-    return items[0]
-
-
 def check_onnx_provider(name: Optional[str]) -> str:
     """The execution provider to run ONNX artifacts on: `name`, checked, or the default.
 
@@ -214,41 +290,98 @@ def _open_tflite(path: Path, threads: int, xnnpack: bool) -> ArtifactRunner:
         )
         interpreter.allocate_tensors()
         init_ms = (time.perf_counter_ns() - start) / 1e6
-    inp = _single(interpreter.get_input_details(), "input", path)
-    out = _single(interpreter.get_output_details(), "output", path)
-    signature = tuple(int(d) for d in inp.get("shape_signature", inp["shape"]))
-    shape = tuple(None if d < 0 else d for d in signature)
-    state = {"batch": int(inp["shape"][0]), "resizable": shape[0] is None}
-    out_params = _tflite_quantization(out)
+    ins, outs = _tflite_io(interpreter)
+    inputs = tuple(_tflite_info(name, detail) for name, detail in ins)
+    out_params = {name: _tflite_quantization(detail) for name, detail in outs}
+    first = ins[0][1]
+    state = {"batch": int(first["shape"][0]), "resizable": inputs[0].shape[0] is None}
 
-    def run(x: np.ndarray) -> np.ndarray:
-        interpreter.set_tensor(inp["index"], x)
+    def feed(x: Batch) -> None:
+        for name, detail in ins:
+            interpreter.set_tensor(detail["index"], x[name] if isinstance(x, dict) else x)
+
+    def run(x: Batch) -> dict[str, np.ndarray]:
+        feed(x)
         interpreter.invoke()
-        result = interpreter.get_tensor(out["index"])
-        return dequantize_values(result, out_params) if out_params else result.copy()
+        results = {}
+        for name, detail in outs:
+            result = interpreter.get_tensor(detail["index"])
+            results[name] = dequantize_values(result, out_params[name]) if out_params[name] else result.copy()
+        return results
 
-    def invoke(x: np.ndarray) -> np.ndarray:
-        if x.shape[0] != state["batch"] and state["resizable"]:
+    def resize(batch: int, x: Batch) -> None:
+        for name, detail in ins:
+            values = x[name] if isinstance(x, dict) else x
+            interpreter.resize_tensor_input(detail["index"], [batch, *values.shape[1:]])
+        interpreter.allocate_tensors()
+
+    def invoke_outputs(x: Batch) -> dict[str, np.ndarray]:
+        size = _count(x)
+        if size != state["batch"] and state["resizable"]:
             try:
-                interpreter.resize_tensor_input(inp["index"], list(x.shape))
-                interpreter.allocate_tensors()
-                state["batch"] = x.shape[0]
+                resize(size, x)
+                state["batch"] = size
             except Exception:  # some graphs bake the batch into a Reshape: run one by one
                 state["resizable"] = False
-                interpreter.resize_tensor_input(inp["index"], [state["batch"], *x.shape[1:]])
-                interpreter.allocate_tensors()
-        if x.shape[0] != state["batch"]:
-            return np.concatenate([run(x[i : i + state["batch"]]) for i in range(0, len(x), state["batch"])])
+                resize(state["batch"], x)
+        if size != state["batch"]:
+            parts = [run(_rows(x, slice(i, i + state["batch"]))) for i in range(0, size, state["batch"])]
+            return {name: np.concatenate([part[name] for part in parts]) for name, _ in outs}
         return run(x)
 
+    first_output = outs[0][0]
+    invoke = lambda x: invoke_outputs(x)[first_output]  # noqa: E731
+    if len(ins) == 1 and len(outs) == 1:  # the common case, lean: this is what the timed loop calls
+        in_index, out_index, out_param = first["index"], outs[0][1]["index"], out_params[first_output]
+
+        def run_one(x: np.ndarray) -> np.ndarray:
+            interpreter.set_tensor(in_index, x)
+            interpreter.invoke()
+            result = interpreter.get_tensor(out_index)
+            return dequantize_values(result, out_param) if out_param else result.copy()
+
+        def invoke(x: np.ndarray) -> np.ndarray:
+            if x.shape[0] != state["batch"]:
+                return invoke_outputs(x)[first_output]
+            return run_one(x)
+
     return ArtifactRunner(
-        path, "tflite", shape, np.dtype(inp["dtype"]), invoke,
-        output_dtype=np.dtype(out["dtype"]),
-        input_quantization=_tflite_quantization(inp),
-        output_quantization=out_params,
+        path, "tflite", inputs[0].shape, inputs[0].dtype, invoke,
+        output_dtype=np.dtype(outs[0][1]["dtype"]),
+        input_quantization=inputs[0].quantization,
+        output_quantization=out_params[first_output],
         init_ms=init_ms,
         delegate=XNNPACK if xnnpack else NO_DELEGATE,
+        inputs=inputs,
+        output_names=tuple(name for name, _ in outs),
+        invoke_outputs=invoke_outputs if len(outs) > 1 else None,
     )
+
+
+def _tflite_io(interpreter: Any) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """(name, tensor detail) of each input and output: the signature's names when the file has one signature.
+
+    The interpreter lists tensors in its own order (a two-input model may list its
+    second input first); the signature names them.
+    """
+    signatures = interpreter.get_signature_list()
+    if len(signatures) == 1:
+        key = next(iter(signatures))
+        runner = interpreter.get_signature_runner(key)
+        ins, outs = runner.get_input_details(), runner.get_output_details()
+        order = signatures[key]
+        ins = [(name, ins[name]) for name in order["inputs"]]
+        outs = [(name, outs[name]) for name in order["outputs"]]
+        if ins and outs:
+            return ins, outs
+    return ([(d["name"], d) for d in interpreter.get_input_details()],
+            [(d["name"], d) for d in interpreter.get_output_details()])
+
+
+def _tflite_info(name: str, detail: dict) -> TensorInfo:
+    signature = tuple(int(d) for d in detail.get("shape_signature", detail["shape"]))
+    shape = tuple(None if d < 0 else d for d in signature)
+    return TensorInfo(name, shape, np.dtype(detail["dtype"]), _tflite_quantization(detail))
 
 
 def _tflite_quantization(detail: dict) -> Optional[QuantParams]:
@@ -280,16 +413,29 @@ def _open_onnx(path: Path, threads: int, provider: str) -> ArtifactRunner:
     start = time.perf_counter_ns()
     session = ort.InferenceSession(str(path), sess_options=options, providers=[provider])
     init_ms = (time.perf_counter_ns() - start) / 1e6
-    inp = _single(session.get_inputs(), "input", path)
-    out = _single(session.get_outputs(), "output", path)
-    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape)
-    dtype = np.dtype(_ONNX_DTYPES.get(inp.type, np.float32))
-    name = inp.name
+    inputs = tuple(
+        TensorInfo(i.name, tuple(d if isinstance(d, int) and d > 0 else None for d in i.shape),
+                   np.dtype(_ONNX_DTYPES.get(i.type, np.float32)))
+        for i in session.get_inputs()
+    )
+    outs = session.get_outputs()
+    names = [o.name for o in outs]
 
-    def invoke(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: x})[0]
+    def invoke_outputs(x: Batch) -> dict[str, np.ndarray]:
+        feed = x if isinstance(x, dict) else {inputs[0].name: x}
+        return dict(zip(names, session.run(names, feed)))
+
+    if len(inputs) == 1 and len(outs) == 1:
+        name = inputs[0].name
+
+        def invoke(x: np.ndarray) -> np.ndarray:
+            return session.run(None, {name: x})[0]
+    else:
+        def invoke(x: Batch) -> np.ndarray:
+            return invoke_outputs(x)[names[0]]
 
     # Quantized ONNX models (QDQ) keep float inputs and outputs: nothing to convert.
-    output_dtype = np.dtype(_ONNX_DTYPES.get(out.type, np.float32))
-    return ArtifactRunner(path, "onnx", shape, dtype, invoke, output_dtype=output_dtype, init_ms=init_ms,
-                          provider=session.get_providers()[0])
+    output_dtype = np.dtype(_ONNX_DTYPES.get(outs[0].type, np.float32))
+    return ArtifactRunner(path, "onnx", inputs[0].shape, inputs[0].dtype, invoke, output_dtype=output_dtype,
+                          init_ms=init_ms, provider=session.get_providers()[0], inputs=inputs,
+                          output_names=tuple(names), invoke_outputs=invoke_outputs if len(outs) > 1 else None)

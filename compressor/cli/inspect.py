@@ -77,6 +77,10 @@ def _render(cost: "Inspection", title: str) -> None:
         )
     console.print(table)
     console.print(f"Total: {cost.params:,} parameters, {cost.flops:,} FLOPs ({human_count(cost.flops)})")
+    for kind, tensors in (("inputs", cost.inputs), ("outputs", cost.outputs)):
+        if tensors:
+            shown = ", ".join(f"{name} {_shape_text((None, *shape))}" for name, shape in tensors)
+            console.print(f"{kind.capitalize()}: {shown}", soft_wrap=True)
 
 
 def human_count(value: int) -> str:

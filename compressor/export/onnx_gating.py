@@ -74,7 +74,7 @@ def convert_gated(model: keras.Model, opset: int = 17) -> "onnx.ModelProto":
         raise ExportError(f"model '{model.name}' has no gated residual block; export it with export_onnx")
     if not 7 <= opset <= 21:
         raise ExportError(f"unsupported ONNX opset {opset}; expected a value from 7 to 21")
-    shape = single_input_shape(model)
+    shape = single_input_shape(model, "export")
     spec = [tf.TensorSpec((1, *shape[1:]), model.inputs[0].dtype, name=ONNX_INPUT_NAME)]
     try:
         with tf2onnx_errors() as errors:

@@ -3,7 +3,9 @@
 TFLite goes through the TFLite converter's Keras path (batch 1, the shape edge
 runtimes run); ONNX through tf2onnx from a frozen trace with an explicit input signature
 and a dynamic batch axis (tf2onnx's own Keras entry point trips over Keras 3 output
-names). A gated model (`compressor.layers.gating`) is exported at a fixed batch of
+names). A model with several inputs or outputs keeps their names: the TFLite signature's
+inputs and outputs, and the ONNX graph's, are the Keras input and output names
+(`compressor.graph.signature`). A gated model (`compressor.layers.gating`) is exported at a fixed batch of
 1 in both formats, where each gate's decision is one condition: TFLite gets IF ops,
 ONNX `If` nodes (`compressor.export.onnx_gating`), and a skipped block costs nothing.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,6 +24,7 @@ import keras
 from compressor.errors import ExportError, first_line
 from compressor.export.failures import onnx_failure, tflite_failure
 from compressor.export.onnx_ops import inline_compiled_functions, register_handlers, tf2onnx_errors
+from compressor.graph.signature import input_names, is_multi_io, output_names
 from compressor.graph.walk import nested_layers
 from compressor.io.atomic import atomic_path, write_bytes_atomic
 from compressor.io.models import save_model
@@ -42,18 +46,28 @@ def _quiet() -> Iterator[None]:
     `failures.tflite_failure` turns into one line.
     """
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), muted_stderr():
+    with contextlib.redirect_stdout(io.StringIO()), muted_stderr(), warnings.catch_warnings():
+        # The converter calls a model built on a dict of inputs with a list: Keras warns, and maps them right.
+        warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match", category=UserWarning)
         yield
 
 
-def single_input_shape(model: keras.Model) -> tuple:
-    """The model's one input shape (batch first), or ExportError for several inputs/outputs."""
+def single_input_shape(model: keras.Model, what: str = "quantization") -> tuple:
+    """The model's one input shape (batch first), or ExportError naming `what` for several inputs/outputs."""
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ExportError(
             f"model '{model.name}' has {len(model.inputs)} inputs and {len(model.outputs)} "
-            "outputs; export supports single-input, single-output models"
+            f"outputs; {what} supports single-input, single-output models"
         )
     return tuple(model.inputs[0].shape)
+
+
+def io_names(model: keras.Model) -> tuple[list[str], list[str]]:
+    """The input and output names an exported graph gets: "input" and "output" for a
+    single-input, single-output model, else the Keras names."""
+    if not is_multi_io(model):
+        return [ONNX_INPUT_NAME], [ONNX_OUTPUT_NAME]
+    return list(input_names(model)), list(output_names(model))
 
 
 def export_tflite(model: keras.Model, path: Path | str, sparse: bool = False) -> Path:
@@ -71,7 +85,6 @@ def export_tflite(model: keras.Model, path: Path | str, sparse: bool = False) ->
     """
     import tensorflow as tf
 
-    single_input_shape(model)
     try:
         with _quiet():
             converter = tf.lite.TFLiteConverter.from_keras_model(tflite_model(model))
@@ -95,10 +108,22 @@ def tflite_model(model: keras.Model) -> keras.Model:
     constants (batch norm folded into the convolutions), which XNNPACK runs. A frozen
     trace passes the weights into the branches as inputs instead: XNNPACK leaves such
     convolutions to the reference kernels, 3x slower on the digits ResNet-20.
+
+    A model with several inputs or outputs is called on inputs named as its own and
+    returns a dict output name -> tensor: the TFLite signature then names both.
     """
-    if not (is_gated(model) or has_recurrent_layers(model)):
+    recurrent = has_recurrent_layers(model)
+    if is_multi_io(model):
+        names, outputs = io_names(model)
+        inputs = {
+            name: keras.Input(batch_shape=(1, *t.shape[1:]) if recurrent else t.shape, dtype=t.dtype, name=name)
+            for name, t in zip(names, keras.tree.flatten(model.inputs))
+        }
+        called = model(inputs) if len(inputs) > 1 else model(next(iter(inputs.values())))
+        return keras.Model(inputs, dict(zip(outputs, keras.tree.flatten(called))), name=model.name)
+    if not (is_gated(model) or recurrent):
         return model
-    shape = single_input_shape(model)
+    shape = single_input_shape(model, "export")
     inputs = keras.Input(batch_shape=(1, *shape[1:]), dtype=model.inputs[0].dtype, name=ONNX_INPUT_NAME)
     return keras.Model(inputs, model(inputs), name=model.name)
 
@@ -111,7 +136,8 @@ def has_recurrent_layers(model: keras.Model) -> bool:
 def export_onnx(model: keras.Model, path: Path | str, opset: int = DEFAULT_OPSET) -> Path:
     """Convert to ONNX with a dynamic batch axis (batch 1 for a gated model) and write it atomically.
 
-    The graph has one input named "input" and one output named "output".
+    The graph has one input named "input" and one output named "output"; a model with
+    several inputs or outputs keeps its Keras input and output names.
 
     Raises:
         ExportError: The opset is out of range or tf2onnx rejects the model.
@@ -120,23 +146,26 @@ def export_onnx(model: keras.Model, path: Path | str, opset: int = DEFAULT_OPSET
 
     if not 7 <= opset <= 21:
         raise ExportError(f"unsupported ONNX opset {opset}; expected a value from 7 to 21 (default {DEFAULT_OPSET})")
-    shape = single_input_shape(model)
     if is_gated(model):
         from compressor.export.onnx_gating import convert_gated
 
         proto = convert_gated(model, opset)
     else:
-        proto = _convert(model, shape, opset)
+        proto = _convert(model, opset)
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
     return Path(path)
 
 
-def _convert(model: keras.Model, shape: tuple, opset: int) -> object:
+def _convert(model: keras.Model, opset: int) -> object:
     """tf2onnx's model from a frozen trace with a dynamic batch axis."""
     import tensorflow as tf
 
-    spec = [tf.TensorSpec((None, *shape[1:]), model.inputs[0].dtype, name=ONNX_INPUT_NAME)]
+    names, _ = io_names(model)
+    spec = [
+        tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=name)
+        for name, t in zip(names, keras.tree.flatten(model.inputs))
+    ]
     try:
         with tf2onnx_errors() as errors:
             proto = tf2onnx_model(model, spec, opset)
@@ -148,7 +177,7 @@ def _convert(model: keras.Model, shape: tuple, opset: int) -> object:
 
 
 def tf2onnx_model(model: keras.Model, spec: list, opset: int, prepare: Callable[[object], object] = lambda graph: graph) -> object:
-    """tf2onnx's ONNX model of a frozen trace for `spec`, input "input" and output "output".
+    """tf2onnx's ONNX model of a frozen trace for `spec`, named as `io_names` says ("input" and "output" for one of each).
 
     Exact GELU's `Erfc` and grouped convolutions convert through `onnx_ops`.
 
@@ -158,19 +187,20 @@ def tf2onnx_model(model: keras.Model, spec: list, opset: int, prepare: Callable[
     import tf2onnx
 
     register_handlers()
-    graph_def, input_name, output_name = _frozen_graph(model, spec)
+    graph_def, traced_inputs, traced_outputs = _frozen_graph(model, spec)
+    inputs, outputs = io_names(model)
     proto, _ = tf2onnx.convert.from_graph_def(
         prepare(inline_compiled_functions(graph_def)),
         name=model.name,
-        input_names=[input_name],
-        output_names=[output_name],
+        input_names=traced_inputs,
+        output_names=traced_outputs,
         opset=opset,
-        tensors_to_rename={input_name: ONNX_INPUT_NAME, output_name: ONNX_OUTPUT_NAME},
+        tensors_to_rename={**dict(zip(traced_inputs, inputs)), **dict(zip(traced_outputs, outputs))},
     )
     return proto
 
 
-def _frozen_graph(model: keras.Model, spec: list) -> tuple[object, str, str]:
+def _frozen_graph(model: keras.Model, spec: list) -> tuple[object, list[str], list[str]]:
     """Trace the model and freeze every capture into a constant.
 
     tf2onnx's own entry points leave captured constants that are not variables
@@ -180,11 +210,17 @@ def _frozen_graph(model: keras.Model, spec: list) -> tuple[object, str, str]:
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    forward = tf.function(lambda x: model(x, training=False), input_signature=spec, autograph=False)
+    names, _ = io_names(model)
+    if len(spec) == 1:
+        forward = tf.function(lambda x: model(x, training=False), input_signature=spec, autograph=False)
+    else:  # inputs by name: a model built on a list takes a dict as well as one built on a dict
+        forward = tf.function(lambda *xs: keras.tree.flatten(model(dict(zip(names, xs)), training=False)),
+                              input_signature=spec, autograph=False)
     frozen = convert_variables_to_constants_v2(
         forward.get_concrete_function(), lower_control_flow=False, aggressive_inlining=True
     )
-    return frozen.graph.as_graph_def(add_shapes=True), frozen.inputs[0].name, frozen.outputs[0].name
+    graph = frozen.graph.as_graph_def(add_shapes=True)
+    return graph, [t.name for t in frozen.inputs[: len(spec)]], [t.name for t in frozen.outputs]
 
 
 def export_keras(model: keras.Model, path: Path | str) -> Path:

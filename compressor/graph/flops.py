@@ -12,6 +12,15 @@ Conventions (one sample, i.e. batch 1; the batch axis of every shape is ignored)
   - SeparableConvND: the depthwise part (kernel_size per intermediate element) plus
     the 1x1 pointwise part (in_channels × depth_multiplier per output element).
   - Dense: each output reads the last input axis (any input rank).
+- Recurrent layers (LSTM, GRU, SimpleRNN, a `keras.layers.RNN` of their cells or of
+  the low-rank cells of `compressor.layers.recurrent`; both directions of a
+  Bidirectional): per time step, with u units and G gates (4, 3, 1), the input and
+  recurrent matrix products (2 × Cin × G·u and 2 × u × G·u, or 2 × r × (rows + G·u)
+  for a kernel stored as rank-r factors), G·u to add the two, G·u per bias (a GRU
+  with reset_after has two), and the gate arithmetic, 1 per element per operation:
+  LSTM 9u (four gate activations, f·c + i·g, o·act(c)), GRU 8u (r·h, the candidate's
+  add, three activations, z·h + (1 − z)·h̃), SimpleRNN u (its activation). The time
+  steps are the input's second axis; a free one counts 0.
 - BatchNormalization: 2 per element (inference: one scale, one shift).
 - Rescaling: 1 per element for the scale, +1 when the offset is not zero.
   Normalization: 2 per element (subtract the mean, multiply by 1/std).
@@ -41,6 +50,7 @@ import keras
 import numpy as np
 
 from compressor.layers.gating import GatedResidual, SkipGate
+from compressor.layers.recurrent import GATES
 
 Shape = tuple[Optional[int], ...]
 
@@ -82,6 +92,10 @@ def layer_flops(layer: Any, input_shapes: Sequence[Shape], output_shapes: Sequen
     try:
         if not isinstance(layer, L.Layer):
             return _size(output_shapes[0]) if type(layer).__name__ in ELEMENTWISE_OPS else 0
+        if isinstance(layer, L.Bidirectional):
+            return sum(_recurrent(side, input_shapes[0]) for side in (layer.forward_layer, layer.backward_layer))
+        if isinstance(layer, L.RNN):
+            return _recurrent(layer, input_shapes[0])
         for classes, rule in _RULES:
             if isinstance(layer, classes):
                 return int(rule(layer.get_config(), list(input_shapes), list(output_shapes)))
@@ -147,6 +161,33 @@ def _dense(config: dict, ins: list, outs: list) -> int:
     if features is None:
         raise _FreeDimension(ins[0])
     return 2 * _size(outs[0]) * features + _epilogue(config, outs[0])
+
+
+# Gate arithmetic per unit and time step besides the matrix products and biases (module docstring).
+GATE_ARITHMETIC = {"LSTMCell": 9, "GRUCell": 8, "SimpleRNNCell": 1}
+
+
+def _recurrent(layer: Any, input_shape: Shape) -> int:
+    """A recurrent layer's FLOPs over its input's time steps (module docstring); 0 for another RNN cell."""
+    cell = layer.cell
+    kind = next((name for name in GATES if isinstance(cell, getattr(L, name))), None)
+    if kind is None or len(input_shape) != 3:
+        return 0
+    steps, features = input_shape[1], input_shape[2]
+    if steps is None or features is None:
+        raise _FreeDimension(input_shape)
+    units = cell.units
+    width = GATES[kind] * units
+    products = _product_macs(features, width, getattr(cell, "input_rank", None))
+    products += _product_macs(units, width, getattr(cell, "recurrent_rank", None))
+    biases = 0
+    if cell.use_bias:
+        biases = width * (2 if kind == "GRUCell" and cell.reset_after else 1)
+    return steps * (2 * products + width + biases + GATE_ARITHMETIC[kind] * units)
+
+
+def _product_macs(rows: int, cols: int, rank: Optional[int]) -> int:
+    return rows * cols if rank is None else rank * (rows + cols)
 
 
 def _rescaling(config: dict, ins: list, outs: list) -> int:

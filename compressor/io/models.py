@@ -72,6 +72,7 @@ def load_model(
     path = Path(path)
     import_custom_objects(custom_objects)
     import compressor.layers.gating  # noqa: F401  (registers the gate layers of gated models)
+    import compressor.layers.recurrent  # noqa: F401  (registers the low-rank cells of compressed recurrent layers)
     check_model_path(path)  # before Keras: a damaged file is named by its damaged part
     if path.is_dir():
         model = _load_saved_model_dir(path, allow_model_code)

@@ -10,7 +10,7 @@ more: `guard_fraction` of it is the guard, which only the acceptance of models s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
@@ -60,7 +60,7 @@ def split_data(data: Dataset, test_fraction: float, seed: int,
                           source=data.source, first=names[0], second=names[1])
 
     def part(m: np.ndarray, name: str) -> Dataset:
-        return Dataset(data.x[m], None if data.y is None else data.y[m], f"{data.source} ({name})")
+        return replace(data.select(m), source=f"{data.source} ({name})")
 
     return part(~mask, names[0]), part(mask, names[1])
 
@@ -112,21 +112,23 @@ def load_model(options: CompressOptions, inputs: Inputs, log: Log) -> keras.Mode
     return load(options.model, options.custom_objects, allow_model_code=options.allow_model_code)
 
 
-def load_splits(model: keras.Model, options: CompressOptions, inputs: Inputs, metric: Optional[Metric] = None) -> Splits:
+def load_splits(model: keras.Model, options: CompressOptions, inputs: Inputs, metric: Optional[Metric] = None,
+                log: Log = lambda message: None) -> Splits:
     """The run's data, loaded and checked against the model, split by what it is for.
 
     Under `metric` agreement every split is labelled with the original's top-1 classes
-    (its own labels, if any, are not read), so top-1 accuracy on it is agreement.
+    (its own labels, if any, are not read), so top-1 accuracy on it is agreement. For a
+    model with several outputs the metric reads `options.metric_output` (labels: the
+    data's `y_<name>`, or `y`); unnamed, the first output with class scores for a class
+    metric (`compressor.graph.signature.metric_output`, with a note to `log`).
 
     Raises:
         DataError: Data that does not fit the model or the metric.
-        OptionError: fixed_loss on unlabelled data, or data too small to split.
+        OptionError: fixed_loss on unlabelled data, data too small to split, or no such output.
     """
-    from compressor.metrics import TOP1, output_index
+    from compressor.metrics import TOP1
 
-    metric = metric or TOP1
-    index = output_index(list(model.output_names), options.metric_output)
-    load = _data_loader(model, options, inputs, metric, index)
+    load = _data_loader(model, options, inputs, metric or TOP1, log)
     data = load("data")
     if options.method == "fixed_loss" and data is not None and data.y is None:
         raise OptionError("method fixed_loss needs labels: {source} has no 'y'", source=data.source)
@@ -145,34 +147,46 @@ def load_splits(model: keras.Model, options: CompressOptions, inputs: Inputs, me
     return Splits(search=search, held_out=held_out, train=load("train_data"), guard=guard)
 
 
-def _data_loader(model: keras.Model, options: CompressOptions, inputs: Inputs,
-                 metric: Metric, index: int = 0) -> Callable[[str], Optional[Dataset]]:
-    """Load an option's data (by option name), checked against the model: samples of its input shape, labels among its classes.
+def _data_loader(model: keras.Model, options: CompressOptions, inputs: Inputs, metric: Metric,
+                 log: Log) -> Callable[[str], Optional[Dataset]]:
+    """Load an option's data (by option name), checked against the model: samples of its input shapes, labels among its classes.
 
     In-memory data of `inputs` stands in for the option's file; None when there is neither.
+    For a model with several outputs, `y` labels the output the accuracy reads.
 
     Labels are checked here, right after the model loads, so that a label the model
     cannot predict stops the run before the search rather than at the timing step.
     """
-    from compressor.export.writers import single_input_shape
-    from compressor.io.data import check_fits, check_labels, load_data
-    from compressor.metrics import check_targets
+    from compressor.graph.signature import metric_output as choose_output, output_names, sample_shapes
+    from compressor.io.data import check_fits, check_labels, load_data, with_labels_of
+    from compressor.metrics import check_targets, output_index
 
-    shape = single_input_shape(model)[1:]
+    shape = sample_shapes(model)
     outputs = model.outputs
-    classes = outputs[0].shape[-1] if len(outputs) == 1 and len(outputs[0].shape) >= 2 else None
-    width = int(np.prod([d or 1 for d in outputs[0].shape[1:]]))
+    several = len(outputs) > 1
+    if several and options.metric_output is None and metric.labels != "classes":
+        output_index(output_names(model), None)  # a metric on numbers: the output must be named
+    output, note = choose_output(model, options.metric_output) if several else (None, None)
+    index = output_names(model).index(output) if several else 0
+    read = outputs[index]
+    classes = read.shape[-1] if len(read.shape) >= 2 else None
+    width = int(np.prod([d or 1 for d in read.shape[1:]]))
+    if note is not None and any(getattr(inputs, key) is not None or getattr(options, key) is not None
+                                for key in DATA_OPTIONS):
+        log(note)
 
     def load(option: str) -> Optional[Dataset]:
         data, spec = getattr(inputs, option), getattr(options, option)
         if data is None and spec is None:
             return None
         if data is None:
-            data = load_data(spec, input_shape=shape, targets=metric.labels == "targets")
+            data = load_data(spec, input_shape=shape, numeric=metric.labels == "targets")
         else:
             check_fits(data, shape)
         if metric.name == "agreement":
-            return _labelled_by(model, data, index)
+            return _labelled_by(model, data, index, output)
+        if output is not None:
+            data = with_labels_of(data, output, numeric=metric.labels == "targets")
         if classes is not None and metric.labels == "classes":
             check_labels(data, int(classes))
         if data.y is not None and metric.labels == "targets":
@@ -182,11 +196,11 @@ def _data_loader(model: keras.Model, options: CompressOptions, inputs: Inputs,
     return load
 
 
-def _labelled_by(model: keras.Model, data: Dataset, index: int = 0) -> Dataset:
+def _labelled_by(model: keras.Model, data: Dataset, index: int = 0, output: Optional[str] = None) -> Dataset:
     """`data` with the original model's top-1 class of each sample (output `index`) as its label (metric agreement)."""
     from compressor.bench.benchmark import top1_classes
+    from compressor.graph.signature import pick_output
 
-    outputs = model.predict(data.x, batch_size=256, verbose=0)
-    outputs = outputs[index] if isinstance(outputs, (list, tuple)) else outputs
+    outputs = pick_output(model.predict(data.x, batch_size=256, verbose=0), index)
     outputs = np.asarray(outputs).reshape(len(data), -1)
-    return Dataset(data.x, top1_classes(outputs), data.source)
+    return replace(data, y=top1_classes(outputs), output=output)

@@ -42,8 +42,8 @@ def compress_into(options: CompressOptions, staging: Path, progress: Progress, l
     check_data_and_plan(options, inputs)  # before the model loads; loading checks the model file
     metric = options.metric_spec()  # a hook imports here, before the model loads
     model = load_model(options, inputs, log)
-    ctx = RunContext(options, model, load_splits(model, options, inputs, metric), options.budget(), staging, log,
-                     progress, metric)
+    splits = load_splits(model, options, inputs, metric, log)
+    ctx = RunContext(options, model, splits, options.budget(), staging, log, progress, metric)
     load_s = time.perf_counter() - started
     log("converting the original model")  # the export preflight: a layer no format takes fails here, before the search
     baselines = export_baselines(ctx)

@@ -120,7 +120,7 @@ def layer_candidates(
         layer = calls[0].operation
         order.append(name)
         if name not in editable:
-            skipped[name] = SkippedLayer(name, why_not_editable(model, name) or "cannot be replaced")
+            skipped[name] = SkippedLayer(name, _not_editable_reason(model, name, layer, wanted, registry))
             continue
         try:
             found = _layer_options(name, layer, calls, wanted, pattern, registry)
@@ -157,6 +157,18 @@ def baseline_cost(model: keras.Model, candidates: Sequence[LayerCandidates]) -> 
         known = by_name.get(candidate.name)
         flops += candidate.flops - (known.flops if known is not None else 0)
     return int(model.count_params()), int(flops)
+
+
+def _not_editable_reason(
+    model: keras.Model, name: str, layer: Any, wanted: frozenset[str], registry: Registry
+) -> str:
+    """Why the rewriter cannot replace the layer, and why no technique would edit it if it could."""
+    reason = why_not_editable(model, name) or "cannot be replaced"
+    try:
+        refusal = technique_for(layer, wanted, registry=registry).reason
+    except (CompressorError, ValueError, TypeError, AttributeError):  # a layer call_shapes cannot cost
+        refusal = None
+    return f"{reason}; {refusal}" if refusal else reason
 
 
 def _calls_with_weights(model: keras.Model) -> dict[str, list[LayerCall]]:

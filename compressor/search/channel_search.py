@@ -16,13 +16,11 @@ Budgets:
   at most MARGIN × budget, `compressor.search.budgets.MARGIN`). A step that does not
   hold although its drop on the search data is within the budget (its bound missed, not
   its drop) is fine-tuned once more, in another order of the data, and checked again. A
-  step that still does not hold is retried with a smaller step (the square root of the kept fraction), and the
-  search stops after RETRIES + 1 misses in a row; a kept step starts the count again and the search goes on
-  at the smaller step. Without
-  fine-tuning, pruning once from the original is monotone enough for a bisection on
-  the kept fraction. A step that holds on the search data is then shown to `accept`
-  when given (the run's guard, `compressor.pipeline.acceptance`): the first step it
-  rejects ends the search, with the last accepted model.
+  step that still misses is retried smaller (the square root of the kept fraction); RETRIES + 1
+  misses in a row end the search (a kept step starts the count again). Without fine-tuning,
+  pruning once from the original is monotone enough for a bisection on the kept fraction.
+  A step that holds on the search data is then shown to `accept` when given (the run's
+  guard, `compressor.pipeline.acceptance`): the first step it rejects ends the search.
 
 Removals are tracked as each producer's original output indices, so the result is a
 list of `ChannelRemoval`s of the ORIGINAL model's groups that `prune_channels`
@@ -31,10 +29,9 @@ replays, whatever steps it took.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import keras
@@ -445,7 +442,7 @@ class _Run:
             self.teacher_outputs = teacher_predictions(self.original, self.train_data.x)
         config = self.settings.finetune
         if run:
-            config = dataclasses.replace(config, seed=config.seed + run)
+            config = replace(config, seed=config.seed + run)
         result = finetune(
             candidate, None, self.train_data, config,
             val=self.search_data if _labelled(self.search_data) else None,
@@ -482,11 +479,8 @@ class _Run:
         return expected_upper(measured, samples) <= self.budget.limit + 1e-12
 
     def _near(self, correct: np.ndarray) -> bool:
-        """Whether a step that does not hold lost at most the budget on the search data (its bound, not its drop, missed).
-
-        Such a step is usually still recovering: one more fine-tuning run of it costs
-        less than the smaller step that would replace it.
-        """
+        """Whether a step that does not hold lost at most the budget on the search data (its bound, not its drop,
+        missed): usually still recovering, so one more fine-tuning run costs less than a smaller step."""
         return self.budget.met(achieved_drop(self.baseline_accuracy, float(correct.mean())))
 
     def _score_data(self) -> Optional[Dataset]:

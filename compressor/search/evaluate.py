@@ -15,20 +15,21 @@ samples (a noise-to-signal ratio; the original's outputs come from the first pas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Optional
 
 import keras
 import numpy as np
 
 from compressor.errors import DataError
-from compressor.io.data import Dataset
+from compressor.graph.signature import output_index, pick_output
+from compressor.io.data import Dataset, sample_rows
 from compressor.metrics import TOP1, Metric
 from compressor.search.kernels import KernelCache
 from compressor.surgery.editable import editable_layers
 from compressor.surgery.plan import LayerEdit, PlanError
 from compressor.surgery.rewrite import rewrite_model
-from compressor.techniques.base import kernel_index, kernel_name
+from compressor.techniques.base import assign_searched_kernel, kernel_name, searched_kernel
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -36,20 +37,22 @@ DEFAULT_BATCH_SIZE = 256
 def correct_predictions(model: keras.Model, data: Dataset, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     """Per sample of labelled `data`, whether the model's top output is its label (inference mode).
 
-    Read as the artifacts are (`compressor.bench.benchmark.top1_classes`).
+    Read as the artifacts are (`compressor.bench.benchmark.top1_classes`); for a model
+    with several outputs, the output `data.y` labels (`data.output`).
     """
     from compressor.bench.benchmark import top1_classes
 
-    outputs = np.asarray(model.predict(data.x, batch_size=batch_size, verbose=0)).reshape(len(data), -1)
+    predicted = model.predict(data.x, batch_size=batch_size, verbose=0)
+    outputs = np.asarray(pick_output(predicted, output_index(model, data.output))).reshape(len(data), -1)
     return top1_classes(outputs) == np.asarray(data.y)
 
 
 def sample_values(model: keras.Model, data: Dataset, metric: Metric = TOP1,
                   batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     """Per sample of `data`, the metric's value for the model (`Metric.values`; top-1: `correct_predictions`)."""
-    outputs = model.predict(data.x, batch_size=batch_size, verbose=0)
-    outputs = keras.tree.flatten(outputs)[0] if isinstance(outputs, (list, tuple, dict)) else outputs
-    return metric.values(np.asarray(outputs).reshape(len(data), -1), data.y)
+    predicted = model.predict(data.x, batch_size=batch_size, verbose=0)
+    outputs = np.asarray(pick_output(predicted, output_index(model, data.output))).reshape(len(data), -1)
+    return metric.values(outputs, data.y)
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,8 @@ class Measurement:
     Attributes:
         correct: Samples classified right (top-1); under another metric, the sum of the
             per-sample scores (`Metric.scores`, the original's mean value as reference).
-        output_error: Σ‖f̂(x) − f(x)‖² / Σ‖f(x)‖² of the first output against the
-            original model's, over all samples; 0 for the original, inf when the
+        output_error: Σ‖f̂(x) − f(x)‖² / Σ‖f(x)‖² of the output the labels read (the
+            first, or `Dataset.output`) against the original model's, over all samples; 0 for the original, inf when the
             outputs are not finite.
     """
 
@@ -107,11 +110,15 @@ class Evaluator:
         self._copy = rewrite_model(model, {})
         self._layers = editable_layers(self._copy)
         self._saved: dict[str, np.ndarray] = {}
-        self._predict = _compiled_predict(self._copy, data) if metric.is_top1 else _compiled_outputs(self._copy, data)
-        self._batches = _batches(data, batch_size) if metric.is_top1 else [(x, None) for x, _ in _batches(
-            Dataset(data.x, np.zeros(len(data), np.int64), data.source), batch_size)]
+        index = output_index(self._copy, data.output)
+        if metric.is_top1:
+            self._predict, self._batches = _compiled_predict(self._copy, data, index), _batches(data, batch_size)
+        else:
+            unlabelled = replace(data, y=np.zeros(len(data), np.int64))  # the metric reads the labels in NumPy
+            self._predict = _compiled_outputs(self._copy, data, index)
+            self._batches = [(x, None) for x, _ in _batches(unlabelled, batch_size)]
         self._references: Optional[list[np.ndarray]] = None  # the original's outputs, per batch
-        classes = _output_classes(self._copy)
+        classes = _output_classes(self._copy, index)
         if metric.labels == "classes" and int(data.y.max()) >= max(classes, 2):
             raise DataError(
                 f"data from {data.source} has labels up to {int(data.y.max())}, but the model "
@@ -176,13 +183,13 @@ class Evaluator:
             raise PlanError(f"the edit of layer {edit.layer!r} does not name a layer with a kernel in the model")
         if edit.layer in self._saved:
             raise PlanError(f"two edits of layer {edit.layer!r} in one evaluation")
-        variable = _kernel_variable(self._layers[edit.layer])
-        self._saved[edit.layer] = keras.ops.convert_to_numpy(variable)
-        variable.assign(self.kernels.get(self._originals[edit.layer], edit).kernel)
+        layer = self._layers[edit.layer]
+        self._saved[edit.layer] = searched_kernel(layer)
+        assign_searched_kernel(layer, self.kernels.get(self._originals[edit.layer], edit).kernel)
 
     def _restore(self) -> None:
         for name, kernel in self._saved.items():
-            _kernel_variable(self._layers[name]).assign(kernel)
+            assign_searched_kernel(self._layers[name], kernel)
         self._saved.clear()
 
 
@@ -197,12 +204,8 @@ def check_labels(data: Dataset) -> None:
         raise DataError(f"data from {data.source} has no samples")
 
 
-def _kernel_variable(layer: Any) -> Any:
-    return layer.weights[kernel_index(layer)]
-
-
-def _output_classes(model: keras.Model) -> int:
-    output = keras.tree.flatten(model.outputs)[0]
+def _output_classes(model: keras.Model, index: int = 0) -> int:
+    output = keras.tree.flatten(model.outputs)[index]
     return int(np.prod([d for d in output.shape[1:] if d is not None] or [1]))
 
 
@@ -210,39 +213,48 @@ def _batches(data: Dataset, batch_size: int) -> list[tuple[Any, Any]]:
     import tensorflow as tf
 
     return [
-        (tf.constant(data.x[start : start + batch_size]), tf.constant(data.y[start : start + batch_size]))
+        (tf.nest.map_structure(tf.constant, sample_rows(data.x, slice(start, start + batch_size))),
+         tf.constant(data.y[start : start + batch_size]))
         for start in range(0, len(data), batch_size)
     ]
 
 
-def _compiled_outputs(model: keras.Model, data: Dataset) -> Any:
-    """A tf.function samples → outputs flattened per sample (the first output), for metrics scored in NumPy."""
+def _sample_spec(data: Dataset) -> Any:
+    """The tf.TensorSpec of a batch of `data`'s samples (a dict by input name for several inputs)."""
     import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec((None, *data.x.shape[1:]), tf.as_dtype(data.x.dtype))])
+    def spec(values: np.ndarray) -> Any:
+        return tf.TensorSpec((None, *values.shape[1:]), tf.as_dtype(values.dtype))
+
+    return {name: spec(v) for name, v in data.x.items()} if isinstance(data.x, dict) else spec(data.x)
+
+
+def _compiled_outputs(model: keras.Model, data: Dataset, index: int = 0) -> Any:
+    """A tf.function samples → output `index` flattened per sample, for metrics scored in NumPy."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[_sample_spec(data)])
     def predict(x: Any) -> Any:
-        outputs = keras.tree.flatten(model(x, training=False))[0]
+        outputs = keras.tree.flatten(model(x, training=False))[index]
         return tf.reshape(outputs, (-1, int(np.prod(outputs.shape[1:]))))
 
     return predict
 
 
-def _compiled_predict(model: keras.Model, data: Dataset) -> Any:
+def _compiled_predict(model: keras.Model, data: Dataset, index: int = 0) -> Any:
     """A tf.function (samples, labels) → (number classified right, outputs flattened per sample).
 
-    Read like `compressor.bench.benchmark.top1_accuracy`: the first output, flattened
-    per sample; a single column is a sigmoid probability thresholded at 0.5.
+    Read like `compressor.bench.benchmark.top1_accuracy`: output `index` (the first
+    unless the labels read another), flattened per sample; a single column is a
+    sigmoid probability thresholded at 0.5. Samples of several inputs are a dict by input name.
     """
     import tensorflow as tf
 
-    signature = [
-        tf.TensorSpec((None, *data.x.shape[1:]), tf.as_dtype(data.x.dtype)),
-        tf.TensorSpec((None,), tf.as_dtype(data.y.dtype)),
-    ]
+    signature = [_sample_spec(data), tf.TensorSpec((None,), tf.as_dtype(data.y.dtype))]
 
     @tf.function(input_signature=signature)
     def predict(x: Any, y: Any) -> Any:
-        outputs = keras.tree.flatten(model(x, training=False))[0]
+        outputs = keras.tree.flatten(model(x, training=False))[index]
         width = int(np.prod(outputs.shape[1:]))  # static: the model's output shape is known
         outputs = tf.reshape(outputs, (-1, width))
         if width == 1:

@@ -26,10 +26,15 @@ def model_fingerprint(model: Any) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def data_fingerprint(x: np.ndarray, y: Optional[np.ndarray]) -> str:
-    """"sha256:<hex>" of the samples and labels (values, dtypes and shapes)."""
+def data_fingerprint(x: np.ndarray | dict, y: Optional[np.ndarray]) -> str:
+    """"sha256:<hex>" of the samples and labels (values, dtypes and shapes); samples of several inputs by name."""
     digest = hashlib.sha256()
-    for array in (x, y):
+    arrays = [x, y]
+    if isinstance(x, dict):
+        for name in x:
+            digest.update(f"input {name}".encode())
+        arrays = [*x.values(), y]
+    for array in arrays:
         if array is None:
             digest.update(b"none")
             continue

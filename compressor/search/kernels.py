@@ -5,7 +5,8 @@ low-rank chain) is linear in the kernel: what the replacement computes equals th
 original layer with its main kernel W replaced by one kernel Ŵ of the same shape
 (`compressor.techniques.base.effective_kernel`). Building Ŵ is the expensive part
 (a Tucker-2 HOOI, robust-PCA alternations), so it is cached here, keyed by the edit
-(whose layer name is qualified, so one cache serves one model).
+(whose layer name is qualified, so one cache serves one model). A recurrent layer's
+Ŵ is its input and recurrent kernels stacked (`compressor.techniques.recurrent`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from compressor.surgery.plan import LayerEdit
-from compressor.techniques.base import effective_kernel, kernel_of, relative_error
+from compressor.techniques.base import effective_kernel, relative_error, searched_kernel
 from compressor.techniques.registry import DEFAULT_REGISTRY, Registry
 
 DEFAULT_MAX_BYTES = 1 << 30
@@ -75,7 +76,7 @@ class KernelCache:
 
     def _build(self, layer: Any, edit: LayerEdit) -> EffectiveKernel:
         self.builds += 1
-        original = kernel_of(layer)
+        original = searched_kernel(layer)
         approx = effective_kernel(layer, self.registry[edit.technique].build(layer, edit))
         error = relative_error(original.astype(np.float64), approx)
         return EffectiveKernel(np.ascontiguousarray(approx, dtype=original.dtype), error)

@@ -26,6 +26,7 @@ from compressor.errors import CompressorError
 from compressor.graph.flops import CONV_TRANSPOSE, DEPTHWISE, SEPARABLE, Shape, layer_flops
 from compressor.surgery.plan import LayerEdit, PlanError, SparsitySpec
 from compressor.surgery.replacement import Replacement
+from compressor.techniques import recurrent
 from compressor.techniques.params import Param
 
 NOMINAL_SIZE = 32  # spatial size assumed for free (None) dimensions when costing a layer
@@ -376,15 +377,36 @@ def effective_kernel(layer: Any, replacement: Replacement) -> np.ndarray:
 
     A chain of several layers is composed (all but its one spatial kernel are
     pointwise), plus the residual branch's kernel; a one-layer chain (a masked
-    clone) is read at the position of the original's main kernel.
+    clone) is read at the position of the original's main kernel. A recurrent
+    layer's is its two kernels stacked (`searched_kernel`).
     """
+    if recurrent.is_recurrent(layer):
+        return recurrent.composed(layer, replacement.chain[0].weights)
     if len(replacement.chain) == 1:
         kernel = np.asarray(replacement.chain[0].weights[kernel_index(layer)], dtype=np.float64)
     else:
-        kernel = compose_kernels([np.asarray(piece.weights[0], dtype=np.float64) for piece in replacement.chain])
+        kernel = compose_kernels([piece_kernel(piece) for piece in replacement.chain])
     if replacement.branch is not None:
-        kernel = kernel + replacement.branch.weights[0]
+        kernel = kernel + piece_kernel(replacement.branch)
     return kernel
+
+
+def searched_kernel(layer: Any) -> np.ndarray:
+    """The kernel the search compares effective kernels with: `kernel_of`, a recurrent layer's [W; U]."""
+    return recurrent.searched_kernel(layer) if recurrent.is_recurrent(layer) else kernel_of(layer)
+
+
+def assign_searched_kernel(layer: Any, kernel: np.ndarray) -> None:
+    """Set the layer's main kernel (a recurrent layer's W and U) to a `searched_kernel`-shaped value."""
+    if recurrent.is_recurrent(layer):
+        recurrent.assign_searched_kernel(layer, kernel)
+    else:
+        layer.weights[kernel_index(layer)].assign(kernel)
+
+
+def piece_kernel(piece: Any) -> np.ndarray:
+    """A new layer's main kernel in float64: its first weight, a separable convolution's pointwise one."""
+    return np.asarray(piece.weights[1 if isinstance(piece.layer, SEPARABLE) else 0], dtype=np.float64)
 
 
 def compose_kernels(kernels: Sequence[np.ndarray]) -> np.ndarray:
@@ -430,7 +452,7 @@ def reconstruction_error(
         from compressor.techniques.registry import DEFAULT_REGISTRY  # the registry imports the technique modules
 
         replacement = (DEFAULT_REGISTRY if registry is None else registry)[edit.technique].build(layer, edit)
-    kernel = kernel_of(layer).astype(np.float64)
+    kernel = searched_kernel(layer).astype(np.float64)
     approx = effective_kernel(layer, replacement)
     return relative_error(kernel, approx)
 

@@ -14,7 +14,7 @@ diagonal, so the OBD importance of W*_ij is exact under K-FAC: ½ λ_A,i λ_G,j
     1×1 (Cin→R1, kernel Q_A[:, kept]) → k×k (R1→R2, W*[kept, kept], original
     strides/padding/dilation) → 1×1 (R2→Cout, Q_G[:, kept]ᵀ, original bias and activation)
 
-the shape of Tucker-2, built by the same `lowrank.assemble_chain`. A pointwise kernel
+the shape of Tucker-2, built by the same `chains.assemble_chain`. A pointwise kernel
 (Dense, 1×1 Conv2D, Conv1D of size 1) has no spatial core to keep: its three
 matrices are multiplied into two layers through min(R1, R2), which is always cheaper
 than three (Cin·R1 + R1·R2 + R2·Cout > (Cin + Cout)·min(R1, R2)) and computes the
@@ -48,7 +48,8 @@ from compressor.techniques.base import (
     round_half_up,
 )
 from compressor.techniques.kfac import SUPPORTED, KFactors, check_fit, kfac_factors, unsupported_reason
-from compressor.techniques.lowrank import RANK_FRACTIONS, assemble_chain, svd_cost, tucker_cost
+from compressor.techniques.chains import assemble_chain
+from compressor.techniques.lowrank import RANK_FRACTIONS, svd_cost, tucker_cost
 from compressor.techniques.params import RANKS, Param
 
 # Eigenvalues are clipped at DAMPING × the largest: far below any direction that

@@ -9,6 +9,9 @@
 - Truncated SVD ("svd") of a 1×1 Conv2D, Conv1D or Dense kernel seen as a
   (taps × Cin, Cout) matrix: W ≈ (U√Σ)(√Σ Vᵀ), run as the original layer narrowed to
   r outputs without bias, then a pointwise layer r→Cout with the bias and activation.
+  A separable convolution's pointwise kernel likewise: the separable layer narrowed to
+  r outputs (its depthwise kernel unchanged), then a 1×1 convolution r→Cout
+  (`compressor.techniques.chains`).
 - Hybrid: W ≈ L + S, L low-rank and S sparse in a `SparsitySpec` pattern, found by
   alternating L = lowrank(W − S) and S = the pattern's best part of W − L (robust-PCA
   style). S runs in a parallel branch: a layer configured like the original (kernel
@@ -25,33 +28,34 @@ import keras
 import numpy as np
 from tensorly.decomposition import partial_tucker
 
+from compressor.graph.flops import SEPARABLE
 from compressor.surgery.plan import LayerEdit, PlanError, SparsitySpec
-from compressor.surgery.replacement import Piece, Replacement
+from compressor.surgery.replacement import Replacement
 from compressor.techniques.base import (
     LayerTechnique,
     Shape,
     activation_name,
     call_shapes,
     kept_count,
+    kernel_index,
     kernel_name,
     kernel_of,
     layer_cost,
     relative_error,
 )
+from compressor.techniques import recurrent
+from compressor.techniques.chains import assemble_chain
 from compressor.techniques.params import PATTERN, RANK, RANKS, Param
 from compressor.techniques.rank_errors import one_blas_thread, svd_errors, tucker2_errors
 from compressor.techniques.sparsity import masked
 
+ATTENTION_REASON = (
+    "its query, key, value and output projections are EinsumDense layers inside the attention layer, "
+    "which are not factorized; the Dense layers around it are"
+)
 RANK_FRACTIONS = (3 / 4, 5 / 8, 1 / 2, 3 / 8, 1 / 4, 1 / 8, 1 / 16)
 RESIDUAL_DENSITIES = (0.1, 0.05, 0.02, 0.01)
 HYBRID_ITERATIONS = 5
-# Config entries the new layers inherit from the layer they replace.
-CARRIED = (
-    "trainable", "dtype", "data_format",
-    "kernel_initializer", "bias_initializer", "kernel_regularizer", "bias_regularizer",
-    "kernel_constraint", "bias_constraint",
-)  # fmt: skip
-
 Factors = tuple[np.ndarray, ...]
 
 
@@ -150,19 +154,31 @@ def tucker_cost(
 def svd_cost(
     layer: Any, rank: int, residual: Optional[SparsitySpec], input_shape: Shape, output_shape: Shape
 ) -> tuple[int, int]:
-    """(params, FLOPs) at batch 1 of the kernel as a (taps × Cin, Cout) matrix through `rank`, plus a residual."""
-    kernel_shape = tuple(layer.kernel.shape)
+    """(params, FLOPs) at batch 1 of the kernel as a (taps × Cin, Cout) matrix through `rank`, plus a residual.
+
+    A separable convolution keeps its depthwise part as it is; its pointwise kernel is the matrix.
+    """
+    kernel_shape = main_kernel_shape(layer)
     rows, c_out = math.prod(kernel_shape[:-1]), kernel_shape[-1]
     out_positions = math.prod(output_shape[1:]) // c_out
     params = (rows + c_out) * rank
     flops = 2 * out_positions * (rows + c_out) * rank
+    if isinstance(layer, SEPARABLE):
+        taps = math.prod(layer.depthwise_kernel.shape)
+        params += taps
+        flops += 2 * out_positions * taps
     return _with_bias_and_residual(layer, params, flops, residual, output_shape)
+
+
+def main_kernel_shape(layer: Any) -> tuple[int, ...]:
+    """Shape of the kernel a technique works on (`kernel_name`: a separable one's pointwise kernel)."""
+    return tuple(int(d) for d in layer.weights[kernel_index(layer)].shape)
 
 
 def _with_bias_and_residual(
     layer: Any, params: int, flops: int, residual: Optional[SparsitySpec], output_shape: Shape
 ) -> tuple[int, int]:
-    kernel_shape = tuple(layer.kernel.shape)
+    kernel_shape = main_kernel_shape(layer)
     c_out = kernel_shape[-1]
     out_size = math.prod(output_shape[1:])
     params += c_out if layer.use_bias else 0
@@ -201,8 +217,8 @@ class LowRank(LayerTechnique):
         Raises:
             PlanError: The residual pattern does not fit the layer's kernel.
         """
-        if self.applies(layer) is not None:
-            return []
+        if self.applies(layer) is not None or (residual is not None and _no_residual(layer)):
+            return []  # a residual beside a separable convolution would run its depthwise part twice
         input_shape, output_shape = call_shapes(layer, input_shape, output_shape)
         params, flops = layer_cost(layer, input_shape, output_shape)
         if residual is None:
@@ -212,12 +228,12 @@ class LowRank(LayerTechnique):
             residuals = tuple(
                 SparsitySpec(d, residual.structure, residual.block_size, residual.n, residual.m) for d in densities
             )
-            kept_count(tuple(layer.kernel.shape), residuals[0])  # raises if the pattern does not fit
+            kept_count(main_kernel_shape(layer), residuals[0])  # raises if the pattern does not fit
         found: dict[tuple, tuple[tuple[int, int], LayerEdit]] = {}
-        for rank in self._ranks(tuple(layer.kernel.shape)):
+        for rank in self._layer_ranks(layer):
             for spec in residuals:
                 edit = LayerEdit(layer.name, self.name, {self.params[0].name: rank, "residual": spec})
-                kept = kept_count(tuple(layer.kernel.shape), spec) if spec else 0
+                kept = kept_count(main_kernel_shape(layer), spec) if spec else 0
                 if spec is not None and not kept:
                     continue  # an empty residual: the plain low-rank edit
                 cost = self.cost(layer, edit, input_shape, output_shape)
@@ -242,6 +258,8 @@ class LowRank(LayerTechnique):
         fit, compose = self._fit(kernel.shape, edit)
         wide = kernel.astype(np.float64)
         residual = edit.params.get("residual")
+        if residual is not None and _no_residual(layer):
+            raise PlanError(f"{self.name} edits of separable convolution {layer.name!r} take no residual")
         sparse = None
         with one_blas_thread():  # small problems: threads only spin on busy cores (`rank_errors`)
             if residual is not None and kept_count(kernel.shape, residual):
@@ -272,6 +290,9 @@ class LowRank(LayerTechnique):
         return found
 
     # Subclass hooks.
+    def _layer_ranks(self, layer: Any) -> list:
+        return self._ranks(main_kernel_shape(layer))
+
     def _rank_errors(self, kernel: np.ndarray, ranks: list) -> list[float]:
         raise NotImplementedError
 
@@ -303,7 +324,7 @@ class Tucker(LowRank):
             if math.prod(layer.kernel_size) == 1:
                 return "kernel is 1x1: use svd"
             return _grouped_reason(layer)
-        if isinstance(layer, (keras.layers.Conv1D, keras.layers.Dense)):
+        if isinstance(layer, (keras.layers.Conv1D, keras.layers.Dense, keras.layers.MultiHeadAttention) + SEPARABLE + recurrent.RECURRENT):
             return f"tucker factorizes kxk Conv2D kernels: use svd for {type(layer).__name__}"
         return f"tucker applies to Conv2D layers, not {type(layer).__name__}"
 
@@ -340,7 +361,11 @@ class Tucker(LowRank):
 
 
 class SVD(LowRank):
-    """Truncated SVD of 1×1 Conv2D, Conv1D and Dense kernels (groups 1) into two layers."""
+    """Truncated SVD of 1×1 Conv2D, Conv1D and Dense kernels (groups 1) into two layers.
+
+    A SeparableConv1D/2D is factorized through its pointwise kernel: separable
+    (depthwise as it was, pointwise Cin → r) then a 1×1 convolution r → Cout.
+    """
 
     name = "svd"
     params = (Param("rank", RANK), Param("residual", PATTERN, required=False))
@@ -354,12 +379,50 @@ class SVD(LowRank):
             return f"kernel is {size}: use tucker"
         if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)):
             return _grouped_reason(layer)
-        if isinstance(layer, keras.layers.Dense):
+        if isinstance(layer, (keras.layers.Dense,) + SEPARABLE):
             return None
-        return f"svd applies to Dense, Conv1D and 1x1 Conv2D layers, not {type(layer).__name__}"
+        if recurrent.is_recurrent(layer):
+            return recurrent.recurrent_reason(layer)
+        if isinstance(layer, keras.layers.MultiHeadAttention):
+            return ATTENTION_REASON
+        return (
+            "svd applies to Dense, Conv1D, 1x1 Conv2D, separable convolution, LSTM, GRU and SimpleRNN layers, "
+            f"not {type(layer).__name__}"
+        )
 
     def cost(self, layer: Any, edit: LayerEdit, input_shape: Shape, output_shape: Shape) -> tuple[int, int]:
+        if recurrent.is_recurrent(layer):
+            return recurrent.recurrent_cost(layer, edit.params["rank"], input_shape, output_shape)
         return svd_cost(layer, edit.params["rank"], edit.params.get("residual"), input_shape, output_shape)
+
+    def build(self, layer: Any, edit: LayerEdit) -> Replacement:
+        if not recurrent.is_recurrent(layer):
+            return super().build(layer, edit)
+        self.check_edit(layer, edit)
+        reason = self.applies(layer)
+        if reason is not None:
+            raise PlanError(f"cannot apply {self.name} to {layer.name!r}: {reason}")
+        if edit.params.get("residual") is not None:
+            raise PlanError(f"{self.name} edits of recurrent layer {layer.name!r} take no residual")
+        self._validate_rank(layer.name, (layer.cell.units, layer.cell.units), edit)
+        with one_blas_thread():
+            return recurrent.build_recurrent(layer, edit.params["rank"], truncated_svd)
+
+    def kernel_errors(self, layer: Any, edits: Sequence[LayerEdit]) -> list[Optional[float]]:
+        if not recurrent.is_recurrent(layer) or self.applies(layer) is not None:
+            return super().kernel_errors(layer, edits)
+        plain = [i for i, edit in enumerate(edits) if edit.technique == self.name and edit.params.get("residual") is None]
+        for i in plain:
+            self._validate_rank(layer.name, (layer.cell.units, layer.cell.units), edits[i])
+        found: list[Optional[float]] = [None] * len(edits)
+        for i, error in zip(plain, recurrent.recurrent_errors(layer, [edits[i].params["rank"] for i in plain])):
+            found[i] = error
+        return found
+
+    def _layer_ranks(self, layer: Any) -> list:
+        if recurrent.is_recurrent(layer):
+            return recurrent.ranks(layer, RANK_FRACTIONS)
+        return super()._layer_ranks(layer)
 
     def _ranks(self, kernel_shape: tuple[int, ...]) -> list[int]:
         full = min(math.prod(kernel_shape[:-1]), kernel_shape[-1])
@@ -402,6 +465,11 @@ def _fraction(fraction: float, full: int) -> int:
     return max(1, int(round(fraction * full)))
 
 
+def _no_residual(layer: Any) -> bool:
+    """Layers whose edits take no sparse residual: separable convolutions and recurrent layers."""
+    return isinstance(layer, SEPARABLE) or recurrent.is_recurrent(layer)
+
+
 def _common_reason(layer: Any) -> Optional[str]:
     if kernel_name(layer) is None:
         return "has no kernel to factorize"
@@ -413,85 +481,3 @@ def _common_reason(layer: Any) -> Optional[str]:
 def _grouped_reason(layer: Any) -> Optional[str]:
     groups = getattr(layer, "groups", 1)
     return f"grouped convolution (groups={groups})" if groups != 1 else None
-
-
-# --- layers -----------------------------------------------------------------------------
-
-
-def assemble_chain(
-    layer: Any, kernels: list[tuple[str, np.ndarray, bool]], sparse: Optional[np.ndarray], notes: dict
-) -> Replacement:
-    """The replacement of `layer` by a chain of kernels (the last with its bias and activation).
-
-    Args:
-        layer: The original layer (a Conv1D, Conv2D or Dense).
-        kernels: (name suffix, kernel in pattern layout, spatial) per chain layer, in
-            order; spatial: it keeps the original's strides, padding and dilation.
-        sparse: A residual kernel shaped like the original's, run in a parallel
-            branch; the activation then moves after the sum. None: no branch.
-        notes: The replacement's notes (reconstruction error etc.).
-    """
-    dtype = kernel_of(layer).dtype
-    activation = activation_name(layer)
-    bias = [keras.ops.convert_to_numpy(layer.bias)] if layer.use_bias else []
-    chain = []
-    for position, (suffix, kernel, spatial) in enumerate(kernels):
-        last = position == len(kernels) - 1
-        new = derived_layer(
-            layer,
-            suffix,
-            width=kernel.shape[-1],
-            kernel_size=kernel.shape[:-2],
-            spatial=spatial,
-            use_bias=last and layer.use_bias,
-            activation=activation if last and sparse is None else None,
-            output=last and sparse is None,
-        )
-        chain.append(Piece(new, [kernel.astype(dtype)] + (bias if last else [])))
-    if sparse is None:
-        return Replacement(chain=chain, notes=notes)
-    branch = derived_layer(
-        layer, "residual", width=sparse.shape[-1], kernel_size=sparse.shape[:-2], spatial=True, use_bias=False
-    )
-    return Replacement(chain=chain, branch=Piece(branch, [sparse.astype(dtype)]), activation=activation, notes=notes)
-
-
-def derived_layer(
-    layer: Any,
-    suffix: str,
-    width: int,
-    kernel_size: tuple[int, ...],
-    spatial: bool,
-    use_bias: bool,
-    activation: Optional[Any] = None,
-    output: bool = False,
-) -> Any:
-    """A new Conv1D/Conv2D/Dense (the original's base class) named `<name>_<suffix>`.
-
-    It keeps the original's dtype policy, data format, initializers, regularizers and
-    constraints.
-
-    Args:
-        layer: The original layer.
-        suffix: Appended to the original's name.
-        width: Output channels (filters or units).
-        kernel_size: Its kernel's spatial size (ignored for Dense).
-        spatial: Keep the original's strides, padding and dilation (else 1, "valid", 1).
-        use_bias: Whether it has a bias.
-        activation: Its fused activation (None: linear).
-        output: It produces the layer's output: it also gets the activity regularizer.
-    """
-    config = layer.get_config()
-    new = {key: config[key] for key in CARRIED if key in config}
-    new.update(name=f"{layer.name}_{suffix}", use_bias=use_bias, activation=activation)
-    if output and config.get("activity_regularizer") is not None:
-        new["activity_regularizer"] = config["activity_regularizer"]
-    if isinstance(layer, keras.layers.Dense):
-        return keras.layers.Dense.from_config({**new, "units": width})
-    cls = keras.layers.Conv1D if isinstance(layer, keras.layers.Conv1D) else keras.layers.Conv2D
-    new.update(filters=width, kernel_size=tuple(kernel_size), groups=1)
-    if spatial:
-        new.update(strides=config["strides"], padding=config["padding"], dilation_rate=config["dilation_rate"])
-    else:
-        new.update(strides=1, padding="valid", dilation_rate=1)
-    return cls.from_config(new)
