@@ -12,7 +12,7 @@ def _group(name, size, producers=None, prunable=True):
     producers = producers or (name,)
     return SimpleNamespace(
         name=name, size=size, producers=producers, prunable=prunable, reason=None if prunable else "blocked",
-        indices={p: np.arange(size) for p in producers},
+        indices={p: np.arange(size) for p in producers}, output_indices={p: np.arange(size) for p in producers},
     )
 
 

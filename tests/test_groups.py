@@ -171,7 +171,7 @@ def test_squeeze_excitation_multiply_joins_the_gate_to_the_feature_map(dense):
     assert groups["se_reduce"].consumers == ("se_expand",)
 
 
-def test_layer_normalization_blocks_the_channels_it_reads():
+def test_layer_normalization_over_channels_passes_them_through():
     keras = _keras()
     layers = keras.layers
     inputs = keras.Input((6, 6, 2), name="image")
@@ -179,9 +179,8 @@ def test_layer_normalization_blocks_the_channels_it_reads():
     x = layers.LayerNormalization(name="ln")(x)
     x = layers.Conv2D(4, 3, name="b")(x)
     groups = _groups(keras.Model(inputs, _classifier(keras, x), name="ln"))
-    assert not groups["a"].prunable
-    assert groups["a"].reason == "it feeds 'ln' (LayerNormalization), which channel pruning cannot see through"
-    assert groups["b"].prunable  # the normalized tensor's channels are fixed, b's own are free
+    assert groups["a"].prunable and groups["a"].passthrough == ("ln",) and groups["a"].consumers == ("b",)
+    assert groups["b"].prunable
 
 
 def test_add_with_an_opaque_output_blocks_the_producer():
@@ -189,7 +188,7 @@ def test_add_with_an_opaque_output_blocks_the_producer():
     layers = keras.layers
     inputs = keras.Input((6, 6, 4), name="image")
     x = layers.Conv2D(4, 3, padding="same", name="a")(inputs)
-    y = layers.LayerNormalization(name="ln")(inputs)
+    y = layers.LayerNormalization(axis=(1, 2), name="ln")(inputs)  # over positions: opaque
     x = layers.Add(name="add")([x, y])
     groups = _groups(keras.Model(inputs, _classifier(keras, x), name="mixed"))
     assert not groups["a"].prunable
@@ -208,13 +207,16 @@ def test_adding_the_model_input_blocks_the_producer():
 @pytest.mark.parametrize(
     "make, reason",
     [
-        (lambda L: L.Conv2D(4, 1, groups=2, name="blocker"), "'blocker' (Conv2D), a grouped convolution (groups=2)"),
+        (
+            lambda L: L.LayerNormalization(axis=(1, 2), name="blocker"),
+            "'blocker' (LayerNormalization), normalizing over axes [1, 2]",
+        ),
         (lambda L: L.Activation("softmax", name="blocker"), "'blocker' (Activation), a softmax across channels"),
         (lambda L: L.Permute((3, 1, 2), name="blocker"), "'blocker' (Permute), which channel pruning cannot"),
         (lambda L: L.Reshape((6, 12, 2), name="blocker"), "'blocker' (Reshape), a reshape that moves the channel axis"),
         (lambda L: L.Rescaling([1.0, 2.0, 3.0, 4.0], name="blocker"), "'blocker' (Rescaling), with a per-channel"),
     ],
-    ids=["grouped_conv", "softmax", "permute", "reshape", "rescaling"],
+    ids=["spatial_layer_norm", "softmax", "permute", "reshape", "rescaling"],
 )
 def test_opaque_layers_block_their_inputs_with_a_reason(make, reason):
     keras = _keras()

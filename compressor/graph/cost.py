@@ -17,7 +17,8 @@ from typing import Any, Optional, Sequence
 import keras
 
 from compressor.graph.calls import LayerCall, Shape, layer_calls
-from compressor.graph.flops import CONV, CONV_TRANSPOSE, DEPTHWISE, SEPARABLE, layer_flops
+from compressor.graph.channel_rules import attention_heads
+from compressor.graph.flops import CONV, CONV_TRANSPOSE, DEPTHWISE, RECURRENT, SEPARABLE, layer_flops
 
 TECHNIQUES = ("tucker", "svd", "sparsity", "channel")
 
@@ -114,13 +115,17 @@ def applicable_techniques(layer: Any) -> tuple[str, ...]:
     """Compression techniques that could apply to a layer.
 
     - "tucker": Conv2D with a kernel larger than 1x1 (Tucker-2 over the channel modes).
-    - "svd": 1x1 Conv2D, Conv1D and Dense (truncated SVD into two layers).
+    - "svd": 1x1 Conv2D, Conv1D and Dense (truncated SVD into two layers); the pointwise
+      kernel of SeparableConv1D/2D; the input and recurrent kernels of LSTM, GRU
+      (reset_after) and SimpleRNN.
     - "sparsity": any layer with a kernel (ConvND, ConvNDTranspose, Dense,
       DepthwiseConvND, SeparableConvND).
-    - "channel": Conv1D, Conv2D, Dense, DepthwiseConv2D (structured channel removal).
+    - "channel": Conv1D, Conv2D (grouped too), Dense, DepthwiseConv1D/2D,
+      SeparableConv1D/2D, MultiHeadAttention with several heads (structured channel removal; a grouped
+      convolution loses whole groups, an attention layer whole heads).
 
-    Grouped convolutions (groups > 1) get only "sparsity": their kernel is not one
-    matrix over all channels, and their channels can only go a whole group at a time.
+    Grouped convolutions (groups > 1) get no "tucker" or "svd": their kernel is not one
+    matrix over all channels.
 
     Args:
         layer: A Keras layer (or a keras.ops operation, which gets none).
@@ -134,12 +139,14 @@ def applicable_techniques(layer: Any) -> tuple[str, ...]:
     found = []
     if isinstance(layer, keras.layers.Conv2D) and not grouped:
         found.append("tucker" if math.prod(layer.kernel_size) > 1 else "svd")
-    elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Dense)) and not grouped:
+    elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Dense) + SEPARABLE) and not grouped:
+        found.append("svd")
+    elif isinstance(layer, RECURRENT) and getattr(layer, "reset_after", True):
         found.append("svd")
     if isinstance(layer, CONV + CONV_TRANSPOSE + DEPTHWISE + SEPARABLE + (keras.layers.Dense,)):
         found.append("sparsity")
-    plain = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D)
-    if isinstance(layer, plain) and not grouped:
+    channel = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense) + DEPTHWISE + SEPARABLE
+    if isinstance(layer, channel) or attention_heads(layer):
         found.append("channel")
     return tuple(found)
 

@@ -59,6 +59,7 @@ CONV = (L.Conv1D, L.Conv2D, L.Conv3D)
 CONV_TRANSPOSE = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
 DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
 SEPARABLE = (L.SeparableConv1D, L.SeparableConv2D)
+RECURRENT = (L.LSTM, L.GRU, L.SimpleRNN)
 POOLING = (
     L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
     L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,

@@ -10,16 +10,30 @@ Torch-Pruning's dependency graph does, with a union-find over channel "atoms":
   channel; model inputs and the outputs of layers we cannot see through get "fixed"
   atoms, which can never be removed.
 - Per-channel layers pass their input's atoms through: BatchNormalization,
-  DepthwiseConvND (output c·m + j carries input atom c), PReLU, activations, dropout
-  and noise, pooling, padding/cropping/upsampling, scalar Rescaling, and a Reshape that
-  keeps the channel axis last. Flatten tiles them: output p·C + c carries atom c.
+  LayerNormalization over the channel axis, DepthwiseConvND and ConvND with one input
+  channel per group (`Conv2D(groups=C)`, ConvNeXt's depthwise convolution; output
+  c·m + j carries input atom c), PReLU, activations, dropout and noise, pooling,
+  padding/cropping/upsampling, scalar Rescaling, and a Reshape that keeps the channel
+  axis last. Flatten tiles them: output p·C + c carries atom c.
+- A grouped ConvND (1 < groups < input channels) creates its output atoms like any
+  producer, then unites, for each group i, all of group i's input atoms with all of
+  its output atoms: a group of the convolution is one channel of the dependency group
+  and goes whole (the layer keeps groups - 1 groups, each as wide as before). Keras
+  needs filters and input channels divisible by `groups`, and exports map the layer to
+  one grouped Conv, so removing whole groups keeps it a valid grouped convolution;
+  narrowing every group equally would instead tie channel j of all groups together,
+  which would leave a depthwise `Conv2D(groups=C)` nothing to remove. The tied
+  channels of the layer feeding it (a block of in/groups channels per group) are
+  allowed; a group whose convolution groups end up tied to each other is not prunable.
 - Add/Subtract/Multiply/Average/Maximum/Minimum unite the atoms position by position
   (an input of width 1 broadcasts and is ignored); Concatenate on the channel axis
   lays its inputs' atoms side by side (on another axis it unites them like Add).
-- Any other layer (LayerNormalization, softmax over channels, Permute, Lambda,
-  keras.ops nodes, nested models, grouped convolutions, layers with weights we cannot
-  slice) blocks the atoms it reads, and its output is fixed. Atoms that reach a model
-  output are blocked too. (The rules are in `compressor.graph.channel_rules`.)
+- A MultiHeadAttention with several heads is a producer of one atom per head, tied to
+  nothing: its heads form a group of their own (its tensors' channels stay opaque).
+- Any other layer (normalization over other axes, softmax over channels, Permute,
+  Lambda, MultiHeadAttention, keras.ops nodes, nested models, layers with weights we
+  cannot slice) blocks the atoms it reads, and its output is fixed. Atoms that reach a
+  model output are blocked too. (The rules are in `compressor.graph.channel_rules`.)
 
 A group is a connected set of producers whose output channels were united; channel k
 of the group is one union-find class. A group is prunable unless one of its atoms is
@@ -27,118 +41,27 @@ blocked. A layer called several times has one set of atoms, and the inputs of al
 calls are united, since its kernel is sliced once for all of them.
 
 `analyze_channels` returns the groups together with every tensor's atoms, which
-`compressor.surgery.channels` needs to slice the layers.
+`compressor.surgery.channels` needs to slice the layers, and, for every layer with
+weights that channel removal must leave whole, why (`ChannelAnalysis.blocked_layers`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping, Optional, Sequence
 
 import keras
 import numpy as np
 
-from compressor.graph.channel_rules import CHANNEL_SOFTMAX, PRODUCERS, activation_name, opaque_reason
+from compressor.graph.channel_rules import CHANNEL_SOFTMAX, PRODUCERS, activation_name, attention_heads, opaque_reason
 from compressor.graph.flops import DEPTHWISE, MERGE
+from compressor.graph.group_records import ChannelAnalysis, ChannelGroup, SlicedLayer, TensorCall
 from compressor.graph.walk import require_graph
 
 L = keras.layers
 
-
-@dataclass(frozen=True)
-class ChannelGroup:
-    """Channels that must be removed together.
-
-    Attributes:
-        name: Stable id: the name of the group's first producer in graph order.
-        size: Number of group channels k = 0 .. size-1.
-        producers: Layers whose output channels belong to the group, in graph order.
-        consumers: Layers whose kernel input axis is sliced when a group channel goes.
-        passthrough: Per-channel layers sliced along (BatchNormalization,
-            DepthwiseConvND, PReLU with per-channel alpha, Reshape keeping the channel axis).
-        indices: Producer name → int array (size,): that producer's output index of
-            group channel k, -1 when channel k is not among its outputs.
-        prunable: False when some of the channels cannot go (see `reason`).
-        reason: Why the group must stay whole, naming the layer; None when prunable.
-        input_indices: Consumer or pass-through layer name → int array over that
-            layer's input channel axis: the group channel at each position, -1 where
-            the position belongs to another group or cannot be removed.
-    """
-
-    name: str
-    size: int
-    producers: tuple[str, ...]
-    consumers: tuple[str, ...]
-    passthrough: tuple[str, ...]
-    indices: Mapping[str, np.ndarray] = field(compare=False, repr=False)
-    prunable: bool
-    reason: Optional[str]
-    input_indices: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class SlicedLayer:
-    """A layer whose weights or config depend on which channels it sees.
-
-    Attributes:
-        layer: The layer.
-        input_atoms: Atoms of its input channel axis (all its calls united); None
-            when the input has no known channel axis.
-        output_atoms: Atoms of its output channel axis (first call).
-    """
-
-    layer: Any
-    input_atoms: Optional[np.ndarray]
-    output_atoms: Optional[np.ndarray]
-
-
-@dataclass(frozen=True)
-class TensorCall:
-    """One top-level call in the graph, with the atoms of its tensors.
-
-    Attributes:
-        operation: The layer, keras.ops operation or nested model called.
-        input_shapes, output_shapes: The shapes of its tensors, batch first.
-        input_atoms, output_atoms: Atoms of each tensor's last axis (None: no channel axis).
-    """
-
-    operation: Any
-    input_shapes: tuple[tuple, ...]
-    output_shapes: tuple[tuple, ...]
-    input_atoms: tuple[Optional[np.ndarray], ...]
-    output_atoms: tuple[Optional[np.ndarray], ...]
-
-
-@dataclass(frozen=True)
-class ChannelAnalysis:
-    """Everything channel pruning needs to know about a model's channels.
-
-    Attributes:
-        groups: The channel groups, ordered by their first producer.
-        calls: Every top-level call (input layers excluded), in topological order.
-        layers: Layer name → its atoms, for every layer sliced with its channels.
-        roots: Atom → the atom representing its union-find class.
-        classes: Group name → int array (size,): the class (root atom) of each group channel.
-    """
-
-    groups: tuple[ChannelGroup, ...]
-    calls: tuple[TensorCall, ...]
-    layers: Mapping[str, SlicedLayer]
-    roots: np.ndarray
-    classes: Mapping[str, np.ndarray]
-
-    def removed_atoms(self, removals: Mapping[str, Sequence[int]]) -> np.ndarray:
-        """Bool array over atoms: True for atoms of the removed group channels.
-
-        Args:
-            removals: Group name → group channel indices (already validated).
-        """
-        gone = [self.classes[name][list(channels)] for name, channels in removals.items() if len(channels)]
-        if not gone:
-            return np.zeros(len(self.roots), dtype=bool)
-        return np.isin(self.roots, np.concatenate(gone))
+__all__ = ["ChannelAnalysis", "ChannelGroup", "SlicedLayer", "TensorCall", "analyze_channels", "channel_groups"]
 
 
 def channel_groups(model: keras.Model) -> list[ChannelGroup]:
@@ -219,6 +142,8 @@ class _Walker:
         self.producers: dict[str, np.ndarray] = {}  # producer → its output atoms, graph order
         self.sliced: dict[str, SlicedLayer] = {}
         self.calls: list[TensorCall] = []
+        self.opaque: dict[str, str] = {}  # layer → "Type, why" of its first opaque call
+        self.grouped: dict[str, list[int]] = {}  # grouped conv → one atom of each of its groups
 
     # --- atoms --------------------------------------------------------------------
 
@@ -276,8 +201,12 @@ class _Walker:
         layer = node.operation
         why = opaque_reason(layer, node)
         if why is not None:
+            if attention_heads(layer) and layer.name not in self.producers:
+                self.sliced[layer.name] = SlicedLayer(layer, None, self._produce(layer, layer.num_heads))
             return self._opaque(node, inputs, why)
         x, shape = inputs[0], tuple(node.inputs[0].shape)
+        if getattr(layer, "groups", 1) > 1:
+            return self._grouped(node, inputs)
         if isinstance(layer, PRODUCERS):
             self._record(layer, x)
             return [self._produce(layer, _width(node.outputs[0]))]
@@ -286,7 +215,7 @@ class _Walker:
         if isinstance(layer, DEPTHWISE):
             self._record(layer, x)
             return [None if x is None else np.repeat(x, layer.depth_multiplier)]
-        if isinstance(layer, (L.BatchNormalization, L.PReLU)):
+        if isinstance(layer, (L.BatchNormalization, L.LayerNormalization, L.PReLU)):
             self._record(layer, x)
             return [x]
         if isinstance(layer, L.Reshape):
@@ -296,9 +225,28 @@ class _Walker:
             return [None if x is None else np.tile(x, math.prod(shape[1:-1]))]
         return [x]  # per-channel: the atoms pass through unchanged
 
+    def _grouped(self, node: Any, inputs: list) -> list:
+        """A grouped convolution: pass-through with one input channel per group, else whole groups tied."""
+        layer, x = node.operation, inputs[0]
+        width = _width(node.outputs[0])
+        if x is None or width is None:
+            return self._opaque(node, inputs, "a grouped convolution whose input width is unknown")
+        self._record(layer, x)
+        if len(x) == layer.groups:  # depthwise: output c·m + j reads input channel c alone
+            return [np.repeat(x, width // layer.groups)]
+        outputs = self._produce(layer, width)
+        if layer.name not in self.grouped:
+            for block_in, block_out in zip(np.split(x, layer.groups), np.split(outputs, layer.groups)):
+                members = np.concatenate([block_in, block_out])
+                self.uf.union(np.repeat(members[:1], len(members) - 1), members[1:])
+            self.grouped[layer.name] = [int(atoms[0]) for atoms in np.split(outputs, layer.groups)]
+        return [outputs]
+
     def _opaque(self, node: Any, inputs: list, why: str) -> list:
         layer = node.operation
         described = f"'{layer.name}' ({type(layer).__name__}), {why}"
+        if isinstance(layer, L.Layer) and layer.weights:
+            self.opaque.setdefault(layer.name, f"{type(layer).__name__}, {why}")
         for atoms in inputs:
             self.block(atoms, f"it feeds {described}")
         reason = f"its channels are tied to the output of {described}"
@@ -345,13 +293,15 @@ class _Walker:
     def finish(self) -> ChannelAnalysis:
         sliced = dict(self.sliced)
         roots = self.uf.roots()
-        groups, classes = _Grouper(self, roots, sliced).groups()
+        grouper = _Grouper(self, roots, sliced)
+        groups, classes = grouper.groups()
         return ChannelAnalysis(
             groups=tuple(groups),
             calls=tuple(self.calls),
             layers=MappingProxyType(sliced),
             roots=_frozen(roots),
             classes=MappingProxyType(classes),
+            blocked_layers=MappingProxyType(grouper.blocked_layers(groups, classes)),
         )
 
 
@@ -373,6 +323,33 @@ class _Grouper:
             for g, (producers, classes) in enumerate(zip(members, group_classes))
         ]
         return groups, {group.name: _frozen(classes) for group, classes in zip(groups, group_classes)}
+
+    def blocked_layers(self, groups: list[ChannelGroup], classes: Mapping[str, np.ndarray]) -> dict[str, str]:
+        """Layer → why none of its channels can go, for the layers with weights, in graph order."""
+        free = {int(root) for group in groups if group.prunable for root in classes[group.name].tolist()}
+        held = {
+            int(root): group.reason for group in groups if not group.prunable for root in classes[group.name].tolist()
+        }
+        blocked = self._reasons()
+        out: dict[str, str] = {}
+        for call in self.walker.calls:
+            layer = call.operation
+            name = getattr(layer, "name", None)
+            if name in out or not isinstance(layer, L.Layer) or not layer.weights:
+                continue
+            sliced = self.sliced.get(name)
+            atoms = [a for a in (sliced.input_atoms, sliced.output_atoms) if a is not None] if sliced else []
+            roots = set(self.roots[np.concatenate(atoms)].tolist()) if atoms else set()
+            if roots & free:
+                continue
+            if name in self.walker.opaque or sliced is None:
+                if name in self.walker.opaque:
+                    out[name] = self.walker.opaque[name]
+                continue
+            reasons = sorted(blocked[root] for root in roots if root in blocked)
+            fallback = next((held[root] for root in roots if root in held), "it has no channel axis")
+            out[name] = reasons[0][1] if reasons else fallback
+        return out
 
     def _components(self) -> list[list[str]]:
         """Producers joined by shared classes, each list in graph order, by first producer."""
@@ -426,18 +403,24 @@ class _Grouper:
         blocked: dict[int, tuple[int, str]],
     ) -> ChannelGroup:
         position = {root: k for k, root in enumerate(classes.tolist())}
-        indices, tied = {}, None
+        whole = {int(self.roots[atom]) for atoms in self.walker.grouped.values() for atom in atoms}
+        indices, outputs, tied = {}, {}, None
         for name in producers:
             index = np.full(len(classes), -1, dtype=np.int64)
-            for i, root in enumerate(self.roots[self.walker.producers[name]].tolist()):
-                if index[position[root]] >= 0:
+            channels = np.asarray([position[root] for root in self.roots[self.walker.producers[name]].tolist()])
+            for i, (k, root) in enumerate(zip(channels.tolist(), classes[channels].tolist())):
+                if index[k] < 0:
+                    index[k] = i
+                elif root not in whole:  # only the groups of a grouped convolution may tie channels
                     tied = tied or f"output channels of '{name}' are tied to each other"
-                else:
-                    index[position[root]] = i
-            indices[name] = _frozen(index)
+            indices[name], outputs[name] = _frozen(index), _frozen(channels)
+            heads = self.walker.grouped.get(name, [])  # one atom of each group of a grouped convolution
+            if len(set(self.roots[heads].tolist())) < len(heads):
+                kind = type(self.sliced[name].layer).__name__
+                tied = tied or f"the groups of '{name}' ({kind}) are tied to each other"
         reasons = [blocked[root] for root in classes.tolist() if root in blocked]
         reason = min(reasons)[1] if reasons else tied
-        consumers = tuple(n for n in inputs if isinstance(self.sliced[n].layer, PRODUCERS))
+        consumers = tuple(n for n in inputs if n in self.walker.producers)
         return ChannelGroup(
             name=producers[0],
             size=len(classes),
@@ -448,6 +431,7 @@ class _Grouper:
             prunable=reason is None,
             reason=reason,
             input_indices=MappingProxyType(inputs),
+            output_indices=MappingProxyType(outputs),
         )
 
 

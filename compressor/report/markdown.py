@@ -26,6 +26,7 @@ TRACE_PNG = "accuracy_vs_compression.png"
 LAYERS_PNG = "layer_params.png"
 STATUS_TEXT = {"ok": "ok", "budget_not_met": "budget not met", "error": "error"}
 COST_NAMES = {"params": "parameters", "flops": "FLOPs"}
+BLOCKED_SHOWN = 12  # layers listed by name under "could not be removed"; report.json has them all
 
 
 def write_markdown_report(report: Mapping[str, Any], out_dir: Path) -> Path:
@@ -249,6 +250,7 @@ def _search(report: Mapping[str, Any], plot: Optional[Plot]) -> str:
     channels = _channels_sentence(mapping_of(report.get("channels")))
     if channels:
         parts.append(channels)
+    parts += _blocked_layers(mapping_of(report.get("channels")))
     parts += _acceptance(mapping_of(search.get("acceptance")))
     finetune = _finetune_sentence(mapping_of(report.get("finetune")))
     if finetune:
@@ -305,6 +307,17 @@ def _channels_sentence(channels: Mapping[str, Any]) -> str:
     if blocked:
         text += f"; {_count(len(blocked), 'group')} could not be pruned"
     return text + "."
+
+
+def _blocked_layers(channels: Mapping[str, Any]) -> list[str]:
+    """Each layer with weights channel pruning had to leave whole, and why (the first BLOCKED_SHOWN)."""
+    rows = [mapping_of(row) for row in list_of(channels.get("layers_blocked"))]
+    if not rows:
+        return []
+    lines = [f"- `{row.get('layer', '?')}`: {row.get('reason') or MISSING}" for row in rows[:BLOCKED_SHOWN]]
+    if len(rows) > BLOCKED_SHOWN:
+        lines.append(f"- and {len(rows) - BLOCKED_SHOWN} more (`channels.layers_blocked` in report.json)")
+    return ["Layers whose channels could not be removed:\n\n" + "\n".join(lines)]
 
 
 def _gating(report: Mapping[str, Any]) -> str:

@@ -76,7 +76,9 @@ REPORT = Keys(
         "channels": Keys(
             ("groups_pruned", "channels_removed", "groups_blocked", "params", "flops", "baseline_accuracy", "accuracy",
              "finetune_epochs", "evaluations", "steps", "trials", "seconds"),
-            nested={"groups_blocked": Keys(("group", "reason")), "trials": TRIAL},
+            optional=("layers_blocked",),
+            nested={"groups_blocked": Keys(("group", "reason")), "layers_blocked": Keys(("layer", "reason")),
+                    "trials": TRIAL},
         ),
         "gating": Keys(
             ("applied", "target", "attempts"),

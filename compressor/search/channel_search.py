@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import keras
 import numpy as np
@@ -40,7 +40,7 @@ import numpy as np
 from compressor.errors import CompressorError, OptionError
 from compressor.io.data import Dataset
 from compressor.search.budgets import MARGIN, Budget, BudgetError, achieved_drop, achieved_fraction
-from compressor.search.channels import group_scores, prune_to, removal_order
+from compressor.search.channels import RemovalTracker, group_scores, prune_to, removal_order
 from compressor.search.result import Trial, with_chosen
 from compressor.surgery.plan import ChannelRemoval
 
@@ -120,6 +120,8 @@ class ChannelResult:
         model: The pruned model (fine-tuned when fine-tuning was asked for).
         removals: Channel removals of the original model's groups.
         blocked: (group, reason) of the groups left whole.
+        blocked_layers: (layer, reason) of the layers with weights none of whose
+            channels could go (`ChannelAnalysis.blocked_layers`), in graph order.
         params, flops: Cost of `model`.
         baseline_params, baseline_flops: Cost of the original.
         baseline_accuracy, accuracy: On the search data (None without labelled data).
@@ -148,12 +150,14 @@ class ChannelResult:
     evaluations: int = 0
     seconds: float = 0.0
     trials: tuple[Trial, ...] = ()
+    blocked_layers: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "groups_pruned": sum(1 for removal in self.removals if removal.remove),
             "channels_removed": sum(len(removal.remove) for removal in self.removals),
             "groups_blocked": [{"group": name, "reason": reason} for name, reason in self.blocked],
+            "layers_blocked": [{"layer": name, "reason": reason} for name, reason in self.blocked_layers],
             "params": self.params,
             "flops": self.flops,
             "baseline_accuracy": self.baseline_accuracy,
@@ -164,41 +168,6 @@ class ChannelResult:
             "trials": [trial.to_dict() for trial in self.trials],
             "seconds": round(self.seconds, 3),
         }
-
-
-class RemovalTracker:
-    """Each producer's original output indices still present, across progressive steps."""
-
-    def __init__(self, groups: Sequence[Any]) -> None:
-        self.groups = list(groups)
-        self.kept: dict[str, np.ndarray] = {}
-        for group in groups:
-            for name in group.producers:
-                width = int(np.max(group.indices[name])) + 1 if len(group.indices[name]) else 0
-                self.kept.setdefault(name, np.arange(width))
-
-    def remove(self, groups: Sequence[Any], removals: Mapping[str, Sequence[int]]) -> None:
-        """Record removals given as channel indices of the CURRENT model's groups."""
-        by_name = {group.name: group for group in groups}
-        for name, channels in removals.items():
-            group = by_name[name]
-            for producer in group.producers:
-                index = np.asarray(group.indices[producer])[list(channels)]
-                index = index[index >= 0]
-                self.kept[producer] = np.delete(self.kept[producer], index)
-
-    def original_removals(self, criterion: str) -> tuple[ChannelRemoval, ...]:
-        """The removals, as channels of the original groups."""
-        out = []
-        for group in self.groups:
-            if not group.prunable:
-                continue
-            first = group.name if group.name in group.producers else group.producers[0]
-            index, kept = np.asarray(group.indices[first]), set(self.kept[first].tolist())
-            gone = [k for k in range(group.size) if index[k] >= 0 and index[k] not in kept]
-            if gone:
-                out.append(ChannelRemoval(group.name, group.size, tuple(gone), criterion))
-        return tuple(out)
 
 
 def search_channels(
@@ -235,7 +204,7 @@ def search_channels(
         BudgetError: An accuracy budget without labelled search data.
         CompressorError: Fine-tuning without training data, or no prunable group.
     """
-    from compressor.graph.groups import channel_groups
+    from compressor.graph.groups import analyze_channels
 
     log = log or (lambda message: None)
     started = time.perf_counter()
@@ -244,7 +213,8 @@ def search_channels(
     tuning = settings.finetune is not None and settings.finetune.epochs > 0
     if tuning and train_data is None:
         raise OptionError("fine-tuning needs training data: pass {train_data}")
-    groups = channel_groups(model)
+    analysis = analyze_channels(model)
+    groups = list(analysis.groups)
     blocked = [(group.name, group.reason or "cannot be pruned") for group in groups if not group.prunable]
     if not any(group.prunable for group in groups):
         reasons = "; ".join(f"{name}: {reason}" for name, reason in blocked[:3]) or "it has no channel groups"
@@ -273,6 +243,7 @@ def search_channels(
         evaluations=run.evaluations,
         seconds=time.perf_counter() - started,
         trials=run.final_trials(),
+        blocked_layers=list(analysis.blocked_layers.items()),
     )
 
 

@@ -8,11 +8,20 @@ run by hand (`examples/prune_channels.py`):
 
 1. Score. Each producer's filter scores (`compressor.techniques.scores.filter_scores`
    with the chosen criterion) are divided by their mean, so layers of different scale
-   compare; a group channel's score is the mean over the group's producers.
+   compare; a group channel's score is the mean over the group's producers (of the
+   mean over its filters, where a channel holds several: a whole group of a grouped
+   convolution). The heads of a MultiHeadAttention are scored by the L2 norm of their
+   query, key, value and output weights, whatever the criterion; under "hessian", the
+   producers K-FAC cannot take (grouped and separable convolutions, layers shared by
+   several calls) are scored by "magnitude", which their mean-normalization makes
+   comparable.
 2. Order. All channels of prunable groups, least important first; a group loses at
    most `max_fraction` of its channels and always keeps one.
 3. Prune to a cost. Bisection on how many channels of that order go, until the pruned
    model's params or FLOPs fall to the target (`compressor.surgery.channels.pruned_cost`).
+
+Across steps, `RemovalTracker` keeps each producer's original output indices still
+present, so the removals of every step can be given as channels of the original groups.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ import keras
 import numpy as np
 
 from compressor.io.data import Dataset
+from compressor.surgery.plan import ChannelRemoval
 
-__all__ = ["group_scores", "prune_to", "removal_order", "removals_of"]
+__all__ = ["RemovalTracker", "group_scores", "prune_to", "removal_order", "removals_of"]
 
 
 def group_scores(
@@ -42,19 +52,51 @@ def group_scores(
     producers = sorted({name for group in prunable for name in group.producers})
     if not producers:
         return {}
-    scores = filter_scores(model, criterion, data, layers=producers, seed=seed)
+    heads = {name: _head_norms(model.get_layer(name)) for name in producers if _has_heads(model, name)}
+    plain = _magnitude_only(model, [name for name in producers if name not in heads], criterion)
+    filters = [name for name in producers if name not in heads and name not in plain]
+    scores = {**(filter_scores(model, criterion, data, layers=filters, seed=seed) if filters else {}), **heads}
+    scores.update(filter_scores(model, "magnitude", layers=plain) if plain else {})
     out = {}
     for group in prunable:
         total, counted = np.zeros(group.size), np.zeros(group.size)
         for name in group.producers:
             score = np.asarray(scores[name], dtype=np.float64)
-            index = np.asarray(group.indices[name])
-            present = index >= 0
+            channels = np.asarray(group.output_indices[name])
             mean = float(score.mean()) if score.size else 0.0
-            total[present] += score[index[present]] / (mean if mean > 0 else 1.0)
+            sums = np.bincount(channels, weights=score / (mean if mean > 0 else 1.0), minlength=group.size)
+            filters = np.bincount(channels, minlength=group.size)
+            present = filters > 0
+            total[present] += sums[present] / filters[present]
             counted[present] += 1
         out[group.name] = total / np.maximum(counted, 1)
     return out
+
+
+def _magnitude_only(model: keras.Model, producers: Sequence[str], criterion: str) -> list[str]:
+    """The producers `criterion` cannot score, which are scored by magnitude: K-FAC's unsupported layers."""
+    if criterion != "hessian":
+        return []
+    from compressor.techniques.kfac import kfac_layers
+
+    supported, _ = kfac_layers(model)
+    return [name for name in producers if name not in supported]
+
+
+def _has_heads(model: keras.Model, name: str) -> bool:
+    return isinstance(model.get_layer(name), keras.layers.MultiHeadAttention)
+
+
+def _head_norms(layer: Any) -> np.ndarray:
+    """L2 norm of each head's weights in a MultiHeadAttention (query, key, value, output)."""
+    from compressor.graph.channel_rules import HEAD_AXES, weight_key
+
+    parts = [
+        np.moveaxis(np.asarray(weight, dtype=np.float64), HEAD_AXES[weight_key(weight)], 0).reshape(layer.num_heads, -1)
+        for weight in layer.weights
+        if weight_key(weight) in HEAD_AXES
+    ]
+    return np.sqrt(np.sum(np.concatenate(parts, axis=1) ** 2, axis=1))
 
 
 def removal_order(
@@ -129,3 +171,36 @@ def prune_to(
         else:
             low = middle
     return removals_of(order, high), found
+
+
+class RemovalTracker:
+    """Each producer's original output indices still present, across progressive steps."""
+
+    def __init__(self, groups: Sequence[Any]) -> None:
+        self.groups = list(groups)
+        self.kept: dict[str, np.ndarray] = {}
+        for group in groups:
+            for name in group.producers:
+                self.kept.setdefault(name, np.arange(len(group.output_indices[name])))
+
+    def remove(self, groups: Sequence[Any], removals: Mapping[str, Sequence[int]]) -> None:
+        """Record removals given as channel indices of the CURRENT model's groups."""
+        by_name = {group.name: group for group in groups}
+        for name, channels in removals.items():
+            group = by_name[name]
+            for producer in group.producers:
+                index = np.flatnonzero(np.isin(group.output_indices[producer], list(channels)))
+                self.kept[producer] = np.delete(self.kept[producer], index)
+
+    def original_removals(self, criterion: str) -> tuple[ChannelRemoval, ...]:
+        """The removals, as channels of the original groups."""
+        out = []
+        for group in self.groups:
+            if not group.prunable:
+                continue
+            first = group.name if group.name in group.producers else group.producers[0]
+            index, kept = np.asarray(group.indices[first]), set(self.kept[first].tolist())
+            gone = [k for k in range(group.size) if index[k] >= 0 and index[k] not in kept]
+            if gone:
+                out.append(ChannelRemoval(group.name, group.size, tuple(gone), criterion))
+        return tuple(out)

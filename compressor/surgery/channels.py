@@ -8,7 +8,14 @@ group named "conv1" (see `compressor.graph.groups`) everywhere they live:
   of every spatial position; in a SeparableConvND, the depthwise kernel and the
   pointwise rows of each depth multiple);
 - per-channel layers are sliced along: BatchNormalization gamma/beta/statistics,
-  DepthwiseConvND kernel and bias, PReLU alpha, and a Reshape's `target_shape`.
+  LayerNormalization gamma/beta, DepthwiseConvND kernel and bias, PReLU alpha, and a
+  Reshape's `target_shape`;
+- a grouped ConvND loses whole groups: the filters of the removed groups go (kernel
+  output axis and bias), its per-group input axis stays, and `groups` drops by the
+  number of groups removed (the channel analysis ties each group's input channels to
+  its filters, so a removal always takes whole groups);
+- a MultiHeadAttention loses whole heads: their query, key and value projections and
+  their rows of the output projection (`num_heads` drops; widths stay).
 
 The model is cloned with `keras.models.clone_model` (`compressor.graph.clone`), each
 layer built from its (updated) config under its own name, so the result is a plain
@@ -30,6 +37,7 @@ from typing import Any, Mapping, Optional, Sequence
 import keras
 import numpy as np
 
+from compressor.graph.channel_rules import HEAD_AXES, weight_key
 from compressor.graph.clone import clone_graph, copy_layer
 from compressor.graph.cost import model_cost
 from compressor.graph.flops import CONV, CONV_TRANSPOSE, DEPTHWISE, SEPARABLE, layer_flops
@@ -207,7 +215,11 @@ class _Slice:
         if self.output_keep is None:
             return config
         width = int(self.output_keep.sum())
-        if isinstance(self.layer, L.Dense):
+        if getattr(self.layer, "groups", 1) > 1:
+            config["groups"] = _kept_groups(self.layer, self.input_keep, self.output_keep)
+        if isinstance(self.layer, L.MultiHeadAttention):
+            config["num_heads"] = width
+        elif isinstance(self.layer, L.Dense):
             config["units"] = width
         elif isinstance(self.layer, _PRODUCERS):
             config["filters"] = width
@@ -220,7 +232,7 @@ class _Slice:
         axes = _weight_axes(self.layer, self.input_keep, self.output_keep)
         out = []
         for variable, value in zip(self.layer.weights, self.layer.get_weights()):
-            for axis, keep in axes.get(variable.name, {}).items():
+            for axis, keep in _axes_of(axes, variable).items():
                 if keep is not None and value.shape[axis] == len(keep):
                     value = np.compress(keep, value, axis=axis)
             out.append(value)
@@ -233,15 +245,21 @@ class _Slice:
         for variable in self.layer.weights:
             shape = [int(d) for d in variable.shape]
             before = math.prod(shape)
-            for axis, keep in axes.get(variable.name, {}).items():
+            for axis, keep in _axes_of(axes, variable).items():
                 if keep is not None and shape[axis] == len(keep):
                     shape[axis] = int(keep.sum())
             change += math.prod(shape) - before
         return change
 
 
+def _axes_of(axes: Mapping[str, dict[int, Any]], variable: Any) -> dict[int, Any]:
+    return axes.get(variable.name) or axes.get(weight_key(variable), {})
+
+
 def _weight_axes(layer: Any, input_keep: Any, output_keep: Any) -> dict[str, dict[int, Any]]:
-    """Weight name → {axis: kept channels along it} for a layer's weights."""
+    """Weight name (or "sublayer/name") → {axis: kept channels along it} for a layer's weights."""
+    if isinstance(layer, L.MultiHeadAttention):  # output atoms: its heads
+        return {key: {axis: output_keep} for key, axis in HEAD_AXES.items()}
     if isinstance(layer, SEPARABLE):
         rows = None if input_keep is None else np.repeat(input_keep, layer.depth_multiplier)
         return {
@@ -255,11 +273,26 @@ def _weight_axes(layer: Any, input_keep: Any, output_keep: Any) -> dict[str, dic
         return {"kernel": {-2: input_keep, -1: output_keep}, "bias": {0: output_keep}}
     if isinstance(layer, DEPTHWISE):  # kernel (..., channels, multiplier); bias over channels × multiplier
         return {"kernel": {-2: input_keep}, "bias": {0: output_keep}}
+    if getattr(layer, "groups", 1) > 1:  # kernel (..., in_channels / groups, filters): whole groups go
+        return {"kernel": {-1: output_keep}, "bias": {0: output_keep}}
     if isinstance(layer, L.BatchNormalization):
         return {name: {0: input_keep} for name in ("gamma", "beta", "moving_mean", "moving_variance")}
+    if isinstance(layer, L.LayerNormalization):
+        return {"gamma": {0: input_keep}, "beta": {0: input_keep}}
     if isinstance(layer, L.PReLU):  # alpha shared over channels (last dim 1) is left whole
         return {"alpha": {-1: input_keep}}
     return {}
+
+
+def _kept_groups(layer: Any, input_keep: Optional[np.ndarray], output_keep: np.ndarray) -> int:
+    """The groups a grouped convolution keeps; raises PlanError unless whole groups go, on both sides."""
+    groups = layer.groups
+    kept_out = output_keep.reshape(groups, -1)
+    kept_in = kept_out[:, :1] if input_keep is None else input_keep.reshape(groups, -1)
+    whole = (kept_out.all(1) | ~kept_out.any(1)) & (kept_in.all(1) | ~kept_in.any(1))
+    if not whole.all() or not (kept_in[:, 0] == kept_out[:, 0]).all() or not kept_out.any():
+        raise PlanError(f"channel removal would split or empty the groups of '{layer.name}' ({type(layer).__name__})")
+    return int(kept_out[:, 0].sum())
 
 
 def _slices(analysis: ChannelAnalysis, removed: np.ndarray) -> dict[str, _Slice]:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import keras
+from compressor.graph.cost import applicable_techniques
 
 
 def channels_apply(layer: Any) -> bool:
-    """Whether channel removal can narrow `layer`: a Conv1D, Conv2D, Dense or DepthwiseConv2D, not grouped.
+    """Whether channel removal can narrow `layer`: its "channel" kind in `applicable_techniques`.
 
-    Grouped convolutions are left out: their channels can only go a whole group at a time.
+    Conv1D, Conv2D (a grouped one loses whole groups), Dense, DepthwiseConv1D/2D,
+    SeparableConv1D/2D and MultiHeadAttention (whole heads); whether a given layer's channels can go also depends on the
+    graph around it (`compressor.graph.groups`).
     """
-    plain = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense, keras.layers.DepthwiseConv2D)
-    grouped = getattr(layer, "groups", 1) != 1
-    return bool(getattr(layer, "weights", None)) and isinstance(layer, plain) and not grouped
+    return "channel" in applicable_techniques(layer)
