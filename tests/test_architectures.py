@@ -4,8 +4,9 @@ TFLite and ONNX export, and parity of each artifact with the compressed Keras mo
 The families (tests/families.py, a few thousand parameters each): recurrent (a keyword-spotting
 LSTM -> GRU, SimpleRNN, Bidirectional LSTM), a transformer encoder, a ResNeXt-style grouped
 block, a ConvNeXt stage, a mini-Xception of separable convolutions, a two-input two-output
-model, a U-Net, a plain CNN and a TCN. The slow variant takes the keras.applications models
-(weights=None) at their smallest valid input through the same steps.
+model, a U-Net, a plain CNN and a TCN. The slow variant takes keras.applications models
+(weights=None) at their smallest valid input through the same steps: three by default, all 40
+with COMPRESSOR_ALL_APPLICATIONS=1.
 
 Weights: random (seed 0), with every zero (a fresh model's biases and norm offsets) given a small
 value as training would, since report.json counts a weight with >= 30% zeros by its non-zeros.
@@ -29,6 +30,10 @@ ATOL = 1e-4
 FORMATS = ("tflite", "onnx")
 
 
+class BudgetMissed(AssertionError):
+    """The run exported with parity but kept more than FACTOR of the params."""
+
+
 def compress_and_check(model, tmp_path):
     """inspect -> compress (fixed_params 0.5, data-free, default techniques) -> TFLite + ONNX -> parity."""
     import compressor
@@ -42,17 +47,17 @@ def compress_and_check(model, tmp_path):
                                  export=FORMATS, runs=1, warmup=0)
     report = result.report
     assert report_problems(report) == []
-    kept = report["compressed"]["params"] / report["baseline"]["params"]
     assert report["baseline"]["params"] == inspection.params
     assert report["compressed"]["params"] <= report["compressed"]["dense_params"] == result.model.count_params()
-    assert report["budget"]["met"] is True and report["status"] == "ok", _layers(report)
-    assert kept <= FACTOR + 1e-9, _layers(report)
-    assert report["budget"]["achieved"] == pytest.approx(kept)
     artifacts = {entry["format"]: entry for entry in report["artifacts"] if entry["quantize"] == "none"}
     assert sorted(artifacts) == sorted(FORMATS)
     for fmt, entry in artifacts.items():
         assert result.artifacts[fmt].is_file()
         assert np.isfinite(entry["max_abs_diff"]) and entry["max_abs_diff"] <= ATOL, (fmt, entry["max_abs_diff"])
+    kept = report["compressed"]["params"] / report["baseline"]["params"]
+    assert report["budget"]["achieved"] == pytest.approx(kept)
+    if not (report["budget"]["met"] is True and report["status"] == "ok" and kept <= FACTOR + 1e-9):
+        raise BudgetMissed(f"{kept:.3f} of the params kept: {_layers(report)}")
     return report
 
 
@@ -67,12 +72,13 @@ PENDING = {
     "encoder": "the default techniques leave MultiHeadAttention whole: 0.58 kept (channels,tucker: 0.49)",
     "resnext": "the default techniques skip the grouped convolution: 0.72 kept (channels,tucker: 0.49)",
 }
-"""Families that do not reach the budget yet, and why: expected to fail (strict, so a fix shows)."""
+"""Families that do not reach the budget yet, and why: expected to miss it (strict, so a fix shows),
+after exporting with parity (any other failure fails the test)."""
 
 
 def _families():
     for name in FAMILIES:
-        marks = [pytest.mark.xfail(strict=True, reason=PENDING[name])] if name in PENDING else []
+        marks = [pytest.mark.xfail(raises=BudgetMissed, strict=True, reason=PENDING[name])] if name in PENDING else []
         yield pytest.param(name, id=name, marks=marks)
 
 
