@@ -18,9 +18,11 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from compressor.errors import CompressorError, first_line
 from compressor.io.atomic import ensure_dir, write_bytes_atomic
+from compressor.report.cells import (
+    MISSING, arrow, change_points, count, integer, ms, percent, points, ratio, row, size, table, times,
+)
 from compressor.report.plots import Plot, accuracy_vs_compression, is_number, layer_params, list_of, mapping_of
 
-MISSING = "—"
 PLOTS_DIR = "plots"
 TRACE_PNG = "accuracy_vs_compression.png"
 LAYERS_PNG = "layer_params.png"
@@ -130,17 +132,17 @@ def _budget_sentence(budget: Mapping[str, Any]) -> str:
     if kind == "accuracy_drop" and isinstance(budget.get("metric"), Mapping):
         return _metric_budget_sentence(budget, mapping_of(budget["metric"]), met, where)
     if kind == "accuracy_drop":
-        text = f"Budget: lose at most {_points(limit)} of accuracy; lost {_points(achieved)} ({met}){where}."
+        text = f"Budget: lose at most {points(limit)} of accuracy; lost {points(achieved)} ({met}){where}."
         ci = list_of(budget.get("ci"))
         if len(ci) == 2 and all(is_number(bound) for bound in ci) and is_number(budget.get("confidence")):
             two_sided = 2 * budget["confidence"] - 1
-            text += (f" The drop lies between {_points(ci[0])} and {_points(ci[1])} ({two_sided:.0%} interval; "
-                     f"at most {_points(ci[1])} with {budget['confidence']:.0%} confidence).")
+            text += (f" The drop lies between {points(ci[0])} and {points(ci[1])} ({two_sided:.0%} interval; "
+                     f"at most {points(ci[1])} with {budget['confidence']:.0%} confidence).")
         if budget.get("search_achieved") is not None:
-            text += f" On the search data: {_points(budget['search_achieved'])}."
+            text += f" On the search data: {points(budget['search_achieved'])}."
         return text
     name = COST_NAMES.get(kind, kind)
-    return f"Budget: keep at most {_percent(limit)} of the {name}; kept {_percent(achieved)} ({met}){where}."
+    return f"Budget: keep at most {percent(limit)} of the {name}; kept {percent(achieved)} ({met}){where}."
 
 
 def _metric_budget_sentence(budget: Mapping[str, Any], metric: Mapping[str, Any], met: str, where: str) -> str:
@@ -166,17 +168,17 @@ def _number(value: Any) -> str:
 def _summary(report: Mapping[str, Any]) -> str:
     base, comp = mapping_of(report.get("baseline")), mapping_of(report.get("compressed"))
     rows = [
-        [name, _int(base.get(key)), _int(comp.get(key)), _ratio(comp.get(key), base.get(key))]
+        [name, integer(base.get(key)), integer(comp.get(key)), ratio(comp.get(key), base.get(key))]
         for name, key in (("parameters", "params"), ("FLOPs", "flops"))
     ]
     before, after = base.get("accuracy"), comp.get("accuracy")
-    rows.append(["accuracy (held-out)", _percent(before, 2), _percent(after, 2), _change_points(before, after)])
-    text = "## Original and compressed\n\n" + _table(["", "original", "compressed", "compressed / original"], rows, "lrrr")
+    rows.append(["accuracy (held-out)", percent(before, 2), percent(after, 2), change_points(before, after)])
+    text = "## Original and compressed\n\n" + table(["", "original", "compressed", "compressed / original"], rows, "lrrr")
     dense = comp.get("dense_params")
     if is_number(dense) and dense != comp.get("params"):
         text += (
             "\n\nParameters count what a sparse-storage artifact keeps; "
-            f"stored dense, the compressed model has {_int(dense)}."
+            f"stored dense, the compressed model has {integer(dense)}."
         )
     return text
 
@@ -193,16 +195,16 @@ def _artifacts(report: Mapping[str, Any], out_dir: Optional[Path]) -> str:
             entry.get("format") or MISSING,
             entry.get("quantize") or "none",
             _file_link(entry.get("path"), out_dir, out),
-            _bytes(entry.get("bytes")),
-            _bytes(entry.get("baseline_bytes")),
-            _percent(entry.get("accuracy"), 2),
-            _ms(latency.get("median")),
-            _ms(original.get("median")),
-            _times(entry.get("latency_ratio")),
+            size(entry.get("bytes")),
+            size(entry.get("baseline_bytes")),
+            percent(entry.get("accuracy"), 2),
+            ms(latency.get("median")),
+            ms(original.get("median")),
+            times(entry.get("latency_ratio")),
         ])
     headers = ["format", "quantization", "file", "size", "original's size", "accuracy (held-out)",
                "median latency", "original's median", "latency ratio"]
-    text = "## Artifacts\n\n" + _table(headers, rows, "lllrrrrrr")
+    text = "## Artifacts\n\n" + table(headers, rows, "lllrrrrrr")
     text += "\n\nLatency ratio: our median over the original's, timed interleaved in one run (below 1: faster)."
     return text + _runtime_table(artifacts, out_dir, out)
 
@@ -212,12 +214,12 @@ def _runtime_table(artifacts: Sequence[Mapping[str, Any]], out_dir: Optional[Pat
     timed = [entry for entry in artifacts if "init_ms" in entry]
     if not timed:
         return ""
-    rows = [[_file_link(entry.get("path"), out_dir, out), _runs_on(entry), _ms(entry.get("init_ms")),
-             _ms(entry.get("first_inference_ms")),
-             *(_ms(mapping_of(entry.get("latency_ms")).get(key)) for key in ("std", "p5", "p95")),
-             _bytes(entry.get("peak_memory_bytes")), _bytes(entry.get("baseline_peak_memory_bytes"))] for entry in timed]
+    rows = [[_file_link(entry.get("path"), out_dir, out), _runs_on(entry), ms(entry.get("init_ms")),
+             ms(entry.get("first_inference_ms")),
+             *(ms(mapping_of(entry.get("latency_ms")).get(key)) for key in ("std", "p5", "p95")),
+             size(entry.get("peak_memory_bytes")), size(entry.get("baseline_peak_memory_bytes"))] for entry in timed]
     headers = ["file", "runs on", "load", "first call", "std", "p5", "p95", "peak memory", "original's peak memory"]
-    return ("\n\n" + _table(headers, rows, "llrrrrrrr") + "\n\nLoad: into the runtime (interpreter and tensors, or "
+    return ("\n\n" + table(headers, rows, "llrrrrrrr") + "\n\nLoad: into the runtime (interpreter and tensors, or "
             "session); first call: the one after it, before warm-up; std, p5, p95: over the timed runs; peak memory: "
             "loading and running it in a fresh process.")
 
@@ -242,7 +244,7 @@ def _search(report: Mapping[str, Any], plot: Optional[Plot]) -> str:
     if trials:
         chosen = sum(1 for trial in trials if trial.get("chosen"))
         stages = " (one per search stage)" if chosen > 1 else ""
-        facts.append(f"{_count(len(trials), 'candidate model')} in the trace, {chosen} chosen{stages}")
+        facts.append(f"{count(len(trials), 'candidate model')} in the trace, {chosen} chosen{stages}")
     if search.get("search_samples"):
         facts.append(f"{search['search_samples']} search samples, {search.get('held_out_samples') or 0} held out")
     if facts:
@@ -273,11 +275,11 @@ def _acceptance(acceptance: Mapping[str, Any]) -> list[str]:
         rows = []
         for look in looks:
             ci = list_of(look.get("ci"))
-            upper = _points(ci[1]) if len(ci) == 2 else "not measured"
+            upper = points(ci[1]) if len(ci) == 2 else "not measured"
             verdict = "accepted" if look.get("accepted") else "rejected"
-            rows.append([str(look.get("model") or MISSING), _points(look.get("drop")) if "drop" in look else MISSING,
+            rows.append([str(look.get("model") or MISSING), points(look.get("drop")) if "drop" in look else MISSING,
                          upper, verdict])
-        lines.append(_table(["model shown to the guard", "drop", "upper bound", "verdict"], rows, "lrrl"))
+        lines.append(table(["model shown to the guard", "drop", "upper bound", "verdict"], rows, "lrrl"))
     return lines
 
 
@@ -285,10 +287,10 @@ def _finetune_sentence(finetune: Mapping[str, Any]) -> str:
     """Fine-tuning's epochs and optimizer steps in all, its cap per run and its devices (reports with steps)."""
     if not finetune.get("steps"):
         return ""
-    text = (f"Fine-tuning took {_count(finetune['steps'], 'optimizer step')} in "
-            f"{_count(finetune.get('epochs') or 0, 'epoch')} in all")
+    text = (f"Fine-tuning took {count(finetune['steps'], 'optimizer step')} in "
+            f"{count(finetune.get('epochs') or 0, 'epoch')} in all")
     if finetune.get("steps_per_run"):
-        text += f", at most {_int(finetune['steps_per_run'])} per run"
+        text += f", at most {integer(finetune['steps_per_run'])} per run"
     if (finetune.get("replicas") or 1) > 1:
         text += f", on {finetune['replicas']} devices (mirrored)"
     return text + "."
@@ -297,15 +299,15 @@ def _finetune_sentence(finetune: Mapping[str, Any]) -> str:
 def _channels_sentence(channels: Mapping[str, Any]) -> str:
     if not channels:
         return ""
-    removed = _count(channels.get("channels_removed") or 0, "channel")
-    text = f"Channel pruning removed {removed} from {_count(channels.get('groups_pruned') or 0, 'group')}"
+    removed = count(channels.get("channels_removed") or 0, "channel")
+    text = f"Channel pruning removed {removed} from {count(channels.get('groups_pruned') or 0, 'group')}"
     if channels.get("finetune_epochs"):
-        text += f", fine-tuning {_count(channels['finetune_epochs'], 'epoch')} along the way"
+        text += f", fine-tuning {count(channels['finetune_epochs'], 'epoch')} along the way"
     if channels.get("evaluations"):
-        text += f" ({_count(channels['evaluations'], 'search-data evaluation')})"
+        text += f" ({count(channels['evaluations'], 'search-data evaluation')})"
     blocked = list_of(channels.get("groups_blocked"))
     if blocked:
-        text += f"; {_count(len(blocked), 'group')} could not be pruned"
+        text += f"; {count(len(blocked), 'group')} could not be pruned"
     return text + "."
 
 
@@ -331,24 +333,24 @@ def _gating(report: Mapping[str, Any]) -> str:
     tflite = mapping_of(gating.get("tflite"))
     static_latency, latency = mapping_of(tflite.get("static_latency_ms")), mapping_of(tflite.get("latency_ms"))
     rows = [
-        ["FLOPs per input", _int(gating.get("static_flops")),
-         f"{_int(_rounded(flops.get('mean')))} mean ({_ratio(flops.get('mean'), gating.get('static_flops'))}); "
-         f"p10–p90 {_int(_rounded(flops.get('p10')))}–{_int(_rounded(flops.get('p90')))}"],
-        ["TFLite latency per input (mean, same run)", _ms(static_latency.get("mean")),
-         f"{_ms(latency.get('mean'))} ({_times(tflite.get('mean_latency_ratio'))})"],
-        ["TFLite latency per input (median)", _ms(static_latency.get("median")), _ms(latency.get("median"))],
+        ["FLOPs per input", integer(gating.get("static_flops")),
+         f"{integer(_rounded(flops.get('mean')))} mean ({ratio(flops.get('mean'), gating.get('static_flops'))}); "
+         f"p10–p90 {integer(_rounded(flops.get('p10')))}–{integer(_rounded(flops.get('p90')))}"],
+        ["TFLite latency per input (mean, same run)", ms(static_latency.get("mean")),
+         f"{ms(latency.get('mean'))} ({times(tflite.get('mean_latency_ratio'))})"],
+        ["TFLite latency per input (median)", ms(static_latency.get("median")), ms(latency.get("median"))],
     ]
     blocks = [mapping_of(block) for block in list_of(gating.get("blocks"))]
     intro = (
-        f"{_count(len(blocks), 'residual block')} gated, measured on {gating.get('samples', MISSING)} "
+        f"{count(len(blocks), 'residual block')} gated, measured on {gating.get('samples', MISSING)} "
         f"{gating.get('measured_on') or ''} inputs; gates trained {gating.get('epochs', MISSING)} epoch(s) towards "
-        f"{_percent(gating.get('trained_target'), 0)} of the compute"
+        f"{percent(gating.get('trained_target'), 0)} of the compute"
         + (" with the network" if gating.get("network") else ", network frozen") + "."
     )
-    parts = ["## Dynamic gating", intro, _table(["", "without gates", "with gates"], rows, "lrr")]
+    parts = ["## Dynamic gating", intro, table(["", "without gates", "with gates"], rows, "lrr")]
     if blocks:
-        table = [[f"`{block.get('name', '?')}`", _int(block.get("flops")), _percent(block.get("skip_rate"))] for block in blocks]
-        parts.append(_table(["block", "FLOPs it costs", "skipped for"], table, "lrr"))
+        cells = [[f"`{block.get('name', '?')}`", integer(block.get("flops")), percent(block.get("skip_rate"))] for block in blocks]
+        parts.append(table(["block", "FLOPs it costs", "skipped for"], cells, "lrr"))
     return "\n\n".join(parts)
 
 
@@ -360,15 +362,15 @@ def _layers(report: Mapping[str, Any], plot: Optional[Plot]) -> str:
     rows = [mapping_of(row) for row in list_of(report.get("layers"))]
     if not rows:
         return ""
-    table = [
+    cells = [
         [f"`{row.get('name', '?')}`", row.get("technique") or MISSING,
-         _arrow(row.get("params_before"), row.get("params_after")),
-         _arrow(row.get("flops_before"), row.get("flops_after")), _layer_detail(row)]
+         arrow(row.get("params_before"), row.get("params_after")),
+         arrow(row.get("flops_before"), row.get("flops_after")), _layer_detail(row)]
         for row in rows
     ]
     parts = ["## Layers", *_plot_lines(plot, "Parameters (and channels) per layer, before and after")]
     headers = ["layer", "technique", "params before → after", "FLOPs before → after", "detail"]
-    parts.append(_table(headers, table, "llrrl"))
+    parts.append(table(headers, cells, "llrrl"))
     return "\n\n".join(parts)
 
 
@@ -377,7 +379,7 @@ def _layer_detail(row: Mapping[str, Any]) -> str:
     if row.get("technique") == "channels":
         if row.get("channels_before") is None:
             return "narrowed: channels of its inputs or outputs went"
-        detail = f"group's channels {_arrow(row.get('channels_before'), row.get('channels_after'))}"
+        detail = f"group's channels {arrow(row.get('channels_before'), row.get('channels_after'))}"
         return detail + (f" ({row['criterion']})" if row.get("criterion") else "")
     if row.get("reason"):
         return str(row["reason"])
@@ -413,7 +415,7 @@ def _timings(report: Mapping[str, Any]) -> str:
     if not timings:
         return ""
     rows = [[name, f"{seconds:.1f} s" if is_number(seconds) else MISSING] for name, seconds in timings.items()]
-    return "## Timings\n\n" + _table(["step", "wall time"], rows, "lr")
+    return "## Timings\n\n" + table(["step", "wall time"], rows, "lr")
 
 
 def _plot_lines(plot: Optional[Plot], alt: str) -> list[str]:
@@ -424,16 +426,6 @@ def _plot_lines(plot: Optional[Plot], alt: str) -> list[str]:
 
 
 # --- formatting ------------------------------------------------------------------------------
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> str:
-    rule = ["---:" if a == "r" else "---" for a in align]
-    lines = [_row(headers), _row(rule)] + [_row(row) for row in rows]
-    return "\n".join(lines)
-
-
-def _row(cells: Sequence[Any]) -> str:
-    return "| " + " | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in cells) + " |"
 
 
 def _file_link(path: Optional[str], out_dir: Optional[Path], out: Optional[str]) -> str:
@@ -457,52 +449,3 @@ def _file_link(path: Optional[str], out_dir: Optional[Path], out: Optional[str])
         return Path(path).name
     target = relative.as_posix()
     return f"[{target}]({f'<{target}>' if ' ' in target else target})"  # <…>: a link target with spaces
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" + ("" if number == 1 else "s")
-
-
-def _int(value: Any) -> str:
-    return f"{value:,}" if is_number(value) else MISSING
-
-
-def _percent(value: Any, digits: int = 1) -> str:
-    return f"{100 * value:.{digits}f}%" if is_number(value) else MISSING
-
-
-def _points(value: Any) -> str:
-    return f"{100 * value:.2f} points" if is_number(value) else MISSING
-
-
-def _change_points(before: Any, after: Any) -> str:
-    if not is_number(before) or not is_number(after):
-        return MISSING
-    return f"{100 * (after - before):+.2f} points"
-
-
-def _ratio(value: Any, base: Any) -> str:
-    return _times(value / base) if is_number(value) and is_number(base) and base else MISSING
-
-
-def _times(value: Any) -> str:
-    return f"{value:.3f}×" if is_number(value) else MISSING
-
-
-def _ms(value: Any) -> str:
-    return f"{value:.3f} ms" if is_number(value) else MISSING
-
-
-def _bytes(value: Any) -> str:
-    if not is_number(value):
-        return MISSING
-    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if value >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{int(value)} B"
-
-
-def _arrow(before: Any, after: Any) -> str:
-    if before is None and after is None:
-        return MISSING
-    return f"{_int(before)} → {_int(after)}"
