@@ -20,65 +20,10 @@ import pytest
 from compressor.errors import ExportError
 from compressor.export.verify import export_and_verify, verification_inputs
 from conftest import _keras
+from families import (build_bidirectional, build_convnext_block, build_encoder, build_grouped, build_kws,
+                      build_simple_rnn)
 
 ATOL = 1e-4
-
-
-def build_encoder():
-    """A transformer encoder block: MultiHeadAttention, LayerNormalization, a GELU MLP."""
-    keras = _keras()
-    layers = keras.layers
-    inputs = keras.Input((8, 16))
-    x = layers.LayerNormalization()(inputs + layers.MultiHeadAttention(2, 8)(inputs, inputs))
-    mlp = layers.Dense(16)(layers.Dense(32, activation="gelu")(x))
-    x = layers.LayerNormalization()(x + mlp)
-    outputs = layers.Dense(4, activation="softmax")(layers.GlobalAveragePooling1D()(x))
-    return keras.Model(inputs, outputs, name="encoder")
-
-
-def build_grouped():
-    """Grouped convolutions, 1 < groups < channels."""
-    keras = _keras()
-    layers = keras.layers
-    inputs = keras.Input((8, 8, 8))
-    x = layers.Conv2D(16, 3, padding="same", groups=4, activation="relu")(inputs)
-    x = layers.Conv2D(16, 1, groups=2)(x)
-    outputs = layers.Dense(3, activation="softmax")(layers.GlobalAveragePooling2D()(x))
-    return keras.Model(inputs, outputs, name="grouped")
-
-
-def build_convnext_block():
-    """A ConvNeXt block: depthwise Conv2D(groups=C), LayerNorm, exact GELU MLP, residual; then a DepthwiseConv2D."""
-    keras = _keras()
-    layers = keras.layers
-    inputs = keras.Input((8, 8, 16))
-    x = layers.LayerNormalization(epsilon=1e-6)(layers.Conv2D(16, 7, padding="same", groups=16)(inputs))
-    x = inputs + layers.Dense(16)(layers.Dense(64, activation="gelu")(x))
-    x = layers.DepthwiseConv2D(3, padding="same")(x)
-    outputs = layers.Dense(3, activation="softmax")(layers.GlobalAveragePooling2D()(x))
-    return keras.Model(inputs, outputs, name="convnext_block")
-
-
-def build_kws():
-    """Keyword spotting: LSTM -> GRU -> Dense on 49 frames of 10 MFCCs."""
-    keras = _keras()
-    layers = keras.layers
-    inputs = keras.Input((49, 10))
-    x = layers.GRU(16)(layers.LSTM(16, return_sequences=True)(inputs))
-    return keras.Model(inputs, layers.Dense(12, activation="softmax")(x), name="kws")
-
-
-def build_simple_rnn():
-    keras = _keras()
-    inputs = keras.Input((10, 6))
-    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.SimpleRNN(8)(inputs)), name="simple_rnn")
-
-
-def build_bidirectional():
-    keras = _keras()
-    inputs = keras.Input((10, 6))
-    x = keras.layers.Bidirectional(keras.layers.LSTM(8))(inputs)
-    return keras.Model(inputs, keras.layers.Dense(3)(x), name="bidirectional")
 
 
 FAMILIES = {
