@@ -47,8 +47,8 @@ def compress_into(options: CompressOptions, staging: Path, progress: Progress, l
     load_s = time.perf_counter() - started
     log("converting the original model")  # the export preflight: a layer no format takes fails here, before the search
     baselines = export_baselines(ctx)
-    gc.collect()  # the converters' graphs are garbage now: collect them here, not inside the timed search
     preflight_s = time.perf_counter() - started - load_s  # export work: counted in the export's time
+    gc.collect()  # the converters' graphs are garbage now: collect them here, outside every timed stage
 
     log("searching" if options.plan is None else f"replaying {options.plan}")
     search_started = time.perf_counter()
