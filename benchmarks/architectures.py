@@ -51,7 +51,7 @@ FAMILIES = {
 APPLICATIONS = {"MobileNetV2": 32, "MobileNetV3Small": 32, "EfficientNetB0": 32, "ResNet50": 32, "DenseNet121": 32,
                 "Xception": 71, "ConvNeXtTiny": 64, "NASNetMobile": 32}
 """keras.applications models (weights=None, 10 classes) and their input side: the smallest each allows,
-except ConvNeXtTiny at 64 (issue 15's size)."""
+except ConvNeXtTiny at 64."""
 
 MODELS = (*FAMILIES, *APPLICATIONS)
 
