@@ -363,3 +363,20 @@ def test_compress_channels_then_export_within_tolerance(tmp_path, quadrant_data,
     assert [a["format"] for a in report["artifacts"]] == ["tflite", "onnx"]
     for artifact in report["artifacts"]:
         assert artifact["max_abs_diff"] <= ATOL, artifact
+
+
+def test_channels_with_per_layer_techniques_go_on_when_no_group_can_be_pruned(tmp_path):
+    # A Bidirectional LSTM and its output layer: no channel group channel removal can narrow. Alone,
+    # channels refuses such a model in one line; with per-layer techniques they go on and report.
+    import compressor
+    from families import build_bidirectional
+
+    lines = []
+    result = compressor.compress(build_bidirectional(), out=tmp_path / "out", method="fixed_params",
+                                 compression_factor=0.5, techniques=("channels", "tucker"), export=("tflite",),
+                                 runs=3, log=lines.append)
+    report = result.report
+    assert report["status"] == "budget_not_met" and report["channels"] is None  # a report, no channel stage
+    assert report["compressed"]["params"] < report["baseline"]["params"]  # the per-layer search ran (the Dense head)
+    assert any("no channel group of the model can be pruned" in line for line in lines), lines
+    assert (tmp_path / "out" / "report.json").exists()

@@ -32,6 +32,9 @@ class ChannelStage:
         options = ctx.options
         if "channels" not in options.techniques:
             return None
+        if layer_techniques(options.techniques) and not _prunable(ctx.model):
+            ctx.log("channels: no channel group of the model can be pruned; the per-layer techniques go on")
+            return None
         budget = policy.channel_budget(ctx.budget, bool(layer_techniques(options.techniques)))
         settings = ChannelSettings(
             criterion=options.criterion,
@@ -58,3 +61,10 @@ class ChannelStage:
         plan = Plan(model=dict(run.identity or {}), channels=record.removals)
         run.working = run.compressed = prune_planned_channels(ctx.model, plan)
         return record
+
+
+def _prunable(model) -> bool:
+    """Whether channel removal can narrow anything in `model` (a channel search alone refuses a model without)."""
+    from compressor.graph.groups import analyze_channels
+
+    return any(group.prunable for group in analyze_channels(model).groups)
