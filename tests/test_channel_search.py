@@ -117,15 +117,15 @@ def test_a_step_still_missing_after_its_second_run_is_retried_smaller(monkeypatc
     assert result.flops == result.baseline_flops
 
 
-def test_misses_are_counted_in_a_row_a_kept_step_starts_the_count_again(monkeypatch):
+def test_misses_count_in_all_and_the_step_never_grows_back(monkeypatch):
     # Step 1 (half the cost) loses 5 points: retried at sqrt(0.5) of the cost, which holds and is kept.
-    # The count of misses starts again there: three more misses in a row (RETRIES + 1) end the search,
-    # each smaller than the last.
+    # The next steps stay at that size or smaller (0.71, then 0.84 of the kept cost); the third miss
+    # in all (RETRIES + 1) ends the search, although a step was kept between them.
     result, runs = _scripted_search(monkeypatch, [0.85, 0.89, 0.85, 0.85, 0.85])
-    assert [step.accepted for step in result.steps] == [False, True, False, False, False]
+    assert [step.accepted for step in result.steps] == [False, True, False, False]
     kept = result.steps[1].flops / result.baseline_flops  # what the kept step reached
     later = [step.target / kept for step in result.steps[2:]]  # each aim as a fraction of it
-    assert later == sorted(later) and later[0] == pytest.approx(0.5 ** 0.5, rel=0.01)
+    assert later == pytest.approx([0.5 ** 0.5, 0.5 ** 0.25], rel=0.01)
 
 
 def test_a_smaller_step_that_cuts_the_same_channels_is_not_fine_tuned_again(monkeypatch):

@@ -16,8 +16,10 @@ Budgets:
   at most MARGIN × budget, `compressor.search.budgets.MARGIN`). A step that does not
   hold although its drop on the search data is within the budget (its bound missed, not
   its drop) is fine-tuned once more, in another order of the data, and checked again. A
-  step that still misses is retried smaller (the square root of the kept fraction); RETRIES + 1
-  misses in a row end the search (a kept step starts the count again). Without fine-tuning,
+  step that still misses is retried smaller (the square root of the kept fraction), and the
+  step never grows back: RETRIES + 1 misses in all end the search (with the count reset at
+  each kept step, ever smaller steps would go on for as long as they held). A smaller
+  step that cuts the same channels as one that missed is skipped. Without fine-tuning,
   pruning once from the original is monotone enough for a bisection on the kept fraction.
   A step that holds on the search data is then shown to `accept` when given (the run's
   guard, `compressor.pipeline.acceptance`): the first step it rejects ends the search.
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 
 MIN_KEEP = 0.03  # never aim below this fraction of the baseline cost
-RETRIES = 2  # smaller steps tried after a step that misses, before the search stops (misses in a row)
+RETRIES = 2  # smaller steps tried after a step that misses, before the search stops (misses in all)
 
 
 @dataclass(frozen=True)
@@ -318,7 +320,7 @@ class _Run:
                     self._record(cost, accuracy, aim, epochs, False, started)
                     return
                 self._accept(candidate, groups, removals, cost, accuracy, aim, epochs, started)
-                retries, missed = 0, set()  # misses count in a row: a kept step starts again (at the smaller step)
+                missed = set()  # a new model: its cuts are new (the step stays as small as the misses made it)
                 continue
             missed.add(cost)
             self._record(cost, accuracy, aim, epochs, False, started)
