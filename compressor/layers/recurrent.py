@@ -28,8 +28,11 @@ GATES = {"LSTMCell": 4, "GRUCell": 3, "SimpleRNNCell": 1}
 class _LowRankKernels:
     """Build and apply the two kernels, each whole (rank None) or as a factor pair."""
 
-    input_rank: Optional[int]
-    recurrent_rank: Optional[int]
+    def __init__(
+        self, units: int, input_rank: Optional[int] = None, recurrent_rank: Optional[int] = None, **kwargs: Any
+    ) -> None:
+        super().__init__(units, **kwargs)
+        self.input_rank, self.recurrent_rank = input_rank, recurrent_rank
 
     def _add_kernels(self, features: int, gates: int) -> None:
         self._input = self._kernel("kernel", features, gates, self.input_rank, "kernel")
@@ -54,8 +57,8 @@ class _LowRankKernels:
             x = ops.matmul(x, factor)
         return x
 
-    def _rank_config(self, config: dict) -> dict:
-        return {**config, "input_rank": self.input_rank, "recurrent_rank": self.recurrent_rank}
+    def get_config(self) -> dict:
+        return {**super().get_config(), "input_rank": self.input_rank, "recurrent_rank": self.recurrent_rank}
 
 
 @keras.saving.register_keras_serializable(package="compressor")
@@ -68,12 +71,6 @@ class LowRankLSTMCell(_LowRankKernels, keras.layers.LSTMCell):
         recurrent_rank: Rank of the recurrent kernel's factors; None: whole.
         **kwargs: LSTMCell's other arguments.
     """
-
-    def __init__(
-        self, units: int, input_rank: Optional[int] = None, recurrent_rank: Optional[int] = None, **kwargs: Any
-    ) -> None:
-        super().__init__(units, **kwargs)
-        self.input_rank, self.recurrent_rank = input_rank, recurrent_rank
 
     def build(self, input_shape: Any) -> None:
         self._add_kernels(input_shape[-1], 4 * self.units)
@@ -97,9 +94,6 @@ class LowRankLSTMCell(_LowRankKernels, keras.layers.LSTMCell):
         h = o * self.activation(c)
         return h, [h, c]
 
-    def get_config(self) -> dict:
-        return self._rank_config(super().get_config())
-
 
 @keras.saving.register_keras_serializable(package="compressor")
 class LowRankGRUCell(_LowRankKernels, keras.layers.GRUCell):
@@ -115,13 +109,10 @@ class LowRankGRUCell(_LowRankKernels, keras.layers.GRUCell):
         ValueError: reset_after=False.
     """
 
-    def __init__(
-        self, units: int, input_rank: Optional[int] = None, recurrent_rank: Optional[int] = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, units: int, **kwargs: Any) -> None:
         super().__init__(units, **kwargs)
         if not self.reset_after:
             raise ValueError("LowRankGRUCell supports reset_after=True only. Received: reset_after=False")
-        self.input_rank, self.recurrent_rank = input_rank, recurrent_rank
 
     def build(self, input_shape: Any) -> None:
         self._add_kernels(input_shape[-1], 3 * self.units)
@@ -149,9 +140,6 @@ class LowRankGRUCell(_LowRankKernels, keras.layers.GRUCell):
         h = z * h_tm1 + (1 - z) * hh
         return h, [h] if keras.tree.is_nested(states) else h
 
-    def get_config(self) -> dict:
-        return self._rank_config(super().get_config())
-
 
 @keras.saving.register_keras_serializable(package="compressor")
 class LowRankSimpleRNNCell(_LowRankKernels, keras.layers.SimpleRNNCell):
@@ -163,12 +151,6 @@ class LowRankSimpleRNNCell(_LowRankKernels, keras.layers.SimpleRNNCell):
         recurrent_rank: Rank of the recurrent kernel's factors; None: whole.
         **kwargs: SimpleRNNCell's other arguments.
     """
-
-    def __init__(
-        self, units: int, input_rank: Optional[int] = None, recurrent_rank: Optional[int] = None, **kwargs: Any
-    ) -> None:
-        super().__init__(units, **kwargs)
-        self.input_rank, self.recurrent_rank = input_rank, recurrent_rank
 
     def build(self, input_shape: Any) -> None:
         self._add_kernels(input_shape[-1], self.units)
@@ -190,6 +172,3 @@ class LowRankSimpleRNNCell(_LowRankKernels, keras.layers.SimpleRNNCell):
         if self.activation is not None:
             output = self.activation(output)
         return output, [output] if isinstance(states, (list, tuple)) else output
-
-    def get_config(self) -> dict:
-        return self._rank_config(super().get_config())
