@@ -42,17 +42,19 @@ def correct_predictions(model: keras.Model, data: Dataset, batch_size: int = DEF
     """
     from compressor.bench.benchmark import top1_classes
 
-    predicted = model.predict(data.x, batch_size=batch_size, verbose=0)
-    outputs = np.asarray(pick_output(predicted, output_index(model, data.output))).reshape(len(data), -1)
-    return top1_classes(outputs) == np.asarray(data.y)
+    return top1_classes(_flat_outputs(model, data, batch_size)) == np.asarray(data.y)
 
 
 def sample_values(model: keras.Model, data: Dataset, metric: Metric = TOP1,
                   batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
     """Per sample of `data`, the metric's value for the model (`Metric.values`; top-1: `correct_predictions`)."""
+    return metric.values(_flat_outputs(model, data, batch_size), data.y)
+
+
+def _flat_outputs(model: keras.Model, data: Dataset, batch_size: int) -> np.ndarray:
+    """The outputs the labels of `data` read (`data.output`; the first), one flat row per sample."""
     predicted = model.predict(data.x, batch_size=batch_size, verbose=0)
-    outputs = np.asarray(pick_output(predicted, output_index(model, data.output))).reshape(len(data), -1)
-    return metric.values(outputs, data.y)
+    return np.asarray(pick_output(predicted, output_index(model, data.output))).reshape(len(data), -1)
 
 
 @dataclass(frozen=True)
