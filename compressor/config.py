@@ -53,7 +53,7 @@ from compressor.option_fields import (
     text,
 )
 from compressor.surgery.plan import STRUCTURES, PlanError
-from compressor.techniques.registry import CRITERIA, parse_techniques, techniques_help  # names only: no TensorFlow
+from compressor.techniques.registry import AUTO, CRITERIA, parse_techniques, techniques_help  # names only: no TensorFlow
 
 METHODS = ("fixed_loss", "fixed_params")
 BUDGET_ON = ("params", "flops")
@@ -183,7 +183,7 @@ class CompressOptions:
         None, help="fixed_params: fraction of params (or FLOPs) kept, 0 < F < 1.", check=number("compression factor"))
     budget_on: str = option("params", help="fixed_params: params (default) or flops.", check=one_of(BUDGET_ON, "budget-on"))
     techniques: tuple[str, ...] = option(
-        ("tucker",), help=techniques_help(), cli_type=str, parse=list_of("techniques"), check=names("techniques"))
+        (AUTO,), help=techniques_help(), cli_type=str, parse=list_of("techniques"), check=names("techniques"))
     criterion: str = option(
         "magnitude", help="Channel/weight importance: magnitude (default), snip, synflow, fpgm, hessian.",
         check=one_of(CRITERIA, "criterion"))

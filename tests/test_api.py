@@ -133,7 +133,7 @@ def test_the_signature_and_help_list_every_option_as_a_keyword():
     import inspect
 
     parameters = inspect.signature(compressor.compress).parameters
-    assert parameters["max_acc_loss"].default is None and parameters["techniques"].default == ("tucker",)
+    assert parameters["max_acc_loss"].default is None and parameters["techniques"].default == ("auto",)
     assert "json" not in parameters and "quiet" not in parameters  # how the command line prints, not options of a run
     assert "calibration_samples (default 200): Samples that calibrate int8 quantization, from train_data= (else data=)" \
         in compressor.compress.__doc__

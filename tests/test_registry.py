@@ -78,7 +78,7 @@ def test_names_help_and_plans_need_no_tensorflow():
 
 
 def test_options_refuse_unknown_techniques():
-    with pytest.raises(OptionError, match=r"Invalid techniques. Expected some of \('channels', 'tucker'"):
+    with pytest.raises(OptionError, match=r"Invalid techniques. Expected auto or some of \('channels', 'tucker'"):
         CompressOptions(model="m.keras", out="o", method="fixed_params", compression_factor=0.5, techniques=("pruning",))
 
 

@@ -32,7 +32,7 @@ class ChannelStage:
         options = ctx.options
         if "channels" not in options.techniques:
             return None
-        if layer_techniques(options.techniques) and not _prunable(ctx.model):
+        if layer_techniques(options.techniques) and not can_prune(ctx.model):
             ctx.log("channels: no channel group of the model can be pruned; the per-layer techniques go on")
             return None
         budget = policy.channel_budget(ctx.budget, bool(layer_techniques(options.techniques)))
@@ -63,7 +63,7 @@ class ChannelStage:
         return record
 
 
-def _prunable(model) -> bool:
+def can_prune(model) -> bool:
     """Whether channel removal can narrow anything in `model` (a channel search alone refuses a model without)."""
     from compressor.graph.groups import analyze_channels
 

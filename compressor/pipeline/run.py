@@ -20,6 +20,7 @@ from compressor.pipeline.data import Inputs, check_data_and_plan, load_model, lo
 from compressor.pipeline.export import calibration, export_artifacts, export_baselines
 from compressor.pipeline.gating import measure_gates
 from compressor.pipeline.records import Measured
+from compressor.pipeline.techniques import resolve_techniques
 from compressor.pipeline.timing import time_artifacts
 from compressor.report.build import Timings, build_report, relocate, write_report
 
@@ -49,6 +50,7 @@ def compress_into(options: CompressOptions, staging: Path, progress: Progress, l
     baselines = export_baselines(ctx)
     preflight_s = time.perf_counter() - started - load_s  # export work: counted in the export's time
     gc.collect()  # the converters' graphs are garbage now: collect them here, outside every timed stage
+    ctx = resolve_techniques(ctx)  # --techniques auto: what this model and budget need
 
     log("searching" if options.plan is None else f"replaying {options.plan}")
     search_started = time.perf_counter()

@@ -25,7 +25,7 @@ from compressor.search.kernels import KernelCache
 from compressor.surgery.editable import editable_layers, why_not_editable
 from compressor.surgery.plan import LayerEdit, SkippedLayer, SparsitySpec
 from compressor.techniques.base import call_shapes, edit_cost, layer_cost
-from compressor.techniques.registry import Registry, parse_techniques, technique_for
+from compressor.techniques.registry import DEFAULT_REGISTRY, Registry, parse_techniques, technique_for
 
 NO_OPTION = "no edit of it lowers both its params and its FLOPs"
 
@@ -157,6 +157,37 @@ def baseline_cost(model: keras.Model, candidates: Sequence[LayerCandidates]) -> 
         known = by_name.get(candidate.name)
         flops += candidate.flops - (known.flops if known is not None else 0)
     return int(model.count_params()), int(flops)
+
+
+def lowest_cost(model: keras.Model, techniques: Iterable[str], kind: str) -> tuple[int, int]:
+    """(lowest, baseline) params or FLOPs: the model with every layer at its most compressing option, and as it is.
+
+    Prices the options as `layer_candidates` does but measures no error, so it costs
+    no factorization: what the per-layer techniques could reach at most, before any
+    search (`compressor.pipeline.techniques` reads it to choose the default techniques).
+
+    Args:
+        model: A Functional or built Sequential model.
+        techniques: Per-layer technique names.
+        kind: "params" or "flops".
+    """
+    wanted = parse_techniques(techniques)
+    registry = DEFAULT_REGISTRY
+    editable = editable_layers(model)
+    saved = 0
+    for name, calls in _calls_with_weights(model).items():
+        if name not in editable:
+            continue
+        try:
+            found = _layer_options(name, calls[0].operation, calls, wanted, None, registry)
+        except CompressorError:
+            continue
+        if not isinstance(found, str):
+            own = found.params if kind == "params" else found.flops
+            saved += own - min(params if kind == "params" else flops for _, params, flops in found.options)
+    cost = model_cost(model)
+    baseline = int(model.count_params()) if kind == "params" else int(cost.flops)
+    return baseline - saved, baseline
 
 
 def _not_editable_reason(

@@ -40,6 +40,10 @@ from compressor.surgery.plan import PlanError
 LAYER = "layer"  # edits single layers: proposes and builds per-layer edits
 STAGE = "stage"  # a step of its own in the pipeline (no per-layer edits)
 KINDS = (LAYER, STAGE)
+AUTO = "auto"
+"""The default `--techniques`: AUTO_BASE, with "channels" first when low rank alone cannot reach
+the budget (`compressor.pipeline.techniques` decides, once the model is loaded)."""
+AUTO_BASE = ("tucker",)
 # Importance scores that rank weights (sparsity) and channels; kept in step with
 # compressor.techniques.scores.CRITERIA (tested), here so that checking options imports no TensorFlow.
 CRITERIA = ("magnitude", "snip", "synflow", "fpgm", "hessian")
@@ -120,7 +124,7 @@ def unregister(name: str) -> None:
 
 
 register("channels", kind=STAGE, summary="remove whole channels, first", applies="compressor.techniques.stages:channels_apply")
-register("tucker", "compressor.techniques.lowrank:Tucker", priority=20, includes=("svd",), summary="Tucker-2 / SVD; default")
+register("tucker", "compressor.techniques.lowrank:Tucker", priority=20, includes=("svd",), summary="Tucker-2 / SVD")
 register("svd", "compressor.techniques.lowrank:SVD", priority=30, summary="SVD of 1x1 convolutions, Conv1D, Dense")
 register("hessian", "compressor.techniques.hessian:Hessian", priority=10, summary="K-FAC eigenbasis, gathered on data")
 register("sparsity", "compressor.techniques.sparsity:Sparsity", priority=90,
@@ -164,16 +168,21 @@ def parse_techniques(names: Iterable[str]) -> frozenset[str]:
         PlanError: An unknown name, or none at all.
     """
     wanted = frozenset(name.strip().lower() for name in names if name.strip())
-    unknown = sorted(wanted - set(_ENTRIES))
+    if AUTO in wanted and len(wanted) > 1:
+        raise PlanError(f"Invalid techniques. {AUTO} chooses them itself: pass it alone, or name the techniques. "
+                        f"Received: {sorted(wanted)}")
+    unknown = sorted(wanted - set(_ENTRIES) - {AUTO})
     if unknown or not wanted:
-        raise PlanError(f"Invalid techniques. Expected some of {technique_names()}. Received: {sorted(wanted)}")
+        raise PlanError(f"Invalid techniques. Expected {AUTO} or some of {technique_names()}. Received: {sorted(wanted)}")
     return wanted
 
 
 def techniques_help() -> str:
     """The `--techniques` help: each name with its summary, stages marked."""
     parts = [f"{e.name} ({'a stage: ' if e.kind == STAGE else ''}{e.summary})" for e in _ENTRIES.values()]
-    return ", ".join(parts) + "; combine with commas, e.g. channels,tucker,gating."
+    return (f"{AUTO} (default: {','.join(AUTO_BASE)}, with channels first when the model's params or FLOPs sit "
+            "where low rank cannot reach the budget), " + ", ".join(parts)
+            + "; combine with commas, e.g. channels,tucker,gating.")
 
 
 # --- classes (imported on first use) --------------------------------------------------------
