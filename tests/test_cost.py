@@ -94,10 +94,54 @@ def test_normalization_counts_two_ops_per_element():
 
 def test_unknown_layer_is_listed_with_zero_flops():
     inputs = keras.Input((6,))
-    outputs = L.Dense(2)(L.LayerNormalization(name="ln")(inputs))
+    outputs = L.Dense(2)(L.UnitNormalization(name="unit")(inputs))
     cost = model_cost(keras.Model(inputs, outputs))
-    (ln,) = [c for c in cost.layers if c.name == "ln"]
-    assert (ln.type, ln.flops, ln.params) == ("LayerNormalization", 0, 12)
+    (unit,) = [c for c in cost.layers if c.name == "unit"]
+    assert (unit.type, unit.flops, unit.params) == ("UnitNormalization", 0, 0)
+
+
+def test_layer_normalization_counts_its_statistics_and_its_affine_part():
+    inputs = keras.Input((5, 6))
+    outputs = L.LayerNormalization(name="ln")(inputs)
+    plain = L.LayerNormalization(center=False, scale=False, name="plain")(outputs)
+    cost = {c.name: c for c in model_cost(keras.Model(inputs, plain)).layers}
+    assert (cost["ln"].flops, cost["ln"].params) == (7 * 30, 12)  # mean, centre, square, variance, 1/σ, γ, β
+    assert cost["plain"].flops == 5 * 30
+
+
+def _attention_flops(tq, tk, dq, dv, heads, key_dim, value_dim, out_dim, bias=True):
+    """Multi-head attention as its matrix products (2 FLOPs per multiply-accumulate), written out."""
+    b = 1 if bias else 0
+    q = tq * (2 * dq * heads * key_dim + b * heads * key_dim)  # query projection
+    k = tk * (2 * dv * heads * key_dim + b * heads * key_dim)  # key projection (key = value)
+    v = tk * (2 * dv * heads * value_dim + b * heads * value_dim)
+    scale = tq * heads * key_dim  # query * 1/sqrt(key_dim)
+    scores = heads * 2 * tq * tk * key_dim
+    softmax = heads * tq * tk
+    mix = heads * 2 * tq * tk * value_dim
+    out = tq * (2 * heads * value_dim * out_dim + b * out_dim)
+    return q + k + v + scale + scores + softmax + mix + out
+
+
+def test_attention_flops_are_its_projections_scores_softmax_and_mix():
+    query, value = keras.Input((7, 16)), keras.Input((5, 12))
+    outputs = L.MultiHeadAttention(4, 8, value_dim=6, name="mha")(query, value)
+    (mha,) = [c for c in model_cost(keras.Model([query, value], outputs)).layers if c.name == "mha"]
+    assert mha.flops == _attention_flops(7, 5, 16, 12, 4, 8, 6, 16)
+    x = keras.Input((7, 16))
+    fewer = L.MultiHeadAttention(3, 8, value_dim=6, use_bias=False, output_shape=10, name="mha")(x, x)
+    (mha,) = [c for c in model_cost(keras.Model(x, fewer)).layers if c.name == "mha"]
+    assert mha.flops == _attention_flops(7, 7, 16, 16, 3, 8, 6, 10, bias=False)
+
+
+def test_attention_over_some_axes_attends_within_the_others():
+    x = keras.Input((4, 6, 8))  # attention along axis 2 only: 4 independent rows of 6 positions
+    outputs = L.MultiHeadAttention(2, 4, attention_axes=(2,), name="mha")(x, x)
+    (mha,) = [c for c in model_cost(keras.Model(x, outputs)).layers if c.name == "mha"]
+    def core(attended):  # scores, softmax and mix of 2 heads for 24 query positions
+        return 2 * 24 * attended * (2 * 4 + 1 + 2 * 4)
+
+    assert mha.flops == _attention_flops(24, 24, 8, 8, 2, 4, 4, 8) - core(24) + core(6)
 
 
 def test_keras_ops_in_the_graph_cost_one_per_element():

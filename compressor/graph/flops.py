@@ -21,7 +21,16 @@ Conventions (one sample, i.e. batch 1; the batch axis of every shape is ignored)
   LSTM 9u (four gate activations, f·c + i·g, o·act(c)), GRU 8u (r·h, the candidate's
   add, three activations, z·h + (1 − z)·h̃), SimpleRNN u (its activation). The time
   steps are the input's second axis; a free one counts 0.
+- MultiHeadAttention with h heads, key size k, value size v (the query's last axis
+  Dq, key's Dk, value's Dv, output's Do; T positions of a tensor besides batch and
+  features, A of them on the attention axes): the projections as Dense layers
+  (2·Tq·Dq·h·k for the query, 2·Tk·Dk·h·k, 2·Tv·Dv·h·v, 2·Tq·h·v·Do for the output,
+  each + its bias), the query's scaling Tq·h·k, the scores 2·h·Tq·Ak·k, their
+  softmax h·Tq·Ak, the weighted values 2·h·Tq·Ak·v; with `use_gate`, the gate's
+  projection, bias, sigmoid and product (2·Tq·Dq·h·v + 3·Tq·h·v).
 - BatchNormalization: 2 per element (inference: one scale, one shift).
+  LayerNormalization: 5 per element for its statistics and normalization (mean,
+  centre, square, variance, multiply by 1/σ), + 1 for `scale`, + 1 for `center`.
 - Rescaling: 1 per element for the scale, +1 when the offset is not zero.
   Normalization: 2 per element (subtract the mean, multiply by 1/std).
 - Max/average pooling: pool-window size per output element. Global pooling: 1 per
@@ -191,6 +200,33 @@ def _product_macs(rows: int, cols: int, rank: Optional[int]) -> int:
     return rows * cols if rank is None else rank * (rows + cols)
 
 
+def _attention(config: dict, ins: list, outs: list) -> int:
+    """MultiHeadAttention (module docstring); inputs (query, value[, key])."""
+    query, value = ins[0], ins[1]
+    key = ins[2] if len(ins) > 2 else value
+    heads, key_dim = config["num_heads"], config["key_dim"]
+    value_dim = config.get("value_dim") or key_dim
+    positions = {name: _size(shape) // shape[-1] for name, shape in (("q", query), ("k", key), ("v", value))}
+    axes = config.get("attention_axes") or tuple(range(1, len(key) - 1))
+    attended = math.prod(key[axis] for axis in ((a if a >= 0 else len(key) + a) for a in axes))
+    bias = 1 if config.get("use_bias", True) else 0
+    out_dim = outs[0][-1]
+    tq = positions["q"]
+    projections = (
+        (2 * query[-1] + bias) * tq * heads * key_dim
+        + (2 * key[-1] + bias) * positions["k"] * heads * key_dim
+        + (2 * value[-1] + bias) * positions["v"] * heads * value_dim
+        + (2 * heads * value_dim + bias) * tq * out_dim
+    )
+    attention = tq * heads * key_dim + heads * tq * attended * (2 * key_dim + 1 + 2 * value_dim)
+    gate = (2 * query[-1] + 3) * tq * heads * value_dim if config.get("use_gate") else 0
+    return projections + attention + gate
+
+
+def _layer_norm(config: dict, ins: list, outs: list) -> int:
+    return _size(outs[0]) * (5 + bool(config.get("scale", True)) + bool(config.get("center", True)))
+
+
 def _rescaling(config: dict, ins: list, outs: list) -> int:
     shift = bool(np.any(np.asarray(config.get("offset", 0.0)) != 0))
     return _size(outs[0]) * (2 if shift else 1)
@@ -213,7 +249,9 @@ _RULES: tuple[tuple[tuple[type, ...], _Rule], ...] = (
     (DEPTHWISE, _depthwise),
     (SEPARABLE, _separable),
     ((L.Dense,), _dense),
+    ((L.MultiHeadAttention,), _attention),
     ((L.BatchNormalization,), lambda c, ins, outs: 2 * _size(outs[0])),
+    ((L.LayerNormalization,), _layer_norm),
     ((L.Rescaling,), _rescaling),
     ((L.Normalization,), lambda c, ins, outs: 2 * _size(outs[0])),
     (POOLING, lambda c, ins, outs: _size(outs[0]) * _prod(c["pool_size"])),
