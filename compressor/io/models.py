@@ -1,6 +1,7 @@
 """Load trained Keras models from the formats users have, and save them atomically.
 
-Accepted: Keras 3 `.keras`, `.h5` written by Keras 3 or by legacy tf_keras, and a
+Accepted: Keras 3 `.keras`, `.h5` written by Keras 3 or by legacy tf_keras (Keras 2
+layer settings Keras 3 lacks are read by `compressor.io.legacy_layers`), and a
 SavedModel folder written by tf_keras (`model.save(dir, save_format="tf")`), which is
 loaded with tf_keras and bridged to Keras 3 through a temporary `.h5` file.
 Only graph models (Sequential, Functional) can be analysed and rewritten.
@@ -27,6 +28,7 @@ import keras
 from compressor.errors import ModelLoadError, first_line
 from compressor.graph.keras_api import is_graph_model
 from compressor.io.atomic import atomic_path
+from compressor.io.legacy_layers import LEGACY_LAYERS, tensor_arguments_fixed
 from compressor.io.model_files import check_model_path
 
 ALLOW_CODE_HINT = "pass {allow_model_code} only if you trust the file"
@@ -83,8 +85,35 @@ def load_model(
 
 def _keras_load(path: Path, allow_model_code: bool, shown: Optional[Path] = None) -> keras.Model:
     shown = shown or path
+    if path.suffix.lower() == ".h5":
+        return _h5_load(path, allow_model_code, shown)
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=not allow_model_code)
+    except Exception as exc:
+        raise _load_error(exc, shown) from exc
+
+
+def _h5_load(path: Path, allow_model_code: bool, shown: Path) -> keras.Model:
+    """An `.h5` file, with the Keras 2 configs Keras 3 refuses read as Keras 3's (`compressor.io.legacy_layers`)."""
+    import shutil
+
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            stored = h5.attrs.get("model_config")
+        fixed = tensor_arguments_fixed(json.loads(stored)) if stored is not None else None
+        with tempfile.TemporaryDirectory() as tmp:
+            if fixed is not None:  # calls with tensor keyword arguments: load a copy with Keras 3 nodes
+                copied = Path(tmp) / path.name
+                shutil.copyfile(path, copied)
+                with h5py.File(copied, "r+") as h5:
+                    h5.attrs["model_config"] = json.dumps(fixed)
+                path = copied
+            return keras.saving.load_model(path, compile=False, safe_mode=not allow_model_code,
+                                           custom_objects=LEGACY_LAYERS)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise _load_error(exc, shown) from exc
 
