@@ -371,3 +371,13 @@ def test_evaluator_sets_all_four_kernels_of_a_bidirectional_edit():
     assert expected > 1e-8
     assert measured == pytest.approx(expected, rel=1e-3)
     np.testing.assert_allclose(evaluator.measure().output_error, 0.0, atol=1e-12)
+
+
+def test_bidirectional_of_unlike_directions_is_not_factorized():
+    from compressor.techniques.registry import DEFAULT_REGISTRY
+
+    keras = _keras()
+    layer = keras.layers.Bidirectional(keras.layers.LSTM(4), backward_layer=keras.layers.LSTM(6, go_backwards=True))
+    layer.build((None, 5, 3))
+    assert "differ in kind or units" in DEFAULT_REGISTRY["svd"].applies(layer)
+    assert DEFAULT_REGISTRY["svd"].options(layer, input_shape=(1, 5, 3)) == []
