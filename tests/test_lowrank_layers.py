@@ -1,7 +1,8 @@
 """Low-rank compression of the layers deploy models hold: separable convolutions (their
-pointwise kernel) and recurrent layers (their input and recurrent kernels), data-free to a
-0.5 params budget, exported with parity; recurrent FLOPs against hand counts; and a reason
-for every layer with weights that no technique edits.
+pointwise kernel) and recurrent layers (their input and recurrent kernels, also both
+directions of a Bidirectional), data-free to a 0.5 params budget, exported with parity;
+recurrent FLOPs against hand counts; and a reason for every layer with weights that no
+technique edits.
 
 Tolerances: 1e-4 for artifacts, the default `atol` every artifact is verified against
 (float32 outputs of these tiny models move by ~1e-7 in LiteRT and onnxruntime); 1e-5 for
@@ -43,6 +44,18 @@ def build_wide_kws():
     return keras.Model(inputs, layers.Dense(12, activation="softmax")(x), name="kws32")
 
 
+def build_bidirectional_gru(kind="GRU", merge_mode="sum", return_sequences=True):
+    """A Bidirectional recurrent layer (24 units a direction) on 20 frames of 10 features -> Dense."""
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input((20, 10))
+    rnn = getattr(layers, kind)(24, return_sequences=return_sequences)
+    x = layers.Bidirectional(rnn, merge_mode=merge_mode, name="bi")(inputs)
+    if return_sequences:
+        x = layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, layers.Dense(4)(x), name="bidirectional_rnn")
+
+
 def _compress(model, out, export=("tflite", "onnx")):
     import compressor
 
@@ -50,7 +63,10 @@ def _compress(model, out, export=("tflite", "onnx")):
                                runs=1, warmup=0)
 
 
-@pytest.mark.parametrize("build, replaced", [(build_separable, "SeparableConv2D"), (build_wide_kws, "RNN")])
+@pytest.mark.parametrize(
+    "build, replaced",
+    [(build_separable, "SeparableConv2D"), (build_wide_kws, "RNN"), (build_bidirectional_gru, "Bidirectional")],
+)
 def test_family_compresses_data_free_to_half_the_params_and_exports_with_parity(tmp_path, build, replaced):
     from compressor.io.models import load_model
 
@@ -213,3 +229,155 @@ def test_every_skipped_layer_with_weights_has_a_reason(tmp_path):
     assert skipped and all(entry["reason"].strip() for entry in skipped)
     attention = next(entry for entry in layers if entry["name"].startswith("multi_head_attention"))
     assert attention["technique"] == "skipped" and "EinsumDense" in attention["reason"]
+
+
+BIDIRECTIONAL_VARIANTS = [("LSTM", "concat", False), ("GRU", "sum", True), ("SimpleRNN", "ave", True)]
+
+
+def _low_rank_kernels(layer, rank, seed=4):
+    """Give each direction's W and U rank `rank` (products of random factors), so a rank-`rank` SVD is exact."""
+    rng = np.random.default_rng(seed)
+    for side in (layer.forward_layer, layer.backward_layer):
+        for variable in (side.cell.kernel, side.cell.recurrent_kernel):
+            rows, cols = variable.shape
+            left, right = rng.normal(size=(rows, rank)), rng.normal(size=(rank, cols))
+            variable.assign((left @ right / np.sqrt(rows * rank)).astype(np.float32))
+
+
+@pytest.mark.parametrize("kind, merge_mode, return_sequences", BIDIRECTIONAL_VARIANTS)
+def test_factorized_bidirectional_computes_the_original_at_the_kernels_rank(kind, merge_mode, return_sequences):
+    """Kernels of rank 3, edit of rank 3: all four kernels factored, outputs within 1e-5 of the original."""
+    from compressor.surgery.plan import LayerEdit
+    from compressor.surgery.rewrite import rewrite_model
+    from compressor.techniques.registry import DEFAULT_REGISTRY
+
+    model = build_bidirectional_gru(kind, merge_mode, return_sequences)
+    layer = model.get_layer("bi")
+    _low_rank_kernels(layer, 3)
+    replacement = DEFAULT_REGISTRY["svd"].build(layer, LayerEdit("bi", "svd", {"rank": 3, "residual": None}))
+    assert replacement.notes["input_rank"] == 3 and replacement.notes["recurrent_rank"] == 3
+    assert replacement.notes["reconstruction_error"] < 1e-6
+    rewritten = rewrite_model(model, {"bi": replacement})
+    new = rewritten.get_layer("bi_svd")
+    assert type(new).__name__ == "Bidirectional" and new.merge_mode == merge_mode
+    assert [type(side).__name__ for side in (new.forward_layer, new.backward_layer)] == ["RNN", "RNN"]
+    assert (new.forward_layer.go_backwards, new.backward_layer.go_backwards) == (False, True)
+    assert new.return_sequences == return_sequences
+    assert new.count_params() < layer.count_params()
+    x = np.random.default_rng(5).normal(size=(3, 20, 10)).astype(np.float32)
+    np.testing.assert_allclose(rewritten.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_bidirectional_edit_is_both_directions_with_their_own_factors():
+    """Rank 2 of random kernels: the rewritten model = the original with each direction's kernels set to
+    its own composed factors (`assign_searched_kernel` of `composed`), within 1e-5."""
+    from compressor.surgery.plan import LayerEdit
+    from compressor.surgery.rewrite import rewrite_model
+    from compressor.techniques.base import reconstruction_error
+    from compressor.techniques.recurrent import assign_searched_kernel, composed, searched_kernel
+    from compressor.techniques.registry import DEFAULT_REGISTRY
+
+    keras = _keras()
+    model = build_bidirectional_gru("LSTM", "concat", False)
+    layer = model.get_layer("bi")
+    edit = LayerEdit("bi", "svd", {"rank": 2, "residual": None})
+    replacement = DEFAULT_REGISTRY["svd"].build(layer, edit)
+    stacked = composed(layer, replacement.chain[0].weights)
+    assert stacked.shape == searched_kernel(layer).shape == (10 + 24, 2 * 4 * 24)  # [W; U] forward | backward
+    errors = DEFAULT_REGISTRY["svd"].kernel_errors(layer, [edit])
+    assert errors[0] == pytest.approx(reconstruction_error(layer, edit, replacement), rel=1e-6)
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    assign_searched_kernel(reference.get_layer("bi"), stacked.astype(np.float32))
+    np.testing.assert_allclose(searched_kernel(reference.get_layer("bi")), stacked, atol=1e-6)
+    rewritten = rewrite_model(model, {"bi": replacement})
+    x = np.random.default_rng(6).normal(size=(3, 20, 10)).astype(np.float32)
+    outputs = rewritten.predict(x, verbose=0)
+    assert np.max(np.abs(outputs - model.predict(x, verbose=0))) > 1e-4  # rank 2 moves the outputs
+    np.testing.assert_allclose(outputs, reference.predict(x, verbose=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, merge_mode, return_sequences", BIDIRECTIONAL_VARIANTS)
+def test_bidirectional_edit_cost_is_the_cost_of_the_layer_it_builds(kind, merge_mode, return_sequences):
+    from compressor.graph.flops import layer_flops
+    from compressor.surgery.plan import LayerEdit
+    from compressor.surgery.rewrite import rewrite_model
+    from compressor.techniques.base import edit_cost
+    from compressor.techniques.registry import DEFAULT_REGISTRY
+
+    model = build_bidirectional_gru(kind, merge_mode, return_sequences)
+    layer = model.get_layer("bi")
+    original = layer_flops(layer, [tuple(layer.input.shape)], [tuple(layer.output.shape)])
+    for rank in (2, 6):
+        edit = LayerEdit("bi", "svd", {"rank": rank, "residual": None})
+        new = rewrite_model(model, {"bi": DEFAULT_REGISTRY["svd"].build(layer, edit)}).get_layer("bi_svd")
+        built = (new.count_params(), layer_flops(new, [tuple(new.input.shape)], [tuple(new.output.shape)]))
+        assert edit_cost(layer, edit) == built
+        assert built[0] < layer.count_params() and built[1] < original
+
+
+def test_bidirectional_gru_without_reset_after_keeps_its_reason(tmp_path):
+    import compressor
+    from compressor.techniques.registry import DEFAULT_REGISTRY
+
+    keras = _keras()
+    inputs = keras.Input((20, 10))
+    x = keras.layers.Bidirectional(keras.layers.GRU(8, reset_after=False), name="bi")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4)(x))
+    assert "reset_after=False" in DEFAULT_REGISTRY["svd"].applies(model.get_layer("bi"))
+    assert DEFAULT_REGISTRY["svd"].options(model.get_layer("bi")) == []
+    listed = {layer.name: layer.techniques for layer in compressor.inspect(model).layers}
+    assert listed["bi"] == ()
+    assert "svd" in compressor.inspect(build_bidirectional_gru()).layers[1].techniques  # reset_after=True
+    rows = {row["name"]: row for row in _compress(model, tmp_path / "out", export=("keras",)).report["layers"]}
+    assert rows["bi"]["technique"] == "skipped" and "reset_after=False" in rows["bi"]["reason"]
+
+
+def test_replayed_plan_of_a_bidirectional_edit_gives_the_same_model(tmp_path):
+    import compressor
+    from compressor.io.models import load_model
+
+    model = build_bidirectional_gru("LSTM", "concat", False)
+    first = _compress(model, tmp_path / "first", export=("keras",))
+    assert any(type(layer).__name__ == "Bidirectional" and layer.name.endswith("_svd") for layer in first.model.layers)
+    replayed = compressor.compress(model, out=tmp_path / "replay", plan=tmp_path / "first" / "plan.json",
+                                   export=("keras",), runs=1, warmup=0)
+    assert replayed.report["compressed"]["params"] == first.report["compressed"]["params"]
+    assert replayed.report["compressed"]["flops"] == first.report["compressed"]["flops"]
+    for ours, theirs in zip(first.model.get_weights(), replayed.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    loaded = load_model(tmp_path / "replay" / "model.keras")
+    x = np.random.default_rng(7).normal(size=(2, 20, 10)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), first.model.predict(x, verbose=0))
+
+
+def test_evaluator_sets_all_four_kernels_of_a_bidirectional_edit():
+    """Under fixed_loss the evaluator's model with a Bidirectional edit = the rewritten model (rel 1e-3)."""
+    from compressor.io.data import Dataset
+    from compressor.search.evaluate import Evaluator
+    from compressor.surgery.plan import LayerEdit
+    from compressor.surgery.rewrite import rewrite_model
+    from compressor.techniques.registry import DEFAULT_REGISTRY
+
+    model = build_bidirectional_gru("GRU", "concat", False)
+    x = np.random.default_rng(8).normal(size=(16, 20, 10)).astype(np.float32)
+    reference = model.predict(x, verbose=0)
+    evaluator = Evaluator(model, Dataset(x, reference.argmax(-1), "own labels"))
+    edit = LayerEdit("bi", "svd", {"rank": 3, "residual": None})
+    measured = evaluator.measure([edit]).output_error
+    rewritten = rewrite_model(model, {"bi": DEFAULT_REGISTRY["svd"].build(model.get_layer("bi"), edit)})
+    outputs = rewritten.predict(x, verbose=0).astype(np.float64)
+    expected = np.sum((outputs - reference) ** 2) / np.sum(reference.astype(np.float64) ** 2)
+    assert expected > 1e-8
+    assert measured == pytest.approx(expected, rel=1e-3)
+    np.testing.assert_allclose(evaluator.measure().output_error, 0.0, atol=1e-12)
+
+
+def test_bidirectional_of_unlike_directions_is_not_factorized():
+    from compressor.techniques.registry import DEFAULT_REGISTRY
+
+    keras = _keras()
+    layer = keras.layers.Bidirectional(keras.layers.LSTM(4), backward_layer=keras.layers.LSTM(6, go_backwards=True))
+    layer.build((None, 5, 3))
+    assert "differ in kind or units" in DEFAULT_REGISTRY["svd"].applies(layer)
+    assert DEFAULT_REGISTRY["svd"].options(layer, input_shape=(1, 5, 3)) == []

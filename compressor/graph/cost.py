@@ -117,7 +117,8 @@ def applicable_techniques(layer: Any) -> tuple[str, ...]:
     - "tucker": Conv2D with a kernel larger than 1x1 (Tucker-2 over the channel modes).
     - "svd": 1x1 Conv2D, Conv1D and Dense (truncated SVD into two layers); the pointwise
       kernel of SeparableConv1D/2D; the input and recurrent kernels of LSTM, GRU
-      (reset_after) and SimpleRNN.
+      (reset_after) and SimpleRNN, also both directions of a Bidirectional of them
+      (forward and backward of one kind and width, one rank for both).
     - "sparsity": any layer with a kernel (ConvND, ConvNDTranspose, Dense,
       DepthwiseConvND, SeparableConvND).
     - "channel": Conv1D, Conv2D (grouped too), Dense, DepthwiseConv1D/2D,
@@ -141,7 +142,7 @@ def applicable_techniques(layer: Any) -> tuple[str, ...]:
         found.append("tucker" if math.prod(layer.kernel_size) > 1 else "svd")
     elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Dense) + SEPARABLE) and not grouped:
         found.append("svd")
-    elif isinstance(layer, RECURRENT) and getattr(layer, "reset_after", True):
+    elif _factorable_recurrent(layer):
         found.append("svd")
     if isinstance(layer, CONV + CONV_TRANSPOSE + DEPTHWISE + SEPARABLE + (keras.layers.Dense,)):
         found.append("sparsity")
@@ -149,6 +150,23 @@ def applicable_techniques(layer: Any) -> tuple[str, ...]:
     if isinstance(layer, channel) or attention_heads(layer):
         found.append("channel")
     return tuple(found)
+
+
+def recurrent_sides(layer: Any) -> tuple[Any, ...]:
+    """The LSTM, GRU or SimpleRNN layers `layer` runs: itself, or a Bidirectional's forward and
+    backward layers; () for any other layer (a Bidirectional of other layers too)."""
+    sides = (layer.forward_layer, layer.backward_layer) if isinstance(layer, keras.layers.Bidirectional) else (layer,)
+    return sides if all(isinstance(side, RECURRENT) for side in sides) else ()
+
+
+def _factorable_recurrent(layer: Any) -> bool:
+    """Recurrent layers "svd" factorizes: no GRU with reset_after=False, both directions alike."""
+    sides = recurrent_sides(layer)
+    return (
+        bool(sides)
+        and all(getattr(side, "reset_after", True) for side in sides)
+        and len({(type(side), side.units) for side in sides}) == 1
+    )
 
 
 def _layer_cost(call: LayerCall, flops: int, params: int) -> LayerCost:

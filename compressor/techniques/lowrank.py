@@ -324,7 +324,8 @@ class Tucker(LowRank):
             if math.prod(layer.kernel_size) == 1:
                 return "kernel is 1x1: use svd"
             return _grouped_reason(layer)
-        if isinstance(layer, (keras.layers.Conv1D, keras.layers.Dense, keras.layers.MultiHeadAttention) + SEPARABLE + recurrent.RECURRENT):
+        factorized_by_svd = (keras.layers.Conv1D, keras.layers.Dense, keras.layers.MultiHeadAttention) + SEPARABLE
+        if isinstance(layer, factorized_by_svd) or recurrent.is_recurrent(layer):
             return f"tucker factorizes kxk Conv2D kernels: use svd for {type(layer).__name__}"
         return f"tucker applies to Conv2D layers, not {type(layer).__name__}"
 
@@ -386,7 +387,8 @@ class SVD(LowRank):
         if isinstance(layer, keras.layers.MultiHeadAttention):
             return ATTENTION_REASON
         return (
-            "svd applies to Dense, Conv1D, 1x1 Conv2D, separable convolution, LSTM, GRU and SimpleRNN layers, "
+            "svd applies to Dense, Conv1D, 1x1 Conv2D, separable convolution, LSTM, GRU and SimpleRNN layers "
+            "(also in a Bidirectional), "
             f"not {type(layer).__name__}"
         )
 
@@ -404,7 +406,7 @@ class SVD(LowRank):
             raise PlanError(f"cannot apply {self.name} to {layer.name!r}: {reason}")
         if edit.params.get("residual") is not None:
             raise PlanError(f"{self.name} edits of recurrent layer {layer.name!r} take no residual")
-        self._validate_rank(layer.name, (layer.cell.units, layer.cell.units), edit)
+        self._validate_rank(layer.name, (recurrent.units(layer), recurrent.units(layer)), edit)
         with one_blas_thread():
             return recurrent.build_recurrent(layer, edit.params["rank"], truncated_svd)
 
@@ -413,7 +415,7 @@ class SVD(LowRank):
             return super().kernel_errors(layer, edits)
         plain = [i for i, edit in enumerate(edits) if edit.technique == self.name and edit.params.get("residual") is None]
         for i in plain:
-            self._validate_rank(layer.name, (layer.cell.units, layer.cell.units), edits[i])
+            self._validate_rank(layer.name, (recurrent.units(layer), recurrent.units(layer)), edits[i])
         found: list[Optional[float]] = [None] * len(edits)
         for i, error in zip(plain, recurrent.recurrent_errors(layer, [edits[i].params["rank"] for i in plain])):
             found[i] = error
