@@ -147,3 +147,17 @@ def test_the_readme_documents_every_key():
     assert documented_keys(REPORT) | documented_keys(ERROR_REPORT) <= quoted, sorted(
         (documented_keys(REPORT) | documented_keys(ERROR_REPORT)) - quoted
     )
+
+
+def test_an_artifact_slower_than_the_originals_gets_a_note():
+    from compressor.report.build import slower_notes
+
+    def entry(path, fmt, ours, theirs):
+        return {"path": path, "format": fmt, "latency_ratio": ours / theirs, "latency_ms": {"median": ours},
+                "baseline_latency_ms": {"median": theirs}}
+
+    notes = slower_notes([entry("out/model.onnx", "onnx", 1.25, 0.1), entry("out/model.tflite", "tflite", 0.2, 0.4),
+                          entry("out/model_int8.tflite", "tflite", 0.105, 0.1), {"path": "out/model.keras", "format": "keras"}])
+    assert notes == ["model.onnx runs slower than the original's onnx file (1.25 ms against 0.1 ms median, 12.50×): "
+                     "this runtime runs some edited layer less well than the original's; the other format, or "
+                     "techniques that leave that layer whole, may serve better."]

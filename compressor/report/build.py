@@ -104,7 +104,7 @@ def build_report(ctx: RunContext, run: Run, measured: Measured, timings: Timings
         "calibration": None if calibration.samples is None else {"samples": len(calibration.samples), "data": calibration.source},
         "timings_s": timings.to_dict(),
         "options": options.to_dict(),
-        "notes": _notes(run, calibration.source),
+        "notes": _notes(run, calibration.source) + slower_notes(artifacts),
     }
     if report["gating"] and report["gating"]["applied"]:
         result["expected_flops"] = report["gating"]["flops_per_input"]["mean"]
@@ -332,6 +332,31 @@ def _gating_entry(ctx: RunContext, run: Run, plan: Plan, measured: Measured) -> 
             "mean_latency_ratio": gated["latency_ms"]["mean"] / static["latency_ms"]["mean"],
         }
     return entry
+
+
+SLOWER = 1.10
+"""An artifact whose median latency is above this multiple of the original's (same format, same run) gets a note."""
+
+
+def slower_notes(artifacts: list[dict[str, Any]]) -> list[str]:
+    """A note for each artifact that runs slower than the original's artifact of its format.
+
+    Fewer params and FLOPs do not make every runtime faster: one may run an edited layer
+    less well than the original (tf2onnx makes a native ONNX LSTM of Keras' LSTM, but a
+    loop of a low-rank one). Timing noise on a shared machine stays within about 10%.
+    """
+    notes = []
+    for entry in artifacts:
+        ratio, ours, theirs = entry.get("latency_ratio"), entry.get("latency_ms"), entry.get("baseline_latency_ms")
+        if ratio is None or ratio <= SLOWER or not ours or not theirs:
+            continue
+        name = Path(str(entry["path"])).name
+        notes.append(
+            f"{name} runs slower than the original's {entry['format']} file ({ours['median']:.3g} ms against "
+            f"{theirs['median']:.3g} ms median, {ratio:.2f}×): this runtime runs some edited layer less well than "
+            "the original's; the other format, or techniques that leave that layer whole, may serve better."
+        )
+    return notes
 
 
 def _notes(run: Run, calibration_source: Optional[str]) -> list[str]:
