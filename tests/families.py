@@ -142,6 +142,39 @@ def build_mini_xception(size: int = 16, widths: tuple[int, ...] = (8, 16), class
     return keras.Model(inputs, layers.Softmax()(x), name="mini_xception")
 
 
+def build_keras2_mini_xception(size: int = 24, widths: tuple[int, ...] = (16, 32, 64, 128), classes: int = 7):
+    """The FER-2013 mini-Xception as published (two 3x3 convs of 8, then per width a residual module of two
+    SeparableConv2D with an L2 penalty and a strided 1x1 projection; a 3x3 conv to the classes) built and saved
+    as `.h5` by Keras 2 (tf_keras), then loaded as a user's file is (`compressor.io.models.load_model`)."""
+    import tempfile
+    from pathlib import Path
+
+    import tf_keras
+
+    from compressor.io.models import load_model
+
+    tf_keras.utils.set_random_seed(0)
+    layers, l2 = tf_keras.layers, tf_keras.regularizers.l2(0.01)
+    inputs = tf_keras.Input((size, size, 1))
+    x = inputs
+    for _ in range(2):
+        x = layers.Conv2D(8, 3, use_bias=False, kernel_regularizer=l2)(x)
+        x = layers.Activation("relu")(layers.BatchNormalization()(x))
+    for width in widths:
+        residual = layers.BatchNormalization()(layers.Conv2D(width, 1, strides=2, padding="same", use_bias=False)(x))
+        x = layers.SeparableConv2D(width, 3, padding="same", depthwise_regularizer=l2, use_bias=False)(x)
+        x = layers.Activation("relu")(layers.BatchNormalization()(x))
+        x = layers.SeparableConv2D(width, 3, padding="same", depthwise_regularizer=l2, use_bias=False)(x)
+        x = layers.MaxPooling2D(3, strides=2, padding="same")(layers.BatchNormalization()(x))
+        x = layers.add([x, residual])
+    x = layers.GlobalAveragePooling2D()(layers.Conv2D(classes, 3, padding="same")(x))
+    legacy = tf_keras.Model(inputs, layers.Activation("softmax")(x), name="keras2_mini_xception")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "mini_xception.h5"
+        legacy.save(path, save_format="h5")
+        return load_model(path)
+
+
 def build_multi_io(size: int = 8, features: int = 6, width: int = 8, classes: int = 4):
     """Two inputs (an image and a vector), two outputs (class probabilities and a regression value)."""
     keras = _keras()
@@ -215,6 +248,7 @@ FAMILIES = {
     "resnext": build_resnext,
     "convnext": build_convnext,
     "mini_xception": build_mini_xception,
+    "keras2_mini_xception": build_keras2_mini_xception,
     "multi_io": build_multi_io,
     "unet": build_unet,
     "cnn": build_cnn,

@@ -3,8 +3,8 @@ TFLite and ONNX export, and parity of each artifact with the compressed Keras mo
 
 The families (tests/families.py, a few thousand parameters each): recurrent (a keyword-spotting
 LSTM -> GRU, SimpleRNN, Bidirectional LSTM), a transformer encoder, a ResNeXt-style grouped
-block, a ConvNeXt stage, a mini-Xception of separable convolutions, a two-input two-output
-model, a U-Net, a plain CNN and a TCN. The slow variant takes keras.applications models
+block, a ConvNeXt stage, a mini-Xception of separable convolutions (also the published FER-2013
+layout as a Keras 2 `.h5` file), a two-input two-output model, a U-Net, a plain CNN and a TCN. The slow variant takes keras.applications models
 (weights=None) at their smallest valid input through the same steps: three by default, all 40
 with COMPRESSOR_ALL_APPLICATIONS=1.
 
@@ -81,40 +81,6 @@ def _families():
 @pytest.mark.parametrize("family", _families())
 def test_family_compresses_to_half_the_params_and_exports_with_parity(tmp_path, family):
     compress_and_check(FAMILIES[family](), tmp_path)
-
-
-def _keras2_mini_xception(size=24, classes=7):
-    """The FER-2013 mini-Xception (its published layout: two 3x3 convs of 8, then four residual modules of
-    two SeparableConv2D with an L2 penalty and a strided 1x1 projection; a 3x3 conv to the classes), built
-    and saved by Keras 2 (tf_keras)."""
-    import tf_keras
-
-    tf_keras.utils.set_random_seed(0)
-    layers, l2 = tf_keras.layers, tf_keras.regularizers.l2(0.01)
-    inputs = tf_keras.Input((size, size, 1))
-    x = inputs
-    for _ in range(2):
-        x = layers.Activation("relu")(layers.BatchNormalization()(layers.Conv2D(8, 3, use_bias=False,
-                                                                               kernel_regularizer=l2)(x)))
-    for width in (16, 32, 64, 128):
-        residual = layers.BatchNormalization()(layers.Conv2D(width, 1, strides=2, padding="same", use_bias=False)(x))
-        x = layers.SeparableConv2D(width, 3, padding="same", depthwise_regularizer=l2, use_bias=False)(x)
-        x = layers.Activation("relu")(layers.BatchNormalization()(x))
-        x = layers.SeparableConv2D(width, 3, padding="same", depthwise_regularizer=l2, use_bias=False)(x)
-        x = layers.MaxPooling2D(3, strides=2, padding="same")(layers.BatchNormalization()(x))
-        x = layers.add([x, residual])
-    x = layers.GlobalAveragePooling2D()(layers.Conv2D(classes, 3, padding="same")(x))
-    return tf_keras.Model(inputs, layers.Activation("softmax")(x))
-
-
-def test_a_keras2_h5_mini_xception_compresses_to_half_the_params_and_exports_with_parity(tmp_path):
-    from compressor.io.models import load_model
-
-    _keras2_mini_xception().save(tmp_path / "fer.h5", save_format="h5")
-    report = compress_and_check(load_model(tmp_path / "fer.h5"), tmp_path)
-    assert report["baseline"]["params"] == 58_423  # convolutions and global pooling: the same at any input side
-    techniques = {row["name"]: row["technique"] for row in report["layers"]}
-    assert [name for name, technique in techniques.items() if name.startswith("separable") and technique == "svd"]
 
 
 APPLICATIONS = {
