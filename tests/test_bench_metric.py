@@ -247,3 +247,12 @@ def test_cli_errors_are_one_line(arts, case, message):
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert message in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_the_board_side_takes_exactly_the_built_in_metrics():
+    from compressor.bench.__main__ import build_parser
+    from compressor.metrics import BUILTIN
+
+    action = next(a for a in build_parser()._actions if "--metric" in a.option_strings)
+    assert tuple(action.choices) == BUILTIN
+

@@ -80,6 +80,10 @@ def score_artifacts(
         return None, [ArtifactScore() for _ in runners]
     if len(data) == 0:
         raise DataError(f"data from {data.source} has no samples")
+    if metric.labels is not None and data.y is None and not data.targets:
+        if required:
+            _refuse_unlabelled(data, metric, output or data.output)
+        return None, [ArtifactScore() for _ in runners]  # nothing to score: nothing to run
     first = runners[0].predict_outputs(data.x)
     name = read_output(runners[0].output_names, first, metric, output or data.output)
     data = _labelled(data, name, metric, first)
