@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--xnnpack", action=argparse.BooleanOptionalAction, default=True,
                         help="let LiteRT apply its default XNNPACK delegate to .tflite artifacts")
     parser.add_argument("--onnx-provider", help="onnxruntime execution provider (default CPUExecutionProvider)")
+    # compressor.metrics.BUILTIN, spelled out: numpy is imported only once the run starts (a hook's module is
+    # not on a board).
+    parser.add_argument("--metric", choices=("top1", "top5", "mse", "mae", "agreement"),
+                        help="measure top1 (the default), top5, mse, mae or agreement (with the first artifact) on --data")
+    parser.add_argument("--metric-output", help="the output the metric reads, by name (several outputs)")
     return parser
 
 
@@ -77,6 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args: argparse.Namespace) -> dict:
     # Imported here so that a missing numpy ends in one line, not a traceback.
     from compressor.bench.benchmark import benchmark
+    from compressor.metrics import resolve_metric
 
     report = benchmark(
         args.artifacts,
@@ -87,6 +93,8 @@ def _run(args: argparse.Namespace) -> dict:
         seed=args.seed,
         xnnpack=args.xnnpack,
         onnx_provider=args.onnx_provider,
+        metric=None if args.metric is None else resolve_metric(args.metric),
+        metric_output=args.metric_output,
     )
     return report.to_dict()
 

@@ -4,7 +4,8 @@
     report.results[1].ratio_to_first   # 0.42: the second runs in 42% of the first's time
 
 The first artifact is the reference the others are compared with. Latency is timed at
-batch 1 with interleaved rounds (see `latency.py`); accuracy is top-1 over all the data.
+batch 1 with interleaved rounds (see `latency.py`); accuracy is top-1 over all the data,
+and a metric (`compressor.metrics`, default top1) is measured on it too (`scoring.py`).
 
 This module must not import TensorFlow or Keras: it runs on target boards where only
 numpy, ai-edge-litert and onnxruntime are installed.
@@ -23,9 +24,10 @@ import numpy as np
 from compressor.bench.latency import LatencyStats, time_interleaved
 from compressor.bench.memory import peak_memory_bytes
 from compressor.bench.runtime import ArtifactRunner, open_artifact
+from compressor.bench.scoring import check_scoring, score_artifacts, top1_classes
 from compressor.errors import CompressorError, DataError, OptionError
 from compressor.io.data import Dataset, Samples, Shape, Shapes, check_fits, load_data, sample_count, sample_rows
-from compressor.metrics import Metric
+from compressor.metrics import TOP1, Metric
 
 
 DEFAULT_RUNS = 100
@@ -43,7 +45,8 @@ class BenchResult:
         bytes: File size.
         batch: Batch size of the timed calls (1 unless the artifact has a fixed batch).
         latency_ms: Latency of one call, over the timed runs (not the first call, not warm-up).
-        accuracy: Top-1 accuracy over the data, or None without labelled data.
+        accuracy: Top-1 accuracy over the data, or None without class labels (also
+            under metrics whose `y` is not class labels: mse, mae, hooks, agreement).
         ratio_to_first: Median latency divided by the first artifact's median.
         init_ms: Time to load it into its runtime (`ArtifactRunner.init_ms`).
         first_inference_ms: Its first call after loading, before warm-up and timed runs.
@@ -52,10 +55,11 @@ class BenchResult:
         threads: Threads its runtime could use (0: the runtime's default).
         delegate: TFLite: "xnnpack" or "none" (LiteRT's builtin kernels only); None for ONNX.
         provider: ONNX: the execution provider it ran on; None for TFLite.
-        correct: Per sample, whether the top-1 prediction was right (None without
-            labelled data); for paired comparisons between artifacts, not in `to_dict`.
-            Benchmarked with another metric, its per-sample values (`Metric.values`),
-            and `accuracy` is their mean.
+        correct: Per sample, the metric's value (`Metric.values`; top-1: whether the
+            prediction was right), None without labelled data; for paired comparisons
+            between artifacts, not in `to_dict`.
+        metric_value: The report's metric over the data: the share right (top1, top5,
+            agreement with the first artifact), the mean error (mse, mae), a hook's mean.
     """
 
     path: str
@@ -72,6 +76,7 @@ class BenchResult:
     delegate: Optional[str] = None
     provider: Optional[str] = None
     correct: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
+    metric_value: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +88,7 @@ class BenchResult:
             "accuracy": self.accuracy,
             "ratio_to_first": self.ratio_to_first,
             **self.runtime_dict(),
+            "metric_value": self.metric_value,
         }
 
     def runtime_dict(self) -> dict[str, Any]:
@@ -107,9 +113,12 @@ class BenchReport:
         warmup: Untimed calls per artifact before them.
         threads: Threads each runtime could use (0: the runtime's default).
         input: Where the timed inputs came from: the data source, or "generated".
-        samples: Number of samples accuracy was measured on (0 without labelled data).
+        samples: Number of samples the metric was measured on (0 without labelled data;
+            agreement needs no labels).
         xnnpack: Whether LiteRT could apply its XNNPACK delegate to TFLite artifacts.
         onnx_provider: The execution provider asked for ONNX artifacts (None: the default).
+        metric: What `metric_value` measures: {"name", "higher_is_better", "output"}
+            (output: the one read, by name; None for the artifacts' only output).
     """
 
     results: tuple[BenchResult, ...]
@@ -120,6 +129,7 @@ class BenchReport:
     samples: int
     xnnpack: bool = True
     onnx_provider: Optional[str] = None
+    metric: dict[str, Any] = field(default_factory=lambda: metric_entry(TOP1, None))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,7 +141,13 @@ class BenchReport:
             "samples": self.samples,
             "xnnpack": self.xnnpack,
             "onnx_provider": self.onnx_provider,
+            "metric": dict(self.metric),
         }
+
+
+def metric_entry(metric: Metric, output: Optional[str]) -> dict[str, Any]:
+    """The report's `metric`: the metric's name, its direction, and the output it read (None: the only one)."""
+    return {"name": metric.name, "higher_is_better": metric.higher_is_better, "output": output}
 
 
 def benchmark(
@@ -145,6 +161,7 @@ def benchmark(
     onnx_provider: Optional[str] = None,
     memory: bool = True,
     metric: Optional[Metric] = None,
+    metric_output: Optional[str] = None,
 ) -> BenchReport:
     """Time artifacts side by side and measure their accuracy.
 
@@ -164,7 +181,10 @@ def benchmark(
         xnnpack: Let LiteRT apply its default XNNPACK delegate to TFLite artifacts.
         onnx_provider: onnxruntime's execution provider (default CPUExecutionProvider).
         memory: Measure each artifact's peak memory (a fresh Python process each).
-        metric: What `accuracy` measures (default top-1; `compressor.metrics`).
+        metric: What `metric_value` measures (`compressor.metrics`; `scoring.py`); given,
+            data without the labels it needs is refused. Default: top-1, on labelled
+            data only.
+        metric_output: The output the metric reads, by name (several outputs).
 
     Returns:
         The report, results in the order of `paths`.
@@ -173,12 +193,14 @@ def benchmark(
         OptionError: An execution provider onnxruntime does not have here.
         CompressorError: Bad options; a missing, unknown or unreadable artifact;
             artifacts with different inputs.
-        DataError: The data cannot be read or does not fit the artifacts.
+        DataError: The data cannot be read or does not fit the artifacts or the metric.
     """
     check_options(paths, runs, warmup, threads, xnnpack, onnx_provider)
     runners = [open_artifact(path, threads, xnnpack=xnnpack, onnx_provider=onnx_provider) for path in paths]
     sample_shape = common_sample_shape(runners)
-    dataset = _load(data, sample_shape)
+    dataset = _load(data, sample_shape, numeric=metric is not None and metric.labels != "classes")
+    # Refused before minutes of timing; scored after it, so that the first call is the first.
+    check_scoring(runners, dataset, metric or TOP1, metric_output, required=metric is not None)
     if dataset is None:
         sample = None
         inputs = [_batches(r, generated_input(sample_shape, r, seed)) for r in runners]
@@ -193,8 +215,7 @@ def benchmark(
         peak_memory_bytes(r.path, batches[0], threads, xnnpack, onnx_provider) if memory else None
         for r, batches in zip(runners, inputs)
     ]
-    labelled = dataset is not None and dataset.y is not None
-    correct = [metric_values(r, dataset, metric) if labelled else None for r in runners]
+    output, scores = score_artifacts(runners, dataset, metric or TOP1, metric_output, required=metric is not None)
     stats = [LatencyStats.from_ns(ns) for ns in samples_ns]
     results = tuple(
         BenchResult(
@@ -203,7 +224,7 @@ def benchmark(
             bytes=runner.path.stat().st_size,
             batch=sample_count(batches[0]),
             latency_ms=stat,
-            accuracy=None if hits is None else float(np.mean(hits)),
+            accuracy=score.accuracy,
             ratio_to_first=_ratio(stat.median, stats[0].median),
             init_ms=runner.init_ms,
             first_inference_ms=first,
@@ -211,10 +232,11 @@ def benchmark(
             threads=threads,
             delegate=runner.delegate,
             provider=runner.provider,
-            correct=hits,
+            correct=score.values,
+            metric_value=score.metric_value,
         )
-        for path, runner, batches, stat, hits, first, peak in zip(
-            paths, runners, inputs, stats, correct, first_ms, peaks
+        for path, runner, batches, stat, score, first, peak in zip(
+            paths, runners, inputs, stats, scores, first_ms, peaks
         )
     )
     return BenchReport(
@@ -223,9 +245,10 @@ def benchmark(
         warmup=warmup,
         threads=threads,
         input="generated" if dataset is None else dataset.source,
-        samples=len(dataset) if labelled else 0,
+        samples=0 if scores[0].values is None else len(scores[0].values),
         xnnpack=xnnpack,
         onnx_provider=onnx_provider,
+        metric=metric_entry(metric or TOP1, output),
     )
 
 
@@ -292,15 +315,6 @@ def _generated(shape: Shape, dtype: np.dtype, runner: ArtifactRunner, seed: int)
     return rng.standard_normal((1, *shape)).astype(dtype)
 
 
-def metric_values(runner: ArtifactRunner, data: Dataset, metric: Optional[Metric] = None) -> np.ndarray:
-    """Per sample, the metric's value for the artifact (`top1_correct` for top-1 and by default)."""
-    if metric is None or metric.name == "top1":
-        return top1_correct(runner, data)
-    if len(data) == 0:
-        raise DataError(f"data from {data.source} has no samples")
-    return metric.values(runner.predict(data.x, output=data.output).reshape(len(data), -1), data.y)
-
-
 def top1_accuracy(runner: ArtifactRunner, data: Dataset) -> float:
     """Share of samples whose highest output is the label (`top1_correct`)."""
     return float(np.mean(top1_correct(runner, data)))
@@ -329,13 +343,6 @@ def top1_correct(runner: ArtifactRunner, data: Dataset) -> np.ndarray:
     return top1_classes(outputs) == data.y
 
 
-def top1_classes(outputs: np.ndarray) -> np.ndarray:
-    """The predicted class of each row of (samples, scores): the highest score, or a single sigmoid column at 0.5."""
-    if outputs.shape[1] == 1:
-        return (outputs[:, 0] > 0.5).astype(np.int64)
-    return outputs.argmax(axis=1)
-
-
 def check_options(
     paths: Sequence[Any], runs: int, warmup: int, threads: int, xnnpack: bool = True, onnx_provider: Any = None
 ) -> None:
@@ -358,10 +365,10 @@ def check_options(
                           "Received: {value!r}", value=onnx_provider)
 
 
-def _load(data: str | Path | Dataset | None, sample_shape: Shapes) -> Optional[Dataset]:
+def _load(data: str | Path | Dataset | None, sample_shape: Shapes, numeric: bool = False) -> Optional[Dataset]:
     if data is None:
         return None
-    dataset = data if isinstance(data, Dataset) else load_data(data, input_shape=sample_shape)
+    dataset = data if isinstance(data, Dataset) else load_data(data, input_shape=sample_shape, numeric=numeric)
     check_fits(dataset, sample_shape)
     if len(dataset) == 0:
         raise DataError(f"data from {dataset.source} has no samples")

@@ -38,8 +38,9 @@ from compressor.bench.benchmark import (
     check_options,
 )
 from compressor.bench.runtime import FORMATS
-from compressor.errors import CompressorError, DataError
+from compressor.errors import CompressorError, DataError, OptionError
 from compressor.io.data import Dataset, dataset_arrays, load_data
+from compressor.metrics import BUILTIN, Metric, resolve_metric
 
 # What `python -m compressor.bench` imports, relative to the package folder: the only
 # files of this package that go to the board. A file missing here fails the remote
@@ -54,6 +55,7 @@ PACKAGE_FILES = (
     "bench/latency.py",
     "bench/memory.py",
     "bench/benchmark.py",
+    "bench/scoring.py",
     "io/__init__.py",
     "io/data.py",
     "metrics.py",
@@ -110,6 +112,8 @@ def bench_remote(
     timeout: Optional[float] = None,
     xnnpack: bool = True,
     onnx_provider: Optional[str] = None,
+    metric: Optional[str] = None,
+    metric_output: Optional[str] = None,
 ) -> dict[str, Any]:
     """Time artifacts on the machine a command prefix reaches, like `benchmark` does here.
 
@@ -128,6 +132,9 @@ def bench_remote(
         xnnpack: Let LiteRT apply its default XNNPACK delegate to TFLite artifacts.
         onnx_provider: onnxruntime's execution provider there (checked there; default
             CPUExecutionProvider).
+        metric: A built-in metric to measure on `data` there (`compressor.metrics.BUILTIN`;
+            a hook's module is not on the board); None: top-1 on labelled data.
+        metric_output: The output the metric reads, by name.
 
     Returns:
         The dict of `BenchReport.to_dict()` as measured remotely, with the paths
@@ -143,11 +150,13 @@ def bench_remote(
     launcher = _split("remote python", python, "e.g. 'python3'")
     _check_timeout(timeout)
     artifacts = [_local_artifact(path) for path in paths]
-    dataset = _dataset(data)
+    dataset = _dataset(data, numeric=metric is not None and _builtin(metric).labels != "classes")
     options = ["--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads), "--seed", str(seed),
                "--xnnpack" if xnnpack else "--no-xnnpack"]
     if onnx_provider is not None:
         options += ["--onnx-provider", onnx_provider]
+    for flag, value in (("--metric", metric), ("--metric-output", metric_output)):
+        options += [] if value is None else [flag, value]
     files, args, local = _bundle(paths, artifacts, dataset, options)
     marker = f"@@compressor-bench-{secrets.token_hex(8)}@@"
     script = remote_script(_payload(files), launcher, args, marker)
@@ -237,7 +246,15 @@ def _local_artifact(path: str | Path) -> Path:
     return path
 
 
-def _dataset(data: str | Path | Dataset | None) -> Optional[Dataset]:
+def _builtin(name: str) -> Metric:
+    """A built-in metric by name: a hook would need the user's module on the board."""
+    if not isinstance(name, str) or name.strip().lower() not in BUILTIN:
+        raise OptionError("a remote bench measures {known}; metric {name} is a function of a module the board "
+                          "does not have (measure it without {remote})", known=", ".join(BUILTIN), name=name)
+    return resolve_metric(name)
+
+
+def _dataset(data: str | Path | Dataset | None, numeric: bool = False) -> Optional[Dataset]:
     if data is None or isinstance(data, Dataset):
         return data
     if Path(data).is_dir():
@@ -246,7 +263,7 @@ def _dataset(data: str | Path | Dataset | None) -> Optional[Dataset]:
             "a remote bench takes {data} as an .npz file or a hook, not an image folder ({folder}); "
             "save the images as x (and labels as y) in an .npz", folder=data,
         )
-    return load_data(data)
+    return load_data(data, numeric=numeric)
 
 
 def _bundle(

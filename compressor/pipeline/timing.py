@@ -115,7 +115,12 @@ def benchmark_against(original: str, artifacts: list[str], data: Optional[Datase
                       metric: Optional[Metric] = None) -> BenchReport:
     """Time the original's artifact and ours in one interleaved run (ratios stay fair on a noisy machine)."""
     from compressor.bench.benchmark import benchmark
+    from compressor.metrics import TOP1
 
+    # Under agreement the data is labelled with the Keras original's classes: top-1 against
+    # them is the agreement (the bench's own agreement would be with the original's artifact).
+    if metric is not None and metric.name == "agreement":
+        metric = TOP1
     return benchmark([original, *artifacts], data=data, runs=options.runs, warmup=options.warmup,
                      threads=options.threads, seed=options.seed, metric=metric)
 
