@@ -186,3 +186,19 @@ def test_a_regression_metric_reads_the_output_it_names(workdir, tmp_path):
     whole = float(np.mean((score - target) ** 2))
     assert 0.5 * whole <= budget["metric"]["baseline_value"] <= 2.0 * whole
     assert result.report["compressed"]["flops"] < result.report["baseline"]["flops"]
+
+
+def test_agreement_reads_the_first_class_score_output_without_being_told(workdir, tmp_path):
+    import compressor
+
+    folder, model = workdir
+    x = _samples(800, seed=3)
+    np.savez(tmp_path / "unlabelled.npz", **x)  # no labels at all: agreement needs none
+    lines = []
+    result = compressor.compress(folder / "model.keras", tmp_path / "unlabelled.npz", out=tmp_path / "agree",
+                                 method="fixed_loss", metric="agreement", max_metric_loss=0.1, export=("tflite",),
+                                 runs=3, log=lines.append)
+    budget = result.report["budget"]
+    assert budget["met"] is True
+    assert result.report["baseline"]["accuracy"] == 1.0  # the original agrees with itself on every sample
+    assert any("label" in line for line in lines), lines  # the log names the output it chose

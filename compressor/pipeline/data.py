@@ -164,7 +164,7 @@ def _data_loader(model: keras.Model, options: CompressOptions, inputs: Inputs, m
     shape = sample_shapes(model)
     outputs = model.outputs
     several = len(outputs) > 1
-    if several and options.metric_output is None and metric.labels != "classes":
+    if several and options.metric_output is None and metric.labels == "targets":
         output_index(output_names(model), None)  # a metric on numbers: the output must be named
     output, note = choose_output(model, options.metric_output) if several else (None, None)
     index = output_names(model).index(output) if several else 0
