@@ -41,7 +41,7 @@ FAMILIES = {
     "ResNeXt block": ("resnext", {"size": 32, "channels": 64, "width": 128, "groups": 32, "classes": 10}),
     "ConvNeXt stage": ("convnext", {"size": 64, "channels": 48, "blocks": 2, "classes": 10}),
     "mini-Xception": ("mini_xception", {"size": 48, "widths": (16, 32, 64, 128), "classes": 7}),
-    "mini-Xception, Keras 2 .h5": ("keras2_mini_xception", {"size": 48}),
+    "mini-Xception (Keras 2 .h5)": ("keras2_mini_xception", {"size": 48}),
     "multi-IO": ("multi_io", {"size": 32, "features": 16, "width": 16, "classes": 10}),
     "U-Net": ("unet", {"size": 64, "width": 16, "depth": 3, "classes": 4}),
     "CNN": ("cnn", {"size": 32, "width": 32, "classes": 10}),
