@@ -197,26 +197,31 @@ def test_recurrent_edit_cost_is_the_cost_of_the_layer_it_builds():
         assert built[1] < layer_flops(layer, [tuple(layer.input.shape)], [tuple(layer.output.shape)])
 
 
-def test_evaluator_sets_both_kernels_of_a_recurrent_edit():
-    """Under fixed_loss the evaluator's model with a recurrent edit = the rewritten model."""
+def _evaluator_matches_rewrite(model, layer, rank, x):
+    """The evaluator's output error with an svd edit of `layer` equals the rewritten model's (rel 1e-3),
+    and the evaluator's model is the original again afterwards."""
     from compressor.io.data import Dataset
     from compressor.search.evaluate import Evaluator
     from compressor.surgery.plan import LayerEdit
     from compressor.surgery.rewrite import rewrite_model
     from compressor.techniques.registry import DEFAULT_REGISTRY
 
-    model = build_wide_kws()
-    x = np.random.default_rng(2).normal(size=(16, 49, 10)).astype(np.float32)
     reference = model.predict(x, verbose=0)
     evaluator = Evaluator(model, Dataset(x, reference.argmax(-1), "own labels"))
-    edit = LayerEdit("gru", "svd", {"rank": 4, "residual": None})
+    edit = LayerEdit(layer, "svd", {"rank": rank, "residual": None})
     measured = evaluator.measure([edit]).output_error
-    rewritten = rewrite_model(model, {"gru": DEFAULT_REGISTRY["svd"].build(model.get_layer("gru"), edit)})
+    rewritten = rewrite_model(model, {layer: DEFAULT_REGISTRY["svd"].build(model.get_layer(layer), edit)})
     outputs = rewritten.predict(x, verbose=0).astype(np.float64)
     expected = np.sum((outputs - reference) ** 2) / np.sum(reference.astype(np.float64) ** 2)
     assert expected > 1e-8  # the edit moves the outputs, so the comparison means something
     assert measured == pytest.approx(expected, rel=1e-3)
     np.testing.assert_allclose(evaluator.measure().output_error, 0.0, atol=1e-12)  # the kernels were put back
+
+
+def test_evaluator_sets_both_kernels_of_a_recurrent_edit():
+    """Under fixed_loss the evaluator's model with a recurrent edit = the rewritten model."""
+    x = np.random.default_rng(2).normal(size=(16, 49, 10)).astype(np.float32)
+    _evaluator_matches_rewrite(build_wide_kws(), "gru", 4, x)
 
 
 def test_every_skipped_layer_with_weights_has_a_reason(tmp_path):
@@ -353,24 +358,8 @@ def test_replayed_plan_of_a_bidirectional_edit_gives_the_same_model(tmp_path):
 
 def test_evaluator_sets_all_four_kernels_of_a_bidirectional_edit():
     """Under fixed_loss the evaluator's model with a Bidirectional edit = the rewritten model (rel 1e-3)."""
-    from compressor.io.data import Dataset
-    from compressor.search.evaluate import Evaluator
-    from compressor.surgery.plan import LayerEdit
-    from compressor.surgery.rewrite import rewrite_model
-    from compressor.techniques.registry import DEFAULT_REGISTRY
-
-    model = build_bidirectional_gru("GRU", "concat", False)
     x = np.random.default_rng(8).normal(size=(16, 20, 10)).astype(np.float32)
-    reference = model.predict(x, verbose=0)
-    evaluator = Evaluator(model, Dataset(x, reference.argmax(-1), "own labels"))
-    edit = LayerEdit("bi", "svd", {"rank": 3, "residual": None})
-    measured = evaluator.measure([edit]).output_error
-    rewritten = rewrite_model(model, {"bi": DEFAULT_REGISTRY["svd"].build(model.get_layer("bi"), edit)})
-    outputs = rewritten.predict(x, verbose=0).astype(np.float64)
-    expected = np.sum((outputs - reference) ** 2) / np.sum(reference.astype(np.float64) ** 2)
-    assert expected > 1e-8
-    assert measured == pytest.approx(expected, rel=1e-3)
-    np.testing.assert_allclose(evaluator.measure().output_error, 0.0, atol=1e-12)
+    _evaluator_matches_rewrite(build_bidirectional_gru("GRU", "concat", False), "bi", 3, x)
 
 
 def test_bidirectional_of_unlike_directions_is_not_factorized():

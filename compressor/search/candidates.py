@@ -172,21 +172,19 @@ def lowest_cost(model: keras.Model, techniques: Iterable[str], kind: str) -> tup
         kind: "params" or "flops".
     """
     wanted = parse_techniques(techniques)
-    registry = DEFAULT_REGISTRY
     editable = editable_layers(model)
     saved = 0
     for name, calls in _calls_with_weights(model).items():
         if name not in editable:
             continue
         try:
-            found = _layer_options(name, calls[0].operation, calls, wanted, None, registry)
+            found = _layer_options(name, calls[0].operation, calls, wanted, None, DEFAULT_REGISTRY)
         except CompressorError:
             continue
         if not isinstance(found, str):
             own = found.params if kind == "params" else found.flops
             saved += own - min(params if kind == "params" else flops for _, params, flops in found.options)
-    cost = model_cost(model)
-    baseline = int(model.count_params()) if kind == "params" else int(cost.flops)
+    baseline = int(model.count_params()) if kind == "params" else int(model_cost(model).flops)
     return baseline - saved, baseline
 
 
