@@ -96,4 +96,4 @@ def test_the_debian_package_holds_the_real_dataset():
     assert x_train.shape == (60000, 28, 28) and x_test.shape == (10000, 28, 28)
     assert np.bincount(y_train).tolist() == [6000] * 10 and np.bincount(y_test).tolist() == [1000] * 10
     data = make_fashion_splits(seed=0)
-    assert data.sizes() == {"train": 54000, "val": 6000, "test": 10000}
+    assert data.sizes() == {"train": 48000, "val": 12000, "test": 10000}

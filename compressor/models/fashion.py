@@ -31,7 +31,7 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-VAL_SIZE = 6000
+VAL_SIZE = 12000
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
 INSTALL_HINT = "install Debian's package with 'apt-get install dataset-fashion-mnist' (as root)"
@@ -101,7 +101,7 @@ def load_fashion(source: Optional[Path | str] = None) -> tuple[tuple[np.ndarray,
 
 def make_fashion_splits(seed: int = 0, limit: Optional[int] = None, source: Optional[Path | str] = None,
                         val_size: int = VAL_SIZE) -> Splits:
-    """Train (54,000) / validation (6,000, from the training images) / official test (10,000).
+    """Train (48,000) / validation (12,000, from the training images) / official test (10,000).
 
     `source_index` numbers the 70,000 images as the files do, test images after the
     training ones, so the three splits are disjoint by construction.
