@@ -46,6 +46,7 @@ from compressor.option_fields import (
     number,
     one_of,
     open_fraction,
+    positive,
     option,
     parse_block_size,
     parse_values,
@@ -194,6 +195,9 @@ class CompressOptions:
         None, help="At most N optimizer steps per fine-tuning run (each pruning step's, the final one's, a replay's): "
         "{finetune_epochs} passes over {train_data} cut off at N steps; the search data is then checked every N/4 "
         "steps for the early stop too (default: no cap).", check=integer(1, "finetune steps"))
+    finetune_lr: float = option(
+        1e-3, help="Fine-tuning's initial learning rate (Adam, cosine decay to 0 over each run's steps; default 0.001).",
+        check=positive("finetune lr"))
     distribute: str = option(
         "none", help="Fine-tune on: none (default: TensorFlow's default device) or mirrored (every local GPU, "
         "tf.distribute.MirroredStrategy).", parse=lowercase, check=one_of(DISTRIBUTE, "distribute"))

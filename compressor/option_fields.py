@@ -166,6 +166,16 @@ def number(label: str, minimum: Optional[float] = None) -> Check:
     return check
 
 
+def positive(label: str) -> Check:
+    """A finite int or float (not a bool) above 0."""
+
+    def check(name: str, value: Any) -> None:
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            _invalid(label, "a number > 0", name, value)
+
+    return check
+
+
 def boolean(name: str, value: Any) -> None:
     """True or False."""
     if not isinstance(value, bool):

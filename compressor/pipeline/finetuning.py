@@ -42,7 +42,7 @@ def finetune_config(options: CompressOptions) -> Optional[FinetuneConfig]:
 
     steps = options.finetune_steps
     return FinetuneConfig(epochs=options.finetune_epochs, seed=options.seed, max_steps=steps, distribute=options.distribute,
-                          check_every=None if steps is None else math.ceil(steps / CHECKS_PER_RUN))
+                          learning_rate=options.finetune_lr, check_every=None if steps is None else math.ceil(steps / CHECKS_PER_RUN))
 
 
 class FinetuneStage:
@@ -76,7 +76,8 @@ class FinetuneStage:
         entry = record.entry
         steps = int(entry["steps"]) if entry.get("steps") is not None else None
         config = FinetuneConfig(epochs=int(entry["epochs"]), seed=int(entry.get("seed", ctx.options.seed)),
-                                max_steps=steps, distribute=ctx.options.distribute)
+                                max_steps=steps, distribute=ctx.options.distribute,
+                                learning_rate=float(entry.get("learning_rate", FinetuneConfig.learning_rate)))
         ctx.log(f"fine-tuning {config.epochs} epoch(s)" + (f", {steps} step(s)" if steps else "") + ", as the plan records")
         result = finetune(run.compressed, ctx.model, ctx.data.train, config, masks=fixed_masks(run.compressed),
                           on_step=lambda done, total: ctx.progress("fine-tuning", done, total))
@@ -117,4 +118,5 @@ def plan_entry(options: CompressOptions, epochs: int, steps: int) -> Optional[di
     if not epochs:
         return None
     return {"epochs": epochs, "epochs_per_run": options.finetune_epochs, "steps": steps,
-            "steps_per_run": options.finetune_steps, "teacher": "original", "seed": options.seed}
+            "steps_per_run": options.finetune_steps, "learning_rate": options.finetune_lr, "teacher": "original",
+            "seed": options.seed}
