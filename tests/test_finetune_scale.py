@@ -109,39 +109,54 @@ def test_options_check_the_steps_cap_and_the_strategy():
         CompressOptions.parse(**base, finetune_epochs=1, finetune_steps=0)
     with pytest.raises(OptionError, match="Invalid distribute"):
         CompressOptions.parse(**base, finetune_epochs=1, distribute="tpu")
-    options = CompressOptions.parse(**base, finetune_epochs=2, finetune_steps=10, distribute="Mirrored")
+    for bad in (0, -0.001, float("nan"), True):
+        with pytest.raises(OptionError, match="Invalid finetune lr"):
+            CompressOptions.parse(**base, finetune_epochs=1, finetune_lr=bad)
+    options = CompressOptions.parse(**base, finetune_epochs=2, finetune_steps=10, distribute="Mirrored", finetune_lr=0.003)
     from compressor.pipeline.finetuning import finetune_config
 
     config = finetune_config(options)
-    assert (config.max_steps, config.check_every, config.distribute) == (10, 3, "mirrored")
+    assert (config.max_steps, config.check_every, config.distribute, config.learning_rate) == (10, 3, "mirrored", 0.003)
+    assert finetune_config(CompressOptions.parse(**base, finetune_epochs=1)).learning_rate == 1e-3
 
 
-def test_steps_are_planned_recorded_and_replayed(tmp_path):
-    """A capped run records its steps in plan.json; the replay trains exactly as many."""
+def test_steps_are_planned_recorded_and_replayed(tmp_path, monkeypatch):
+    """A capped run records its steps and learning rate in plan.json; the replay trains exactly as many, at that rate."""
     import compressor
+    import compressor.finetune
 
+    rates = []
+    original_finetune = compressor.finetune.finetune
+
+    def spy(model, teacher, train, config, **kwargs):
+        rates.append(config.learning_rate)
+        return original_finetune(model, teacher, train, config, **kwargs)
+
+    monkeypatch.setattr(compressor.finetune, "finetune", spy)
     write_quadrants_data(tmp_path)
     common = {"test_data": str(tmp_path / "test.npz"), "train_data": str(tmp_path / "train.npz"),
               "export": "keras", "runs": 1, "warmup": 0, "cache_dir": tmp_path / "cache"}
     seen = []
     compressor.compress(
         HERE / "golden" / "model.keras", str(tmp_path / "val.npz"), out=tmp_path / "search", method="fixed_params",
-        compression_factor=0.6, techniques="tucker", finetune_epochs=3, finetune_steps=3,
+        compression_factor=0.6, techniques="tucker", finetune_epochs=3, finetune_steps=3, finetune_lr=0.002,
         progress=lambda stage, done, total: seen.append((stage, done, total)), **common,
     )
     plan = json.loads((tmp_path / "search" / "plan.json").read_text())
     # 128 training samples: 2 steps per epoch; 3 epochs cut at 3 steps = 2 epochs begun.
-    assert {k: plan["finetune"][k] for k in ("epochs", "steps", "steps_per_run", "epochs_per_run")} == {
-        "epochs": 2, "steps": 3, "steps_per_run": 3, "epochs_per_run": 3}
+    assert {k: plan["finetune"][k] for k in ("epochs", "steps", "steps_per_run", "epochs_per_run", "learning_rate")} == {
+        "epochs": 2, "steps": 3, "steps_per_run": 3, "epochs_per_run": 3, "learning_rate": 0.002}
+    assert rates == [0.002]
     assert [entry for entry in seen if entry[0] == "fine-tuning"] == [("fine-tuning", s, 3) for s in (1, 2, 3)]
     report = json.loads((tmp_path / "search" / "report.json").read_text())
-    assert {k: report["finetune"][k] for k in ("steps", "final_steps", "steps_per_run", "replicas")} == {
-        "steps": 3, "final_steps": 3, "steps_per_run": 3, "replicas": 1}
+    assert {k: report["finetune"][k] for k in ("steps", "final_steps", "steps_per_run", "learning_rate", "replicas")} == {
+        "steps": 3, "final_steps": 3, "steps_per_run": 3, "learning_rate": 0.002, "replicas": 1}
     assert "3 optimizer steps in 2 epochs in all, at most 3 per run" in (tmp_path / "search" / "report.md").read_text()
     compressor.compress(HERE / "golden" / "model.keras", str(tmp_path / "val.npz"), out=tmp_path / "replay",
                         plan=tmp_path / "search" / "plan.json", **common)
     replayed = json.loads((tmp_path / "replay" / "report.json").read_text())["finetune"]
     assert (replayed["final_steps"], replayed["final_epochs"]) == (3, 2)
+    assert rates == [0.002, 0.002]  # the replay trains at the recorded rate, not the default
 
 
 MIRRORED = textwrap.dedent("""

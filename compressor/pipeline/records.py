@@ -88,8 +88,9 @@ class FinetuneRecord:
     Attributes:
         entry: The plan's "finetune": {"epochs" (all of the run's epochs, channel steps
             included), "epochs_per_run", "steps" (all of its optimizer steps),
-            "steps_per_run" (the cap, or None), "teacher", "seed"}; None when nothing
-            was fine-tuned. Plans written before steps were recorded lack "steps".
+            "steps_per_run" (the cap, or None), "learning_rate" (the initial one), "teacher",
+            "seed"}; None when nothing was fine-tuned. Plans written before steps were recorded
+            lack "steps", before learning rates were, "learning_rate" (they ran at 0.001).
         result: The last fine-tuning run (after the per-layer edits, or the replay's one run).
     """
 

@@ -221,6 +221,7 @@ def _finetune_entry(run: Run) -> dict[str, Any]:
         "steps": channel_steps + final_steps,
         "final_steps": final_steps,
         "steps_per_run": ((tuning.entry or {}) if tuning is not None else {}).get("steps_per_run"),
+        "learning_rate": ((tuning.entry or {}) if tuning is not None else {}).get("learning_rate"),
         "replicas": last.replicas if last is not None else None,
         "stopped_early": bool(last.stopped_early) if last is not None else None,
         "history": list(last.history) if last is not None else [],

@@ -92,7 +92,7 @@ REPORT = Keys(
             },
         ),
         "finetune": Keys(("epochs", "channel_steps_epochs", "final_epochs", "stopped_early", "history"),
-                         optional=("steps", "final_steps", "steps_per_run", "replicas")),
+                         optional=("steps", "final_steps", "steps_per_run", "learning_rate", "replicas")),
         "calibration": Keys(("samples", "data")),
         "timings_s": Keys(("search", "export", "total"),
                           optional=("load", "channels", "layers", "finetune", "acceptance", "gating", "writing",
