@@ -46,11 +46,11 @@ from compressor.option_fields import (
     number,
     one_of,
     open_fraction,
-    positive,
     option,
     parse_block_size,
     parse_values,
     path,
+    positive,
     text,
 )
 from compressor.surgery.plan import STRUCTURES, PlanError

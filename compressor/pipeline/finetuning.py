@@ -42,7 +42,8 @@ def finetune_config(options: CompressOptions) -> Optional[FinetuneConfig]:
 
     steps = options.finetune_steps
     return FinetuneConfig(epochs=options.finetune_epochs, seed=options.seed, max_steps=steps, distribute=options.distribute,
-                          learning_rate=options.finetune_lr, check_every=None if steps is None else math.ceil(steps / CHECKS_PER_RUN))
+                          learning_rate=options.finetune_lr,
+                          check_every=None if steps is None else math.ceil(steps / CHECKS_PER_RUN))
 
 
 class FinetuneStage:
