@@ -50,7 +50,6 @@ from compressor.option_fields import (
     parse_block_size,
     parse_values,
     path,
-    positive,
     text,
 )
 from compressor.surgery.plan import STRUCTURES, PlanError
@@ -197,7 +196,7 @@ class CompressOptions:
         "steps for the early stop too (default: no cap).", check=integer(1, "finetune steps"))
     finetune_lr: float = option(
         1e-3, help="Fine-tuning's initial learning rate (Adam, cosine decay to 0 over each run's steps; default 0.001).",
-        check=positive("finetune lr"))
+        check=number("finetune lr", above=0))
     distribute: str = option(
         "none", help="Fine-tune on: none (default: TensorFlow's default device) or mirrored (every local GPU, "
         "tf.distribute.MirroredStrategy).", parse=lowercase, check=one_of(DISTRIBUTE, "distribute"))

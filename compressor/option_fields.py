@@ -156,22 +156,15 @@ def open_fraction(label: str) -> Check:
     return check
 
 
-def number(label: str, minimum: Optional[float] = None) -> Check:
-    """A finite int or float (not a bool), at least `minimum` when given."""
+def number(label: str, minimum: Optional[float] = None, above: Optional[float] = None) -> Check:
+    """A finite int or float (not a bool), at least `minimum` and more than `above` when given."""
 
     def check(name: str, value: Any) -> None:
-        if not _is_number(value) or not math.isfinite(value) or (minimum is not None and value < minimum):
-            _invalid(label, "a number" + ("" if minimum is None else f" >= {minimum:g}"), name, value)
-
-    return check
-
-
-def positive(label: str) -> Check:
-    """A finite int or float (not a bool) above 0."""
-
-    def check(name: str, value: Any) -> None:
-        if not _is_number(value) or not math.isfinite(value) or value <= 0:
-            _invalid(label, "a number > 0", name, value)
+        if (not _is_number(value) or not math.isfinite(value) or (minimum is not None and value < minimum)
+                or (above is not None and value <= above)):
+            bound = "" if minimum is None else f" >= {minimum:g}"
+            bound += "" if above is None else f" > {above:g}"
+            _invalid(label, "a number" + bound, name, value)
 
     return check
 

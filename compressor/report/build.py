@@ -211,6 +211,7 @@ def _finetune_entry(run: Run) -> dict[str, Any]:
     channels, tuning = run.record(ChannelRecord), run.record(FinetuneRecord)
     channel_epochs = channels.epochs if channels is not None else 0
     last = tuning.result if tuning is not None else None
+    entry = (tuning.entry if tuning is not None else None) or {}
     final = last.epochs_run if last is not None else 0
     final_steps = last.steps if last is not None else 0
     channel_steps = channels.finetune_steps if channels is not None else 0
@@ -220,8 +221,8 @@ def _finetune_entry(run: Run) -> dict[str, Any]:
         "final_epochs": final,
         "steps": channel_steps + final_steps,
         "final_steps": final_steps,
-        "steps_per_run": ((tuning.entry or {}) if tuning is not None else {}).get("steps_per_run"),
-        "learning_rate": ((tuning.entry or {}) if tuning is not None else {}).get("learning_rate"),
+        "steps_per_run": entry.get("steps_per_run"),
+        "learning_rate": entry.get("learning_rate"),
         "replicas": last.replicas if last is not None else None,
         "stopped_early": bool(last.stopped_early) if last is not None else None,
         "history": list(last.history) if last is not None else [],
