@@ -63,7 +63,7 @@ def test_settings_are_validated():
         ChannelSettings(step=0.0)
 
 
-def _scripted_search(monkeypatch, accuracies):
+def _scripted_search(monkeypatch, accuracies, **settings):
     """search_channels under a 2-point budget on a tiny CNN, its step accuracies scripted in order."""
     import keras
 
@@ -94,7 +94,7 @@ def _scripted_search(monkeypatch, accuracies):
 
     monkeypatch.setattr(channel_search._Run, "_correct", correct)
     monkeypatch.setattr(channel_search._Run, "_finetune", finetune)
-    settings = channel_search.ChannelSettings(finetune=FinetuneConfig(epochs=1), step=0.5)
+    settings = channel_search.ChannelSettings(finetune=FinetuneConfig(epochs=1), step=0.5, **settings)
     result = channel_search.search_channels(model, Budget("accuracy_drop", 0.02), settings, data, data)
     return result, runs
 
@@ -107,6 +107,23 @@ def test_a_step_that_misses_within_the_budget_is_fine_tuned_once_more(monkeypatc
     assert runs == [0, 0, 1, 0, 0, 0]
     assert [step.accepted for step in result.steps] == [True, True, False, False, False]
     assert result.steps[1].epochs == 2 and result.steps[1].accuracy == pytest.approx(0.89)
+
+
+def test_with_a_guard_a_step_at_the_edge_of_its_expected_bound_is_fine_tuned_once_more(monkeypatch):
+    # 200 search samples, a guard of 6,000. Losing 3 of them (1.5 points) gives an expected guard
+    # bound of about 1.8 points: within 2, but the guard would accept it only about 60% of the
+    # time (guard_chance), under GUARD_CHANCE; so it is fine-tuned again, then loses 2 (1 point,
+    # chance about 0.85) and holds. Three more steps lose 5 points each and the search stops.
+    from compressor.search.channel_search import GUARD_CHANCE
+    from compressor.search.confidence import guard_chance, paired_drop
+
+    baseline = np.arange(200) < 180
+    edge = paired_drop(baseline, np.arange(200) < 177)
+    assert 0.5 < guard_chance(edge, 6000, 0.02) < GUARD_CHANCE <= guard_chance(paired_drop(baseline, np.arange(200) < 178), 6000, 0.02)
+    result, runs = _scripted_search(monkeypatch, [0.885, 0.89, 0.85, 0.85, 0.85], confidence=0.95, guard_samples=6000)
+    assert runs == [0, 1, 0, 0, 0]
+    assert [step.accepted for step in result.steps] == [True, False, False, False]
+    assert result.steps[0].epochs == 2
 
 
 def test_a_step_still_missing_after_its_second_run_is_retried_smaller(monkeypatch):

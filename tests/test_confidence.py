@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from compressor.errors import CompressorError
-from compressor.search.confidence import can_confirm, drop_bounds, expected_upper, paired_drop, samples_needed, z_value
+from compressor.search.confidence import (
+    PairedDrop, can_confirm, drop_bounds, expected_upper, guard_chance, paired_drop, samples_needed, z_value,
+)
 
 
 def _draw(rng: np.random.Generator, n: int, p_loss: float, p_win: float) -> tuple[int, int]:
@@ -99,3 +101,39 @@ def test_the_expected_bound_at_another_size_keeps_the_shares_and_takes_that_size
     large = expected_upper(small, 2000)  # 40 losses in 2,000: the same 2% drop, a narrower bound
     assert large == pytest.approx(drop_bounds(40, 0, 2000, 0.95)[1])
     assert small.drop < large < small.upper
+
+
+def _counted(losses: int, wins: int, samples: int) -> PairedDrop:
+    return PairedDrop(samples, losses, wins, 0.95, *drop_bounds(losses, wins, samples, 0.95))
+
+
+def test_the_guard_s_chance_is_one_half_at_the_edge_and_grows_with_the_margin():
+    at_edge = next(_counted(losses, 150, 6000) for losses in range(150, 400) if expected_upper(_counted(losses, 150, 6000), 6000) > 0.02)
+    below = _counted(at_edge.losses - 1, 150, 6000)  # the last count whose expected bound is within 2%
+    assert 0.4 <= guard_chance(below, 6000, 0.02) <= 0.55
+    chances = [guard_chance(_counted(losses, 150, 6000), 6000, 0.02) for losses in (160, 200, 230, 260)]
+    assert chances == sorted(chances, reverse=True) and chances[0] > 0.99 and chances[-1] < 0.25
+    # A larger guard is surer of the same shares: a narrower bound and less noise.
+    assert guard_chance(_counted(260, 150, 6000), 24000, 0.02) > guard_chance(_counted(260, 150, 6000), 6000, 0.02)
+    assert guard_chance(_counted(0, 0, 0), 6000, 0.02) == 0.0
+
+
+def test_the_guard_s_chance_matches_how_often_a_guard_of_other_samples_accepts():
+    """Seeded simulation: candidates of drops spread across the budget's edge, each measured on
+    6,000 selection and 6,000 guard samples; the guard's acceptance rate follows the chance the
+    selection split predicted (within 0.08 per bin of a few hundred candidates)."""
+    rng = np.random.default_rng(3)
+    predicted, accepted = [], []
+    for _ in range(3000):
+        drop, win = rng.uniform(0.005, 0.025), rng.uniform(0.01, 0.03)
+        shares = [drop + win, win, 1 - drop - 2 * win]
+        selection, guard = rng.multinomial(6000, shares), rng.multinomial(6000, shares)
+        predicted.append(guard_chance(_counted(selection[0], selection[1], 6000), 6000, 0.02))
+        accepted.append(drop_bounds(guard[0], guard[1], 6000, 0.95)[1] <= 0.02)
+    predicted, accepted = np.array(predicted), np.array(accepted)
+    for low, high in ((0.05, 0.35), (0.35, 0.65), (0.65, 0.95)):
+        inside = (predicted >= low) & (predicted < high)
+        assert inside.sum() >= 100
+        assert abs(accepted[inside].mean() - predicted[inside].mean()) <= 0.08
+    sure = predicted >= 0.8  # what the channel search asks of a step (GUARD_CHANCE)
+    assert accepted[sure].mean() >= 0.85

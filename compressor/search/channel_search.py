@@ -10,10 +10,15 @@ Budgets:
   model after each step (gradual pruning recovers more than one big cut).
 - An accuracy budget (fixed_loss): the same steps, each fine-tuned (early stop once
   the search data is within a quarter of the budget) and checked on the search data;
-  a step holds when the guard can be expected to accept it: the bound a guard of its
-  size would give for the losses and wins measured here is within the budget
-  (`ChannelSettings.confidence`, `guard_samples`; without a confidence, when it loses
-  at most MARGIN × budget, `compressor.search.budgets.MARGIN`). A step that does not
+  a step holds when the guard can be expected to accept it with a chance of at least
+  GUARD_CHANCE (`compressor.search.confidence.guard_chance`: the bound a guard of its
+  size would give for the losses and wins measured here, with a margin for the noise
+  of both splits; `ChannelSettings.confidence`, `guard_samples`). A step whose expected
+  bound merely touches the budget would pass the guard half the time, and the guard's
+  first rejection ends the search: the margin turns that coin flip into one more
+  fine-tuning run or a smaller step. Without a guard, a step holds when the search
+  data's own bound is within the budget; without a confidence, when it loses at most
+  MARGIN × budget (`compressor.search.budgets.MARGIN`). A step that does not
   hold although its drop on the search data is within the budget (its bound missed, not
   its drop) is fine-tuned once more, in another order of the data, and checked again. A
   step that still misses is retried smaller (the square root of the kept fraction), and the
@@ -53,6 +58,7 @@ Log = Callable[[str], None]
 
 MIN_KEEP = 0.03  # never aim below this fraction of the baseline cost
 RETRIES = 2  # smaller steps tried after a step that misses, before the search stops (misses in all)
+GUARD_CHANCE = 0.8  # with a guard, a step holds when the guard can be expected to accept it with this chance
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,10 @@ class ChannelSettings:
             search data is within the budget with this one-sided confidence
             (`compressor.search.confidence`); None: when its measured drop is within
             MARGIN of the budget.
-        guard_samples: With `confidence`, the bound is the one a guard of this many
-            samples would give for the same shares of losses and wins (`expected_upper`):
-            a step holds when the guard can be expected to accept it. None: the
-            search data's own bound.
+        guard_samples: With `confidence`, the size of the guard that will be shown each
+            step: a step holds when a guard of this many samples would accept it with a
+            chance of at least GUARD_CHANCE (`guard_chance`). None: when the search
+            data's own bound is within the budget.
     """
 
     criterion: str = "magnitude"
@@ -445,11 +451,12 @@ class _Run:
         """Whether a step's accuracy holds on the search data (`ChannelSettings.confidence`)."""
         if self.settings.confidence is None:
             return self.baseline_accuracy - float(correct.mean()) <= MARGIN * self.budget.limit
-        from compressor.search.confidence import expected_upper, paired_drop
+        from compressor.search.confidence import guard_chance, paired_drop
 
         measured = paired_drop(self.baseline_correct, correct, self.settings.confidence)
-        samples = self.settings.guard_samples or measured.samples
-        return expected_upper(measured, samples) <= self.budget.limit + 1e-12
+        if self.settings.guard_samples is None:
+            return measured.within(self.budget.limit)
+        return guard_chance(measured, self.settings.guard_samples, self.budget.limit) >= GUARD_CHANCE
 
     def _near(self, correct: np.ndarray) -> bool:
         """Whether a step that does not hold lost at most the budget on the search data (its bound, not its drop,

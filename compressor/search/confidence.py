@@ -187,6 +187,31 @@ def expected_upper(measured: PairedDrop, samples: int) -> float:
     return drop_bounds(measured.losses * scale, measured.wins * scale, samples, measured.confidence)[1]
 
 
+def guard_chance(measured: PairedDrop, samples: int, limit: float) -> float:
+    """The chance that a guard of `samples` other samples accepts the candidate `measured` here (its bound within `limit`).
+
+    The guard sees the same model on other data: its drop differs from the one measured
+    here by the noise of both samples (standard deviation sqrt(v/n + v/m), v the
+    variance of one paired difference), and its bound sits `expected_upper` minus the
+    drop above its own drop. So the guard accepts with chance
+    Φ((limit − expected_upper) / sqrt(v/n + v/m)): one half for a candidate whose
+    expected bound is at the limit, as near 1 as the margin is wide.
+    """
+    bound = expected_upper(measured, samples)
+    if measured.samples == 0 or samples <= 0:
+        return 0.0
+    if measured.mean is not None:  # per-sample values
+        if measured.spread is None:
+            return 0.0
+        variance = measured.spread ** 2
+    else:
+        variance = (measured.losses + measured.wins) / measured.samples - measured.drop ** 2
+    spread = math.sqrt(max(variance, 0.0) * (1.0 / measured.samples + 1.0 / samples))
+    if spread == 0.0:
+        return 1.0 if bound <= limit + 1e-12 else 0.0
+    return NormalDist().cdf((limit - bound) / spread)
+
+
 def confirmable_drop(limit: float, samples: int, confidence: float = DEFAULT_CONFIDENCE) -> float:
     """The largest drop `samples` samples can confirm within `limit`, for a candidate that only loses (0 if none).
 
