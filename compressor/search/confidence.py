@@ -197,9 +197,9 @@ def guard_chance(measured: PairedDrop, samples: int, limit: float) -> float:
     Φ((limit − expected_upper) / sqrt(v/n + v/m)): one half for a candidate whose
     expected bound is at the limit, as near 1 as the margin is wide.
     """
-    bound = expected_upper(measured, samples)
     if measured.samples == 0 or samples <= 0:
         return 0.0
+    bound = expected_upper(measured, samples)
     if measured.mean is not None:  # per-sample values
         if measured.spread is None:
             return 0.0
