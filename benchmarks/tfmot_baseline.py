@@ -391,7 +391,7 @@ def _table(args: argparse.Namespace, result: dict, report: Any) -> str:
     rows = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"TF {tf.__version__}. Command: python benchmarks/tfmot_baseline.py {args.dir} "
-        f"--target-params {args.target_params} --epochs {args.epochs}",
+        f"--target-params {args.target_params} --epochs {args.epochs} --learning-rate {args.learning_rate:g}",
         f"tfmot prune_low_magnitude: kernel sparsity {result['sparsity']:.1%}, non-zero params "
         f"{result['nonzero_params']:,} of {result['params']:,}, prune + fine-tune {result['seconds']:.0f} s. "
         f"TFLite at batch 1, {report.threads} thread, {report.runs} interleaved runs "
