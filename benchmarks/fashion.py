@@ -128,7 +128,7 @@ def tfmot_row(folder: Path, report: dict[str, Any], train_samples: int, work: Pa
     steps = report["finetune"].get("steps")  # every fine-tuning run's optimizer steps, in all
     epochs = report["finetune"]["epochs"]
     if steps:  # runs bounded in steps: the same number of samples seen, as whole epochs (at least one)
-        epochs = max(1, round(steps * FinetuneConfig(epochs=1).batch_size / train_samples))
+        epochs = max(1, round(steps * FinetuneConfig.batch_size / train_samples))
     out = work / f"tfmot-{folder.name}"
     done = out / "row.json"  # read back, not rerun, as the compress runs are
     if done.exists():
