@@ -63,8 +63,11 @@ def test_settings_are_validated():
         ChannelSettings(step=0.0)
 
 
-def _scripted_search(monkeypatch, accuracies, **settings):
-    """search_channels under a 2-point budget on a tiny CNN, its step accuracies scripted in order."""
+def _scripted_search(monkeypatch, accuracies, deadline=None, **settings):
+    """search_channels under a 2-point budget on a tiny CNN, its step accuracies scripted in order.
+
+    With `deadline`, the search's clock starts at 0 and each fine-tuning run takes 60 s of it.
+    """
     import keras
 
     from compressor.finetune import FinetuneConfig
@@ -88,14 +91,19 @@ def _scripted_search(monkeypatch, accuracies, **settings):
         share = next(script)
         return np.arange(200) < round(share * 200)
 
+    clock = [0.0]
+
     def finetune(self, candidate, target_accuracy, run=0):
         runs.append(run)
+        clock[0] += 60.0
         return 1
 
     monkeypatch.setattr(channel_search._Run, "_correct", correct)
     monkeypatch.setattr(channel_search._Run, "_finetune", finetune)
+    if deadline is not None:
+        monkeypatch.setattr(channel_search, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     settings = channel_search.ChannelSettings(finetune=FinetuneConfig(epochs=1), step=0.5, **settings)
-    result = channel_search.search_channels(model, Budget("accuracy_drop", 0.02), settings, data, data)
+    result = channel_search.search_channels(model, Budget("accuracy_drop", 0.02), settings, data, data, deadline=deadline)
     return result, runs
 
 
@@ -160,3 +168,37 @@ def test_a_smaller_step_that_cuts_the_same_channels_is_not_fine_tuned_again(monk
     result, runs = _scripted_search(monkeypatch, [0.85])
     assert runs == [0] and len(result.steps) == 1 and not result.steps[0].accepted
     assert len(first) == 1 + channel_search.RETRIES  # the retries were cut, found the same, and skipped
+
+
+def test_no_step_begins_that_would_end_after_the_deadline(monkeypatch):
+    # Each fine-tuning run takes 60 s. With 150 s: step 1 ends at 60 (90 s left, more than its 60),
+    # step 2 at 120 (30 s left, less than the longest step): the search stops with both kept.
+    result, runs = _scripted_search(monkeypatch, [0.89, 0.89, 0.89, 0.89], deadline=150.0)
+    assert runs == [0, 0]
+    assert [step.accepted for step in result.steps] == [True, True]
+    assert [step.seconds for step in result.steps] == [60.0, 60.0]
+    assert result.stopped == "time limit" and result.to_dict()["stopped"] == "time limit"
+    assert result.flops == result.steps[-1].flops < result.baseline_flops
+
+
+def test_a_step_fine_tuned_twice_sets_the_expected_step_time(monkeypatch):
+    # Step 1 misses within the budget and is fine-tuned twice (120 s), then holds. At 120 s of 230,
+    # 110 s are left, less than that step: no second step, although one run alone (60 s) would fit.
+    result, runs = _scripted_search(monkeypatch, [0.88, 0.89, 0.89], deadline=230.0)
+    assert runs == [0, 1]
+    assert [step.accepted for step in result.steps] == [True] and result.steps[0].seconds == 120.0
+    assert result.stopped == "time limit"
+
+
+def test_without_a_deadline_or_before_it_the_search_ends_on_its_own(monkeypatch):
+    result, runs = _scripted_search(monkeypatch, [0.89, 0.85, 0.85, 0.85])
+    assert result.stopped is None and result.to_dict()["stopped"] is None
+    late, late_runs = _scripted_search(monkeypatch, [0.89, 0.85, 0.85, 0.85], deadline=10_000.0)
+    assert late.stopped is None and late_runs == runs
+    assert [step.flops for step in late.steps] == [step.flops for step in result.steps]
+
+
+def test_a_deadline_already_passed_takes_no_step(monkeypatch):
+    result, runs = _scripted_search(monkeypatch, [], deadline=0.0)
+    assert runs == [] and result.steps == [] and result.stopped == "time limit"
+    assert result.flops == result.baseline_flops

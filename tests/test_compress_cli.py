@@ -249,6 +249,23 @@ def test_hessian_edits_record_their_statistics_and_compose_with_channels(trainab
     assert second["accuracy"] == pytest.approx(first["accuracy"], abs=1e-9)
 
 
+def test_a_time_limit_that_leaves_no_room_stops_the_channel_search_and_says_so(trainable, tmp_path):
+    out = tmp_path / "late"
+    args = ("--method", "fixed_params", "--compression-factor", "0.5", "--budget-on", "flops", "--techniques", "channels",
+            "--data", trainable / "test.npz", "--train-data", trainable / "train.npz", "--finetune-epochs", "1")
+    # 6 ms from the start: passed by the time the search begins, so no step is taken and the budget is missed.
+    result = _compress(trainable, out, *args, "--time-limit", "0.0001")
+    assert result.exit_code == 2, result.output
+    report = _report(result)
+    assert report["status"] == "budget_not_met" and report["options"]["time_limit"] == 0.0001
+    assert report["channels"]["stopped"] == "time limit" and report["channels"]["steps"] == []
+    assert report["compressed"]["flops"] == report["baseline"]["flops"]
+    assert any("stopped at its time limit (0.0001 min)" in note for note in report["notes"])
+    assert "it stopped at its time limit" in (out / "report.md").read_text()
+    bad = _compress(trainable, tmp_path / "bad", *args, "--time-limit", "0")
+    assert bad.exit_code == 1 and "time limit" in bad.output and "Traceback" not in bad.output
+
+
 def test_fine_tuning_needs_training_data_and_hessian_needs_data(workdir, tmp_path):
     result = _compress(workdir, tmp_path / "x", "--method", "fixed_params", "--compression-factor", "0.5", "--finetune-epochs", "2")
     assert result.exit_code == 1 and "needs --train-data" in result.output

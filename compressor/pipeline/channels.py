@@ -48,7 +48,7 @@ class ChannelStage:
         ctx.log(f"removing channels ({options.criterion})")
         data = ctx.data
         result = search_channels(ctx.model, budget, settings, data.search, data.train, ctx.log, ctx.progress,
-                                 accept=run.accepts if run.acceptance is not None else None)
+                                 accept=run.accepts if run.acceptance is not None else None, deadline=ctx.deadline)
         run.working = run.compressed = result.model
         return ChannelRecord(result.removals, result)
 

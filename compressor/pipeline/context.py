@@ -68,6 +68,8 @@ class RunContext:
         log: One line per step, for people.
         progress: Progress of long steps.
         metric: What the budget measures (`compressor.metrics`).
+        deadline: The `time.perf_counter()` by which the channel search should end
+            (`CompressOptions.time_limit` after the run started); None: no limit.
     """
 
     options: CompressOptions
@@ -78,6 +80,7 @@ class RunContext:
     log: Log = lambda message: None
     progress: Progress = lambda stage, done, total: None
     metric: Metric = TOP1
+    deadline: Optional[float] = None
 
 
 class StageRecord(Protocol):

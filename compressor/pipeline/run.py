@@ -44,7 +44,8 @@ def compress_into(options: CompressOptions, staging: Path, progress: Progress, l
     metric = options.metric_spec()  # a hook imports here, before the model loads
     model = load_model(options, inputs, log)
     splits = load_splits(model, options, inputs, metric, log)
-    ctx = RunContext(options, model, splits, options.budget(), staging, log, progress, metric)
+    deadline = None if options.time_limit is None else started + 60 * options.time_limit
+    ctx = RunContext(options, model, splits, options.budget(), staging, log, progress, metric, deadline)
     load_s = time.perf_counter() - started
     log("converting the original model")  # the export preflight: a layer no format takes fails here, before the search
     baselines = export_baselines(ctx)

@@ -104,7 +104,7 @@ def build_report(ctx: RunContext, run: Run, measured: Measured, timings: Timings
         "calibration": None if calibration.samples is None else {"samples": len(calibration.samples), "data": calibration.source},
         "timings_s": timings.to_dict(),
         "options": options.to_dict(),
-        "notes": _notes(run, calibration.source) + slower_notes(artifacts),
+        "notes": _notes(run, calibration.source) + _time_limit_notes(channels, options.time_limit) + slower_notes(artifacts),
     }
     if report["gating"] and report["gating"]["applied"]:
         result["expected_flops"] = report["gating"]["flops_per_input"]["mean"]
@@ -359,6 +359,16 @@ def slower_notes(artifacts: list[dict[str, Any]]) -> list[str]:
             "the original's; the other format, or techniques that leave that layer whole, may serve better."
         )
     return notes
+
+
+def _time_limit_notes(channels: Optional[ChannelRecord], limit: Optional[float]) -> list[str]:
+    """A note when the channel search stopped at `--time-limit` rather than at its own end."""
+    if channels is None or channels.result is None or channels.result.stopped != "time limit":
+        return []
+    steps = channels.result.steps
+    kept = sum(1 for step in steps if step.accepted)
+    return [f"The channel search stopped at its time limit ({limit:g} min) after {kept} kept of {len(steps)} "
+            "step(s): a longer --time-limit may compress further."]
 
 
 def _notes(run: Run, calibration_source: Optional[str]) -> list[str]:

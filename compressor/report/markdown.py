@@ -308,6 +308,8 @@ def _channels_sentence(channels: Mapping[str, Any]) -> str:
     blocked = list_of(channels.get("groups_blocked"))
     if blocked:
         text += f"; {count(len(blocked), 'group')} could not be pruned"
+    if channels.get("stopped"):
+        text += f"; it stopped at its {channels['stopped']}"
     return text + "."
 
 

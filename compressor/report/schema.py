@@ -76,7 +76,7 @@ REPORT = Keys(
         "channels": Keys(
             ("groups_pruned", "channels_removed", "groups_blocked", "params", "flops", "baseline_accuracy", "accuracy",
              "finetune_epochs", "evaluations", "steps", "trials", "seconds"),
-            optional=("layers_blocked",),
+            optional=("layers_blocked", "stopped"),
             nested={"groups_blocked": Keys(("group", "reason")), "layers_blocked": Keys(("layer", "reason")),
                     "trials": TRIAL},
         ),

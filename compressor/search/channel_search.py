@@ -29,6 +29,12 @@ Budgets:
   A step that holds on the search data is then shown to `accept` when given (the run's
   guard, `compressor.pipeline.acceptance`): the first step it rejects ends the search.
 
+With a deadline (`CompressOptions.time_limit`), no fine-tuned step begins that is
+expected to end after it, a step being expected to take as long as the longest so far
+(a step fine-tuned twice takes twice as long as one fine-tuned once): the search keeps
+the last model accepted, and its record says it stopped at the time limit. The first
+step always runs when the deadline has not passed (nothing predicts its time yet).
+
 Removals are tracked as each producer's original output indices, so the result is a
 list of `ChannelRemoval`s of the ORIGINAL model's groups that `prune_channels`
 replays, whatever steps it took.
@@ -141,6 +147,8 @@ class ChannelResult:
         trials: Each pruned model the search measured (after its fine-tuning), in
             order; the one returned is chosen. When no step was kept, the original
             model comes first, chosen.
+        stopped: Why the search ended before its own end: "time limit" (the deadline
+            left no room for another step), else None.
     """
 
     model: keras.Model
@@ -159,6 +167,7 @@ class ChannelResult:
     seconds: float = 0.0
     trials: tuple[Trial, ...] = ()
     blocked_layers: list[tuple[str, str]] = field(default_factory=list)
+    stopped: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -175,6 +184,7 @@ class ChannelResult:
             "steps": [step.to_dict() for step in self.steps],
             "trials": [trial.to_dict() for trial in self.trials],
             "seconds": round(self.seconds, 3),
+            "stopped": self.stopped,
         }
 
 
@@ -187,6 +197,7 @@ def search_channels(
     log: Optional[Log] = None,
     progress: Optional[Callable[[str, int, int], None]] = None,
     accept: Optional[Callable[[str, keras.Model], bool]] = None,
+    deadline: Optional[float] = None,
 ) -> ChannelResult:
     """Remove channels of `model` to meet `budget`.
 
@@ -204,6 +215,8 @@ def search_channels(
         accept: Under an accuracy budget, called as accept(label, model) with each
             model that holds on the search data, in order; a False ends the search
             with the last model accepted. None: the search data decides alone.
+        deadline: A `time.perf_counter()` value: with fine-tuning, no step begins that
+            is expected to end after it. None: no limit.
 
     Returns:
         The pruned model and its record.
@@ -227,7 +240,7 @@ def search_channels(
     if not any(group.prunable for group in groups):
         reasons = "; ".join(f"{name}: {reason}" for name, reason in blocked[:3]) or "it has no channel groups"
         raise CompressorError(f"no channel group of '{model.name}' can be pruned ({reasons})")
-    run = _Run(model, groups, budget, settings, search_data, train_data, log, progress, accept)
+    run = _Run(model, groups, budget, settings, search_data, train_data, log, progress, accept, deadline)
     if budget.kind != "accuracy_drop":
         run.to_cost(budget.limit)
     elif tuning:
@@ -252,16 +265,19 @@ def search_channels(
         seconds=time.perf_counter() - started,
         trials=run.final_trials(),
         blocked_layers=list(analysis.blocked_layers.items()),
+        stopped=run.stopped,
     )
 
 
 class _Run:
     """The state of one channel search: the current model, its cost, the steps taken."""
 
-    def __init__(self, model, groups, budget, settings, search_data, train_data, log, progress=None, accept=None) -> None:
+    def __init__(self, model, groups, budget, settings, search_data, train_data, log, progress=None, accept=None,
+                 deadline=None) -> None:
         from compressor.graph.cost import model_cost
 
-        self.accept = accept
+        self.accept, self.deadline = accept, deadline
+        self.stopped: Optional[str] = None
         self.original, self.budget, self.settings, self.log = model, budget, settings, log
         self.progress = progress or (lambda stage, done, total: None)
         self.search_data, self.train_data = search_data, train_data
@@ -287,14 +303,17 @@ class _Run:
         target = fraction * self._base()
         tuning = self._tuning()
         while self._value(self.cost) > target:
+            if tuning and self._out_of_time():
+                return
             aim = max(target, self._value(self.cost) * self.settings.step) if tuning else target
+            started = time.perf_counter()
             candidate, removals, groups, cost = self._cut(self.current, self.groups, aim)
             if not removals:
                 self.log("channels: every prunable group is at its cap")
                 break
             epochs = self._finetune(candidate, target_accuracy=None) if tuning else 0
             accuracy = self._accuracy(candidate) if _labelled(self.search_data) else None
-            self._accept(candidate, groups, removals, cost, accuracy, aim, epochs)
+            self._accept(candidate, groups, removals, cost, accuracy, aim, epochs, started)
 
     def progressive(self) -> None:
         """Fine-tuned steps down in cost while the search-data accuracy holds."""
@@ -302,7 +321,10 @@ class _Run:
         step = self.settings.step
         retries, missed = 0, set()  # missed: the costs of the cuts from the current model that missed
         while self._value(self.cost) > MIN_KEEP * self._base():
+            if self._out_of_time():
+                return
             aim = self._value(self.cost) * step
+            started = time.perf_counter()
             candidate, removals, groups, cost = self._cut(self.current, self.groups, aim)
             if not removals:
                 self.log("channels: every prunable group is at its cap")
@@ -312,7 +334,6 @@ class _Run:
                     return
                 retries, step = retries + 1, math.sqrt(step)
                 continue
-            started = time.perf_counter()
             target = self.baseline_accuracy - allowed / 4
             epochs = self._finetune(candidate, target_accuracy=target)
             correct = self._correct(candidate)
@@ -361,6 +382,20 @@ class _Run:
             self.tracker.remove(groups, removals)
             self.current, self.cost, self.accuracy = candidate, cost, accuracy
             self.groups = self._groups(candidate)
+
+    def _out_of_time(self) -> bool:
+        """Whether the deadline leaves no room for another step as long as the longest so far (then logged)."""
+        if self.deadline is None:
+            return False
+        longest = max((step.seconds for step in self.steps), default=0.0)
+        left = self.deadline - time.perf_counter()
+        if left > longest:
+            return False
+        self.stopped = "time limit"
+        kept = self._value(self.cost) / self._base()
+        self.log(f"channels: the time limit leaves {max(left, 0) / 60:.1f} min, less than a step takes "
+                 f"({longest / 60:.1f} min): keeping {kept:.3f} of the original's {self.kind}")
+        return True
 
     def _guard(self, candidate, cost) -> bool:
         """Whether the run's guard accepts a step that held on the search data (True without a guard)."""
