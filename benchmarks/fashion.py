@@ -91,10 +91,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     def kept(kind: str) -> list[float]:
         return [r["compressed"][kind] / r["baseline"][kind] for r in reports]
 
+    def faster(report: dict[str, Any], fmt: str) -> Optional[float]:
+        ratio = next((a.get("latency_ratio") for a in report["artifacts"] if a["format"] == fmt and a["quantize"] == "none"), None)
+        return 1 / ratio if ratio else None
+
     def speedup(fmt: str) -> list[float]:
-        ratios = [next((a.get("latency_ratio") for a in r["artifacts"] if a["format"] == fmt and a["quantize"] == "none"), None)
-                  for r in reports]
-        return [1 / ratio for ratio in ratios if ratio]
+        return [value for value in (faster(r, fmt) for r in reports) if value]
 
     return {
         "runs": len(runs),
@@ -110,6 +112,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "onnx": speedup("onnx"),
         "wall_s": [run["wall_s"] for run in runs],
         "epochs": [r["finetune"]["epochs"] for r in reports],
+        "seeds": [{
+            "seed": r["options"]["seed"], "drop": drops[i], "ci": r["budget"].get("ci"), "met": r["budget"]["met"],
+            "flops": kept("flops")[i], "tflite": faster(r, "tflite"), "onnx": faster(r, "onnx"),
+            "steps": r["finetune"].get("steps"),
+            "stopped": (r.get("channels") or {}).get("stopped"), "wall_s": runs[i]["wall_s"],
+        } for i, r in enumerate(reports)],
     }
 
 
@@ -206,6 +214,16 @@ def print_table(rows, builds, peers, args) -> None:
               f"{100 * row['drop_worst']:.2f} | {ci_text} | {spread(row['flops'], '.3f')} | {spread(row['params'], '.3f')} | "
               f"{spread(row['tflite'], '.2f')}× | {spread(row['onnx'], '.2f')}× | "
               f"{spread([w / 60 for w in row['wall_s']], '.1f')} |")
+    for name, budget, row in rows:
+        print(f"\n{name} at {100 * budget:g} points, per seed (held-out drop with its 90% interval, FLOPs kept, "
+              "TFLite / ONNX speed-up, fine-tuning steps in all, compress wall time):\n")
+        for seed in row["seeds"]:
+            ci = f" ({100 * seed['ci'][0]:.2f}–{100 * seed['ci'][1]:.2f})" if seed["ci"] else ""
+            steps = f"{seed['steps']:,} steps, " if seed["steps"] else ""
+            stopped = f", stopped at its {seed['stopped']}" if seed["stopped"] else ""
+            speed = " / ".join(f"{value:.2f}×" if value else "–" for value in (seed["tflite"], seed["onnx"]))
+            print(f"- seed {seed['seed']}: {100 * seed['drop']:.2f}{ci}{'' if seed['met'] else ' (missed)'}, "
+                  f"{seed['flops']:.3f}, {speed}, {steps}{seed['wall_s'] / 60:.1f} min{stopped}.")
     for name, peer in peers.items():
         print(f"\n## tfmot `prune_low_magnitude` on {name}\n")
         if peer is None or "error" in peer:

@@ -4,7 +4,7 @@ An option of `compress` is one field of `CompressOptions` made with `option(...)
 name, type and default are the field's; its help, its command-line spelling, how a raw
 value is read (`parse`) and what values it takes (`check`) ride in the field's
 metadata. The command line (`compressor.cli.options.option_parameters`), the config
-file (`compressor.config.read_toml`) and the Python API (`compressor.compress`) all
+file (`compressor.config_file.read_toml`) and the Python API (`compressor.compress`) all
 read the same fields, as `transformers.HfArgumentParser` reads dataclass fields.
 
 Help and messages name other options as `{option}` placeholders (see

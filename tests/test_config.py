@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compressor.config import COMMAND_LINE_ONLY, CompressOptions, ConfigError, build_options
+from compressor.config import CompressOptions, ConfigError
+from compressor.config_file import COMMAND_LINE_ONLY, build_options
 from compressor.option_fields import declared
 from compressor.io.data import Dataset
 from compressor.pipeline import split_data

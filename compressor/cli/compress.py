@@ -26,7 +26,8 @@ from compressor.cli.console import (
     stdout_to_stderr,
 )
 from compressor.cli.options import ModelArg, option_parameters, with_signature
-from compressor.config import CompressOptions, build_options, check_names
+from compressor.config import CompressOptions, check_names
+from compressor.config_file import build_options
 from compressor.errors import CompressorError
 
 EXIT_BUDGET_NOT_MET = 2

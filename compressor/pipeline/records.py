@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from compressor.export.verify import ArtifactCheck
     from compressor.finetune import FinetuneResult
-    from compressor.search.channel_search import ChannelResult
+    from compressor.search.channel_result import ChannelResult
     from compressor.search.gating import GatingOutcome
     from compressor.search.result import SearchResult
 

@@ -1,0 +1,89 @@
+"""What a channel search returns: its steps and its result (`compressor.search.channel_search`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import keras
+
+from compressor.search.result import Trial
+from compressor.surgery.plan import ChannelRemoval
+
+
+@dataclass(frozen=True)
+class ChannelStep:
+    """One progressive step: what it aimed at, what it reached, whether it was kept."""
+
+    target: float  # fraction of the baseline objective cost aimed at
+    params: int
+    flops: int
+    accuracy: Optional[float]
+    epochs: int
+    accepted: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ChannelResult:
+    """The pruned (and fine-tuned) model and how it was reached.
+
+    Attributes:
+        model: The pruned model (fine-tuned when fine-tuning was asked for).
+        removals: Channel removals of the original model's groups.
+        blocked: (group, reason) of the groups left whole.
+        blocked_layers: (layer, reason) of the layers with weights none of whose
+            channels could go (`ChannelAnalysis.blocked_layers`), in graph order.
+        params, flops: Cost of `model`.
+        baseline_params, baseline_flops: Cost of the original.
+        baseline_accuracy, accuracy: On the search data (None without labelled data).
+        steps: The progressive steps, in order.
+        epochs: Fine-tuning epochs spent, over all steps.
+        finetune_steps: Fine-tuning optimizer steps taken, over all steps.
+        evaluations: Whole-model accuracy evaluations on the search data.
+        seconds: Wall time.
+        trials: Each pruned model the search measured (after its fine-tuning), in
+            order; the one returned is chosen. When no step was kept, the original
+            model comes first, chosen.
+        stopped: Why the search ended before its own end: "time limit" (the deadline
+            left no room for another step), else None.
+    """
+
+    model: keras.Model
+    removals: tuple[ChannelRemoval, ...]
+    blocked: list[tuple[str, str]]
+    params: int
+    flops: int
+    baseline_params: int
+    baseline_flops: int
+    baseline_accuracy: Optional[float] = None
+    accuracy: Optional[float] = None
+    steps: list[ChannelStep] = field(default_factory=list)
+    epochs: int = 0
+    finetune_steps: int = 0
+    evaluations: int = 0
+    seconds: float = 0.0
+    trials: tuple[Trial, ...] = ()
+    blocked_layers: list[tuple[str, str]] = field(default_factory=list)
+    stopped: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "groups_pruned": sum(1 for removal in self.removals if removal.remove),
+            "channels_removed": sum(len(removal.remove) for removal in self.removals),
+            "groups_blocked": [{"group": name, "reason": reason} for name, reason in self.blocked],
+            "layers_blocked": [{"layer": name, "reason": reason} for name, reason in self.blocked_layers],
+            "params": self.params,
+            "flops": self.flops,
+            "baseline_accuracy": self.baseline_accuracy,
+            "accuracy": self.accuracy,
+            "finetune_epochs": self.epochs,
+            "evaluations": self.evaluations,
+            "steps": [step.to_dict() for step in self.steps],
+            "trials": [trial.to_dict() for trial in self.trials],
+            "seconds": round(self.seconds, 3),
+            "stopped": self.stopped,
+        }
