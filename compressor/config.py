@@ -176,6 +176,10 @@ class CompressOptions:
     guard_fraction: float = option(
         0.5, help="fixed_loss: the fraction of the search data set aside for accepting models; the search itself "
         "never sees it (default 0.5).", check=open_fraction("guard fraction"))
+    guard_chance: float = option(
+        0.8, help="fixed_loss with channels: a pruning step is shown to the guard only when the guard can be expected "
+        "to accept it with this chance; its first rejection ends the search, so higher trades fine-tuning time for "
+        "fewer early ends (default 0.8).", check=open_fraction("guard chance"))
     compression_factor: Optional[float] = option(
         None, help="fixed_params: fraction of params (or FLOPs) kept, 0 < F < 1.", check=number("compression factor"))
     budget_on: str = option("params", help="fixed_params: params (default) or flops.", check=one_of(BUDGET_ON, "budget-on"))

@@ -61,6 +61,9 @@ def test_settings_are_validated():
         ChannelSettings(max_fraction=1.0)
     with pytest.raises(CompressorError, match="Invalid step"):
         ChannelSettings(step=0.0)
+    for chance in (0.0, 1.0, 1.5):
+        with pytest.raises(CompressorError, match="Invalid guard_chance"):
+            ChannelSettings(guard_chance=chance)
 
 
 def _scripted_search(monkeypatch, accuracies, deadline=None, **settings):
@@ -132,6 +135,23 @@ def test_with_a_guard_a_step_at_the_edge_of_its_expected_bound_is_fine_tuned_onc
     assert runs == [0, 1, 0, 0, 0]
     assert [step.accepted for step in result.steps] == [True, False, False, False]
     assert result.steps[0].epochs == 2
+
+
+def test_a_higher_guard_chance_shows_the_guard_only_safer_steps(monkeypatch):
+    # Losing 2 of 200 search samples (1 point) gives a 6,000-image guard about a 0.86 chance to
+    # accept: enough for the default 0.8, so the first step holds at once; not for 0.95, so it is
+    # fine-tuned again and holds only when it then loses 1 (chance above 0.99).
+    from compressor.search.channel_search import GUARD_CHANCE
+
+    script = [0.89, 0.895, 0.85, 0.85, 0.85]
+    default, default_runs = _scripted_search(monkeypatch, script, confidence=0.95, guard_samples=6000)
+    assert GUARD_CHANCE == 0.8 and default_runs[:2] == [0, 0]
+    assert default.steps[0].accepted and default.steps[0].epochs == 1
+    assert default.steps[0].accuracy == pytest.approx(0.89)
+    safer, safer_runs = _scripted_search(monkeypatch, script, confidence=0.95, guard_samples=6000, guard_chance=0.95)
+    assert safer_runs[:2] == [0, 1]
+    assert safer.steps[0].accepted and safer.steps[0].epochs == 2
+    assert safer.steps[0].accuracy == pytest.approx(0.895)
 
 
 def test_a_step_still_missing_after_its_second_run_is_retried_smaller(monkeypatch):

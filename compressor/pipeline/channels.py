@@ -44,6 +44,7 @@ class ChannelStage:
             seed=options.seed,
             confidence=options.confidence if ctx.data.guard is not None else None,
             guard_samples=len(ctx.data.guard) if ctx.data.guard is not None else None,
+            guard_chance=options.guard_chance,
         )
         ctx.log(f"removing channels ({options.criterion})")
         data = ctx.data

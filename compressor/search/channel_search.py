@@ -11,9 +11,9 @@ Budgets:
 - An accuracy budget (fixed_loss): the same steps, each fine-tuned (early stop once
   the search data is within a quarter of the budget) and checked on the search data;
   a step holds when the guard can be expected to accept it with a chance of at least
-  GUARD_CHANCE (`compressor.search.confidence.guard_chance`: the bound a guard of its
-  size would give for the losses and wins measured here, with a margin for the noise
-  of both splits; `ChannelSettings.confidence`, `guard_samples`). A step whose expected
+  `ChannelSettings.guard_chance` (GUARD_CHANCE by default; `compressor.search.confidence.guard_chance`:
+  the bound a guard of its size would give for the losses and wins measured here, with
+  a margin for the noise of both splits; `confidence`, `guard_samples`). A step whose expected
   bound merely touches the budget would pass the guard half the time, and the guard's
   first rejection ends the search: the margin turns that coin flip into one more
   fine-tuning run or a smaller step. Without a guard, a step holds when the search
@@ -64,7 +64,7 @@ Log = Callable[[str], None]
 
 MIN_KEEP = 0.03  # never aim below this fraction of the baseline cost
 RETRIES = 2  # smaller steps tried after a step that misses, before the search stops (misses in all)
-GUARD_CHANCE = 0.8  # with a guard, a step holds when the guard can be expected to accept it with this chance
+GUARD_CHANCE = 0.8  # default: with a guard, a step holds when the guard can be expected to accept it with this chance
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,11 @@ class ChannelSettings:
             MARGIN of the budget.
         guard_samples: With `confidence`, the size of the guard that will be shown each
             step: a step holds when a guard of this many samples would accept it with a
-            chance of at least GUARD_CHANCE (`guard_chance`). None: when the search
-            data's own bound is within the budget.
+            chance of at least `guard_chance` (`compressor.search.confidence.guard_chance`).
+            None: when the search data's own bound is within the budget.
+        guard_chance: With `guard_samples`, the chance of acceptance a step needs, in
+            (0, 1): higher shows the guard only safer steps (its first rejection ends the
+            search) at the cost of more fine-tuning runs and smaller steps.
     """
 
     criterion: str = "magnitude"
@@ -96,13 +99,14 @@ class ChannelSettings:
     seed: int = 0
     confidence: Optional[float] = None
     guard_samples: Optional[int] = None
+    guard_chance: float = GUARD_CHANCE
 
     def __post_init__(self) -> None:
         from compressor.techniques.scores import CRITERIA
 
         if self.criterion not in CRITERIA:
             raise CompressorError(f"Invalid criterion. Expected one of {CRITERIA}. Received: criterion={self.criterion!r}")
-        for name in ("max_fraction", "step"):
+        for name in ("max_fraction", "step", "guard_chance"):
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise CompressorError(f"Invalid {name}. Expected 0 < {name} < 1. Received: {name}={value}")
@@ -413,7 +417,7 @@ class _Run:
         measured = paired_drop(self.baseline_correct, correct, self.settings.confidence)
         if self.settings.guard_samples is None:
             return measured.within(self.budget.limit)
-        return guard_chance(measured, self.settings.guard_samples, self.budget.limit) >= GUARD_CHANCE
+        return guard_chance(measured, self.settings.guard_samples, self.budget.limit) >= self.settings.guard_chance
 
     def _near(self, correct: np.ndarray) -> bool:
         """Whether a step that does not hold lost at most the budget on the search data (its bound, not its drop,
