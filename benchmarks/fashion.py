@@ -28,6 +28,12 @@ thread, timed interleaved in the same run); compress wall time. With `--tfmot`, 
 row per example: tfmot's `prune_low_magnitude` to the parameter count of our 2-point
 run of seed 0, fine-tuned for as many epochs of the training set as that run spent in
 all, at its initial learning rate (`benchmarks/tfmot_baseline.py`).
+
+With `--quantize int8` among the compress arguments, the budget counts the int8 TFLite
+artifact (every drop above is its); the table adds its speed-up and each seed's line the
+float artifact's drop, and a last table separates quantization from pruning: the original
+quantized to int8 the same way, timed interleaved with the original and every run's float
+and int8 files.
 """
 
 from __future__ import annotations
@@ -91,12 +97,20 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     def kept(kind: str) -> list[float]:
         return [r["compressed"][kind] / r["baseline"][kind] for r in reports]
 
-    def faster(report: dict[str, Any], fmt: str) -> Optional[float]:
-        ratio = next((a.get("latency_ratio") for a in report["artifacts"] if a["format"] == fmt and a["quantize"] == "none"), None)
+    def artifact(report: dict[str, Any], fmt: str, quantize: str = "none") -> dict[str, Any]:
+        return next((a for a in report["artifacts"] if a["format"] == fmt and a["quantize"] == quantize), {})
+
+    def faster(report: dict[str, Any], fmt: str, quantize: str = "none") -> Optional[float]:
+        ratio = artifact(report, fmt, quantize).get("latency_ratio")
         return 1 / ratio if ratio else None
 
-    def speedup(fmt: str) -> list[float]:
-        return [value for value in (faster(r, fmt) for r in reports) if value]
+    def speedup(fmt: str, quantize: str = "none") -> list[float]:
+        return [value for value in (faster(r, fmt, quantize) for r in reports) if value]
+
+    def float_drop(report: dict[str, Any]) -> Optional[float]:
+        """The float TFLite artifact's held-out drop when the budget counts a quantized one (else None)."""
+        accuracy = artifact(report, "tflite").get("accuracy")
+        return None if report["quantize"] == "none" or accuracy is None else report["baseline"]["accuracy"] - accuracy
 
     return {
         "runs": len(runs),
@@ -110,11 +124,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "params": kept("params"),
         "tflite": speedup("tflite"),
         "onnx": speedup("onnx"),
+        "tflite_int8": speedup("tflite", "int8"),
         "wall_s": [run["wall_s"] for run in runs],
         "epochs": [r["finetune"]["epochs"] for r in reports],
         "seeds": [{
             "seed": r["options"]["seed"], "drop": drops[i], "ci": r["budget"].get("ci"), "met": r["budget"]["met"],
             "flops": kept("flops")[i], "tflite": faster(r, "tflite"), "onnx": faster(r, "onnx"),
+            "tflite_int8": faster(r, "tflite", "int8"), "float_drop": float_drop(r),
             "steps": r["finetune"].get("steps"),
             "stopped": (r.get("channels") or {}).get("stopped"), "wall_s": runs[i]["wall_s"],
         } for i, r in enumerate(reports)],
@@ -152,6 +168,45 @@ def tfmot_row(folder: Path, report: dict[str, Any], train_samples: int, work: Pa
     return row
 
 
+def int8_control(folder: Path, runs: list[Path], work: Path) -> Optional[str]:
+    """How much of the int8 artifacts' speed is quantization's: the original quantized to int8 as our runs are,
+    timed interleaved with the original and every run's float and int8 TFLite files (a table; None: no int8 runs)."""
+    runs = [run for run in runs if (run / "model.int8.tflite").exists()]
+    if not runs:
+        return None
+    out = work / f"int8-{folder.name}"
+    done = out / "table.md"  # read back, not rerun, as the compress runs are
+    if done.exists():
+        return done.read_text()
+    export = [sys.executable, "-m", "compressor", "export", str(folder / "model.keras"), "--format", "tflite",
+              "--data", str(folder / "val.npz"), "--quantize", "int8", "--out", str(out), "--quiet"]
+    result = subprocess.run(export, capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"Did not run: {(result.stderr.strip().splitlines() or ['export failed'])[-1]}"
+    artifacts = {"original": out / "model.tflite", "original, int8": out / "model.int8.tflite"}
+    for run in runs:
+        artifacts[f"{run.name}"] = run / "model.tflite"
+        artifacts[f"{run.name}, int8"] = run / "model.int8.tflite"
+    bench = [sys.executable, "-m", "compressor", "bench", *map(str, artifacts.values()), "--data", str(folder / "test.npz"),
+             "--runs", "200", "--warmup", "20", "--json"]
+    result = subprocess.run(bench, capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"Did not run: {(result.stderr.strip().splitlines() or ['bench failed'])[-1]}"
+    results = json.loads(result.stdout)["results"]
+    float_ms, int8_ms = (results[i]["latency_ms"]["median"] for i in (0, 1))
+    lines = [f"Command: `{' '.join(['compressor', *export[3:]])}` (quantizes the original as `--quantize int8` does), then "
+             "`compressor bench` on the original's two files and every run's, interleaved, 200 runs after 20 warm-up, "
+             "batch 1, one thread, accuracy on the 10,000 test images.\n",
+             "| artifact | test acc. | median ms | × original | × original int8 |", "|---|---:|---:|---:|---:|"]
+    for label, entry in zip(artifacts, results):
+        median = entry["latency_ms"]["median"]
+        versus_int8 = f"{int8_ms / median:.2f}" if label.endswith("int8") else "–"
+        lines.append(f"| {label} | {entry['accuracy']:.2%} | {median:.3f} | {float_ms / median:.2f} | {versus_int8} |")
+    table = "\n".join(lines) + "\n"
+    done.write_text(table)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/fashion"))
@@ -186,7 +241,13 @@ def main() -> None:
         if args.tfmot and 0.02 in budgets:
             first = args.work / "runs" / f"{name}-0.02-s0" / "report.json"
             peers[name] = tfmot_row(folder, json.loads(first.read_text()), builds[name]["samples"]["train"], args.work)
+    controls = {name: int8_control(args.work / name, [job[3] for (example, _), runs in jobs.items() if example == name
+                                                      for job in runs], args.work) for name in builds}
     print_table(rows, builds, peers, args)
+    for name, control in controls.items():
+        if control:
+            print(f"\n## int8: what quantization alone buys on {name}\n")
+            print(control)
 
 
 def print_table(rows, builds, peers, args) -> None:
@@ -204,25 +265,29 @@ def print_table(rows, builds, peers, args) -> None:
     for name, build in builds.items():
         print(f"| {name} | {build['epochs']} epochs, {build['train_seconds'] / 60:.1f} min | {build['test_accuracy']:.2%} |")
     print()
+    int8 = any(row["tflite_int8"] for _, _, row in rows)
     print("| example | budget | runs met | held-out drop mean / worst (pts) | worst run's 90% CI (pts) | FLOPs kept | "
-          "params kept | TFLite speed-up | ONNX speed-up | compress (min) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"params kept | TFLite speed-up |{' int8 TFLite speed-up |' if int8 else ''} ONNX speed-up | compress (min) |")
+    print(f"|---|---:|---:|---:|---:|---:|---:|---:|{'---:|' if int8 else ''}---:|---:|")
     for name, budget, row in rows:
         ci = row["ci_worst"]
         ci_text = f"{100 * ci[0]:.2f} – {100 * ci[1]:.2f}" if ci else "–"
+        int8_cell = f" {spread(row['tflite_int8'], '.2f')}× |" if int8 else ""
         print(f"| {name} | {100 * budget:g} pts | {row['met']}/{row['runs']} | {100 * row['drop_mean']:.2f} / "
               f"{100 * row['drop_worst']:.2f} | {ci_text} | {spread(row['flops'], '.3f')} | {spread(row['params'], '.3f')} | "
-              f"{spread(row['tflite'], '.2f')}× | {spread(row['onnx'], '.2f')}× | "
+              f"{spread(row['tflite'], '.2f')}× |{int8_cell} {spread(row['onnx'], '.2f')}× | "
               f"{spread([w / 60 for w in row['wall_s']], '.1f')} |")
     for name, budget, row in rows:
         print(f"\n{name} at {100 * budget:g} points, per seed (held-out drop with its 90% interval, FLOPs kept, "
-              "TFLite / ONNX speed-up, fine-tuning steps in all, compress wall time):\n")
+              f"TFLite{' / int8 TFLite' if int8 else ''} / ONNX speed-up, fine-tuning steps in all, compress wall time):\n")
         for seed in row["seeds"]:
             ci = f" ({100 * seed['ci'][0]:.2f}–{100 * seed['ci'][1]:.2f})" if seed["ci"] else ""
+            float_drop = f" (float TFLite: {100 * seed['float_drop']:.2f})" if seed["float_drop"] is not None else ""
             steps = f"{seed['steps']:,} steps, " if seed["steps"] else ""
             stopped = f", stopped at its {seed['stopped']}" if seed["stopped"] else ""
-            speed = " / ".join(f"{value:.2f}×" if value else "–" for value in (seed["tflite"], seed["onnx"]))
-            print(f"- seed {seed['seed']}: {100 * seed['drop']:.2f}{ci}{'' if seed['met'] else ' (missed)'}, "
+            speeds = (seed["tflite"], seed["tflite_int8"], seed["onnx"]) if int8 else (seed["tflite"], seed["onnx"])
+            speed = " / ".join(f"{value:.2f}×" if value else "–" for value in speeds)
+            print(f"- seed {seed['seed']}: {100 * seed['drop']:.2f}{ci}{'' if seed['met'] else ' (missed)'}{float_drop}, "
                   f"{seed['flops']:.3f}, {speed}, {steps}{seed['wall_s'] / 60:.1f} min{stopped}.")
     for name, peer in peers.items():
         print(f"\n## tfmot `prune_low_magnitude` on {name}\n")
