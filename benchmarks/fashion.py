@@ -171,7 +171,10 @@ def tfmot_row(folder: Path, report: dict[str, Any], train_samples: int, work: Pa
 def int8_control(folder: Path, runs: list[Path], work: Path) -> Optional[str]:
     """How much of the int8 artifacts' speed is quantization's: the original quantized to int8 as our runs are,
     timed interleaved with the original and every run's float and int8 TFLite files (a table; None: no int8 runs)."""
-    runs = [run for run in runs if (run / "model.int8.tflite").exists()]
+    from compressor.export.quantize import quantized_name
+
+    int8_file = quantized_name("model", "int8", ".tflite")  # what --quantize int8 writes beside model.tflite
+    runs = [run for run in runs if (run / int8_file).exists()]
     if not runs:
         return None
     out = work / f"int8-{folder.name}"
@@ -183,10 +186,10 @@ def int8_control(folder: Path, runs: list[Path], work: Path) -> Optional[str]:
     result = subprocess.run(export, capture_output=True, text=True)
     if result.returncode != 0:
         return f"Did not run: {(result.stderr.strip().splitlines() or ['export failed'])[-1]}"
-    artifacts = {"original": out / "model.tflite", "original, int8": out / "model.int8.tflite"}
+    artifacts = {"original": out / "model.tflite", "original, int8": out / int8_file}
     for run in runs:
-        artifacts[f"{run.name}"] = run / "model.tflite"
-        artifacts[f"{run.name}, int8"] = run / "model.int8.tflite"
+        artifacts[run.name] = run / "model.tflite"
+        artifacts[f"{run.name}, int8"] = run / int8_file
     bench = [sys.executable, "-m", "compressor", "bench", *map(str, artifacts.values()), "--data", str(folder / "test.npz"),
              "--runs", "200", "--warmup", "20", "--json"]
     result = subprocess.run(bench, capture_output=True, text=True)
