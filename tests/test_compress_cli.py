@@ -445,6 +445,9 @@ def test_int8_artifacts_carry_the_budget(workdir, tmp_path):
     assert report["compressed"]["accuracy"] == counted["accuracy"]
     assert report["budget"]["achieved"] == pytest.approx(counted["baseline_accuracy"] - counted["accuracy"])
     assert report["calibration"] == {"samples": 32, "data": "search"}
+    # The guard judged the file the budget counts, not the Keras model (tests/test_judged.py: why it matters).
+    assert report["search"]["acceptance"]["judged"] == "model.int8.tflite"
+    assert "measured as its quantized artifact (model.int8.tflite)" in (tmp_path / "q8" / "report.md").read_text()
     # Both TFLite artifacts were timed in one run against the same original.
     assert counted["baseline_latency_ms"] == names["model.tflite"]["baseline_latency_ms"]
     # (File sizes are not compared here: this model's few weights are outweighed by the

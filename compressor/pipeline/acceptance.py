@@ -21,6 +21,10 @@ Under a metric with per-sample values (mse, mae, a hook; `compressor.metrics`) t
 is a mean of paired per-sample differences of scores, bounded by a t bound
 (`paired_difference`); how many guard samples the budget needs then depends on how
 spread those differences are, so the "too few samples" warning comes from the looks.
+
+A run that ships a quantized file (`--quantize`) is judged on it: the guard measures
+each model's quantized artifact, not the Keras model (`compressor.export.judged`), so
+the bound covers the quantization error as well.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from compressor.search.confidence import PairedDrop, can_confirm, paired_differe
 if TYPE_CHECKING:
     import keras
 
+    from compressor.export.judged import QuantizedJudge
     from compressor.io.data import Dataset
     from compressor.pipeline.context import RunContext
 
@@ -69,6 +74,8 @@ class Acceptance:
         looks: Every model shown, in order.
         log: One line per look.
         metric: What the budget measures.
+        judge: Under `--quantize`, the quantized artifact the guard measures instead of
+            the Keras model (`compressor.export.judged`); None: the Keras model.
     """
 
     guard: Dataset
@@ -78,6 +85,7 @@ class Acceptance:
     looks: list[Look] = field(default_factory=list)
     log: Log = lambda message: None
     metric: Metric = TOP1
+    judge: Optional[QuantizedJudge] = None
 
     @classmethod
     def for_run(cls, ctx: RunContext) -> Optional[Acceptance]:
@@ -88,7 +96,9 @@ class Acceptance:
         if guard is None or budget is None or budget.kind != "accuracy_drop":
             return None
         acceptance = cls(guard, budget.limit, ctx.options.confidence, sample_values(ctx.model, guard, ctx.metric),
-                         log=ctx.log, metric=ctx.metric)
+                         log=ctx.log, metric=ctx.metric, judge=_judge(ctx))
+        if acceptance.judge is not None:
+            ctx.log(f"guard: judges each model's {acceptance.judge.name} file")
         warning = acceptance.too_few_warning()
         if warning:
             ctx.log(f"warning: {warning}")
@@ -105,9 +115,7 @@ class Acceptance:
             self.looks.append(Look(label, None, False))
             self.log(f"guard: {label} not accepted: an earlier model was rejected, the sequence has ended")
             return False
-        from compressor.search.evaluate import sample_values
-
-        values = sample_values(model, self.guard, self.metric)
+        values = self.values(model)
         if self.metric.binary:
             measured = paired_drop(self.original_correct, values, self.confidence)
         else:
@@ -121,6 +129,14 @@ class Acceptance:
         self.log(f"guard: {label} drop {measured.drop:+.4f}, at most {measured.upper:.4f} with "
                  f"{self.confidence:.0%} confidence: {'accepted' if accepted else 'rejected'}")
         return accepted
+
+    def values(self, model: keras.Model) -> np.ndarray:
+        """Per guard sample, the metric's value for the model, or for its quantized artifact under `judge`."""
+        from compressor.search.evaluate import sample_values
+
+        if self.judge is not None:
+            return self.judge.values(model, self.guard, self.metric)
+        return sample_values(model, self.guard, self.metric)
 
     def too_few_warning(self) -> Optional[str]:
         """One line when the guard is too small to confirm the budget (`can_confirm`), else None."""
@@ -161,10 +177,23 @@ class Acceptance:
         return {
             "samples": len(self.guard),
             "confidence": self.confidence,
+            "judged": self.judge.name if self.judge is not None else "keras model",
             "samples_needed": needed,
             "warning": self.too_few_warning(),
             "looks": [look.to_dict() for look in self.looks],
         }
+
+
+def _judge(ctx: RunContext) -> Optional[QuantizedJudge]:
+    """The quantized artifact the run ships, for the guard to judge: None without `--quantize`."""
+    from compressor.export.judged import QuantizedJudge, judged_format
+    from compressor.pipeline.export import calibration
+
+    options = ctx.options
+    fmt = judged_format(options.export)
+    if options.quantize == "none" or fmt is None:
+        return None
+    return QuantizedJudge(fmt, options.quantize, calibration(ctx).samples, int8_io=options.int8_io and fmt == "tflite")
 
 
 REJECTED_REASON = "left as it is: the guard rejected the per-layer edits (drop not confirmed within the budget)"

@@ -269,6 +269,9 @@ def _acceptance(acceptance: Mapping[str, Any]) -> list[str]:
     level = f"{confidence:.0%}" if is_number(confidence) else MISSING
     text = (f"Models were accepted on a guard split of {acceptance.get('samples') or 0} samples the search never saw, "
             f"when their drop was within the budget with {level} confidence; the first rejection ends the sequence.")
+    judged = acceptance.get("judged")
+    if isinstance(judged, str) and judged != "keras model":
+        text += f" Each model was measured as its quantized artifact ({judged}), the file the run ships."
     lines = [text]
     looks = [mapping_of(look) for look in list_of(acceptance.get("looks"))]
     if looks:

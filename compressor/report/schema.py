@@ -37,7 +37,7 @@ class Keys:
 LATENCY = Keys(("median", "p90", "min", "max", "mean"), optional=("std", "p5", "p95"))
 FLOPS_PER_INPUT = Keys(("mean", "min", "p10", "median", "p90", "max", "histogram"), nested={"histogram": Keys(("edges", "counts"))})
 TRIAL = Keys(("stage", "params", "flops", "accuracy", "met", "chosen"))
-ACCEPTANCE = Keys(("samples", "confidence", "samples_needed", "warning", "looks"),
+ACCEPTANCE = Keys(("samples", "confidence", "samples_needed", "warning", "looks"), optional=("judged",),
                   nested={"looks": Keys(("model", "accepted"), optional=("drop", "ci"))})
 
 def _technique_parameters() -> frozenset[str]:
