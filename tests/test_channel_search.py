@@ -66,7 +66,7 @@ def test_settings_are_validated():
             ChannelSettings(guard_chance=chance)
 
 
-def _scripted_search(monkeypatch, accuracies, deadline=None, **settings):
+def _scripted_search(monkeypatch, accuracies, deadline=None, judge=None, **settings):
     """search_channels under a 2-point budget on a tiny CNN, its step accuracies scripted in order.
 
     With `deadline`, the search's clock starts at 0 and each fine-tuning run takes 60 s of it.
@@ -106,7 +106,8 @@ def _scripted_search(monkeypatch, accuracies, deadline=None, **settings):
     if deadline is not None:
         monkeypatch.setattr(channel_search, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     settings = channel_search.ChannelSettings(finetune=FinetuneConfig(epochs=1), step=0.5, **settings)
-    result = channel_search.search_channels(model, Budget("accuracy_drop", 0.02), settings, data, data, deadline=deadline)
+    result = channel_search.search_channels(model, Budget("accuracy_drop", 0.02), settings, data, data, deadline=deadline,
+                                            judge=judge)
     return result, runs
 
 
@@ -152,6 +153,27 @@ def test_a_higher_guard_chance_shows_the_guard_only_safer_steps(monkeypatch):
     assert safer_runs[:2] == [0, 1]
     assert safer.steps[0].accepted and safer.steps[0].epochs == 2
     assert safer.steps[0].accuracy == pytest.approx(0.895)
+
+
+def test_with_a_judge_steps_are_checked_on_the_judged_file_against_the_keras_original(monkeypatch):
+    # In Keras every step would lose 1 point and hold; the judged (quantized) file of each loses
+    # 1 point more, 2 in all: within the budget but over MARGIN, so each step is fine-tuned again,
+    # still misses, and is retried smaller until the misses end the search with nothing kept.
+    judged = []
+
+    def judge(model, data):
+        judged.append(model)
+        return np.arange(len(data)) < round(0.88 * len(data))
+
+    result, runs = _scripted_search(monkeypatch, [0.89] * 5, judge=judge)
+    assert runs == [0, 1, 0, 1, 0, 1]
+    assert [step.accepted for step in result.steps] == [False, False, False]
+    assert [step.accuracy for step in result.steps] == pytest.approx([0.88] * 3)  # the judged file's
+    assert len(judged) == 6 and result.flops == result.baseline_flops
+    assert result.baseline_accuracy == pytest.approx(0.9)  # the original, measured in Keras
+    # The same steps without a judge hold at once.
+    plain, plain_runs = _scripted_search(monkeypatch, [0.89] * 5)
+    assert plain.steps[0].accepted and plain_runs[0] == 0
 
 
 def test_a_step_still_missing_after_its_second_run_is_retried_smaller(monkeypatch):

@@ -8,7 +8,7 @@ removes the recorded channels of the original model again.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from compressor.pipeline import policy
 from compressor.pipeline.context import Run, RunContext
@@ -16,6 +16,12 @@ from compressor.pipeline.finetuning import finetune_config
 from compressor.pipeline.layers import layer_techniques
 from compressor.pipeline.records import ChannelRecord
 from compressor.surgery.plan import Plan
+
+if TYPE_CHECKING:
+    import keras
+    import numpy as np
+
+    from compressor.io.data import Dataset
 
 
 class ChannelStage:
@@ -49,7 +55,8 @@ class ChannelStage:
         ctx.log(f"removing channels ({options.criterion})")
         data = ctx.data
         result = search_channels(ctx.model, budget, settings, data.search, data.train, ctx.log, ctx.progress,
-                                 accept=run.accepts if run.acceptance is not None else None, deadline=ctx.deadline)
+                                 accept=run.accepts if run.acceptance is not None else None, deadline=ctx.deadline,
+                                 judge=_judge(run))
         run.working = run.compressed = result.model
         return ChannelRecord(result.removals, result)
 
@@ -69,3 +76,13 @@ def can_prune(model) -> bool:
     from compressor.graph.groups import analyze_channels
 
     return any(group.prunable for group in analyze_channels(model).groups)
+
+
+def _judge(run: Run) -> Optional[Callable[[keras.Model, Dataset], np.ndarray]]:
+    """Top-1 correctness of the quantized file the guard judges (`compressor.export.judged`), else None."""
+    judge = run.acceptance.judge if run.acceptance is not None else None
+    if judge is None:
+        return None
+    from compressor.metrics import TOP1
+
+    return lambda model, data: judge.values(model, data, TOP1)

@@ -28,6 +28,9 @@ Budgets:
   pruning once from the original is monotone enough for a bisection on the kept fraction.
   A step that holds on the search data is then shown to `accept` when given (the run's
   guard, `compressor.pipeline.acceptance`): the first step it rejects ends the search.
+  When the guard judges the quantized file (`--quantize`), `judge` measures that file on
+  the search data too, so that a step the quantization would push over the budget is
+  fine-tuned again or made smaller here, rather than ending the search at the guard.
 
 With a deadline (`CompressOptions.time_limit`), no fine-tuned step begins that is
 expected to end after it, a step being expected to take as long as the longest so far
@@ -124,6 +127,7 @@ def search_channels(
     progress: Optional[Callable[[str, int, int], None]] = None,
     accept: Optional[Callable[[str, keras.Model], bool]] = None,
     deadline: Optional[float] = None,
+    judge: Optional[Callable[[keras.Model, Dataset], np.ndarray]] = None,
 ) -> ChannelResult:
     """Remove channels of `model` to meet `budget`.
 
@@ -143,6 +147,10 @@ def search_channels(
             with the last model accepted. None: the search data decides alone.
         deadline: A `time.perf_counter()` value: with fine-tuning, no step begins that
             is expected to end after it. None: no limit.
+        judge: Under an accuracy budget, judge(model, search_data) gives per sample
+            whether the artifact `accept` judges (the quantized file) gets it right;
+            steps are checked on it, against the original model in Keras. None: the
+            model in Keras.
 
     Returns:
         The pruned model and its record.
@@ -167,6 +175,7 @@ def search_channels(
         reasons = "; ".join(f"{name}: {reason}" for name, reason in blocked[:3]) or "it has no channel groups"
         raise CompressorError(f"no channel group of '{model.name}' can be pruned ({reasons})")
     run = _Run(model, groups, budget, settings, search_data, train_data, log, progress, accept, deadline)
+    run.judge = judge
     if budget.kind != "accuracy_drop":
         run.to_cost(budget.limit)
     elif tuning:
@@ -221,6 +230,7 @@ class _Run:
         self.baseline_accuracy = None if self.baseline_correct is None else float(self.baseline_correct.mean())
         self.accuracy = self.baseline_accuracy
         self.teacher_outputs = None
+        self.judge: Optional[Callable[[keras.Model, Dataset], np.ndarray]] = None  # see `search_channels`
         self.kind = budget.kind if budget.kind in ("params", "flops") else settings.objective
 
     # Budgets.
@@ -262,11 +272,11 @@ class _Run:
                 continue
             target = self.baseline_accuracy - allowed / 4
             epochs = self._finetune(candidate, target_accuracy=target)
-            correct = self._correct(candidate)
+            correct = self._judged(candidate)
             if not self._holds(correct) and self._near(correct):
                 self.log(f"channels: {self._value(cost) / self._base():.3f} of the original missed by a little: fine-tuned once more")
                 epochs += self._finetune(candidate, target_accuracy=target, run=1)
-                correct = self._correct(candidate)
+                correct = self._judged(candidate)
             accuracy = float(correct.mean())
             if self._holds(correct):
                 if not self._guard(candidate, cost):
@@ -289,7 +299,7 @@ class _Run:
             middle = math.sqrt(low * high)
             started = time.perf_counter()
             candidate, removals, groups, cost = self._cut(self.original, self.groups, middle * self._base())
-            correct = self._correct(candidate)
+            correct = self._judged(candidate)
             accuracy = float(correct.mean())
             holds = bool(removals) and self._holds(correct)
             guarded = holds and self._guard(candidate, cost)
@@ -407,6 +417,13 @@ class _Run:
 
         self.evaluations += 1
         return correct_predictions(model, self.search_data)
+
+    def _judged(self, model) -> np.ndarray:
+        """Per search sample, whether the step gets it right: as the file the guard judges (`judge`), else in Keras."""
+        if self.judge is None:
+            return self._correct(model)
+        self.evaluations += 1
+        return np.asarray(self.judge(model, self.search_data), dtype=bool)
 
     def _holds(self, correct: np.ndarray) -> bool:
         """Whether a step's accuracy holds on the search data (`ChannelSettings.confidence`)."""
