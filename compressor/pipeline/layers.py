@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from compressor.errors import OptionError
 from compressor.pipeline import policy
-from compressor.pipeline.context import Log, Run, RunContext, Splits
+from compressor.pipeline.context import Run, RunContext, Splits
 from compressor.pipeline.records import ChannelRecord, LayerRecord
 from compressor.surgery.plan import LayerEdit, Plan
 
 if TYPE_CHECKING:
     import keras
 
-    from compressor.config import CompressOptions
     from compressor.io.data import Dataset
     from compressor.search.budgets import Budget
     from compressor.search.result import LayerChoice, SearchResult

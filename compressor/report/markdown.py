@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from compressor.errors import CompressorError, first_line
 from compressor.io.atomic import ensure_dir, write_bytes_atomic
 from compressor.report.cells import (
-    MISSING, arrow, change_points, count, integer, ms, percent, points, ratio, row, size, table, times,
+    MISSING, arrow, change_points, count, integer, ms, percent, points, ratio, size, table, times,
 )
 from compressor.report.plots import Plot, accuracy_vs_compression, is_number, layer_params, list_of, mapping_of
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import keras
 import numpy as np
@@ -51,6 +51,9 @@ from compressor.techniques.kfac import SUPPORTED, KFactors, check_fit, kfac_fact
 from compressor.techniques.chains import assemble_chain
 from compressor.techniques.lowrank import RANK_FRACTIONS, svd_cost, tucker_cost
 from compressor.techniques.params import RANKS, Param
+
+if TYPE_CHECKING:
+    from compressor.io.data import Dataset
 
 # Eigenvalues are clipped at DAMPING × the largest: far below any direction that
 # matters, far above float64 round-off (~1e-16), so that directions without variance
