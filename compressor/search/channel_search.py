@@ -174,8 +174,7 @@ def search_channels(
     if not any(group.prunable for group in groups):
         reasons = "; ".join(f"{name}: {reason}" for name, reason in blocked[:3]) or "it has no channel groups"
         raise CompressorError(f"no channel group of '{model.name}' can be pruned ({reasons})")
-    run = _Run(model, groups, budget, settings, search_data, train_data, log, progress, accept, deadline)
-    run.judge = judge
+    run = _Run(model, groups, budget, settings, search_data, train_data, log, progress, accept, deadline, judge)
     if budget.kind != "accuracy_drop":
         run.to_cost(budget.limit)
     elif tuning:
@@ -208,10 +207,10 @@ class _Run:
     """The state of one channel search: the current model, its cost, the steps taken."""
 
     def __init__(self, model, groups, budget, settings, search_data, train_data, log, progress=None, accept=None,
-                 deadline=None) -> None:
+                 deadline=None, judge=None) -> None:
         from compressor.graph.cost import model_cost
 
-        self.accept, self.deadline = accept, deadline
+        self.accept, self.deadline, self.judge = accept, deadline, judge  # see `search_channels`
         self.stopped: Optional[str] = None
         self.original, self.budget, self.settings, self.log = model, budget, settings, log
         self.progress = progress or (lambda stage, done, total: None)
@@ -230,7 +229,6 @@ class _Run:
         self.baseline_accuracy = None if self.baseline_correct is None else float(self.baseline_correct.mean())
         self.accuracy = self.baseline_accuracy
         self.teacher_outputs = None
-        self.judge: Optional[Callable[[keras.Model, Dataset], np.ndarray]] = None  # see `search_channels`
         self.kind = budget.kind if budget.kind in ("params", "flops") else settings.objective
 
     # Budgets.
