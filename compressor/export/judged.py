@@ -6,8 +6,10 @@ accepts each model before anything is exported, measures the same file: each mod
 is shown is quantized as the export will quantize it (same mode, calibration samples
 and I/O type), into a temporary folder, and run with the runtime it deploys with. The
 confidence bound then covers the quantization error too, instead of leaving it to the
-held-out measurement after the search. One conversion per look: for a Fashion-MNIST
-ResNet-20, about as long as the guard's own forward pass over 6,000 images.
+held-out measurement after the search. The channel search checks its steps on the
+same file (`compressor.search.channel_search`, `judge`). One conversion per look: for a
+Fashion-MNIST ResNet-20, converting to int8 and running 6,000 images took 7.7–10.1 s on
+one core, where Keras took 10.3 s for the same images.
 """
 
 from __future__ import annotations
