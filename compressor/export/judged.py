@@ -67,6 +67,8 @@ class QuantizedJudge:
         from compressor.bench.runtime import open_artifact
         from compressor.bench.scoring import read_output
 
+        # Not `bench.scoring.score_artifacts`: under the agreement metric it relabels the data with the
+        # artifact's own classes, where the guard compares with the original's (already in `data.y`).
         with tempfile.TemporaryDirectory(prefix="compressor-judge-") as work:
             runner = open_artifact(self._write(model, Path(work)), threads=0)
             outputs = runner.predict_outputs(data.x)
