@@ -276,6 +276,9 @@ class CompressOptions:
             raise OptionError("{finetune_steps} caps the steps of fine-tuning: it needs {finetune_epochs} as well")
         self._check_quantization()
         self._check_gating()
+        if "blocks" in self.techniques and self.plan is None and self.method != "fixed_loss":
+            raise OptionError("{techniques} blocks removes residual blocks while the accuracy holds: it needs "
+                              "{method} fixed_loss")
 
     @classmethod
     def parse(cls, **values: Any) -> "CompressOptions":
@@ -335,7 +338,8 @@ class CompressOptions:
         if self.metric_higher_is_better is None and name not in BUILTIN_METRICS:
             raise OptionError("metric {name} is a function: say which way is better with "
                               "{metric_higher_is_better} (or its opposite)", name=name)
-        top1_only = [what for what, used in (("{techniques} channels", "channels" in self.techniques),
+        top1_only = [what for what, used in (("{techniques} blocks", "blocks" in self.techniques),
+                                             ("{techniques} channels", "channels" in self.techniques),
                                              ("{techniques} gating", "gating" in self.techniques),
                                              ("{finetune_epochs}", self.finetune_epochs > 0)) if used]
         if top1_only and name not in ("top1", "agreement"):

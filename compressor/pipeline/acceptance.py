@@ -237,20 +237,19 @@ def _tuned(run: Run) -> bool:
 
 
 def _revert_layers(ctx: RunContext, run: Run) -> None:
-    """Back to the model before the per-layer edits; the plan keeps channels (and their epochs) only."""
+    """Back to the model before the per-layer edits; the plan keeps blocks and channels (and their epochs) only."""
     import dataclasses
 
     from compressor.pipeline.finetuning import plan_entry
-    from compressor.pipeline.records import ChannelRecord, FinetuneRecord, LayerRecord
+    from compressor.pipeline.records import FinetuneRecord, LayerRecord, step_tuning
     from compressor.surgery.plan import SkippedLayer
 
     run.compressed = run.working
-    channels = run.record(ChannelRecord)
     for index, record in enumerate(run.records):
         if isinstance(record, LayerRecord):
             skipped = record.skipped + tuple(SkippedLayer(edit.layer, REJECTED_REASON) for edit in record.edits)
             run.records[index] = dataclasses.replace(record, edits=(), skipped=skipped, statistics=None, costs={})
         elif isinstance(record, FinetuneRecord):
-            epochs, steps = (channels.epochs, channels.finetune_steps) if channels is not None else (0, 0)
+            epochs, steps = step_tuning(run.records)
             run.records[index] = FinetuneRecord(plan_entry(ctx.options, epochs, steps), None)
     ctx.log("guard: the per-layer edits are dropped; the run keeps the model accepted before them")

@@ -1,9 +1,10 @@
 """The channel stage: remove whole channels of dependency groups, before any per-layer edit.
 
 Runs when the techniques include "channels" (`compressor.search.channel_search`
-searches); the per-layer techniques then edit the narrower model. Under a cost budget
-shared with them, channels aim at its square root (`policy.channel_budget`). A replay
-removes the recorded channels of the original model again.
+searches), on the model the block stage left (the original when no block was removed);
+the per-layer techniques then edit the narrower model. Under a cost budget shared with
+them, channels aim at its square root (`policy.channel_budget`). A replay removes the
+recorded channels of that model again.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class ChannelStage:
         options = ctx.options
         if "channels" not in options.techniques:
             return None
-        if layer_techniques(options.techniques) and not can_prune(ctx.model):
+        if layer_techniques(options.techniques) and not can_prune(run.working):
             ctx.log("channels: no channel group of the model can be pruned; the per-layer techniques go on")
             return None
         budget = policy.channel_budget(ctx.budget, bool(layer_techniques(options.techniques)))
@@ -54,9 +55,9 @@ class ChannelStage:
         )
         ctx.log(f"removing channels ({options.criterion})")
         data = ctx.data
-        result = search_channels(ctx.model, budget, settings, data.search, data.train, ctx.log, ctx.progress,
+        result = search_channels(run.working, budget, settings, data.search, data.train, ctx.log, ctx.progress,
                                  accept=run.accepts if run.acceptance is not None else None, deadline=ctx.deadline,
-                                 judge=_judge(run))
+                                 judge=judged_top1(run), reference=ctx.model)
         run.working = run.compressed = result.model
         return ChannelRecord(result.removals, result)
 
@@ -67,7 +68,7 @@ class ChannelStage:
         from compressor.search.apply import prune_planned_channels
 
         plan = Plan(model=dict(run.identity or {}), channels=record.removals)
-        run.working = run.compressed = prune_planned_channels(ctx.model, plan)
+        run.working = run.compressed = prune_planned_channels(run.working, plan)
         return record
 
 
@@ -78,7 +79,7 @@ def can_prune(model) -> bool:
     return any(group.prunable for group in analyze_channels(model).groups)
 
 
-def _judge(run: Run) -> Optional[Callable[[keras.Model, Dataset], np.ndarray]]:
+def judged_top1(run: Run) -> Optional[Callable[[keras.Model, Dataset], np.ndarray]]:
     """Top-1 correctness of the quantized file the guard judges (`compressor.export.judged`), else None."""
     judge = run.acceptance.judge if run.acceptance is not None else None
     if judge is None:

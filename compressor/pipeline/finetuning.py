@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from compressor.errors import OptionError
 from compressor.pipeline import policy
 from compressor.pipeline.context import Run, RunContext
-from compressor.pipeline.records import ChannelRecord, FinetuneRecord, LayerRecord
+from compressor.pipeline.records import ChannelRecord, FinetuneRecord, LayerRecord, step_tuning
 from compressor.surgery.plan import LayerEdit, Plan
 
 CHECKS_PER_RUN = 4
@@ -58,12 +58,13 @@ class FinetuneStage:
                               path=ctx.options.plan, epochs=record.entry.get("epochs"))
 
     def search(self, ctx: RunContext, run: Run) -> FinetuneRecord:
-        layers, channels = run.record(LayerRecord), run.record(ChannelRecord)
+        layers = run.record(LayerRecord)
         result = None
         if ctx.options.finetune_epochs and layers is not None and layers.edits:
             result = _finetune(ctx, run, layers.edits)
-        epochs = (channels.epochs if channels is not None else 0) + (result.epochs_run if result is not None else 0)
-        steps = (channels.finetune_steps if channels is not None else 0) + (result.steps if result is not None else 0)
+        epochs, steps = step_tuning(run.records)
+        epochs += result.epochs_run if result is not None else 0
+        steps += result.steps if result is not None else 0
         return FinetuneRecord(plan_entry(ctx.options, epochs, steps), result)
 
     def recorded(self, plan: Plan) -> Optional[FinetuneRecord]:

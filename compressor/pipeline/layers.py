@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from compressor.errors import OptionError
 from compressor.pipeline import policy
 from compressor.pipeline.context import Run, RunContext, Splits
-from compressor.pipeline.records import ChannelRecord, LayerRecord
+from compressor.pipeline.records import BlockRecord, ChannelRecord, LayerRecord
 from compressor.surgery.plan import LayerEdit, Plan
 
 if TYPE_CHECKING:
@@ -85,8 +85,9 @@ class LayerStage:
     def replay(self, ctx: RunContext, run: Run, record: LayerRecord) -> LayerRecord:
         from compressor.search.apply import apply_plan
 
-        channels = run.record(ChannelRecord)
-        plan = Plan(model=dict(run.identity or {}), edits=record.edits, channels=channels.removals if channels else ())
+        channels, blocks = run.record(ChannelRecord), run.record(BlockRecord)
+        plan = Plan(model=dict(run.identity or {}), edits=record.edits, channels=channels.removals if channels else (),
+                    blocks=blocks.removed if blocks else ())
         from compressor.techniques.registry import registry_for_plan
 
         samples, source = statistics_data(ctx.data)

@@ -19,14 +19,41 @@ if TYPE_CHECKING:
 
     from compressor.export.verify import ArtifactCheck
     from compressor.finetune import FinetuneResult
+    from compressor.search.block_search import BlockResult
     from compressor.search.channel_result import ChannelResult
     from compressor.search.gating import GatingOutcome
     from compressor.search.result import SearchResult
 
 
 @dataclass(frozen=True)
+class BlockRecord:
+    """The block stage: the residual blocks removed whole, by their Add layers' names.
+
+    Attributes:
+        removed: The plan's "blocks".
+        result: The block search's account (None after a replay).
+    """
+
+    removed: tuple[str, ...]
+    result: Optional[BlockResult] = None
+
+    @property
+    def epochs(self) -> int:
+        """Fine-tuning epochs the block search spent between its steps."""
+        return self.result.epochs if self.result is not None else 0
+
+    @property
+    def finetune_steps(self) -> int:
+        """Fine-tuning optimizer steps the block search spent between its steps."""
+        return self.result.finetune_steps if self.result is not None else 0
+
+    def plan_fields(self) -> dict[str, Any]:
+        return {"blocks": self.removed}
+
+
+@dataclass(frozen=True)
 class ChannelRecord:
-    """The channel stage: the channels removed, as channels of the ORIGINAL model's groups.
+    """The channel stage: the channels removed, as channels of the groups of the model it started from.
 
     Attributes:
         removals: Per group, the channels removed (the plan's "channels").
@@ -194,3 +221,9 @@ class Measured:
     static_tflite: Optional[dict[str, Any]]
     calibration: Calibration
     gates: Optional[GateMeasurement] = None
+
+
+def step_tuning(records: list[Any]) -> tuple[int, int]:
+    """Fine-tuning epochs and optimizer steps the block and channel searches spent between their steps."""
+    searches = [record for record in records if isinstance(record, (BlockRecord, ChannelRecord))]
+    return sum(record.epochs for record in searches), sum(record.finetune_steps for record in searches)

@@ -6,7 +6,7 @@ plan; `replay` applies a record again. The plan is made of the records' fields
 (`Run.plan`), so a replay reads exactly what the search wrote, and both go through the
 same stages in the same order:
 
-    channels → per-layer techniques → fine-tuning → acceptance → gating
+    blocks → channels → per-layer techniques → fine-tuning → acceptance → gating
 
 Under an accuracy budget the run's guard (`compressor.pipeline.acceptance`) accepts
 each model a stage keeps, in that order.
@@ -21,6 +21,7 @@ import time
 from typing import Any, Optional, Protocol, TypeVar
 
 from compressor.pipeline.acceptance import Acceptance, AcceptStage
+from compressor.pipeline.blocks import BlockStage
 from compressor.pipeline.channels import ChannelStage
 from compressor.pipeline.context import Run, RunContext, StageRecord
 from compressor.pipeline.finetuning import FinetuneStage
@@ -57,7 +58,7 @@ class ModelStage(Protocol[R]):
         """Apply `record` to `run`'s models; return it, with what the replay measured."""
 
 
-STAGES: tuple[ModelStage[Any], ...] = (ChannelStage(), LayerStage(), FinetuneStage(), AcceptStage(), GatingStage())
+STAGES: tuple[ModelStage[Any], ...] = (BlockStage(), ChannelStage(), LayerStage(), FinetuneStage(), AcceptStage(), GatingStage())
 """The model stages, in the order they run."""
 
 

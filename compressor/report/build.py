@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from compressor.errors import CompressorError
-from compressor.pipeline.records import ChannelRecord, FinetuneRecord, GatingRecord, LayerRecord, Measured
+from compressor.pipeline.records import BlockRecord, ChannelRecord, FinetuneRecord, GatingRecord, LayerRecord, Measured
 from compressor.report.schema import SCHEMA
 
 if TYPE_CHECKING:
@@ -95,10 +95,12 @@ def build_report(ctx: RunContext, run: Run, measured: Measured, timings: Timings
         "baseline": baseline,
         "compressed": result,
         "quantize": options.quantize,
-        "layers": _channel_rows(plan, base_cost, working_cost) + _layer_rows(run, plan, working_cost),
+        "layers": _block_rows(model, plan) + _channel_rows(plan, base_cost, working_cost)
+        + _layer_rows(run, plan, working_cost),
         "artifacts": artifacts,
         "search": _search_entry(ctx, run),
         "channels": channels.result.to_dict() if channels is not None and channels.result is not None else None,
+        **_blocks_entry(run),
         "gating": _gating_entry(ctx, run, plan, measured),
         "finetune": _finetune_entry(run),
         "calibration": None if calibration.samples is None else {"samples": len(calibration.samples), "data": calibration.source},
@@ -208,25 +210,55 @@ def _search_entry(ctx: RunContext, run: Run) -> dict[str, Any]:
 
 
 def _finetune_entry(run: Run) -> dict[str, Any]:
-    channels, tuning = run.record(ChannelRecord), run.record(FinetuneRecord)
+    channels, blocks, tuning = run.record(ChannelRecord), run.record(BlockRecord), run.record(FinetuneRecord)
     channel_epochs = channels.epochs if channels is not None else 0
+    block_epochs = blocks.epochs if blocks is not None else 0
     last = tuning.result if tuning is not None else None
-    entry = (tuning.entry if tuning is not None else None) or {}
+    plan_entry = (tuning.entry if tuning is not None else None) or {}
     final = last.epochs_run if last is not None else 0
     final_steps = last.steps if last is not None else 0
     channel_steps = channels.finetune_steps if channels is not None else 0
-    return {
-        "epochs": channel_epochs + final,
+    channel_steps += blocks.finetune_steps if blocks is not None else 0
+    entry = {
+        "epochs": block_epochs + channel_epochs + final,
         "channel_steps_epochs": channel_epochs,
         "final_epochs": final,
         "steps": channel_steps + final_steps,
         "final_steps": final_steps,
-        "steps_per_run": entry.get("steps_per_run"),
-        "learning_rate": entry.get("learning_rate"),
+        "steps_per_run": plan_entry.get("steps_per_run"),
+        "learning_rate": plan_entry.get("learning_rate"),
         "replicas": last.replicas if last is not None else None,
         "stopped_early": bool(last.stopped_early) if last is not None else None,
         "history": list(last.history) if last is not None else [],
     }
+    if blocks is not None:
+        entry["block_steps_epochs"] = block_epochs
+    return entry
+
+
+def _blocks_entry(run: Run) -> dict[str, Any]:
+    """The block search's account under "blocks" when blocks were removed (None after a replay; the key is optional)."""
+    blocks = run.record(BlockRecord)
+    if blocks is None:
+        return {}
+    return {"blocks": blocks.result.to_dict() if blocks.result is not None else None}
+
+
+def _block_rows(model: Any, plan: Plan) -> list[dict[str, Any]]:
+    """One row per removed residual block, named after its Add: the cost of its branch, all gone."""
+    if not plan.blocks:
+        return []
+    from compressor.graph.cost import model_cost
+    from compressor.techniques.blocks import removable_blocks
+
+    layers = {row.name: row for row in model_cost(model).layers}
+    rows = []
+    for block in removable_blocks(model):
+        if block.add in plan.blocks:
+            costs = [layers[name] for name in block.layers if name in layers]
+            rows.append({"name": block.add, "technique": "blocks", "params_before": sum(c.params for c in costs),
+                         "params_after": 0, "flops_before": sum(c.flops for c in costs), "flops_after": 0})
+    return rows
 
 
 def _channel_rows(plan: Plan, base_cost: ModelCost, working_cost: ModelCost) -> list[dict[str, Any]]:

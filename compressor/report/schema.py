@@ -53,6 +53,7 @@ METRIC = Keys(("name", "higher_is_better", "relative", "unit"), optional=("basel
 REPORT = Keys(
     required=("schema", "status", "method", "budget", "baseline", "compressed", "quantize", "layers", "artifacts",
               "search", "channels", "gating", "finetune", "calibration", "timings_s", "options", "notes"),
+    optional=("blocks",),
     nested={
         "budget": Keys(("kind", "limit", "achieved", "met"),
                        optional=("measured_on", "artifact", "search_achieved", "ci", "confidence", "metric"),
@@ -80,6 +81,12 @@ REPORT = Keys(
             nested={"groups_blocked": Keys(("group", "reason")), "layers_blocked": Keys(("layer", "reason")),
                     "trials": TRIAL},
         ),
+        "blocks": Keys(
+            ("removed", "candidates", "steps", "params", "flops", "baseline_params", "baseline_flops",
+             "baseline_accuracy", "accuracy", "budget_share", "finetune_epochs", "seconds", "stopped"),
+            nested={"candidates": Keys(("block", "drop_alone", "flops", "params")),
+                    "steps": Keys(("blocks", "accuracy", "epochs", "accepted", "seconds"))},
+        ),
         "gating": Keys(
             ("applied", "target", "attempts"),
             optional=("reason", "latency_check", "blocks", "trained_target", "network", "epochs", "offset", "history",
@@ -92,10 +99,10 @@ REPORT = Keys(
             },
         ),
         "finetune": Keys(("epochs", "channel_steps_epochs", "final_epochs", "stopped_early", "history"),
-                         optional=("steps", "final_steps", "steps_per_run", "learning_rate", "replicas")),
+                         optional=("block_steps_epochs", "steps", "final_steps", "steps_per_run", "learning_rate", "replicas")),
         "calibration": Keys(("samples", "data")),
         "timings_s": Keys(("search", "export", "total"),
-                          optional=("load", "channels", "layers", "finetune", "acceptance", "gating", "writing",
+                          optional=("load", "blocks", "channels", "layers", "finetune", "acceptance", "gating", "writing",
                                     "verification", "timing")),
     },
 )

@@ -1,4 +1,4 @@
-"""Apply a plan to the model it was made for: remove its channels, build each edit's layers, rewrite the graph."""
+"""Apply a plan to the model it was made for: remove its blocks and channels, build each edit's layers, rewrite the graph."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def apply_plan(model: keras.Model, plan: Plan, strict: bool = True, *, registry:
         ModelLoadError: The model has no layer graph.
     """
     _check_fingerprint(model, plan, strict)
+    if plan.blocks:
+        from compressor.techniques.blocks import remove_blocks
+
+        model = remove_blocks(model, plan.blocks)
     if plan.channels:
         model = prune_planned_channels(model, plan)
     check_editable(model, [edit.layer for edit in plan.edits])

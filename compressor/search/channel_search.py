@@ -128,6 +128,7 @@ def search_channels(
     accept: Optional[Callable[[str, keras.Model], bool]] = None,
     deadline: Optional[float] = None,
     judge: Optional[Callable[[keras.Model, Dataset], np.ndarray]] = None,
+    reference: Optional[keras.Model] = None,
 ) -> ChannelResult:
     """Remove channels of `model` to meet `budget`.
 
@@ -151,6 +152,10 @@ def search_channels(
             whether the artifact `accept` judges (the quantized file) gets it right;
             steps are checked on it, against the original model in Keras. None: the
             model in Keras.
+        reference: The model accuracy is measured against and distilled from, when
+            `model` is already a compressed copy of it (blocks removed before the
+            channels); the guard's labels give costs as fractions of it too. Default:
+            `model`.
 
     Returns:
         The pruned model and its record.
@@ -174,7 +179,7 @@ def search_channels(
     if not any(group.prunable for group in groups):
         reasons = "; ".join(f"{name}: {reason}" for name, reason in blocked[:3]) or "it has no channel groups"
         raise CompressorError(f"no channel group of '{model.name}' can be pruned ({reasons})")
-    run = _Run(model, groups, budget, settings, search_data, train_data, log, progress, accept, deadline, judge)
+    run = _Run(model, groups, budget, settings, search_data, train_data, log, progress, accept, deadline, judge, reference)
     if budget.kind != "accuracy_drop":
         run.to_cost(budget.limit)
     elif tuning:
@@ -207,7 +212,7 @@ class _Run:
     """The state of one channel search: the current model, its cost, the steps taken."""
 
     def __init__(self, model, groups, budget, settings, search_data, train_data, log, progress=None, accept=None,
-                 deadline=None, judge=None) -> None:
+                 deadline=None, judge=None, reference=None) -> None:
         from compressor.graph.cost import model_cost
 
         self.accept, self.deadline, self.judge = accept, deadline, judge  # see `search_channels`
@@ -225,7 +230,10 @@ class _Run:
         self.trials: list[Trial] = []
         self.kept_trial: Optional[int] = None  # index in trials of the model kept last
         self.epochs = self.evaluations = self.finetune_steps = 0
-        self.baseline_correct = self._correct(model) if _labelled(search_data) else None
+        self.reference = model if reference is None else reference
+        reference_cost = cost if reference is None else model_cost(reference)
+        self.reference_cost = (reference_cost.params, reference_cost.flops)
+        self.baseline_correct = self._correct(self.reference) if _labelled(search_data) else None
         self.baseline_accuracy = None if self.baseline_correct is None else float(self.baseline_correct.mean())
         self.accuracy = self.baseline_accuracy
         self.teacher_outputs = None
@@ -335,7 +343,8 @@ class _Run:
         """Whether the run's guard accepts a step that held on the search data (True without a guard)."""
         if self.accept is None:
             return True
-        return self.accept(f"channels, {self.kind} {self._value(cost) / self._base():.3f} of the original", candidate)
+        kept = self._value(cost) / self._value(self.reference_cost)
+        return self.accept(f"channels, {self.kind} {kept:.3f} of the original", candidate)
 
     # Steps.
     def _cut(self, model, groups, aim: float):
@@ -387,7 +396,7 @@ class _Run:
         from compressor.finetune import finetune
 
         if self.teacher_outputs is None:
-            self.teacher_outputs = teacher_predictions(self.original, self.train_data.x)
+            self.teacher_outputs = teacher_predictions(self.reference, self.train_data.x)
         config = self.settings.finetune
         if run:
             config = replace(config, seed=config.seed + run)
@@ -424,15 +433,10 @@ class _Run:
         return np.asarray(self.judge(model, self.search_data), dtype=bool)
 
     def _holds(self, correct: np.ndarray) -> bool:
-        """Whether a step's accuracy holds on the search data (`ChannelSettings.confidence`)."""
-        if self.settings.confidence is None:
-            return self.baseline_accuracy - float(correct.mean()) <= MARGIN * self.budget.limit
-        from compressor.search.confidence import guard_chance, paired_drop
+        """Whether a step's accuracy holds on the search data (`compressor.search.confidence.step_holds`)."""
+        from compressor.search.confidence import step_holds
 
-        measured = paired_drop(self.baseline_correct, correct, self.settings.confidence)
-        if self.settings.guard_samples is None:
-            return measured.within(self.budget.limit)
-        return guard_chance(measured, self.settings.guard_samples, self.budget.limit) >= self.settings.guard_chance
+        return step_holds(self.baseline_correct, correct, self.budget.limit, self.settings)
 
     def _near(self, correct: np.ndarray) -> bool:
         """Whether a step that does not hold lost at most the budget on the search data (its bound, not its drop,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -257,3 +257,22 @@ def samples_needed(limit: float, confidence: float = DEFAULT_CONFIDENCE) -> int:
         middle = (low + high) // 2
         low, high = (low, middle) if can_confirm(middle, limit, confidence) else (middle, high)
     return high
+
+
+def step_holds(baseline_correct: np.ndarray, correct: np.ndarray, limit: float, settings: Any) -> bool:
+    """Whether a step's per-sample correctness holds against the original's within `limit`.
+
+    `settings` carries `confidence`, `guard_samples` and `guard_chance` (`BlockSettings`,
+    `ChannelSettings`): with a guard size, the guard must be expected to accept it with
+    `guard_chance` (`compressor.search.confidence.guard_chance`); without one, the search
+    data's own bound must be within `limit`; without a confidence, the drop must be
+    within MARGIN of `limit`.
+    """
+    from compressor.search.budgets import MARGIN
+
+    if settings.confidence is None:
+        return float(baseline_correct.mean()) - float(correct.mean()) <= MARGIN * limit
+    measured = paired_drop(baseline_correct, correct, settings.confidence)
+    if settings.guard_samples is None:
+        return measured.within(limit)
+    return guard_chance(measured, settings.guard_samples, limit) >= settings.guard_chance

@@ -27,9 +27,11 @@ which the technique declares and validates (`compressor.techniques.params`), so 
 new technique needs no change here. Every plan written so far is version 1; a new
 version gets a reader in `READERS` beside the old ones.
 
-Channel removals (optional) come first: `compressor.surgery.channels.prune_channels`
-removes each group's channels (indices of the original model's groups), then the
-edits apply to the pruned model (layer names do not change). A plan with "hessian"
+Block removals (optional, "blocks": the Add layers of residual blocks taken out whole,
+`compressor.techniques.blocks`) come first. Channel removals (optional) come next:
+`compressor.surgery.channels.prune_channels` removes each group's channels (indices of
+the groups of the model without those blocks), then the edits apply to the pruned model
+(layer names do not change). A plan with "hessian"
 edits needs the K-FAC statistics it was made with ("statistics": how they were
 gathered), and a plan with "finetune" was fine-tuned after the rewrite: replaying
 either recomputes them from data, so weights match the first run only up to
@@ -258,7 +260,9 @@ class Plan:
         model: Identity of the model the plan was made for: name, params, fingerprint.
         edits: At most one edit per layer, applied after the channel removals.
         skipped: Layers considered and left alone, with reasons.
-        channels: Channel removals, at most one per group, applied first.
+        channels: Channel removals, at most one per group, applied first (after the blocks).
+        blocks: Residual blocks removed whole (their Add layers' names), before
+            anything else (`compressor.techniques.blocks`).
         finetune: How the rewritten model was fine-tuned (None: it was not).
         statistics: How the K-FAC statistics of "hessian" edits were gathered.
         gating: The gates put before residual blocks after all other edits, and how
@@ -270,11 +274,13 @@ class Plan:
     skipped: tuple[SkippedLayer, ...] = ()
     channels: tuple[ChannelRemoval, ...] = ()
     finetune: Optional[dict[str, Any]] = None
+    blocks: tuple[str, ...] = ()
     statistics: Optional[dict[str, Any]] = None
     gating: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
-        for what, names in (("edits layers", [e.layer for e in self.edits]), ("removes channels of groups", [c.group for c in self.channels])):
+        for what, names in (("edits layers", [e.layer for e in self.edits]), ("removes channels of groups", [c.group for c in self.channels]),
+                            ("removes blocks", list(self.blocks))):
             duplicates = sorted({name for name in names if names.count(name) > 1})
             if duplicates:
                 raise PlanError(f"plan {what} more than once: {', '.join(duplicates)}")
@@ -291,6 +297,8 @@ class Plan:
             "edits": [edit.to_dict() for edit in self.edits],
             "skipped": [asdict(skip) for skip in self.skipped],
         }
+        if self.blocks:
+            out["blocks"] = list(self.blocks)
         if self.channels:
             out["channels"] = [removal.to_dict() for removal in self.channels]
         if self.finetune is not None:
@@ -375,7 +383,7 @@ def check_plan(data: Any) -> int:
 def _read_v1(data: dict[str, Any]) -> Plan:
     """Version 1, every plan written so far: edits as {"layer", "technique", **parameters}.
 
-    Optional keys came later ("channels", "finetune", "statistics", "gating"); plans
+    Optional keys came later ("channels", "finetune", "statistics", "gating", "blocks"); plans
     without them read as plans without those steps.
     """
     return Plan(
@@ -386,7 +394,14 @@ def _read_v1(data: dict[str, Any]) -> Plan:
         finetune=data.get("finetune"),
         statistics=data.get("statistics"),
         gating=data.get("gating"),
+        blocks=_names(data.get("blocks", []), "blocks"),
     )
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) for name in value):
+        raise PlanError(f"plan {key!r} must be a list of layer names. Received: {value!r}")
+    return tuple(value)
 
 
 READERS = {1: _read_v1}

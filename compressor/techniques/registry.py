@@ -17,6 +17,8 @@ this module imports no TensorFlow:
   grouped, or where factorizing cannot lower the cost) get a masked kernel instead.
 - "channels": a stage, not a per-layer technique: whole channels of dependency groups
   are removed first (`compressor.search.channels`); the others then edit what is left.
+- "blocks": a stage too, before channels: identity residual blocks removed whole while
+  the accuracy holds (`compressor.search.block_search`; fixed_loss only).
 - "gating": a stage too: after the static ones, a learned gate before each residual
   block decides per input whether the block runs (`compressor.search.gating`).
 
@@ -123,6 +125,7 @@ def unregister(name: str) -> None:
     _CLASSES.pop(name, None)
 
 
+register("blocks", kind=STAGE, summary="remove whole residual blocks, before channels (fixed_loss)")
 register("channels", kind=STAGE, summary="remove whole channels, first", applies="compressor.techniques.stages:channels_apply")
 register("tucker", "compressor.techniques.lowrank:Tucker", priority=20, includes=("svd",), summary="Tucker-2 / SVD")
 register("svd", "compressor.techniques.lowrank:SVD", priority=30, summary="SVD of 1x1 convolutions, Conv1D, Dense")
