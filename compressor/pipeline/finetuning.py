@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from compressor.errors import OptionError
 from compressor.pipeline import policy
 from compressor.pipeline.context import Run, RunContext
-from compressor.pipeline.records import ChannelRecord, FinetuneRecord, LayerRecord, step_tuning
+from compressor.pipeline.records import FinetuneRecord, LayerRecord, step_tuning
 from compressor.surgery.plan import LayerEdit, Plan
 
 CHECKS_PER_RUN = 4
