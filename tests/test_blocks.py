@@ -151,11 +151,15 @@ def test_blocks_then_channels_end_to_end_and_the_plan_replays(tmp_path):
     rows = [row for row in report["layers"] if row["technique"] == "blocks"]
     assert {row["name"] for row in rows} == set(blocks["removed"])
     assert all(row["params_after"] == 0 < row["params_before"] for row in rows)
+    # The channel search went on from the model without those blocks, measured against the original.
+    assert report["channels"]["baseline_accuracy"] == blocks["baseline_accuracy"]
+    assert report["channels"]["flops"] <= blocks["flops"]
     # The guard saw the block step first, against the original.
     looks = report["search"]["acceptance"]["looks"]
     assert looks[0]["model"].startswith("blocks, ")
     # The artifact has none of the removed blocks' layers: fewer ADD ops than the original's 9.
     assert tflite_ops(out / "model.tflite")[0].count("ADD") == 9 - len(blocks["removed"])
+    assert f"Block removal took out {len(blocks['removed'])} residual blocks of 7" in (out / "report.md").read_text()
     plan = json.loads((out / "plan.json").read_text())
     assert plan["blocks"] == blocks["removed"]
     # Replaying the plan removes the same blocks and the same channels.
@@ -176,3 +180,17 @@ def test_blocks_need_an_accuracy_budget(tmp_path):
     assert result.exit_code == 1
     assert "blocks" in result.output and "fixed_loss" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_keeps_its_blocks_and_refuses_malformed_ones():
+    from compressor.surgery.plan import Plan, PlanError
+
+    plan = Plan(model={"name": "m"}, blocks=("stage1_block2_add", "stage3_block3_add"))
+    data = plan.to_dict()
+    assert data["blocks"] == ["stage1_block2_add", "stage3_block3_add"]
+    assert Plan.from_dict(data).blocks == plan.blocks
+    assert "blocks" not in Plan(model={"name": "m"}).to_dict()
+    with pytest.raises(PlanError, match="'blocks' must be a list of layer names"):
+        Plan.from_dict({**data, "blocks": "stage1_block2_add"})
+    with pytest.raises(PlanError, match="removes blocks more than once: stage1_block2_add"):
+        Plan(model={}, blocks=("stage1_block2_add", "stage1_block2_add"))

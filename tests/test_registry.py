@@ -73,12 +73,12 @@ def test_names_help_and_plans_need_no_tensorflow():
     found = json.loads(done.stdout)
     assert found["heavy"] == []
     assert found["layer"] == ["tucker", "svd", "hessian", "sparsity"]
-    assert found["stage"] == ["channels", "gating"]
+    assert found["stage"] == ["blocks", "channels", "gating"]
     assert all(name in found["help"] for name in found["layer"] + found["stage"])
 
 
 def test_options_refuse_unknown_techniques():
-    with pytest.raises(OptionError, match=r"Invalid techniques. Expected auto or some of \('channels', 'tucker'"):
+    with pytest.raises(OptionError, match=r"Invalid techniques. Expected auto or some of \('blocks', 'channels', 'tucker'"):
         CompressOptions(model="m.keras", out="o", method="fixed_params", compression_factor=0.5, techniques=("pruning",))
 
 

@@ -149,7 +149,7 @@ def test_timings_give_each_stage_and_add_up_to_search_and_export(fixed_loss_run)
     assert timings["layers"] > 0 and timings["channels"] < timings["layers"]  # channels was not asked for
     # The model stages are the search; writing, verification and timing are the export (rounding, and the
     # little run between them: the stages' checks, the plan written, calibration).
-    model_stages = sum(timings[name] for name in ("channels", "layers", "finetune", "acceptance", "gating"))
+    model_stages = sum(timings[name] for name in ("blocks", "channels", "layers", "finetune", "acceptance", "gating"))
     assert model_stages - 0.01 <= timings["search"] <= model_stages + 0.2 * timings["search"] + 0.5
     output_stages = sum(timings[name] for name in ("writing", "verification", "timing"))
     assert output_stages - 0.01 <= timings["export"] <= output_stages + 0.2 * timings["export"] + 0.5

@@ -13,7 +13,7 @@ import pytest
 from compressor.config import CompressOptions
 from compressor.errors import OptionError, flag_name
 from compressor.pipeline.context import Run, RunContext, Splits
-from compressor.pipeline.records import ChannelRecord, FinetuneRecord, GatingRecord, LayerRecord
+from compressor.pipeline.records import BlockRecord, ChannelRecord, FinetuneRecord, GatingRecord, LayerRecord
 from compressor.surgery.plan import ChannelRemoval, LayerEdit, SkippedLayer, SparsitySpec
 
 
@@ -52,7 +52,7 @@ def test_a_stage_that_did_not_run_has_no_record_and_leaves_its_plan_fields_empty
     run = Run(working=None, compressed=None, identity={"name": "m"})
     assert run.record(ChannelRecord) is None
     plan = run.plan()
-    assert (plan.channels, plan.edits, plan.finetune, plan.statistics, plan.gating) == ((), (), None, None, None)
+    assert (plan.blocks, plan.channels, plan.edits, plan.finetune, plan.statistics, plan.gating) == ((), (), (), None, None, None)
 
 
 def test_each_stage_reads_back_the_record_it_wrote():
@@ -60,6 +60,7 @@ def test_each_stage_reads_back_the_record_it_wrote():
 
     run = Run(working=None, compressed=None, identity={"name": "m"})
     run.records += [
+        BlockRecord(("stage1_block2_add", "stage3_block3_add")),
         ChannelRecord((ChannelRemoval("conv", 8, (3,)),)),
         LayerRecord((LayerEdit("dense", "svd", rank=2),), (), None),
         FinetuneRecord({"epochs": 1, "teacher": "original", "seed": 4}),

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 FORMAT_ORDER = {"tflite": 0, "onnx": 1, "keras": 2}
 
 
-STAGE_TIMINGS = ("load", "channels", "layers", "finetune", "acceptance", "gating", "writing", "verification", "timing")
+STAGE_TIMINGS = ("load", "blocks", "channels", "layers", "finetune", "acceptance", "gating", "writing", "verification", "timing")
 """The stages report.json's "timings_s" gives one by one, in run order (README schema)."""
 
 
@@ -37,7 +37,7 @@ class Timings:
     """Wall time of the run's parts, in seconds; the total runs until the report is built.
 
     Attributes:
-        search: Every model stage (channels, layers, fine-tuning, gating), searching or replaying.
+        search: Every model stage (blocks, channels, layers, fine-tuning, gating), searching or replaying.
         export: Writing, verifying and timing the artifacts.
         started: time.perf_counter() at the start of the run.
         stages: Stage name (`STAGE_TIMINGS`) → its wall time; a stage that did not run counts 0.

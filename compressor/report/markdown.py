@@ -249,6 +249,9 @@ def _search(report: Mapping[str, Any], plot: Optional[Plot]) -> str:
         facts.append(f"{search['search_samples']} search samples, {search.get('held_out_samples') or 0} held out")
     if facts:
         parts.append("; ".join(facts) + ".")
+    blocks = _blocks_sentence(mapping_of(report.get("blocks")))
+    if blocks:
+        parts.append(blocks)
     channels = _channels_sentence(mapping_of(report.get("channels")))
     if channels:
         parts.append(channels)
@@ -296,6 +299,29 @@ def _finetune_sentence(finetune: Mapping[str, Any]) -> str:
         text += f", at most {integer(finetune['steps_per_run'])} per run"
     if (finetune.get("replicas") or 1) > 1:
         text += f", on {finetune['replicas']} devices (mirrored)"
+    return text + "."
+
+
+def _blocks_sentence(blocks: Mapping[str, Any]) -> str:
+    if not blocks:
+        return ""
+    removed = list_of(blocks.get("removed"))
+    candidates = len(list_of(blocks.get("candidates")))
+    text = f"Block removal took out {count(len(removed), 'residual block')} of {candidates}"
+    if removed:
+        text += " (" + ", ".join(f"`{name}`" for name in removed) + ")"
+    before, after = blocks.get("baseline_flops"), blocks.get("flops")
+    if removed and before and after is not None:
+        text += f", keeping {after / before:.3f} of the FLOPs"
+    if blocks.get("finetune_epochs"):
+        text += f", fine-tuning {count(blocks['finetune_epochs'], 'epoch')} along the way"
+    share = blocks.get("budget_share")
+    if share is not None and share < 1:
+        text += f"; it could spend {share:g} of the budget, the channel search the rest"
+    if blocks.get("stopped") == "guard":
+        text += "; the guard rejected its last step, so nothing after it could be accepted"
+    elif blocks.get("stopped"):
+        text += f"; it stopped at its {blocks['stopped']}"
     return text + "."
 
 
