@@ -14,7 +14,7 @@ from compressor.config import CompressOptions
 from compressor.errors import OptionError, flag_name
 from compressor.pipeline.context import Run, RunContext, Splits
 from compressor.pipeline.records import BlockRecord, ChannelRecord, FinetuneRecord, GatingRecord, LayerRecord
-from compressor.surgery.plan import ChannelRemoval, LayerEdit, SkippedLayer, SparsitySpec
+from compressor.surgery.plan import ChannelRemoval, LayerEdit, SkippedLayer
 
 
 def _options(tmp_path, **values):
