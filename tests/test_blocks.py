@@ -77,11 +77,15 @@ def test_a_name_that_is_not_a_removable_block_is_refused():
         remove_blocks(small_resnet(), ["stage2_block1_add"])  # its shortcut is a projection
 
 
-def _labelled(model, n, seed):
+def _dataset(x, y):
     from compressor.io.data import Dataset
 
+    return Dataset(x, y, "generated")
+
+
+def _labelled(model, n, seed):
     x = np.random.default_rng(seed).random((n, 12, 12, 1), dtype=np.float32)
-    return Dataset(x, np.asarray(model(x)).argmax(-1), "generated")
+    return _dataset(x, np.asarray(model(x)).argmax(-1))
 
 
 def test_the_search_removes_the_blocks_that_cost_nothing_and_keeps_the_rest():
@@ -194,3 +198,35 @@ def test_a_plan_keeps_its_blocks_and_refuses_malformed_ones():
         Plan.from_dict({**data, "blocks": "stage1_block2_add"})
     with pytest.raises(PlanError, match="removes blocks more than once: stage1_block2_add"):
         Plan(model={}, blocks=("stage1_block2_add", "stage1_block2_add"))
+
+
+def test_a_gate_shut_for_every_input_becomes_a_removed_block_and_replays_so():
+    from compressor.layers.gating import OPEN, gate_layers
+    from compressor.search.gating import GatingConfig, GatingOutcome, _remove_shut_blocks, gating_record, replay_gates
+    from compressor.techniques.gating import find_residual_blocks, gated_blocks, insert_gates, set_offsets
+
+    static = small_resnet()
+    blocks = find_residual_blocks(static)
+    gated = insert_gates(static, blocks)
+    names = gated_blocks(gated)
+    shut = names[2]
+    set_offsets(gated, [-OPEN if name == shut else 0.0 for name in names])
+    x = np.random.default_rng(5).random((64, 12, 12, 1), dtype=np.float32)
+    outcome = GatingOutcome(None, blocks, {}, GatingConfig(network=False))
+    fewer, kept, removed = _remove_shut_blocks(gated, blocks, x, None, None, outcome)
+    assert removed == (shut,) and [block.add for block in kept] == [name for name in names if name != shut]
+    assert gated_blocks(fewer) == [block.add for block in kept]
+    np.testing.assert_allclose(np.asarray(fewer(x)), np.asarray(gated(x)), atol=1e-5)
+    # A floor the model without the block misses keeps the gate.
+    labels = _dataset(x, np.asarray(gated(x)).argmax(-1))
+    floor_kept = _remove_shut_blocks(gated, blocks, x, labels, 1.01, outcome)
+    assert floor_kept[2] == () and floor_kept[0] is gated
+    # The plan records it, and a replay of gates trained alone removes it again.
+    outcome.model, outcome.blocks, outcome.removed = fewer, kept, removed
+    record = gating_record(outcome)
+    assert record["removed"] == [shut] and shut not in record["blocks"] and f"{shut}_gate" not in record["gates"]
+    replayed = replay_gates(static, record, None)
+    assert gated_blocks(replayed) == record["blocks"] and len(gate_layers(replayed)) == len(names) - 1
+    set_offsets(replayed, [0.0] * len(record["blocks"]))
+    set_offsets(fewer, [0.0] * len(record["blocks"]))
+    np.testing.assert_allclose(np.asarray(replayed(x)), np.asarray(fewer(x)), atol=1e-5)

@@ -351,6 +351,8 @@ def _gating_entry(ctx: RunContext, run: Run, plan: Plan, measured: Measured) -> 
         "measured_on": gates.data,
         "static_flops": gates.static_flops,
     }
+    if record.get("removed"):
+        entry["removed_blocks"] = list(record["removed"])
     if gates.statistics is not None:
         entry.update(gates.statistics)
         entry["expected_flops_fraction"] = gates.statistics["flops_per_input"]["mean"] / gates.static_flops

@@ -89,7 +89,7 @@ REPORT = Keys(
         ),
         "gating": Keys(
             ("applied", "target", "attempts"),
-            optional=("reason", "latency_check", "blocks", "trained_target", "network", "epochs", "offset", "history",
+            optional=("reason", "latency_check", "blocks", "removed_blocks", "trained_target", "network", "epochs", "offset", "history",
                       "measured_on", "samples", "static_flops", "expected_flops_fraction", "flops_per_input", "tflite"),
             nested={
                 "blocks": Keys(("name", "flops", "skip_rate")),

@@ -51,6 +51,7 @@ from compressor.techniques.gating import (
     gated_blocks,
     insert_gates,
     remove_gates,
+    remove_shut_blocks,
     set_offsets,
 )
 
@@ -111,6 +112,10 @@ MIN_GATE_SKIP = 0.1
 """A gate that skips its block for fewer inputs than this is taken out (the block always runs):
 it would cost its pooling and IF op for every input to save little."""
 
+SHUT_RATE = 0.99
+"""A gate that skips its block for at least this share of the inputs: the block is removed instead
+(`compressor.techniques.gating.remove_shut_blocks`), if the accuracy floor still holds."""
+
 MIN_SAVING = 0.03
 """Gates that skip less than this fraction of the compute are not kept: an open gate costs
 a little (its pooling, and the IF op around the block), so they would save nothing."""
@@ -123,6 +128,8 @@ class GatingOutcome:
     Attributes:
         model: The gated model, or None when no training met the accuracy floor.
         blocks: The residual blocks that got gates.
+        removed: Add names of the blocks whose gates were shut for at least SHUT_RATE
+            of the inputs, removed from the model instead (no gate, no branch).
         flops: Add name -> FLOPs skipping that block saves.
         config: The settings of the training kept (its target may be above the asked one).
         offset: The offset set on every gate after training.
@@ -141,6 +148,7 @@ class GatingOutcome:
     flops: dict[str, int]
     config: GatingConfig
     offset: float = 0.0
+    removed: tuple[str, ...] = ()
     history: tuple[dict, ...] = ()
     attempts: list[dict] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
@@ -192,17 +200,20 @@ def gate_model(static: keras.Model, train: Dataset, config: GatingConfig, search
                 continue
             outcome.offset, outcome.accuracy = offset, reached
         gated, blocks_kept = _drop_idle_gates(gated, blocks, measured.x, search, min_accuracy, outcome)
+        gated, blocks_kept, removed = _remove_shut_blocks(gated, blocks_kept, measured.x, search, min_accuracy, outcome)
         attempt["gates_kept"] = len(blocks_kept)
         if not blocks_kept:
-            outcome.reason = f"no gate skips its block for {MIN_GATE_SKIP:.0%} of the inputs"
+            outcome.reason = f"no gate skips its block for {MIN_GATE_SKIP:.0%} of the inputs" if not removed else (
+                f"every kept gate shut its block for {SHUT_RATE:.0%} of the inputs: remove those blocks instead "
+                f"(--techniques blocks: {', '.join(removed)})")
             break
-        compute = compute_fraction(gated, measured.x, flops, total)
+        compute = compute_fraction(gated, measured.x, flops, total) - sum(flops[name] for name in removed) / total
         attempt["compute"] = compute
         if compute > 1.0 - MIN_SAVING:
             outcome.reason = f"the trained gates run {compute:.1%} of the compute: too little skipped to pay for the gates"
             break
         outcome.model, outcome.config, outcome.history, outcome.reason = gated, settings, result.history, None
-        outcome.blocks = blocks_kept
+        outcome.blocks, outcome.removed = blocks_kept, removed
         break
     outcome.seconds = time.perf_counter() - start
     return outcome
@@ -229,6 +240,26 @@ def _drop_idle_gates(gated: keras.Model, blocks: list[ResidualBlock], x: np.ndar
             return gated, blocks  # the idle gates still skip for some inputs that matter
         outcome.accuracy = reached
     return fewer, [block for block in blocks if block.add in keep]
+
+
+def _remove_shut_blocks(gated: keras.Model, blocks: list[ResidualBlock], x: np.ndarray, search: Optional[Dataset],
+                        min_accuracy: Optional[float], outcome: GatingOutcome
+                        ) -> tuple[keras.Model, list[ResidualBlock], tuple[str, ...]]:
+    """Remove the blocks whose gates skip for SHUT_RATE of `x`, if the floor holds: (model, gated blocks, removed)."""
+    from compressor.finetune import accuracy
+
+    names = gated_blocks(gated)
+    rates = (gate_logits(gated, x) <= 0).mean(axis=0)
+    shut = tuple(name for name, rate in zip(names, rates) if rate >= SHUT_RATE)
+    if not shut:
+        return gated, blocks, ()
+    fewer = remove_shut_blocks(gated, set(shut))
+    if min_accuracy is not None:
+        reached = accuracy(fewer, search)
+        if reached < min_accuracy:
+            return gated, blocks, ()  # the few inputs that open them matter
+        outcome.accuracy = reached
+    return fewer, [block for block in blocks if block.add not in shut], shut
 
 
 def compute_fraction(gated: keras.Model, x: np.ndarray, flops: dict[str, int], total: int) -> float:
@@ -421,6 +452,7 @@ def gating_record(outcome: GatingOutcome) -> dict[str, Any]:
         gates[gate.name] = {"kernel": [float(v) for v in kernel.ravel()], "bias": float(bias[0])}
     return {
         "blocks": [block.add for block in outcome.blocks],
+        **({"removed": list(outcome.removed)} if outcome.removed else {}),
         "target": config.target,
         "epochs": config.epochs,
         "network": config.network,
@@ -442,10 +474,11 @@ def replay_gates(static: keras.Model, record: dict[str, Any], train: Optional[Da
         CompressorError: A recorded block the model does not have, or missing training data.
     """
     found = {block.add: block for block in find_residual_blocks(static)}
-    missing = [name for name in record["blocks"] if name not in found]
+    removed = list(record.get("removed", []))
+    missing = [name for name in [*record["blocks"], *removed] if name not in found]
     if missing:
         raise CompressorError(f"the plan gates residual block(s) the model does not have: {', '.join(missing)}")
-    blocks = [found[name] for name in record["blocks"]]
+    blocks = [found[name] for name in [*record["blocks"], *removed]]
     gated = insert_gates(static, blocks)
     if record.get("network"):
         if train is None:
@@ -455,7 +488,9 @@ def replay_gates(static: keras.Model, record: dict[str, Any], train: Optional[Da
         config = GatingConfig(target=record["target"], epochs=record["epochs"], network=True,
                               penalty=record.get("penalty", GatingConfig.penalty), seed=record.get("seed", 0))
         train_gates(gated, static, train, block_flops(static, blocks), model_cost(static).flops, config)
-    else:
+    if removed:
+        gated = remove_shut_blocks(gated, set(removed))
+    if not record.get("network"):
         for gate, _ in gate_layers(gated):
             weights = record["gates"][gate.name]
             gate.kernel.assign(np.asarray(weights["kernel"], np.float32).reshape(gate.kernel.shape))

@@ -7,7 +7,8 @@ graph model and replaces each `Add` (with its branch `f`) by a `SkipGate` on `x`
 describes both); `remove_gates` puts the branches of some blocks back as they were.
 Both clone the model with `compressor.graph.clone.clone_graph`: a call hook wires the
 gated block at each block's `Add` and leaves the branch's own calls out of the outer
-graph.
+graph. A block whose gate is shut for (nearly) every input is better removed than
+gated (`remove_shut_blocks`: no gate, no branch, no conditional op left).
 
 The block's other layers (a ReLU after the `Add`, a projection shortcut) stay outside:
 only identity-shortcut blocks can be skipped, since skipping must return the input.
@@ -197,6 +198,22 @@ def remove_gates(gated: keras.Model, keep: set[str]) -> keras.Model:
             return args[0]  # its logit feeds only its block, which is rebuilt without it
         if isinstance(layer, GatedResidual) and layer.block_name not in keep:
             return _ungated(layer, args[0][0])
+        return layer(*args, **kwargs)
+
+    return clone_graph(gated, lambda layer: layer, call_layer, compiled=False, purpose="gating")
+
+
+def remove_shut_blocks(gated: keras.Model, names: set[str]) -> keras.Model:
+    """The gated model without the blocks in `names` (Add names), gate and branch: what a gate shut for every input computes.
+
+    The kept layers are the gated model's own (same objects, as `remove_gates`).
+    """
+
+    def call_layer(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(layer, SkipGate) and layer.name.removesuffix("_gate") in names:
+            return args[0]  # its logit feeds only its block, which goes
+        if isinstance(layer, GatedResidual) and layer.block_name in names:
+            return args[0][0]
         return layer(*args, **kwargs)
 
     return clone_graph(gated, lambda layer: layer, call_layer, compiled=False, purpose="gating")
