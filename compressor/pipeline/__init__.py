@@ -5,7 +5,7 @@
     report["status"]      # "ok" | "budget_not_met"
 
 The run is a sequence of stages sharing one run context (`context.RunContext`): the
-model stages — channels, per-layer techniques, fine-tuning, gating (`stages`) — each
+model stages — blocks, channels, per-layer techniques, fine-tuning, gating (`stages`) — each
 search and keep a record that the plan is made of, and replay from it; the output
 stages — export and verification (`export`), timing (`timing`) — and the report
 (`compressor.report.build`) then run alike after a search or a replay. How one budget
