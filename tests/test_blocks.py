@@ -107,6 +107,10 @@ def test_the_search_removes_the_blocks_that_cost_nothing_and_keeps_the_rest():
     assert result.accuracy == result.baseline_accuracy == 1.0
     assert result.cost[1] < result.baseline[1]
     assert looks and all(label.startswith("blocks, ") for label in looks)
+    # Half the blocks first (the two dead ones and a live one: missed), then one (held), twice as many but fewer than
+    # what missed (the other dead one and a live one: missed), one (held), then each live one alone, two misses in all.
+    assert [len(step.blocks) for step in result.steps] == [3, 1, 2, 1, 1, 1]
+    assert [step.accepted for step in result.steps] == [False, True, False, True, False, False]
     # Steps that missed were never shown to the guard.
     assert len(looks) == sum(step.accepted for step in result.steps)
     assert result.to_dict()["removed"] == list(result.removed)

@@ -2,13 +2,15 @@
 
 Runs when the techniques include "blocks", under an accuracy budget
 (`compressor.search.block_search` searches). When channels follow, blocks may spend
-half the budget (`BLOCK_SHARE`) and the channel search narrows the model without
-them, its accuracy still measured against the original. A replay removes the recorded
+half the budget and half of the time left under `--time-limit` (`BLOCK_SHARE`), and the
+channel search narrows the model without them, its accuracy still measured against the
+original. A replay removes the recorded
 blocks of the original model again.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 from compressor.pipeline.channels import judged_top1
@@ -18,7 +20,7 @@ from compressor.pipeline.records import BlockRecord
 from compressor.surgery.plan import Plan
 
 BLOCK_SHARE = 0.5
-"""The part of an accuracy budget blocks may spend when channels are removed after them."""
+"""The part of an accuracy budget (and of the time left) blocks may spend when channels are removed after them."""
 
 
 class BlockStage:
@@ -44,8 +46,12 @@ class BlockStage:
             guard_chance=options.guard_chance,
         )
         ctx.log("removing residual blocks")
+        deadline = ctx.deadline
+        if deadline is not None and "channels" in options.techniques:
+            now = time.perf_counter()
+            deadline = now + max(deadline - now, 0.0) * BLOCK_SHARE
         result = search_blocks(ctx.model, ctx.budget, settings, ctx.data.search, ctx.data.train, ctx.log, ctx.progress,
-                               accept=run.accepts if run.acceptance is not None else None, deadline=ctx.deadline,
+                               accept=run.accepts if run.acceptance is not None else None, deadline=deadline,
                                judge=judged_top1(run))
         run.working = run.compressed = result.model
         return BlockRecord(result.removed, result)

@@ -7,9 +7,15 @@ out of the current model, fine-tunes it (distilled from the original) and checks
 the channel search checks its steps (`compressor.search.confidence.step_holds`: the
 guard can be expected to accept it with the settings' chance, on the file the guard
 judges when `judge` is given). A step that holds is shown to `accept` (the run's guard);
-its first rejection ends the search. A step that misses is retried with half as many
-blocks; a single block that misses is passed over (the next one may hold), and
-`MISSES` of those end the search. The first step takes half the blocks.
+its first rejection ends the search. The first step takes half the blocks; a step that
+misses is retried with half as many, a step that holds is followed by one with twice as
+many (fewer than the last step that missed); a single block that misses is passed over
+(the next one may hold), and `MISSES` of those end the search.
+
+With a deadline, no step begins that is expected to end after it (a step is expected to
+take as long as the longest so far). When channels follow, the stage gets half of the
+time left (`compressor.pipeline.blocks`), so that blocks, which take a fine-tuning run
+each, do not leave the channel search without time.
 
 The blocks may spend `share` of the budget: when channels are removed after them, the
 rest is left to the channel search (a block costs accuracy in one piece, channels in
@@ -195,6 +201,7 @@ def search_blocks(
 
     pending = [c.block for c in candidates]
     size, misses, current = max(1, len(pending) // 2), 0, model
+    ceiling = len(pending)  # fewer blocks than the last step that missed
     while pending:
         longest = max((step.seconds for step in result.steps), default=0.0)
         if deadline is not None and deadline - time.perf_counter() <= longest:
@@ -219,10 +226,10 @@ def search_blocks(
         if accepted:
             current, result.removed, result.accuracy = candidate, result.removed + taking, accuracy
             pending = pending[len(taking):]
-            size = min(size, len(pending)) or 1
+            size = max(1, min(2 * size, ceiling, len(pending)))  # it held: twice as many, fewer than what missed
             continue
         if size > 1:
-            size //= 2
+            ceiling, size = size - 1, size // 2
             continue
         pending, misses = pending[1:], misses + 1
         if misses == MISSES:
