@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 FORMAT_ORDER = {"tflite": 0, "onnx": 1, "keras": 2}
 
 
-STAGE_TIMINGS = ("load", "blocks", "channels", "layers", "finetune", "acceptance", "gating", "writing", "verification", "timing")
+STAGE_TIMINGS = ("load", "blocks", "channels", "layers", "finetune", "acceptance", "gating", "writing", "verification",
+                 "timing")
 """The stages report.json's "timings_s" gives one by one, in run order (README schema)."""
 
 
@@ -217,13 +218,13 @@ def _finetune_entry(run: Run) -> dict[str, Any]:
     plan_entry = (tuning.entry if tuning is not None else None) or {}
     final = last.epochs_run if last is not None else 0
     final_steps = last.steps if last is not None else 0
-    channel_steps = channels.finetune_steps if channels is not None else 0
-    channel_steps += blocks.finetune_steps if blocks is not None else 0
+    search_steps = channels.finetune_steps if channels is not None else 0
+    search_steps += blocks.finetune_steps if blocks is not None else 0
     entry = {
         "epochs": block_epochs + channel_epochs + final,
         "channel_steps_epochs": channel_epochs,
         "final_epochs": final,
-        "steps": channel_steps + final_steps,
+        "steps": search_steps + final_steps,
         "final_steps": final_steps,
         "steps_per_run": plan_entry.get("steps_per_run"),
         "learning_rate": plan_entry.get("learning_rate"),
