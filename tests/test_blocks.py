@@ -234,3 +234,17 @@ def test_a_gate_shut_for_every_input_becomes_a_removed_block_and_replays_so():
     set_offsets(replayed, [0.0] * len(record["blocks"]))
     set_offsets(fewer, [0.0] * len(record["blocks"]))
     np.testing.assert_allclose(np.asarray(replayed(x)), np.asarray(fewer(x)), atol=1e-5)
+
+
+def test_after_the_guard_rejected_a_block_step_the_channel_search_does_not_run():
+    from types import SimpleNamespace
+
+    from compressor.pipeline.channels import ChannelStage
+    from compressor.pipeline.context import Run
+
+    logged = []
+    closed = SimpleNamespace(closed=True)
+    ctx = SimpleNamespace(options=SimpleNamespace(techniques=("blocks", "channels")), log=logged.append)
+    run = Run(working=None, compressed=None, acceptance=closed)
+    assert ChannelStage().search(ctx, run) is None
+    assert logged == ["channels: not searched, the guard rejected a block step and accepts nothing more"]

@@ -39,6 +39,9 @@ class ChannelStage:
         options = ctx.options
         if "channels" not in options.techniques:
             return None
+        if run.acceptance is not None and run.acceptance.closed:
+            ctx.log("channels: not searched, the guard rejected a block step and accepts nothing more")
+            return None
         if layer_techniques(options.techniques) and not can_prune(run.working):
             ctx.log("channels: no channel group of the model can be pruned; the per-layer techniques go on")
             return None
