@@ -25,8 +25,24 @@ if TYPE_CHECKING:
     from compressor.search.result import SearchResult
 
 
+class _StepSearch:
+    """What a search that fine-tunes between its steps (blocks, channels) spent on it, read from its `result`."""
+
+    result: Any
+
+    @property
+    def epochs(self) -> int:
+        """Fine-tuning epochs the search spent between its steps (0 after a replay)."""
+        return self.result.epochs if self.result is not None else 0
+
+    @property
+    def finetune_steps(self) -> int:
+        """Fine-tuning optimizer steps the search spent between its steps (0 after a replay)."""
+        return self.result.finetune_steps if self.result is not None else 0
+
+
 @dataclass(frozen=True)
-class BlockRecord:
+class BlockRecord(_StepSearch):
     """The block stage: the residual blocks removed whole, by their Add layers' names.
 
     Attributes:
@@ -37,22 +53,12 @@ class BlockRecord:
     removed: tuple[str, ...]
     result: Optional[BlockResult] = None
 
-    @property
-    def epochs(self) -> int:
-        """Fine-tuning epochs the block search spent between its steps."""
-        return self.result.epochs if self.result is not None else 0
-
-    @property
-    def finetune_steps(self) -> int:
-        """Fine-tuning optimizer steps the block search spent between its steps."""
-        return self.result.finetune_steps if self.result is not None else 0
-
     def plan_fields(self) -> dict[str, Any]:
         return {"blocks": self.removed}
 
 
 @dataclass(frozen=True)
-class ChannelRecord:
+class ChannelRecord(_StepSearch):
     """The channel stage: the channels removed, as channels of the groups of the model it started from.
 
     Attributes:
@@ -62,16 +68,6 @@ class ChannelRecord:
 
     removals: tuple[ChannelRemoval, ...]
     result: Optional[ChannelResult] = None
-
-    @property
-    def epochs(self) -> int:
-        """Fine-tuning epochs the channel search spent between its steps."""
-        return self.result.epochs if self.result is not None else 0
-
-    @property
-    def finetune_steps(self) -> int:
-        """Fine-tuning optimizer steps the channel search spent between its steps."""
-        return self.result.finetune_steps if self.result is not None else 0
 
     def plan_fields(self) -> dict[str, Any]:
         return {"channels": self.removals}

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from compressor.errors import CompressorError
-from compressor.pipeline.records import BlockRecord, ChannelRecord, FinetuneRecord, GatingRecord, LayerRecord, Measured
+from compressor.pipeline.records import (
+    BlockRecord,
+    ChannelRecord,
+    FinetuneRecord,
+    GatingRecord,
+    LayerRecord,
+    Measured,
+    step_tuning,
+)
 from compressor.report.schema import SCHEMA
 
 if TYPE_CHECKING:
@@ -218,10 +226,9 @@ def _finetune_entry(run: Run) -> dict[str, Any]:
     plan_entry = (tuning.entry if tuning is not None else None) or {}
     final = last.epochs_run if last is not None else 0
     final_steps = last.steps if last is not None else 0
-    search_steps = channels.finetune_steps if channels is not None else 0
-    search_steps += blocks.finetune_steps if blocks is not None else 0
+    search_epochs, search_steps = step_tuning(run.records)
     entry = {
-        "epochs": block_epochs + channel_epochs + final,
+        "epochs": search_epochs + final,
         "channel_steps_epochs": channel_epochs,
         "final_epochs": final,
         "steps": search_steps + final_steps,
