@@ -279,6 +279,7 @@ class CompressOptions:
         if "blocks" in self.techniques and self.plan is None and self.method != "fixed_loss":
             raise OptionError("{techniques} blocks removes residual blocks while the accuracy holds: it needs "
                               "{method} fixed_loss")
+        self._check_exits()
 
     @classmethod
     def parse(cls, **values: Any) -> "CompressOptions":
@@ -341,6 +342,7 @@ class CompressOptions:
         top1_only = [what for what, used in (("{techniques} blocks", "blocks" in self.techniques),
                                              ("{techniques} channels", "channels" in self.techniques),
                                              ("{techniques} gating", "gating" in self.techniques),
+                                             ("{techniques} early-exit", "early-exit" in self.techniques),
                                              ("{finetune_epochs}", self.finetune_epochs > 0)) if used]
         if top1_only and name not in ("top1", "agreement"):
             raise OptionError(" and ".join(top1_only) + " measure top-1 accuracy; metric {name} works with the "
@@ -374,6 +376,20 @@ class CompressOptions:
             raise OptionError(
                 "{quantize} {mode} with gating: ONNX quantization does not reach the weights inside the gates' If "
                 "branches; pass {export} tflite,keras (TFLite quantizes gated models)", mode=self.quantize)
+
+    def _check_exits(self) -> None:
+        if "early-exit" not in self.techniques:
+            return
+        if "gating" in self.techniques:
+            raise OptionError("{techniques} early-exit and gating are two dynamic stages: choose one")
+        if self.plan is None and self.method != "fixed_loss":
+            raise OptionError("{techniques} early-exit calibrates its exits to an accuracy budget: it needs {method} fixed_loss")
+        if self.train_data is None:
+            raise OptionError("{techniques} early-exit trains its exits: pass {train_data} (labelled)")
+        if self.quantize != "none" and "onnx" in self.export:
+            raise OptionError(
+                "{quantize} {mode} with early-exit: ONNX quantization does not reach the weights inside the exits' If "
+                "branches; pass {export} tflite,keras (TFLite quantizes early-exit models)", mode=self.quantize)
 
     def budget(self):
         """The Budget of the chosen method, or None when replaying a plan without one."""

@@ -1,4 +1,4 @@
-"""ONNX export of gated models: real `If` nodes whose branches onnxruntime accepts.
+"""ONNX export of gated and early-exit models: real `If` nodes whose branches onnxruntime accepts.
 
 A gated residual block (`compressor.layers.gating`) traced at batch 1 is a
 TensorFlow `If` whose branch functions take the block input and the block's frozen
@@ -36,6 +36,7 @@ import keras
 
 from compressor.errors import ExportError, first_line
 from compressor.export.onnx_ops import tf2onnx_errors
+from compressor.layers.early_exit import exit_layers
 from compressor.layers.gating import gate_layers
 
 if TYPE_CHECKING:  # TensorFlow and ONNX load only when a conversion runs.
@@ -46,7 +47,7 @@ _IF_OPS = ("If", "StatelessIf")
 
 
 def convert_gated(model: keras.Model, opset: int = 17) -> "onnx.ModelProto":
-    """Convert a gated model to ONNX with one `If` node per gated block.
+    """Convert a gated or early-exit model to ONNX with one `If` node per gated block or exit.
 
     The graph is traced at batch 1: only there does a gated block branch (at other
     batch sizes it computes every branch and masks it, see `GatedResidual`), so the
@@ -55,7 +56,8 @@ def convert_gated(model: keras.Model, opset: int = 17) -> "onnx.ModelProto":
     convert again after `set_offsets`.
 
     Args:
-        model: A gated model (`gating.insert_gates`) with one input and one output.
+        model: A gated model (`gating.insert_gates`) or an early-exit model
+            (`early_exit.insert_exits`) with one input and one output.
         opset: The ONNX opset, 7 to 21.
 
     Returns:
@@ -69,9 +71,9 @@ def convert_gated(model: keras.Model, opset: int = 17) -> "onnx.ModelProto":
 
     from compressor.export.writers import ONNX_INPUT_NAME, single_input_shape, tf2onnx_model
 
-    gates = len(gate_layers(model))
+    gates = len(gate_layers(model)) + len(exit_layers(model))  # one condition each
     if not gates:
-        raise ExportError(f"model '{model.name}' has no gated residual block; export it with export_onnx")
+        raise ExportError(f"model '{model.name}' has no gated residual block or early exit; export it with export_onnx")
     if not 7 <= opset <= 21:
         raise ExportError(f"unsupported ONNX opset {opset}; expected a value from 7 to 21")
     shape = single_input_shape(model, "export")
@@ -170,6 +172,18 @@ def _check(proto: "onnx.ModelProto", gates: int) -> None:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
         raise ExportError(f"ONNX conversion produced an invalid model: {first_line(exc)}") from exc
-    ifs = sum(node.op_type == "If" for node in proto.graph.node)
+    ifs = _count_ifs(proto.graph)
     if ifs != gates:
-        raise ExportError(f"ONNX conversion kept {ifs} If nodes for {gates} gated blocks; gates would not skip work")
+        raise ExportError(f"ONNX conversion kept {ifs} If nodes for {gates} gates and exits; they would not skip work")
+
+
+def _count_ifs(graph: "onnx.GraphProto") -> int:
+    """`If` nodes in `graph` and in the branches nested in them (an early exit's rest holds the next exit)."""
+    count = 0
+    for node in graph.node:
+        if node.op_type == "If":
+            count += 1
+        for attribute in node.attribute:
+            if attribute.type == attribute.GRAPH:
+                count += _count_ifs(attribute.g)
+    return count

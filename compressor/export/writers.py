@@ -5,9 +5,10 @@ runtimes run); ONNX through tf2onnx from a frozen trace with an explicit input s
 and a dynamic batch axis (tf2onnx's own Keras entry point trips over Keras 3 output
 names). A model with several inputs or outputs keeps their names: the TFLite signature's
 inputs and outputs, and the ONNX graph's, are the Keras input and output names
-(`compressor.graph.signature`). A gated model (`compressor.layers.gating`) is exported at a fixed batch of
-1 in both formats, where each gate's decision is one condition: TFLite gets IF ops,
-ONNX `If` nodes (`compressor.export.onnx_gating`), and a skipped block costs nothing.
+(`compressor.graph.signature`). A gated model (`compressor.layers.gating`) or an early-exit
+model (`compressor.layers.early_exit`) is exported at a fixed batch of 1 in both formats, where
+each gate's or exit's decision is one condition: TFLite gets IF ops, ONNX `If` nodes
+(`compressor.export.onnx_gating`), and what is skipped costs nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from compressor.graph.signature import input_names, is_multi_io, output_names
 from compressor.graph.walk import nested_layers
 from compressor.io.atomic import atomic_path, write_bytes_atomic
 from compressor.io.models import save_model
+from compressor.layers.early_exit import has_exits
 from compressor.layers.gating import is_gated
 from compressor.quiet import muted_stderr
 
@@ -97,7 +99,7 @@ def export_tflite(model: keras.Model, path: Path | str, sparse: bool = False) ->
 
 
 def tflite_model(model: keras.Model) -> keras.Model:
-    """What the TFLite converter gets: the model, or a gated or recurrent model called on a batch-1 input.
+    """What the TFLite converter gets: the model, or a gated, early-exit or recurrent model called on a batch-1 input.
 
     At batch 1 each gate's decision is one scalar: a real IF op. A recurrent layer
     (`LSTM`, `GRU`, `SimpleRNN`, also inside `Bidirectional`) becomes a TensorFlow while
@@ -121,7 +123,7 @@ def tflite_model(model: keras.Model) -> keras.Model:
         }
         called = model(inputs) if len(inputs) > 1 else model(next(iter(inputs.values())))
         return keras.Model(inputs, dict(zip(outputs, keras.tree.flatten(called))), name=model.name)
-    if not (is_gated(model) or recurrent):
+    if not (is_gated(model) or has_exits(model) or recurrent):
         return model
     shape = single_input_shape(model, "export")
     inputs = keras.Input(batch_shape=(1, *shape[1:]), dtype=model.inputs[0].dtype, name=ONNX_INPUT_NAME)
@@ -134,7 +136,7 @@ def has_recurrent_layers(model: keras.Model) -> bool:
 
 
 def export_onnx(model: keras.Model, path: Path | str, opset: int = DEFAULT_OPSET) -> Path:
-    """Convert to ONNX with a dynamic batch axis (batch 1 for a gated model) and write it atomically.
+    """Convert to ONNX with a dynamic batch axis (batch 1 for a gated or early-exit model) and write it atomically.
 
     The graph has one input named "input" and one output named "output"; a model with
     several inputs or outputs keeps its Keras input and output names.
@@ -146,7 +148,7 @@ def export_onnx(model: keras.Model, path: Path | str, opset: int = DEFAULT_OPSET
 
     if not 7 <= opset <= 21:
         raise ExportError(f"unsupported ONNX opset {opset}; expected a value from 7 to 21 (default {DEFAULT_OPSET})")
-    if is_gated(model):
+    if is_gated(model) or has_exits(model):
         from compressor.export.onnx_gating import convert_gated
 
         proto = convert_gated(model, opset)

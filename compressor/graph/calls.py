@@ -90,11 +90,18 @@ def _walk(graph: Graph, input_specs: list, prefix: str, calls: list[LayerCall]) 
         inputs = [values[id(x)] for x in node.inputs]
         inner = graph_of(node.operation) if isinstance(node.operation, keras.Model) else None
         branch = getattr(node.operation, "gated_branch", None)
+        exits = getattr(node.operation, "exit_parts", None)
         if inner is not None:
             outputs = _walk(inner, inputs, f"{prefix}{node.operation.name}/", calls)
         elif branch is not None:
             # A gated residual block: its branch's layers, then the block itself (the Add).
             _walk(require_graph(branch, "cost analysis"), inputs[:1], f"{prefix}{node.operation.name}/", calls)
+            outputs = list(node.outputs)
+            calls.append(LayerCall(prefix + node.operation.name, node.operation, _shapes(inputs), _shapes(outputs)))
+        elif exits is not None:
+            # An early exit: its head and the rest of the network, every layer counted once (at most one runs).
+            for part in exits:
+                _walk(require_graph(part, "cost analysis"), inputs[:1], f"{prefix}{node.operation.name}/", calls)
             outputs = list(node.outputs)
             calls.append(LayerCall(prefix + node.operation.name, node.operation, _shapes(inputs), _shapes(outputs)))
         else:

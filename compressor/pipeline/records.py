@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from compressor.finetune import FinetuneResult
     from compressor.search.block_search import BlockResult
     from compressor.search.channel_result import ChannelResult
+    from compressor.search.early_exit import ExitOutcome
     from compressor.search.gating import GatingOutcome
     from compressor.search.result import SearchResult
 
@@ -146,6 +147,23 @@ class GatingRecord:
 
 
 @dataclass(frozen=True)
+class ExitRecord:
+    """The early-exit stage.
+
+    Attributes:
+        entry: The plan's "early_exit" (`compressor.pipeline.early_exit.exit_entry`); None
+            when no exit was kept.
+        outcome: The training and calibration's account (None after a replay).
+    """
+
+    entry: Optional[dict[str, Any]]
+    outcome: Optional[ExitOutcome] = None
+
+    def plan_fields(self) -> dict[str, Any]:
+        return {"early_exit": self.entry}
+
+
+@dataclass(frozen=True)
 class Calibration:
     """The samples int8 quantization is calibrated on, and which split they came from (None: no calibration)."""
 
@@ -211,12 +229,14 @@ class Measured:
         static_tflite: The TFLite model before gates, timed in the same run (or None).
         calibration: The int8 calibration samples.
         gates: What the gates do on data (None: no gates).
+        exits: What the early exits do on data, and the artifacts' parity per exit (None: no exits).
     """
 
     artifacts: list[dict[str, Any]]
     static_tflite: Optional[dict[str, Any]]
     calibration: Calibration
     gates: Optional[GateMeasurement] = None
+    exits: Optional[dict[str, Any]] = None  # `compressor.pipeline.early_exit.measure_exits`
 
 
 def step_tuning(records: list[Any]) -> tuple[int, int]:

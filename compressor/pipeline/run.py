@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from compressor.pipeline import stages
 from compressor.pipeline.context import Log, Progress, RunContext
 from compressor.pipeline.data import Inputs, check_data_and_plan, load_model, load_splits
+from compressor.pipeline.early_exit import measure_exits
 from compressor.pipeline.export import calibration, export_artifacts, export_baselines
 from compressor.pipeline.gating import measure_gates
 from compressor.pipeline.records import Measured
@@ -68,7 +69,7 @@ def compress_into(options: CompressOptions, staging: Path, progress: Progress, l
     timing_s = time.perf_counter() - timing_started
     export_s = time.perf_counter() - export_started + preflight_s
 
-    measured = Measured(artifacts, static_tflite, samples, measure_gates(ctx, run))
+    measured = Measured(artifacts, static_tflite, samples, measure_gates(ctx, run), measure_exits(ctx, run, artifacts))
     stages_s = {"load": load_s, **run.seconds, **exported.seconds, "timing": timing_s}
     report = build_report(ctx, run, measured, Timings(search_s, export_s, started, stages_s))
     relocate(report, staging, options.out)

@@ -6,10 +6,12 @@ plan; `replay` applies a record again. The plan is made of the records' fields
 (`Run.plan`), so a replay reads exactly what the search wrote, and both go through the
 same stages in the same order:
 
-    blocks → channels → per-layer techniques → fine-tuning → acceptance → gating
+    blocks → channels → per-layer techniques → fine-tuning → acceptance → gating → early exits
 
 Under an accuracy budget the run's guard (`compressor.pipeline.acceptance`) accepts
-each model a stage keeps, in that order.
+each model a stage keeps, in that order. With early exits to follow, the static stages
+(all but the dynamic ones) search with part of the budget and of the time
+(`compressor.pipeline.early_exit.static_context`).
 
 Adding a stage: a class with these four methods and a record with `plan_fields`, put
 in STAGES at its place.
@@ -24,6 +26,7 @@ from compressor.pipeline.acceptance import Acceptance, AcceptStage
 from compressor.pipeline.blocks import BlockStage
 from compressor.pipeline.channels import ChannelStage
 from compressor.pipeline.context import Run, RunContext, StageRecord
+from compressor.pipeline.early_exit import ExitStage, static_context
 from compressor.pipeline.finetuning import FinetuneStage
 from compressor.pipeline.gating import GatingStage
 from compressor.pipeline.layers import LayerStage
@@ -58,7 +61,9 @@ class ModelStage(Protocol[R]):
         """Apply `record` to `run`'s models; return it, with what the replay measured."""
 
 
-STAGES: tuple[ModelStage[Any], ...] = (BlockStage(), ChannelStage(), LayerStage(), FinetuneStage(), AcceptStage(), GatingStage())
+STAGES: tuple[ModelStage[Any], ...] = (
+    BlockStage(), ChannelStage(), LayerStage(), FinetuneStage(), AcceptStage(), GatingStage(), ExitStage(),
+)
 """The model stages, in the order they run."""
 
 
@@ -69,9 +74,10 @@ def search(ctx: RunContext) -> Run:
     for stage in STAGES:
         stage.check(ctx, None)
     run = Run(working=ctx.model, compressed=ctx.model, acceptance=Acceptance.for_run(ctx))
+    static = static_context(ctx)
     for stage in STAGES:
         started = time.perf_counter()
-        record = stage.search(ctx, run)
+        record = stage.search(ctx if getattr(stage, "dynamic", False) else static, run)
         run.seconds[stage.name] = time.perf_counter() - started
         if record is not None:
             run.records.append(record)

@@ -19,6 +19,7 @@ from compressor.errors import CompressorError
 from compressor.pipeline.records import (
     BlockRecord,
     ChannelRecord,
+    ExitRecord,
     FinetuneRecord,
     GatingRecord,
     LayerRecord,
@@ -36,8 +37,8 @@ if TYPE_CHECKING:
 FORMAT_ORDER = {"tflite": 0, "onnx": 1, "keras": 2}
 
 
-STAGE_TIMINGS = ("load", "blocks", "channels", "layers", "finetune", "acceptance", "gating", "writing", "verification",
-                 "timing")
+STAGE_TIMINGS = ("load", "blocks", "channels", "layers", "finetune", "acceptance", "gating", "early_exit", "writing",
+                 "verification", "timing")
 """The stages report.json's "timings_s" gives one by one, in run order (README schema)."""
 
 
@@ -111,15 +112,25 @@ def build_report(ctx: RunContext, run: Run, measured: Measured, timings: Timings
         "channels": channels.result.to_dict() if channels is not None and channels.result is not None else None,
         **_blocks_entry(run),
         "gating": _gating_entry(ctx, run, plan, measured),
+        **_exits(run, plan, measured),
         "finetune": _finetune_entry(run),
         "calibration": None if calibration.samples is None else {"samples": len(calibration.samples), "data": calibration.source},
         "timings_s": timings.to_dict(),
         "options": options.to_dict(),
         "notes": _notes(run, calibration.source) + _time_limit_notes(channels, options.time_limit) + slower_notes(artifacts),
     }
-    if report["gating"] and report["gating"]["applied"]:
-        result["expected_flops"] = report["gating"]["flops_per_input"]["mean"]
+    dynamic = report["gating"] if report["gating"] and report["gating"]["applied"] else report.get("early_exit")
+    if dynamic and dynamic["applied"] and "flops_per_input" in dynamic:
+        result["expected_flops"] = dynamic["flops_per_input"]["mean"]
     return report
+
+
+def _exits(run: Run, plan: Plan, measured: Measured) -> dict[str, Any]:
+    """{"early_exit": ...} when the run has an early-exit stage (`compressor.report.exits`), else {}."""
+    from compressor.report.exits import exit_entry
+
+    entry = exit_entry(run, plan, measured)
+    return {} if entry is None else {"early_exit": entry}
 
 
 def write_report(path: Path, report: dict[str, Any]) -> Path:
@@ -133,8 +144,8 @@ def write_report(path: Path, report: dict[str, Any]) -> Path:
 
 def relocate(report: dict[str, Any], staging: Path, out: Path) -> None:
     """Point the artifact paths of the report at where the files will be after the move from `staging` to `out`."""
-    tflite = (report.get("gating") or {}).get("tflite") or {}
-    for entry in [*report["artifacts"], tflite]:
+    dynamic = [(report.get(key) or {}).get("tflite") or {} for key in ("gating", "early_exit")]
+    for entry in [*report["artifacts"], *dynamic]:
         for key in ("path", "baseline_path", "static_path"):
             if entry.get(key):
                 entry[key] = str(Path(out) / Path(entry[key]).relative_to(staging))
@@ -160,6 +171,9 @@ def search_achieved(run: Run, budget: Optional[Budget]) -> Optional[float]:
     gated = gating.outcome if gating is not None else None
     if gated is not None and gated.model is not None and budget.kind == "accuracy_drop":
         return None if gated.accuracy is None else gated.baseline_accuracy - gated.accuracy
+    exits = run.record(ExitRecord)
+    if exits is not None and exits.outcome is not None and exits.outcome.model is not None:
+        return exits.outcome.baseline_accuracy - exits.outcome.accuracy
     pruned = channels.result if channels is not None else None
     search = layers.search if layers is not None else None
     if pruned is None:

@@ -53,7 +53,7 @@ METRIC = Keys(("name", "higher_is_better", "relative", "unit"), optional=("basel
 REPORT = Keys(
     required=("schema", "status", "method", "budget", "baseline", "compressed", "quantize", "layers", "artifacts",
               "search", "channels", "gating", "finetune", "calibration", "timings_s", "options", "notes"),
-    optional=("blocks",),
+    optional=("blocks", "early_exit"),
     nested={
         "budget": Keys(("kind", "limit", "achieved", "met"),
                        optional=("measured_on", "artifact", "search_achieved", "ci", "confidence", "metric"),
@@ -98,11 +98,26 @@ REPORT = Keys(
                                 "mean_latency_ratio"), nested={"latency_ms": LATENCY, "static_latency_ms": LATENCY}),
             },
         ),
+        "early_exit": Keys(
+            ("applied",),
+            optional=("reason", "search", "points", "thresholds", "measured_on", "samples", "exits", "final",
+                      "static_flops", "flops_per_input", "expected_flops_fraction", "parity", "tflite"),
+            nested={
+                "exits": Keys(("point", "threshold", "rate", "accuracy", "flops")),
+                "final": Keys(("rate", "accuracy", "flops")),
+                "parity": Keys(("format", "quantize", "per_exit"),
+                               nested={"per_exit": Keys(("exit", "inputs", "max_abs_diff", "top1_agreement"))}),
+                "search": Keys(("points", "head_accuracy", "thresholds", "rates", "flops_fraction", "accuracy",
+                                "baseline_accuracy", "latency_check", "seconds")),
+                "tflite": Keys(("path", "latency_ms", "static_path", "static_latency_ms", "static_bytes",
+                                "mean_latency_ratio"), nested={"latency_ms": LATENCY, "static_latency_ms": LATENCY}),
+            },
+        ),
         "finetune": Keys(("epochs", "channel_steps_epochs", "final_epochs", "stopped_early", "history"),
                          optional=("block_steps_epochs", "steps", "final_steps", "steps_per_run", "learning_rate", "replicas")),
         "calibration": Keys(("samples", "data")),
         "timings_s": Keys(("search", "export", "total"),
-                          optional=("load", "blocks", "channels", "layers", "finetune", "acceptance", "gating", "writing",
+                          optional=("load", "blocks", "channels", "layers", "finetune", "acceptance", "gating", "early_exit", "writing",
                                     "verification", "timing")),
     },
 )

@@ -267,6 +267,8 @@ class Plan:
         statistics: How the K-FAC statistics of "hessian" edits were gathered.
         gating: The gates put before residual blocks after all other edits, and how
             they were trained (`compressor.search.gating.gating_record`); None: no gates.
+        early_exit: The early exits put after all other edits: their points, thresholds
+            and how their heads were trained (`compressor.pipeline.early_exit`); None: no exits.
     """
 
     model: dict[str, Any]
@@ -277,6 +279,7 @@ class Plan:
     blocks: tuple[str, ...] = ()
     statistics: Optional[dict[str, Any]] = None
     gating: Optional[dict[str, Any]] = None
+    early_exit: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         for what, names in (("edits layers", [e.layer for e in self.edits]), ("removes channels of groups", [c.group for c in self.channels]),
@@ -307,6 +310,8 @@ class Plan:
             out["statistics"] = dict(self.statistics)
         if self.gating is not None:
             out["gating"] = dict(self.gating)
+        if self.early_exit is not None:
+            out["early_exit"] = dict(self.early_exit)
         return out
 
     @classmethod
@@ -383,7 +388,7 @@ def check_plan(data: Any) -> int:
 def _read_v1(data: dict[str, Any]) -> Plan:
     """Version 1, every plan written so far: edits as {"layer", "technique", **parameters}.
 
-    Optional keys came later ("channels", "finetune", "statistics", "gating", "blocks"); plans
+    Optional keys came later ("channels", "finetune", "statistics", "gating", "blocks", "early_exit"); plans
     without them read as plans without those steps.
     """
     return Plan(
@@ -395,7 +400,22 @@ def _read_v1(data: dict[str, Any]) -> Plan:
         statistics=data.get("statistics"),
         gating=data.get("gating"),
         blocks=_names(data.get("blocks", []), "blocks"),
+        early_exit=_early_exit(data.get("early_exit")),
     )
+
+
+def _early_exit(value: Any) -> Optional[dict[str, Any]]:
+    """The plan's early exits: {"points": [names], "thresholds": [one number in (0, 1] each], ...}."""
+    if value is None:
+        return None
+    points = value.get("points") if isinstance(value, dict) else None
+    thresholds = value.get("thresholds") if isinstance(value, dict) else None
+    if (not isinstance(points, list) or not points or not isinstance(thresholds, list) or len(thresholds) != len(points)
+            or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 1 for t in thresholds)):
+        raise PlanError("plan 'early_exit' must hold 'points' (layer names) and one threshold in (0, 1] per point. "
+                        f"Received: {value!r}")
+    _names(points, "early_exit.points")
+    return dict(value)
 
 
 def _names(value: Any, key: str) -> tuple[str, ...]:

@@ -21,6 +21,9 @@ this module imports no TensorFlow:
   the accuracy holds (`compressor.search.block_search`; fixed_loss only).
 - "gating": a stage too: after the static ones, a learned gate before each residual
   block decides per input whether the block runs (`compressor.search.gating`).
+- "early-exit": a stage too, last: small classifiers after chosen layers answer the
+  inputs they are confident on, and the rest of the network does not run
+  (`compressor.search.early_exit`).
 
 Per-layer techniques are tried on a layer in `priority` order (lowest first); the
 first that applies edits it (`technique_for`). A run's `Registry` holds the technique
@@ -133,6 +136,7 @@ register("hessian", "compressor.techniques.hessian:Hessian", priority=10, summar
 register("sparsity", "compressor.techniques.sparsity:Sparsity", priority=90,
          summary="masked kernels; with tucker or svd, sparse residuals")
 register("gating", kind=STAGE, summary="learned per-input skipping of residual blocks, last")
+register("early-exit", kind=STAGE, summary="internal classifiers that answer confident inputs early, last (fixed_loss)")
 
 
 # --- names (no TensorFlow) ------------------------------------------------------------------
