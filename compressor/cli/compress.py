@@ -195,6 +195,7 @@ def _render(report: dict) -> None:
         + f", {report['timings_s']['search']:.1f} s; total {report['timings_s']['total']:.1f} s"
     )
     _render_gating(report.get("gating"))
+    _render_exits(report.get("early_exit"))
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"report for people: {folder / 'report.md'}")
@@ -218,6 +219,26 @@ def _render_gating(gating: Optional[dict]) -> None:
         console.print(
             f"gated TFLite: {tflite['latency_ms']['mean']:.3f} ms per input on average against "
             f"{tflite['static_latency_ms']['mean']:.3f} ms without gates ({tflite['mean_latency_ratio']:.2f}×, same run)"
+        )
+
+
+def _render_exits(exits: Optional[dict]) -> None:
+    """Two lines: where the inputs left and the FLOPs they ran, and what that does to the TFLite latency."""
+    if not exits:
+        return
+    if not exits["applied"]:
+        console.print(f"[yellow]early exits not applied:[/] {exits['reason']}")
+        return
+    flops = exits.get("flops_per_input")
+    if flops:
+        left = ", ".join(f"{e['rate']:.0%} after {e['point']}" for e in exits["exits"])
+        console.print(f"early exits: {left}; FLOPs per input {flops['mean']:,.0f} on average "
+                      f"({exits['expected_flops_fraction']:.2f} of the static model)")
+    tflite = exits.get("tflite")
+    if tflite:
+        console.print(
+            f"early-exit TFLite: {tflite['latency_ms']['mean']:.3f} ms per input on average against "
+            f"{tflite['static_latency_ms']['mean']:.3f} ms without exits ({tflite['mean_latency_ratio']:.2f}×, same run)"
         )
 
 

@@ -7,9 +7,9 @@ left under `--time-limit` (`static_context`), and the exits spend what they left
 thresholds held against the original with the same step rule and the same guard as
 every static step.
 
-Exits are kept only when the early-exit TFLite model is faster per input than the
-static one, measured on the search data (`compressor.pipeline.gating.check_speed`),
-and when the run's guard accepts it. The plan records the exit points, thresholds and
+Every calibrated set of exits is timed as a TFLite file against the static model on the
+search data, one input after another; the fastest is kept only when it is faster per
+input than the static one, and when the run's guard accepts it. The plan records the exit points, thresholds and
 training settings (`exit_entry`); a replay trains the heads again with them (the
 network is frozen, so that is deterministic) and sets the thresholds.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
@@ -86,11 +86,15 @@ class ExitStage:
             return ExitRecord(None)
         judge = judged_top1(run)
         outcome = add_exits(static, ctx.data.train, search, sample_values(ctx.model, search), ctx.budget.limit,
-                            _settings(ctx), final_correct=judge(static, search) if judge else None, log=ctx.log)
-        if outcome.model is not None:
-            from compressor.pipeline.gating import check_speed
-
-            check_speed(ctx, static, outcome, what="early-exit", parts="the exits")
+                            _settings(ctx), final_correct=judge(static, search) if judge else None,
+                            timer=_timer(ctx), log=ctx.log)
+        check = outcome.latency_check
+        if outcome.model is not None and check["gated_ms"] >= check["static_ms"]:
+            outcome.model = None
+            outcome.reason = (
+                f"the fastest early-exit TFLite model took {check['gated_ms']:.3f} ms per input on average against "
+                f"{check['static_ms']:.3f} ms without exits ({check['samples']} {check['data']} inputs): the exits cost "
+                "more than they skip")
         if outcome.model is not None and not run.accepts("early exits", outcome.model):
             outcome.model = None
             outcome.reason = "the guard did not accept the early-exit model (drop not confirmed within the budget)"
@@ -110,6 +114,23 @@ class ExitStage:
         static = run.compressed
         run.static, run.compressed = static, replay_exits(static, record.entry, ctx.data.train)
         return record
+
+
+def _timer(ctx: RunContext) -> Callable[[list], list]:
+    """Times models as TFLite files on the search data (else the training data), one input after another."""
+    from compressor.bench.keras_latency import tflite_latencies
+    from compressor.pipeline.gating import LATENCY_SAMPLES
+
+    data, name = (ctx.data.search, "search") if ctx.data.search is not None else (ctx.data.train, "training")
+    x = data.x[:LATENCY_SAMPLES]
+
+    def timer(models: list) -> list:
+        ctx.log(f"timing {len(models) - 1} early-exit TFLite model(s) against the static one on {len(x)} {name} inputs")
+        times = tflite_latencies(models, x, threads=ctx.options.threads, seed=ctx.options.seed)
+        timer.check = {"data": name, "samples": len(x)}  # type: ignore[attr-defined]
+        return times
+
+    return timer
 
 
 def _settings(ctx: RunContext) -> ExitSettings:

@@ -12,11 +12,13 @@ Present when the run asked for early exits (or replayed a plan with them):
 - tflite: the early-exit TFLite file's mean per-input latency against the static model's,
   timed interleaved on the held-out inputs (`mean_latency_ratio`).
 - parity: each runtime artifact run one input at a time against the Keras model, per exit.
+- search: what the search data showed: each head's accuracy, the thresholds chosen, and
+  every calibrated exit set (`candidates`) with its rates, FLOPs and measured latency.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 if TYPE_CHECKING:
     from compressor.pipeline.context import Run
@@ -69,5 +71,57 @@ def _search(outcome: Any) -> dict[str, Any]:
         "accuracy": outcome.accuracy,
         "baseline_accuracy": outcome.baseline_accuracy,
         "latency_check": outcome.latency_check,
+        "candidates": list(outcome.candidates),
         "seconds": round(outcome.seconds, 3),
     }
+
+
+def exits_markdown(report: Mapping[str, Any]) -> str:
+    """report.md's "Early exits": per exit its rate and accuracy, FLOPs and TFLite latency per input, parity."""
+    from compressor.report.cells import MISSING, count, integer, ms, percent, ratio, table, times
+    from compressor.report.plots import is_number, list_of, mapping_of
+
+    entry = mapping_of(report.get("early_exit"))
+    if not entry:
+        return ""
+    if not entry.get("applied"):
+        return f"## Early exits\n\nNot applied: {entry.get('reason') or MISSING}."
+    exits = [mapping_of(e) for e in list_of(entry.get("exits"))]
+    final = mapping_of(entry.get("final"))
+    rows = [[f"after `{e.get('point', '?')}`", f"{e.get('threshold', 0):.3f}" if is_number(e.get("threshold")) else MISSING,
+             percent(e.get("rate")), percent(e.get("accuracy")), integer(e.get("flops"))] for e in exits]
+    rows.append(["the whole network", MISSING, percent(final.get("rate")), percent(final.get("accuracy")),
+                 integer(final.get("flops"))])
+    flops = mapping_of(entry.get("flops_per_input"))
+    tflite = mapping_of(entry.get("tflite"))
+    static_latency, latency = mapping_of(tflite.get("static_latency_ms")), mapping_of(tflite.get("latency_ms"))
+    intro = (f"{count(len(exits), 'exit')} answer the inputs they are confident on (largest softmax probability at "
+             f"least the threshold); the rest of the network does not run for them. Measured on "
+             f"{entry.get('samples', MISSING)} {entry.get('measured_on') or ''} inputs.")
+    summary = [
+        ["FLOPs per input", integer(entry.get("static_flops")),
+         f"{integer(_rounded(flops.get('mean')))} mean ({ratio(flops.get('mean'), entry.get('static_flops'))}); "
+         f"p10–p90 {integer(_rounded(flops.get('p10')))}–{integer(_rounded(flops.get('p90')))}"],
+        ["TFLite latency per input (mean, same run)", ms(static_latency.get("mean")),
+         f"{ms(latency.get('mean'))} ({times(tflite.get('mean_latency_ratio'))})"],
+    ]
+    parts = ["## Early exits", intro, table(["exit", "threshold", "answers", "accuracy there", "FLOPs per input"], rows, "lrrrr"),
+             table(["", "without exits", "with exits"], summary, "lrr")]
+    parity = [mapping_of(p) for p in list_of(entry.get("parity"))]
+    if parity:
+        cells = []
+        for artifact in parity:
+            for per_exit in (mapping_of(e) for e in list_of(artifact.get("per_exit"))):
+                where = "end" if per_exit.get("exit") == "end" else f"exit {per_exit.get('exit')}"
+                cells.append([f"{artifact.get('format')} ({artifact.get('quantize')})", where, integer(per_exit.get("inputs")),
+                              f"{per_exit.get('max_abs_diff', 0):.2g}" if is_number(per_exit.get("max_abs_diff")) else MISSING,
+                              percent(per_exit.get("top1_agreement"))])
+        parts.append("Each artifact run one input at a time against the Keras model, by where the input left:")
+        parts.append(table(["artifact", "left at", "inputs", "max abs diff", "same top-1"], cells, "llrrr"))
+    return "\n\n".join(parts)
+
+
+def _rounded(value: Any) -> Any:
+    from compressor.report.plots import is_number
+
+    return round(value) if is_number(value) else value

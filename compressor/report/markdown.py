@@ -21,6 +21,7 @@ from compressor.io.atomic import ensure_dir, write_bytes_atomic
 from compressor.report.cells import (
     MISSING, arrow, change_points, count, integer, ms, percent, points, ratio, size, table, times,
 )
+from compressor.report.exits import exits_markdown
 from compressor.report.plots import Plot, accuracy_vs_compression, is_number, layer_params, list_of, mapping_of
 
 PLOTS_DIR = "plots"
@@ -76,6 +77,7 @@ def render_markdown(
             _artifacts(report, out_dir),
             _search(report, plots.get("trace")),
             _gating(report),
+            exits_markdown(report),
             _layers(report, plots.get("layers")),
             _notes(report),
             _timings(report),

@@ -11,8 +11,13 @@ thresholds from a grid (quantiles of each exit's confidence, and closed) is scor
 the FLOPs it runs per input on average, and kept only if it holds against the
 original's correctness as a search step does (`compressor.search.confidence.step_holds`:
 the run's guard can be expected to accept it). The cheapest combination that holds is
-chosen; exits it closes are left out of the model, which is then built once
-(`compressor.techniques.early_exit.insert_exits`) for the run's guard to judge.
+chosen; exits it closes are left out of the model.
+
+FLOPs are not latency: an exit costs its head and one condition for every input that
+reaches it, whether it answers or not, and on a small network that overhead is of the
+order of what a late exit saves. So every subset of the exits is calibrated on its own,
+and, given a timer, the candidates are built (`compressor.techniques.early_exit.insert_exits`)
+and timed as TFLite files; the fastest is kept, for the run's guard to judge.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from compressor.techniques.early_exit import (
 )
 
 Log = Callable[[str], None]
+Timer = Callable[[list], list]
+"""Mean latency per input (ms) of each model of a list (`compressor.bench.keras_latency.tflite_latencies`)."""
 
 QUANTILES = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 """Where each exit's candidate thresholds sit among its confidences on the search data."""
@@ -92,7 +99,9 @@ class ExitOutcome:
         baseline_accuracy: The original's there.
         seconds: Wall time.
         reason: Why there is no model, for people.
-        latency_check: The caller's TFLite timing of the model without and with exits.
+        latency_check: The TFLite timing of the model without exits and of the chosen exits.
+        candidates: Each calibrated exit set: its exits, thresholds, rates, FLOPs per input
+            and accuracy on the search data, and its measured latency ("ms") when timed.
     """
 
     model: Optional[keras.Model]
@@ -110,12 +119,18 @@ class ExitOutcome:
     seconds: float = 0.0
     reason: Optional[str] = None
     latency_check: Optional[dict] = None
+    candidates: list[dict] = field(default_factory=list)
 
 
 def add_exits(static: keras.Model, train: Dataset, search: Dataset, baseline_correct: np.ndarray, limit: float,
-              settings: ExitSettings, final_correct: Optional[np.ndarray] = None, log: Log = lambda message: None
-              ) -> ExitOutcome:
+              settings: ExitSettings, final_correct: Optional[np.ndarray] = None, timer: Optional[Timer] = None,
+              log: Log = lambda message: None) -> ExitOutcome:
     """Place, train and calibrate exits on `static` (module docstring).
+
+    Every subset of the trained exits is calibrated on its own (an exit costs its head
+    and a condition for every input that reaches it, so fewer exits can be faster).
+    With `timer`, the candidates are timed and the fastest is kept; without, the one
+    that runs the fewest FLOPs per input on the search data.
 
     Args:
         static: The network (not changed).
@@ -126,6 +141,7 @@ def add_exits(static: keras.Model, train: Dataset, search: Dataset, baseline_cor
         settings: Placement, training and the step rule.
         final_correct: Per search sample, whether the network's answer is right as the
             run judges it (its quantized file); default: the Keras model's.
+        timer: Gives the mean latency per input (ms) of each model of a list, `static` first.
 
     Raises:
         CompressorError: The model has no exit point, or data without labels.
@@ -146,31 +162,62 @@ def add_exits(static: keras.Model, train: Dataset, search: Dataset, baseline_cor
     final_correct = (final.argmax(-1) == search.y) if final_correct is None else np.asarray(final_correct, bool)
     outcome = ExitOutcome(None, points, settings, static_flops=model_cost(static).flops)
     outcome.head_accuracy = [float((p.argmax(-1) == search.y).mean()) for p in exit_probabilities]
-    head_flops = [model_cost(head).flops for head in heads]
-    thresholds = calibrate(exit_probabilities, final_correct, search.y, baseline_correct, limit, points, head_flops,
-                           outcome.static_flops, settings)
-    outcome.thresholds = tuple(thresholds)
-    kept = [k for k, t in enumerate(thresholds) if t < CLOSED]
     outcome.baseline_accuracy = float(np.mean(baseline_correct))
-    if not kept:
+    head_flops = [model_cost(head).flops for head in heads]
+    candidates: dict[tuple[int, ...], list[float]] = {}
+    for size in range(len(points), 0, -1):
+        for subset in itertools.combinations(range(len(points)), size):
+            thresholds = calibrate(exit_probabilities, final_correct, search.y, baseline_correct, limit, points,
+                                   head_flops, outcome.static_flops, settings, subset=subset)
+            kept = tuple(k for k, t in enumerate(thresholds) if t < CLOSED)
+            if kept:
+                candidates.setdefault(kept, thresholds)
+    if not candidates:
+        outcome.thresholds = (CLOSED,) * len(points)
         outcome.reason = "no exit answers confidently enough for the accuracy to hold within the budget"
         outcome.seconds = time.perf_counter() - started
         return outcome
-    choice, correct = _answered(exit_probabilities, final_correct, search.y, thresholds)
-    costs = answer_costs([points[k] for k in kept], [head_flops[k] for k in kept], outcome.static_flops)
-    index = np.searchsorted(kept, choice) if len(kept) else choice  # exit k → its position among the kept ones
-    index[choice == len(points)] = len(kept)
-    outcome.kept = tuple(points[k].name for k in kept)
-    outcome.costs = costs
-    outcome.rates = [float(np.mean(index == i)) for i in range(len(kept) + 1)]
-    outcome.mean_flops = float(np.mean(np.asarray(costs, np.float64)[index]))
-    outcome.accuracy = float(correct.mean())
-    outcome.model = build_exits(static, [points[k] for k in kept], [heads[k] for k in kept],
-                                [thresholds[k] for k in kept], _probabilities(static, final))
+    probabilities = _probabilities(static, final)
+    scored = []
+    for kept, thresholds in candidates.items():
+        choice, correct = _answered(exit_probabilities, final_correct, search.y, thresholds)
+        costs = answer_costs([points[k] for k in kept], [head_flops[k] for k in kept], outcome.static_flops)
+        index = _positions(choice, kept, len(points))
+        scored.append({"exits": [points[k].name for k in kept], "thresholds": [thresholds[k] for k in kept],
+                       "rates": [float(np.mean(index == i)) for i in range(len(kept) + 1)],
+                       "flops": float(np.mean(np.asarray(costs, np.float64)[index])), "accuracy": float(correct.mean()),
+                       "costs": costs, "kept": kept, "all_thresholds": thresholds})
+    models = [build_exits(static, [points[k] for k in c["kept"]], [heads[k] for k in c["kept"]], c["thresholds"],
+                          probabilities) for c in scored]
+    if timer is not None:
+        log(f"early exits: timing {len(models)} calibrated exit set(s) against the network without exits")
+        static_ms, *times = timer([static, *models])
+        for candidate, ms in zip(scored, times):
+            candidate["ms"] = ms
+        best = int(np.argmin(times))
+        outcome.latency_check = {"static_ms": static_ms, "gated_ms": times[best],
+                                 **getattr(timer, "check", {"data": search.source, "samples": None})}
+    else:
+        best = int(np.argmin([c["flops"] for c in scored]))
+    chosen = scored[best]
+    outcome.candidates = [{key: c[key] for key in ("exits", "thresholds", "rates", "flops", "accuracy", "ms") if key in c}
+                          for c in scored]
+    outcome.thresholds = tuple(chosen["all_thresholds"])
+    outcome.kept = tuple(chosen["exits"])
+    outcome.costs, outcome.rates = chosen["costs"], chosen["rates"]
+    outcome.mean_flops, outcome.accuracy = chosen["flops"], chosen["accuracy"]
+    outcome.model = models[best]
     log(f"early exits: {', '.join(outcome.kept)} answer {1 - outcome.rates[-1]:.0%} of the search data; "
         f"{outcome.mean_flops / outcome.static_flops:.2f} of the FLOPs per input on average")
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def _positions(choice: np.ndarray, kept: Sequence[int], exits: int) -> np.ndarray:
+    """Per sample, the position among the `kept` exits of the one that answered, len(kept) for the end."""
+    index = np.searchsorted(np.asarray(kept), choice)
+    index[choice == exits] = len(kept)
+    return index
 
 
 def build_exits(static: keras.Model, points: Sequence[ExitPoint], heads: Sequence[keras.Model],
@@ -250,10 +297,17 @@ def exit_choices(static: keras.Model, model: keras.Model, x: np.ndarray) -> tupl
 
 def calibrate(exit_probabilities: Sequence[np.ndarray], final_correct: np.ndarray, y: np.ndarray,
               baseline_correct: np.ndarray, limit: float, points: Sequence[ExitPoint], head_flops: Sequence[int],
-              static_flops: int, settings: Any) -> list[float]:
-    """The thresholds (CLOSED: exit left out) that run the fewest FLOPs per input on average and hold (module docstring)."""
+              static_flops: int, settings: Any, subset: Optional[Sequence[int]] = None) -> list[float]:
+    """The thresholds (CLOSED: exit left out) that run the fewest FLOPs per input on average and hold (module docstring).
+
+    Args:
+        subset: The exits that may open (default: all); the others stay CLOSED.
+    """
     grids = []
-    for probabilities in exit_probabilities:
+    for k, probabilities in enumerate(exit_probabilities):
+        if subset is not None and k not in subset:
+            grids.append([CLOSED])
+            continue
         confidence = probabilities.max(axis=-1)
         grids.append(sorted({float(np.quantile(confidence, q)) for q in QUANTILES}) + [CLOSED])
     best, best_cost = [CLOSED] * len(points), float("inf")
@@ -263,8 +317,7 @@ def calibrate(exit_probabilities: Sequence[np.ndarray], final_correct: np.ndarra
             continue
         choice, correct = _answered(exit_probabilities, final_correct, y, thresholds)
         costs = answer_costs([points[k] for k in kept], [head_flops[k] for k in kept], static_flops)
-        index = np.searchsorted(kept, choice)
-        index[choice == len(points)] = len(kept)
+        index = _positions(choice, kept, len(points))
         cost = float(np.mean(np.asarray(costs, np.float64)[index]))
         if cost < best_cost and cost < costs[-1] and step_holds(baseline_correct, correct, limit, settings):
             best, best_cost = list(thresholds), cost
