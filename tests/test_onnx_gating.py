@@ -197,7 +197,7 @@ def test_check_refuses_a_broken_branch_and_a_lost_if(gated):
     model, _ = gated
     set_offsets(model, OPEN)
     proto = convert_gated(model)
-    with pytest.raises(ExportError, match="kept 2 If nodes for 3 gated blocks"):
+    with pytest.raises(ExportError, match="kept 2 If nodes for 3 gates and exits"):
         onnx_gating._check(proto, gates=3)
     then = next(attr.g for attr in _if_nodes(proto)[0].attribute if attr.name == "then_branch")
     conv = next(n for n in then.node if n.op_type == "Conv")

@@ -73,7 +73,7 @@ def test_names_help_and_plans_need_no_tensorflow():
     found = json.loads(done.stdout)
     assert found["heavy"] == []
     assert found["layer"] == ["tucker", "svd", "hessian", "sparsity"]
-    assert found["stage"] == ["blocks", "channels", "gating"]
+    assert found["stage"] == ["blocks", "channels", "gating", "early-exit"]
     assert all(name in found["help"] for name in found["layer"] + found["stage"])
 
 
