@@ -85,10 +85,13 @@ class ExitStage:
             ctx.log("early exits: not trained, the guard rejected an earlier model and accepts nothing more")
             return ExitRecord(None)
         judge = judged_top1(run)
+        timer, timed_on = _timer(ctx)
         outcome = add_exits(static, ctx.data.train, search, sample_values(ctx.model, search), ctx.budget.limit,
                             _settings(ctx), final_correct=judge(static, search) if judge else None,
-                            timer=_timer(ctx), log=ctx.log)
+                            timer=timer, log=ctx.log)
         check = outcome.latency_check
+        if check is not None:
+            check.update(timed_on)
         if outcome.model is not None and check["gated_ms"] >= check["static_ms"]:
             outcome.model = None
             outcome.reason = (
@@ -116,8 +119,9 @@ class ExitStage:
         return record
 
 
-def _timer(ctx: RunContext) -> Callable[[list], list]:
-    """Times models as TFLite files on the search data (else the training data), one input after another."""
+def _timer(ctx: RunContext) -> tuple[Callable[[list], list], dict[str, Any]]:
+    """Times models as TFLite files on the search data (else the training data), one input after another;
+    with what it times on ({"data", "samples"})."""
     from compressor.bench.keras_latency import tflite_latencies
     from compressor.pipeline.gating import LATENCY_SAMPLES
 
@@ -126,11 +130,9 @@ def _timer(ctx: RunContext) -> Callable[[list], list]:
 
     def timer(models: list) -> list:
         ctx.log(f"timing {len(models) - 1} early-exit TFLite model(s) against the static one on {len(x)} {name} inputs")
-        times = tflite_latencies(models, x, threads=ctx.options.threads, seed=ctx.options.seed)
-        timer.check = {"data": name, "samples": len(x)}  # type: ignore[attr-defined]
-        return times
+        return tflite_latencies(models, x, threads=ctx.options.threads, seed=ctx.options.seed)
 
-    return timer
+    return timer, {"data": name, "samples": len(x)}
 
 
 def _settings(ctx: RunContext) -> ExitSettings:
