@@ -15,7 +15,7 @@ rebuilds them (`replay_gates`).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from compressor.errors import OptionError
 from compressor.pipeline import policy
@@ -105,31 +105,26 @@ def _gate(ctx: RunContext, static: keras.Model) -> GatingOutcome:
     return outcome
 
 
-def check_speed(ctx: RunContext, static: keras.Model, outcome: Any, what: str = "gated", parts: str = "the gates") -> None:
-    """Keep a dynamic model only if its TFLite file is faster per input than the static one, measured.
+def check_speed(ctx: RunContext, static: keras.Model, outcome: GatingOutcome) -> None:
+    """Keep the gates only if the gated TFLite file is faster per input than the static one, measured.
 
     Timed on the search data (else the training data; never the held-out data the
-    report measures on), converted as `compress` exports them, interleaved; a model
-    whose conditions cost more than their skipping saves (small blocks, few skips,
-    exits that rarely answer) is dropped here: `outcome.model` becomes None, with the reason.
-
-    Args:
-        outcome: A gating or early-exit outcome: its `model`, `reason` and `latency_check` are set.
-        what: How the reason names the dynamic model ("gated", "early-exit").
-        parts: How it names what costs the time ("the gates", "the exits").
+    report measures on), converted as `compress` exports them, interleaved; a gated
+    model whose gates cost more than their skipping saves (small blocks, few skips) is
+    dropped here: `outcome.model` becomes None, with the reason.
     """
     from compressor.bench.keras_latency import tflite_latency
 
     data, name = (ctx.data.search, "search") if ctx.data.search is not None else (ctx.data.train, "training")
-    ctx.log(f"timing the {what} TFLite model against the static one")
+    ctx.log("timing the gated TFLite model against the static one")
     x = data.x[:LATENCY_SAMPLES]
     static_ms, gated_ms = tflite_latency(static, outcome.model, x, threads=ctx.options.threads, seed=ctx.options.seed)
     outcome.latency_check = {"static_ms": static_ms, "gated_ms": gated_ms, "data": name, "samples": len(x)}
     if gated_ms >= static_ms:
         outcome.model = None
         outcome.reason = (
-            f"the {what} TFLite model took {gated_ms:.3f} ms per input on average against {static_ms:.3f} ms "
-            f"without them ({len(x)} {name} inputs): {parts} cost more than they skip"
+            f"the gated TFLite model took {gated_ms:.3f} ms per input on average against {static_ms:.3f} ms "
+            f"without gates ({len(x)} {name} inputs): the gates cost more than they skip"
         )
 
 
