@@ -274,3 +274,16 @@ def test_bad_early_exit_options_give_one_clear_line(workdir, tmp_path, args, mes
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_plans_round_trip_their_exits_and_refuse_malformed_ones():
+    from compressor.surgery.plan import Plan, PlanError
+
+    entry = {"points": ["a_out", "b_out"], "thresholds": [0.9, 0.5], "hidden": 128, "epochs": 15, "seed": 0}
+    plan = Plan(model={"name": "m"}, early_exit=entry)
+    assert Plan.from_dict(plan.to_dict()).early_exit == entry
+    assert "early_exit" not in Plan(model={"name": "m"}).to_dict()
+    for bad in ({"points": ["a_out"], "thresholds": [1.5]}, {"points": ["a_out", "b_out"], "thresholds": [0.9]},
+                {"points": [], "thresholds": []}, {"points": [3], "thresholds": [0.5]}, ["a_out"]):
+        with pytest.raises(PlanError, match="early_exit"):
+            Plan.from_dict({**plan.to_dict(), "early_exit": bad})
