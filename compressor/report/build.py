@@ -378,18 +378,26 @@ def _gating_entry(ctx: RunContext, run: Run, plan: Plan, measured: Measured) -> 
     if gates.statistics is not None:
         entry.update(gates.statistics)
         entry["expected_flops_fraction"] = gates.statistics["flops_per_input"]["mean"] / gates.static_flops
-    artifacts, static = measured.artifacts, measured.static_tflite
-    gated = next((a for a in artifacts if a["format"] == "tflite" and a.get("quantize", "none") == "none"), None)
-    if static is not None and gated is not None and gated.get("latency_ms"):
-        entry["tflite"] = {
-            "path": gated["path"],
-            "latency_ms": gated["latency_ms"],
-            "static_path": static["path"],
-            "static_latency_ms": static["latency_ms"],
-            "static_bytes": static["bytes"],
-            "mean_latency_ratio": gated["latency_ms"]["mean"] / static["latency_ms"]["mean"],
-        }
+    tflite = dynamic_tflite(measured)
+    if tflite is not None:
+        entry["tflite"] = tflite
     return entry
+
+
+def dynamic_tflite(measured: Measured) -> Optional[dict[str, Any]]:
+    """A dynamic model's float TFLite file against the static model's, timed in the same run (None: not timed)."""
+    static = measured.static_tflite
+    dynamic = next((a for a in measured.artifacts if a["format"] == "tflite" and a.get("quantize", "none") == "none"), None)
+    if static is None or dynamic is None or not dynamic.get("latency_ms"):
+        return None
+    return {
+        "path": dynamic["path"],
+        "latency_ms": dynamic["latency_ms"],
+        "static_path": static["path"],
+        "static_latency_ms": static["latency_ms"],
+        "static_bytes": static["bytes"],
+        "mean_latency_ratio": dynamic["latency_ms"]["mean"] / static["latency_ms"]["mean"],
+    }
 
 
 SLOWER = 1.10

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 def exit_entry(run: Run, plan: Plan, measured: Measured) -> Optional[dict[str, Any]]:
     """report.json's "early_exit" (module docstring); None when the run has no exit stage."""
     from compressor.pipeline.records import ExitRecord
+    from compressor.report.build import dynamic_tflite
 
     record = run.record(ExitRecord)
     outcome = record.outcome if record is not None else None
@@ -46,17 +47,9 @@ def exit_entry(run: Run, plan: Plan, measured: Measured) -> Optional[dict[str, A
     if exits is not None:
         entry.update(exits)
         entry["expected_flops_fraction"] = exits["flops_per_input"]["mean"] / exits["static_flops"]
-    static = measured.static_tflite
-    dynamic = next((a for a in measured.artifacts if a["format"] == "tflite" and a.get("quantize", "none") == "none"), None)
-    if static is not None and dynamic is not None and dynamic.get("latency_ms"):
-        entry["tflite"] = {
-            "path": dynamic["path"],
-            "latency_ms": dynamic["latency_ms"],
-            "static_path": static["path"],
-            "static_latency_ms": static["latency_ms"],
-            "static_bytes": static["bytes"],
-            "mean_latency_ratio": dynamic["latency_ms"]["mean"] / static["latency_ms"]["mean"],
-        }
+    tflite = dynamic_tflite(measured)
+    if tflite is not None:
+        entry["tflite"] = tflite
     return entry
 
 
@@ -78,7 +71,8 @@ def _search(outcome: Any) -> dict[str, Any]:
 
 def exits_markdown(report: Mapping[str, Any]) -> str:
     """report.md's "Early exits": per exit its rate and accuracy, FLOPs and TFLite latency per input, parity."""
-    from compressor.report.cells import MISSING, count, integer, ms, percent, ratio, table, times
+    from compressor.report.cells import MISSING, count, integer, percent, table
+    from compressor.report.markdown import dynamic_rows
     from compressor.report.plots import is_number, list_of, mapping_of
 
     entry = mapping_of(report.get("early_exit"))
@@ -92,19 +86,10 @@ def exits_markdown(report: Mapping[str, Any]) -> str:
              percent(e.get("rate")), percent(e.get("accuracy")), integer(e.get("flops"))] for e in exits]
     rows.append(["the whole network", MISSING, percent(final.get("rate")), percent(final.get("accuracy")),
                  integer(final.get("flops"))])
-    flops = mapping_of(entry.get("flops_per_input"))
-    tflite = mapping_of(entry.get("tflite"))
-    static_latency, latency = mapping_of(tflite.get("static_latency_ms")), mapping_of(tflite.get("latency_ms"))
     intro = (f"{count(len(exits), 'exit')} answer the inputs they are confident on (largest softmax probability at "
              f"least the threshold); the rest of the network does not run for them. Measured on "
              f"{entry.get('samples', MISSING)} {entry.get('measured_on') or ''} inputs.")
-    summary = [
-        ["FLOPs per input", integer(entry.get("static_flops")),
-         f"{integer(_rounded(flops.get('mean')))} mean ({ratio(flops.get('mean'), entry.get('static_flops'))}); "
-         f"p10–p90 {integer(_rounded(flops.get('p10')))}–{integer(_rounded(flops.get('p90')))}"],
-        ["TFLite latency per input (mean, same run)", ms(static_latency.get("mean")),
-         f"{ms(latency.get('mean'))} ({times(tflite.get('mean_latency_ratio'))})"],
-    ]
+    summary = dynamic_rows(entry)
     parts = ["## Early exits", intro, table(["exit", "threshold", "answers", "accuracy there", "FLOPs per input"], rows, "lrrrr"),
              table(["", "without exits", "with exits"], summary, "lrr")]
     parity = [mapping_of(p) for p in list_of(entry.get("parity"))]
@@ -120,8 +105,3 @@ def exits_markdown(report: Mapping[str, Any]) -> str:
         parts.append(table(["artifact", "left at", "inputs", "max abs diff", "same top-1"], cells, "llrrr"))
     return "\n\n".join(parts)
 
-
-def _rounded(value: Any) -> Any:
-    from compressor.report.plots import is_number
-
-    return round(value) if is_number(value) else value

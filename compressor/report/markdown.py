@@ -362,17 +362,7 @@ def _gating(report: Mapping[str, Any]) -> str:
         return ""
     if not gating.get("applied"):
         return f"## Dynamic gating\n\nNot applied: {gating.get('reason') or MISSING}."
-    flops = mapping_of(gating.get("flops_per_input"))
-    tflite = mapping_of(gating.get("tflite"))
-    static_latency, latency = mapping_of(tflite.get("static_latency_ms")), mapping_of(tflite.get("latency_ms"))
-    rows = [
-        ["FLOPs per input", integer(gating.get("static_flops")),
-         f"{integer(_rounded(flops.get('mean')))} mean ({ratio(flops.get('mean'), gating.get('static_flops'))}); "
-         f"p10–p90 {integer(_rounded(flops.get('p10')))}–{integer(_rounded(flops.get('p90')))}"],
-        ["TFLite latency per input (mean, same run)", ms(static_latency.get("mean")),
-         f"{ms(latency.get('mean'))} ({times(tflite.get('mean_latency_ratio'))})"],
-        ["TFLite latency per input (median)", ms(static_latency.get("median")), ms(latency.get("median"))],
-    ]
+    rows = dynamic_rows(gating, median=True)
     blocks = [mapping_of(block) for block in list_of(gating.get("blocks"))]
     intro = (
         f"{count(len(blocks), 'residual block')} gated, measured on {gating.get('samples', MISSING)} "
@@ -385,6 +375,23 @@ def _gating(report: Mapping[str, Any]) -> str:
         cells = [[f"`{block.get('name', '?')}`", integer(block.get("flops")), percent(block.get("skip_rate"))] for block in blocks]
         parts.append(table(["block", "FLOPs it costs", "skipped for"], cells, "lrr"))
     return "\n\n".join(parts)
+
+
+def dynamic_rows(entry: Mapping[str, Any], median: bool = False) -> list[list[str]]:
+    """A dynamic stage's rows against the static model: FLOPs per input, TFLite latency per input (and its median)."""
+    flops = mapping_of(entry.get("flops_per_input"))
+    tflite = mapping_of(entry.get("tflite"))
+    static_latency, latency = mapping_of(tflite.get("static_latency_ms")), mapping_of(tflite.get("latency_ms"))
+    rows = [
+        ["FLOPs per input", integer(entry.get("static_flops")),
+         f"{integer(_rounded(flops.get('mean')))} mean ({ratio(flops.get('mean'), entry.get('static_flops'))}); "
+         f"p10–p90 {integer(_rounded(flops.get('p10')))}–{integer(_rounded(flops.get('p90')))}"],
+        ["TFLite latency per input (mean, same run)", ms(static_latency.get("mean")),
+         f"{ms(latency.get('mean'))} ({times(tflite.get('mean_latency_ratio'))})"],
+    ]
+    if median:
+        rows.append(["TFLite latency per input (median)", ms(static_latency.get("median")), ms(latency.get("median"))])
+    return rows
 
 
 def _rounded(value: Any) -> Any:
