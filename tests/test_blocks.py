@@ -139,20 +139,29 @@ def _workdir(folder, model):
     return folder
 
 
-def test_blocks_then_channels_end_to_end_and_the_plan_replays(tmp_path):
+def test_blocks_then_channels_end_to_end_and_the_plan_replays(tmp_path, monkeypatch):
     import keras
+
+    import compressor.distillation as distillation
 
     work = _workdir(tmp_path, small_resnet(dead=(0, 3, 6)))
     out = tmp_path / "out"
+    teacher_passes = []
+    real = distillation.teacher_predictions
+    monkeypatch.setattr(distillation, "teacher_predictions",
+                        lambda model, x, *a, **k: teacher_passes.append(len(x)) or real(model, x, *a, **k))
     result = runner.invoke(app, [
         "compress", str(work / "model.keras"), "--out", str(out), "--json", "--runs", "5", "--warmup", "1",
         "--data", str(work / "val.npz"), "--test-data", str(work / "test.npz"), "--train-data", str(work / "train.npz"),
         "--method", "fixed_loss", "--max-acc-loss", "0.05", "--techniques", "blocks,channels", "--export", "tflite,keras",
+        "--finetune-epochs", "1", "--finetune-steps", "2",
     ])
     assert result.exit_code in (0, 2), result.output
     report = json.loads(result.stdout)
     assert report_problems(report) == []
     blocks = report["blocks"]
+    # Both searches fine-tuned from the original's outputs, predicted once for the run.
+    assert teacher_passes == [256] and report["blocks"]["finetune_epochs"] > 0 < report["channels"]["finetune_epochs"]
     # The three dead blocks cost nothing and are removed; blocks spend at most half the budget before channels.
     assert {"stage1_block1_add", "stage2_block2_add", "stage3_block3_add"} <= set(blocks["removed"])
     assert blocks["budget_share"] == 0.5 and blocks["flops"] < blocks["baseline_flops"]
@@ -174,7 +183,7 @@ def test_blocks_then_channels_end_to_end_and_the_plan_replays(tmp_path):
     again = tmp_path / "again"
     replayed = runner.invoke(app, ["compress", str(work / "model.keras"), "--out", str(again), "--json", "--runs", "5",
                                    "--warmup", "1", "--plan", str(out / "plan.json"), "--test-data",
-                                   str(work / "test.npz"), "--export", "keras"])
+                                   str(work / "test.npz"), "--train-data", str(work / "train.npz"), "--export", "keras"])
     assert replayed.exit_code == 0, replayed.output
     first, second = keras.models.load_model(out / "model.keras"), keras.models.load_model(again / "model.keras")
     assert [layer.name for layer in first.layers] == [layer.name for layer in second.layers]

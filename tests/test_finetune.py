@@ -261,6 +261,24 @@ def test_unreached_target_runs_all_epochs(data, teacher):
     assert result.epochs_run == 2 and not result.stopped_early
 
 
+def test_without_measure_last_the_last_check_measures_nothing_and_the_others_still_stop(data, teacher, monkeypatch):
+    import compressor.finetune as module
+
+    train, val = data
+    measured = []
+    real = module.accuracy
+    monkeypatch.setattr(module, "accuracy", lambda model, data, *a, **k: measured.append(len(data)) or real(model, data))
+    steps = math.ceil(len(train) / 64)
+    config = FinetuneConfig(epochs=2, check_every=max(1, steps // 2))
+    result = finetune(damaged(teacher), teacher, train, config, val=val, target_accuracy=1.0, measure_last=False)
+    # Every check but the one after the last step measured val; that one is in the history, unmeasured.
+    assert [entry["val_accuracy"] is None for entry in result.history] == [False] * (len(result.history) - 1) + [True]
+    assert len(measured) == len(result.history) - 1 >= 2 and result.steps == 2 * steps
+    # A check before the last step still stops the run.
+    early = finetune(copy_of(teacher), teacher, train, config, val=val, target_accuracy=0.0, measure_last=False)
+    assert early.stopped_early and early.history[-1]["val_accuracy"] is not None and early.steps < 2 * steps
+
+
 # --- fixed masks -------------------------------------------------------------------------
 
 

@@ -85,3 +85,30 @@ def test_the_judged_format_follows_the_budgets_artifact():
 def test_a_judge_without_a_quantized_artifact_is_refused(fmt, mode, match):
     with pytest.raises(ExportError, match=match):
         QuantizedJudge(fmt, mode)
+
+
+def test_the_judge_converts_a_model_once_until_its_weights_change(fragile, monkeypatch):
+    model, data = fragile
+    judge = QuantizedJudge("tflite", "int8", calibration=data.x[:100])
+    writes = []
+    real = QuantizedJudge._write
+    monkeypatch.setattr(QuantizedJudge, "_write", lambda self, m, folder: writes.append(1) or real(self, m, folder))
+    first = judge.values(model, data, TOP1)
+    # The step check and the guard judge the same model on two splits: one conversion.
+    assert np.array_equal(judge.values(model, data, TOP1), first) and len(writes) == 1
+    weights = model.get_weights()
+    try:
+        kernel = weights[0].copy()
+        kernel[:, 10] = 0  # without the large unit, the small ones survive int8
+        model.layers[1].set_weights([kernel, weights[1]])
+        again = judge.values(model, data, TOP1)
+        assert len(writes) == 2 and again.mean() > first.mean() + 0.3
+    finally:
+        model.set_weights(weights)
+    assert np.array_equal(judge.values(model, data, TOP1), first) and len(writes) == 3
+    folder = judge.artifact(model).parent.parent
+    del judge
+    import gc
+
+    gc.collect()
+    assert not folder.exists()  # the judge's folder goes with it

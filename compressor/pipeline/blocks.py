@@ -52,7 +52,7 @@ class BlockStage:
             deadline = now + max(deadline - now, 0.0) * BLOCK_SHARE
         result = search_blocks(ctx.model, ctx.budget, settings, ctx.data.search, ctx.data.train, ctx.log, ctx.progress,
                                accept=run.accepts if run.acceptance is not None else None, deadline=deadline,
-                               judge=judged_top1(run))
+                               judge=judged_top1(run), teacher_outputs=ctx.teacher_outputs)
         run.working = run.compressed = result.model
         return BlockRecord(result.removed, result)
 

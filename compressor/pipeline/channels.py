@@ -60,7 +60,7 @@ class ChannelStage:
         data = ctx.data
         result = search_channels(run.working, budget, settings, data.search, data.train, ctx.log, ctx.progress,
                                  accept=run.accepts if run.acceptance is not None else None, deadline=ctx.deadline,
-                                 judge=judged_top1(run), reference=ctx.model)
+                                 judge=judged_top1(run), reference=ctx.model, teacher_outputs=ctx.teacher_outputs)
         run.working = run.compressed = result.model
         return ChannelRecord(result.removals, result)
 

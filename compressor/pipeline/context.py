@@ -17,6 +17,7 @@ from compressor.metrics import TOP1, Metric
 
 if TYPE_CHECKING:
     import keras
+    import numpy as np
 
     from compressor.config import CompressOptions
     from compressor.io.data import Dataset
@@ -81,6 +82,21 @@ class RunContext:
     progress: Progress = lambda stage, done, total: None
     metric: Metric = TOP1
     deadline: Optional[float] = None
+    _teacher: list[np.ndarray] = field(default_factory=list, compare=False, repr=False)
+
+    def teacher_outputs(self) -> np.ndarray:
+        """The original model's outputs for every training sample, computed on the first call of the run.
+
+        Every stage that distils from the original (block removal, the channel search,
+        the fine-tuning stage) reads these: one inference pass over the training data
+        (83 s for Fashion-MNIST's 48,000 images through a ResNet-20 on 2 cores) instead
+        of one per stage.
+        """
+        if not self._teacher:
+            from compressor.distillation import teacher_predictions
+
+            self._teacher.append(teacher_predictions(self.model, self.data.train.x))
+        return self._teacher[0]
 
 
 class StageRecord(Protocol):

@@ -27,7 +27,8 @@ from compressor.pipeline.records import FinetuneRecord, LayerRecord, step_tuning
 from compressor.surgery.plan import LayerEdit, Plan
 
 CHECKS_PER_RUN = 4
-"""With `finetune_steps` N, a search's fine-tuning checks the search data every ceil(N / 4) steps as well."""
+"""With `finetune_steps` N, a search's fine-tuning checks the search data every ceil(N / 4) steps as well
+(not after its last step: the search measures each step itself right after)."""
 
 if TYPE_CHECKING:
     from compressor.config import CompressOptions
@@ -107,6 +108,7 @@ def _finetune(ctx: RunContext, run: Run, edits: tuple[LayerEdit, ...]) -> Finetu
     ctx.log(f"fine-tuning up to {options.finetune_epochs} epoch(s){cap}")
     return finetune(
         run.compressed, ctx.model, ctx.data.train, finetune_config(options),
+        teacher_outputs=ctx.teacher_outputs() if ctx.data.train is not None else None,
         val=search,
         target_accuracy=target,
         masks={name: mask for name, mask in fixed_masks(run.compressed).items() if name not in gradual},

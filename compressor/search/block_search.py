@@ -138,6 +138,7 @@ def search_blocks(
     accept: Optional[Callable[[str, keras.Model], bool]] = None,
     deadline: Optional[float] = None,
     judge: Optional[Callable[[keras.Model, Dataset], np.ndarray]] = None,
+    teacher_outputs: Optional[Callable[[], np.ndarray]] = None,
 ) -> BlockResult:
     """Remove residual blocks of `model` while its accuracy holds (module docstring).
 
@@ -191,10 +192,11 @@ def search_blocks(
         if not tuning:
             return 0
         if not teacher:
-            teacher.append(teacher_predictions(model, train_data.x))
+            teacher.append(teacher_outputs() if teacher_outputs is not None else teacher_predictions(model, train_data.x))
         outcome = finetune(candidate, None, train_data, settings.finetune, val=search_data,
                            target_accuracy=baseline_accuracy - limit / 4, teacher_outputs=teacher[0],
-                           on_step=lambda done, total: (progress or (lambda *a: None))("fine-tuning", done, total))
+                           on_step=lambda done, total: (progress or (lambda *a: None))("fine-tuning", done, total),
+                           measure_last=False)  # checked right after
         result.epochs += outcome.epochs_run
         result.finetune_steps += outcome.steps
         return outcome.epochs_run

@@ -129,6 +129,7 @@ def search_channels(
     deadline: Optional[float] = None,
     judge: Optional[Callable[[keras.Model, Dataset], np.ndarray]] = None,
     reference: Optional[keras.Model] = None,
+    teacher_outputs: Optional[Callable[[], np.ndarray]] = None,
 ) -> ChannelResult:
     """Remove channels of `model` to meet `budget`.
 
@@ -156,6 +157,9 @@ def search_channels(
             `model` is already a compressed copy of it (blocks removed before the
             channels); the guard's labels give costs as fractions of it too. Default:
             `model`.
+        teacher_outputs: Called once, before the first fine-tuning run, for the
+            reference's outputs on `train_data` (a run computes them once for all its
+            stages, `RunContext.teacher_outputs`). None: predicted here.
 
     Returns:
         The pruned model and its record.
@@ -179,7 +183,8 @@ def search_channels(
     if not any(group.prunable for group in groups):
         reasons = "; ".join(f"{name}: {reason}" for name, reason in blocked[:3]) or "it has no channel groups"
         raise CompressorError(f"no channel group of '{model.name}' can be pruned ({reasons})")
-    run = _Run(model, groups, budget, settings, search_data, train_data, log, progress, accept, deadline, judge, reference)
+    run = _Run(model, groups, budget, settings, search_data, train_data, log, progress, accept, deadline, judge, reference,
+               teacher_outputs)
     if budget.kind != "accuracy_drop":
         run.to_cost(budget.limit)
     elif tuning:
@@ -212,7 +217,7 @@ class _Run:
     """The state of one channel search: the current model, its cost, the steps taken."""
 
     def __init__(self, model, groups, budget, settings, search_data, train_data, log, progress=None, accept=None,
-                 deadline=None, judge=None, reference=None) -> None:
+                 deadline=None, judge=None, reference=None, teacher=None) -> None:
         from compressor.graph.cost import model_cost
 
         self.accept, self.deadline, self.judge = accept, deadline, judge  # see `search_channels`
@@ -236,7 +241,7 @@ class _Run:
         self.baseline_correct = self._correct(self.reference) if _labelled(search_data) else None
         self.baseline_accuracy = None if self.baseline_correct is None else float(self.baseline_correct.mean())
         self.accuracy = self.baseline_accuracy
-        self.teacher_outputs = None
+        self.teacher_outputs, self.teacher = None, teacher
         self.kind = budget.kind if budget.kind in ("params", "flops") else settings.objective
 
     # Budgets.
@@ -396,7 +401,8 @@ class _Run:
         from compressor.finetune import finetune
 
         if self.teacher_outputs is None:
-            self.teacher_outputs = teacher_predictions(self.reference, self.train_data.x)
+            self.teacher_outputs = self.teacher() if self.teacher is not None \
+                else teacher_predictions(self.reference, self.train_data.x)
         config = self.settings.finetune
         if run:
             config = replace(config, seed=config.seed + run)
@@ -405,6 +411,7 @@ class _Run:
             val=self.search_data if _labelled(self.search_data) else None,
             target_accuracy=target_accuracy, teacher_outputs=self.teacher_outputs,
             on_step=lambda done, total: self.progress("fine-tuning", done, total),
+            measure_last=False,  # the step is checked right after, as the guard will judge it
         )
         self.epochs += result.epochs_run
         self.finetune_steps += result.steps
