@@ -11,15 +11,12 @@ same file (`compressor.search.channel_search`, `judge`). For a Fashion-MNIST Res
 converting to int8 and running 6,000 images took 7.7–14.1 s, where Keras took 10.3–10.5 s
 for the same images. A step that holds on the search data is shown to the guard
 unchanged, so the judge keeps its last file and converts again only for another model
-or other weights (`QuantizedJudge.artifact`): one conversion per step, not two.
+or other weights (`QuantizedJudge.artifact`, by `model_fingerprint`): one conversion per step, not two.
 """
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 import tempfile
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -87,20 +84,15 @@ class QuantizedJudge:
         Raises:
             ExportError: The model does not convert or quantize.
         """
-        key = (id(model), weights_digest(model))
-        if self._last.get("key") == key and Path(self._last["path"]).exists():
-            return Path(self._last["path"])
-        if "root" not in self._last:
-            root = tempfile.mkdtemp(prefix="compressor-judge-")
-            self._last["root"] = root
-            weakref.finalize(self, shutil.rmtree, root, True)
-        self._last.pop("key", None)
-        folder = Path(self._last["root"]) / "current"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir()
-        path = self._write(model, folder)
-        self._last.update(key=key, path=str(path))
-        return path
+        from compressor.search.fingerprint import model_fingerprint
+
+        key = (id(model), model_fingerprint(model))
+        if self._last.get("key") != key:
+            folder = self._last.setdefault("folder", tempfile.TemporaryDirectory(prefix="compressor-judge-"))
+            self._last.pop("key", None)
+            self._last["path"] = self._write(model, Path(folder.name))
+            self._last["key"] = key
+        return self._last["path"]
 
     def _write(self, model: keras.Model, folder: Path) -> Path:
         from compressor.export.quantize import export_onnx_quantized, export_tflite_quantized
@@ -117,14 +109,3 @@ def judged_format(formats: Sequence[str]) -> Optional[str]:
     """The quantized format the guard judges among the exported `formats`: TFLite first, else ONNX, else None."""
     return next((fmt for fmt in ("tflite", "onnx") if fmt in formats), None)
 
-
-def weights_digest(model: keras.Model) -> str:
-    """A digest of the model's layers and weights: it changes when fine-tuning changes any weight."""
-    digest = hashlib.blake2b(digest_size=16)
-    for layer in model.layers:
-        digest.update(type(layer).__name__.encode())
-        for weight in layer.weights:
-            value = np.ascontiguousarray(np.asarray(weight))
-            digest.update(str(value.shape).encode())
-            digest.update(value.tobytes())
-    return digest.hexdigest()
