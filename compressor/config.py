@@ -199,9 +199,9 @@ class CompressOptions:
         1e-3, help="Fine-tuning's initial learning rate (Adam, cosine decay to 0 over each run's steps; default 0.001).",
         check=number("finetune lr", above=0))
     time_limit: Optional[float] = option(
-        None, help="Minutes the channel search may run from the start of compress: it begins no fine-tuned step it "
-        "expects to end later (a step is expected to take as long as the longest so far) and keeps the last model "
-        "it accepted; export and timing come after (default: no limit).", check=number("time limit", above=0))
+        None, help="Minutes the channel search may run from the start of compress: it begins no fine-tuning run it "
+        "expects to end later (a step is expected to take as long as the longest so far up to its first check) and "
+        "keeps the last model it accepted; export and timing come after (default: no limit).", check=number("time limit", above=0))
     distribute: str = option(
         "none", help="Fine-tune on: none (default: TensorFlow's default device) or mirrored (every local GPU, "
         "tf.distribute.MirroredStrategy).", parse=lowercase, check=one_of(DISTRIBUTE, "distribute"))

@@ -223,13 +223,24 @@ def test_no_step_begins_that_would_end_after_the_deadline(monkeypatch):
     assert result.flops == result.steps[-1].flops < result.baseline_flops
 
 
-def test_a_step_fine_tuned_twice_sets_the_expected_step_time(monkeypatch):
+def test_a_step_fine_tuned_twice_is_expected_to_take_one_run_next_time(monkeypatch):
     # Step 1 misses within the budget and is fine-tuned twice (120 s), then holds. At 120 s of 230,
-    # 110 s are left, less than that step: no second step, although one run alone (60 s) would fit.
+    # 110 s are left: more than a step takes up to its first check (60 s), so step 2 begins and
+    # holds at 180 s; 50 s are left, less than a run, and the search stops.
     result, runs = _scripted_search(monkeypatch, [0.88, 0.89, 0.89], deadline=230.0)
-    assert runs == [0, 1]
-    assert [step.accepted for step in result.steps] == [True] and result.steps[0].seconds == 120.0
+    assert runs == [0, 1, 0]
+    assert [step.accepted for step in result.steps] == [True, True]
+    assert [step.seconds for step in result.steps] == [120.0, 60.0]
     assert result.stopped == "time limit"
+
+
+def test_a_second_fine_tuning_run_that_would_end_after_the_deadline_does_not_begin(monkeypatch):
+    # Step 1 misses within the budget at 60 s of 100: its second run would take as long as its
+    # first pass (60 s) and only 40 s are left, so the step counts as missed and nothing is kept.
+    result, runs = _scripted_search(monkeypatch, [0.88], deadline=100.0)
+    assert runs == [0]
+    assert [step.accepted for step in result.steps] == [False] and result.steps[0].epochs == 1
+    assert result.stopped == "time limit" and result.flops == result.baseline_flops
 
 
 def test_without_a_deadline_or_before_it_the_search_ends_on_its_own(monkeypatch):
