@@ -295,10 +295,10 @@ class _Run:
                     self._record(cost, float(correct.mean()), aim, epochs, False, started)
                     return
                 self.log(f"channels: {self._value(cost) / self._base():.3f} of the original missed by a little: fine-tuned once more")
-                again = time.perf_counter()
+                second = time.perf_counter()
                 epochs += self._finetune(candidate, target_accuracy=target, run=1)
                 correct = self._judged(candidate)
-                again = time.perf_counter() - again
+                again = time.perf_counter() - second
             accuracy = float(correct.mean())
             if self._holds(correct):
                 if not self._guard(candidate, cost):
