@@ -25,6 +25,7 @@ import numpy as np
 
 from compressor.errors import ExportError
 from compressor.export.quantize import QUANTIZED_FORMATS, parse_quantize, quantized_name
+from compressor.io.fingerprint import model_fingerprint
 
 if TYPE_CHECKING:
     import keras
@@ -84,8 +85,6 @@ class QuantizedJudge:
         Raises:
             ExportError: The model does not convert or quantize.
         """
-        from compressor.search.fingerprint import model_fingerprint
-
         key = (id(model), model_fingerprint(model))
         if self._last.get("key") != key:
             folder = self._last.setdefault("folder", tempfile.TemporaryDirectory(prefix="compressor-judge-"))

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import keras
 
-from compressor.search.fingerprint import model_fingerprint
+from compressor.io.fingerprint import model_fingerprint
 from compressor.surgery.editable import check_editable
 from compressor.surgery.plan import LayerEdit, Plan, PlanError
 from compressor.surgery.replacement import Replacement

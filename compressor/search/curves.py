@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 from compressor.errors import CompressorError, first_line
 from compressor.io.atomic import write_bytes_atomic
-from compressor.search.fingerprint import model_fingerprint
+from compressor.io.fingerprint import model_fingerprint
 from compressor.search.kernels import KernelCache
 from compressor.surgery.plan import LayerEdit
 

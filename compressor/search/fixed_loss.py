@@ -45,11 +45,11 @@ import keras
 from compressor.errors import CompressorError
 from compressor.io.atomic import write_bytes_atomic
 from compressor.io.data import Dataset
+from compressor.io.fingerprint import data_fingerprint, model_fingerprint
 from compressor.metrics import TOP1, Metric
 from compressor.search.budgets import Budget, BudgetError, achieved_drop
 from compressor.search.candidates import LayerCandidates, baseline_cost
 from compressor.search.evaluate import DEFAULT_BATCH_SIZE, Evaluator, check_labels
-from compressor.search.fingerprint import data_fingerprint, model_fingerprint
 from compressor.search.kernels import KernelCache
 from compressor.search.result import (
     Progress,

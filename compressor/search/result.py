@@ -9,9 +9,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import keras
 
 from compressor.errors import CompressorError
+from compressor.io.fingerprint import model_fingerprint
 from compressor.search.budgets import Budget
 from compressor.search.candidates import LayerCandidates, Option
-from compressor.search.fingerprint import model_fingerprint
 from compressor.surgery.plan import Plan, SkippedLayer
 
 Progress = Callable[[str, int, int], None]

@@ -1,4 +1,4 @@
-"""Stable fingerprints of models and data, for plans and for the sensitivity cache."""
+"""Stable fingerprints of models and data: for plans, the sensitivity cache and the judged file's cache."""
 
 from __future__ import annotations
 
