@@ -87,7 +87,9 @@ class QuantizedJudge:
         """
         key = (id(model), model_fingerprint(model))
         if self._last.get("key") != key:
-            folder = self._last.setdefault("folder", tempfile.TemporaryDirectory(prefix="compressor-judge-"))
+            if "folder" not in self._last:  # setdefault would make (and drop) a new directory on every call
+                self._last["folder"] = tempfile.TemporaryDirectory(prefix="compressor-judge-")
+            folder = self._last["folder"]
             self._last.pop("key", None)
             self._last["path"] = self._write(model, Path(folder.name))
             self._last["key"] = key
