@@ -107,13 +107,33 @@ def test_the_search_removes_the_blocks_that_cost_nothing_and_keeps_the_rest():
     assert result.accuracy == result.baseline_accuracy == 1.0
     assert result.cost[1] < result.baseline[1]
     assert looks and all(label.startswith("blocks, ") for label in looks)
-    # Half the blocks first (the two dead ones and a live one: missed), then one (held), twice as many but fewer than
-    # what missed (the other dead one and a live one: missed), one (held), then each live one alone, two misses in all.
-    assert [len(step.blocks) for step in result.steps] == [3, 1, 2, 1, 1, 1]
-    assert [step.accepted for step in result.steps] == [False, True, False, True, False, False]
+    # The blocks that cost nothing alone first, together (the two dead ones: held), then twice as many (four live
+    # ones: missed), half as many (missed), then each live one alone, two misses in all.
+    assert [len(step.blocks) for step in result.steps] == [2, 4, 2, 1, 1]
+    assert [step.accepted for step in result.steps] == [True, False, False, False, False]
+    assert set(result.steps[0].blocks) == {blocks[1], blocks[5]}
     # Steps that missed were never shown to the guard.
     assert len(looks) == sum(step.accepted for step in result.steps)
     assert result.to_dict()["removed"] == list(result.removed)
+
+
+def test_when_no_block_costs_nothing_alone_the_first_step_takes_one():
+    from compressor.search.block_search import BlockSettings, search_blocks
+    from compressor.search.budgets import Budget
+
+    model = small_resnet(dead=(3,))
+    # Labels the model's own, each class's mean output taken away first, so that they are not all one class and
+    # every live block changes some of them.
+    x = np.random.default_rng(3).normal(0, 1, (400, 12, 12, 1)).astype(np.float32)
+    out = np.asarray(model(x))
+    data = _dataset(x, (out - out.mean(0)).argmax(-1))
+    result = search_blocks(model, Budget("accuracy_drop", 0.01), BlockSettings(confidence=0.95), data)
+    free = [c.block for c in result.candidates if c.drop <= 0]
+    assert all(c.drop >= 0.02 for c in result.candidates if c.drop > 0)
+    # One dead block: it goes alone (held); then two (missed), then each live one alone, two misses in all.
+    assert len(free) == 1 and result.steps[0].blocks == (free[0],) and result.steps[0].accepted
+    assert [len(step.blocks) for step in result.steps] == [1, 2, 1, 1]
+    assert result.removed == (free[0],)
 
 
 def test_the_guard_s_rejection_ends_the_block_search():
@@ -124,10 +144,10 @@ def test_the_guard_s_rejection_ends_the_block_search():
     looks = []
     result = search_blocks(model, Budget("accuracy_drop", 0.01), BlockSettings(confidence=0.95),
                            _labelled(model, 400, 3), accept=lambda label, candidate: looks.append(label) or False)
-    # Steps that miss on the search data come first (smaller each time); the first one that holds is shown, rejected,
-    # and nothing follows it.
-    assert looks == ["blocks, 1 removed"] and result.removed == () and result.stopped == "guard"
-    assert result.steps[-1].blocks == (result.candidates[0].block,) and result.steps[-1].accuracy == 1.0
+    # The first step (the two dead blocks) holds on the search data, is shown, is rejected, and nothing follows it.
+    assert looks == ["blocks, 2 removed"] and result.removed == () and result.stopped == "guard"
+    assert len(result.steps) == 1 and result.steps[0].accuracy == 1.0
+    assert set(result.steps[0].blocks) == {c.block for c in result.candidates[:2]}
     assert result.model is model
 
 
