@@ -88,6 +88,14 @@ def compress(folder: Path, budget: float, seed: int, out: Path, extra: str) -> d
     return {"report": json.loads((out / "report.json").read_text()), "wall_s": wall}
 
 
+def ended(report: dict[str, Any]) -> Optional[str]:
+    """Why a run's search ended before its own end: the channel search's record, or the guard at a block step."""
+    channels, blocks = report.get("channels") or {}, report.get("blocks") or {}
+    if channels.get("stopped"):
+        return channels["stopped"]
+    return "guard" if blocks.get("stopped") == "guard" else None
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The row of one (example, budget) from its runs."""
     reports = [run["report"] for run in runs]
@@ -132,7 +140,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "flops": kept("flops")[i], "tflite": faster(r, "tflite"), "onnx": faster(r, "onnx"),
             "tflite_int8": faster(r, "tflite", "int8"), "float_drop": float_drop(r),
             "steps": r["finetune"].get("steps"),
-            "stopped": (r.get("channels") or {}).get("stopped"), "wall_s": runs[i]["wall_s"],
+            "stopped": ended(r),
+            "wall_s": runs[i]["wall_s"],
         } for i, r in enumerate(reports)],
     }
 
@@ -289,7 +298,7 @@ def print_table(rows, builds, peers, args) -> None:
             ci = f" ({100 * seed['ci'][0]:.2f}–{100 * seed['ci'][1]:.2f})" if seed["ci"] else ""
             float_drop = f" (float TFLite: {100 * seed['float_drop']:.2f})" if seed["float_drop"] is not None else ""
             steps = f"{seed['steps']:,} steps, " if seed["steps"] else ""
-            stopped = f", stopped at its {seed['stopped']}" if seed["stopped"] else ""
+            stopped = {None: "", "guard": ", ended at the guard"}.get(seed["stopped"], f", stopped at its {seed['stopped']}")
             speeds = (seed["tflite"], seed["tflite_int8"], seed["onnx"]) if int8 else (seed["tflite"], seed["onnx"])
             speed = " / ".join(f"{value:.2f}×" if value else "–" for value in speeds)
             print(f"- seed {seed['seed']}: {100 * seed['drop']:.2f}{ci}{'' if seed['met'] else ' (missed)'}{float_drop}, "

@@ -66,7 +66,7 @@ def test_settings_are_validated():
             ChannelSettings(guard_chance=chance)
 
 
-def _scripted_search(monkeypatch, accuracies, deadline=None, judge=None, **settings):
+def _scripted_search(monkeypatch, accuracies, deadline=None, judge=None, accept=None, **settings):
     """search_channels under a 2-point budget on a tiny CNN, its step accuracies scripted in order.
 
     With `deadline`, the search's clock starts at 0 and each fine-tuning run takes 60 s of it.
@@ -107,7 +107,7 @@ def _scripted_search(monkeypatch, accuracies, deadline=None, judge=None, **setti
         monkeypatch.setattr(channel_search, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     settings = channel_search.ChannelSettings(finetune=FinetuneConfig(epochs=1), step=0.5, **settings)
     result = channel_search.search_channels(model, Budget("accuracy_drop", 0.02), settings, data, data, deadline=deadline,
-                                            judge=judge)
+                                            judge=judge, accept=accept)
     return result, runs
 
 
@@ -249,6 +249,21 @@ def test_without_a_deadline_or_before_it_the_search_ends_on_its_own(monkeypatch)
     late, late_runs = _scripted_search(monkeypatch, [0.89, 0.85, 0.85, 0.85], deadline=10_000.0)
     assert late.stopped is None and late_runs == runs
     assert [step.flops for step in late.steps] == [step.flops for step in result.steps]
+
+
+def test_a_step_the_guard_rejects_ends_the_search_and_its_record_says_so(monkeypatch):
+    # Every step would hold on the search data; the guard accepts the first and rejects the second.
+    looks = []
+
+    def accept(what, candidate):
+        looks.append(what)
+        return len(looks) == 1
+
+    result, runs = _scripted_search(monkeypatch, [0.89, 0.89, 0.89, 0.89], accept=accept)
+    assert runs == [0, 0] and len(looks) == 2
+    assert [step.accepted for step in result.steps] == [True, False]
+    assert result.stopped == "guard" and result.to_dict()["stopped"] == "guard"
+    assert result.flops == result.steps[0].flops > result.steps[1].flops
 
 
 def test_a_deadline_already_passed_takes_no_step(monkeypatch):

@@ -277,3 +277,15 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
 def test_importing_the_report_package_does_not_import_matplotlib():
     code = "import sys, compressor.report; assert 'matplotlib' not in sys.modules and 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_search_sentences_say_why_a_search_ended():
+    from compressor.report.markdown import _blocks_sentence, _channels_sentence
+
+    channels = {"channels_removed": 12, "groups_pruned": 2}
+    assert _channels_sentence({**channels, "stopped": "guard"}).endswith(
+        "; the guard rejected its last step, so nothing after it could be accepted.")
+    assert _channels_sentence({**channels, "stopped": "time limit"}).endswith("; it stopped at its time limit.")
+    assert "stopped" not in _channels_sentence(channels) and "guard" not in _channels_sentence(channels)
+    blocks = {"removed": ["a_add"], "steps": [], "candidates": [{"block": "a_add"}, {"block": "b_add"}]}
+    assert _blocks_sentence({**blocks, "stopped": "guard"}).endswith("nothing after it could be accepted.")

@@ -320,11 +320,7 @@ def _blocks_sentence(blocks: Mapping[str, Any]) -> str:
     share = blocks.get("budget_share")
     if share is not None and share < 1:
         text += f"; it could spend {share:g} of the budget, the channel search the rest"
-    if blocks.get("stopped") == "guard":
-        text += "; the guard rejected its last step, so nothing after it could be accepted"
-    elif blocks.get("stopped"):
-        text += f"; it stopped at its {blocks['stopped']}"
-    return text + "."
+    return text + _ended(blocks) + "."
 
 
 def _channels_sentence(channels: Mapping[str, Any]) -> str:
@@ -339,9 +335,15 @@ def _channels_sentence(channels: Mapping[str, Any]) -> str:
     blocked = list_of(channels.get("groups_blocked"))
     if blocked:
         text += f"; {count(len(blocked), 'group')} could not be pruned"
-    if channels.get("stopped"):
-        text += f"; it stopped at its {channels['stopped']}"
-    return text + "."
+    return text + _ended(channels) + "."
+
+
+def _ended(search: Mapping[str, Any]) -> str:
+    """Why a block or channel search ended before its own end (its record's "stopped"), as a clause."""
+    stopped = search.get("stopped")
+    if stopped == "guard":
+        return "; the guard rejected its last step, so nothing after it could be accepted"
+    return f"; it stopped at its {stopped}" if stopped else ""
 
 
 def _blocked_layers(channels: Mapping[str, Any]) -> list[str]:

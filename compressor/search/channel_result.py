@@ -49,7 +49,8 @@ class ChannelResult:
             order; the one returned is chosen. When no step was kept, the original
             model comes first, chosen.
         stopped: Why the search ended before its own end: "time limit" (the deadline
-            left no room for another step), else None.
+            left no room for another step), "guard" (the run's guard rejected a step that
+            held on the search data; nothing after it could be accepted), else None.
     """
 
     model: keras.Model

@@ -303,6 +303,7 @@ class _Run:
             if self._holds(correct):
                 if not self._guard(candidate, cost):
                     self._record(cost, accuracy, aim, epochs, False, started, again)
+                    self.stopped = "guard"
                     return
                 self._accept(candidate, groups, removals, cost, accuracy, aim, epochs, started, again)
                 missed = set()  # a new model: its cuts are new (the step stays as small as the misses made it)
@@ -328,6 +329,7 @@ class _Run:
             self.steps.append(ChannelStep(middle, cost[0], cost[1], accuracy, 0, guarded, round(time.perf_counter() - started, 3)))
             self._trial(cost, accuracy, guarded)
             if holds and not guarded:
+                self.stopped = "guard"
                 break  # the guard's sequence has ended: nothing more can be accepted
             if holds:
                 high, best = middle, (candidate, groups, removals, cost, accuracy)
