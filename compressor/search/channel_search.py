@@ -20,7 +20,10 @@ Budgets:
   data's own bound is within the budget; without a confidence, when it loses at most
   MARGIN × budget (`compressor.search.budgets.MARGIN`). A step that does not
   hold although its drop on the search data is within the budget (its bound missed, not
-  its drop) is fine-tuned once more, in another order of the data, and checked again. A
+  its drop) is fine-tuned once more, in another order of the data, and checked again; so
+  is a step that holds with a chance below SURE_CHANCE, when the deadline leaves time for
+  the run, before the guard sees it (what it measures after that run decides: a chance of
+  0.8 is one rejection, and the end of the search, in five such steps). A
   step that still misses is retried smaller (the square root of the kept fraction), and the
   step never grows back: RETRIES + 1 misses in all end the search (with the count reset at
   each kept step, ever smaller steps would go on for as long as they held). A smaller
@@ -72,6 +75,7 @@ Log = Callable[[str], None]
 MIN_KEEP = 0.03  # never aim below this fraction of the baseline cost
 RETRIES = 2  # smaller steps tried after a step that misses, before the search stops (misses in all)
 GUARD_CHANCE = 0.8  # default: with a guard, a step holds when the guard can be expected to accept it with this chance
+SURE_CHANCE = 0.95  # a step that holds with a lower chance is fine-tuned once more, time allowing, before the guard sees it
 
 
 @dataclass(frozen=True)
@@ -290,11 +294,14 @@ class _Run:
             epochs = self._finetune(candidate, target_accuracy=target)
             correct = self._judged(candidate)
             again = 0.0  # seconds of the second fine-tuning run and its check
-            if not self._holds(correct) and self._near(correct):
-                if self._out_of_time(time.perf_counter() - started, "its second fine-tuning run"):
+            holds, chance = self._holds(correct), self._chance(correct)
+            unsure = holds and chance < SURE_CHANCE and self._left() > time.perf_counter() - started
+            if unsure or not holds and self._near(correct):
+                if not holds and self._out_of_time(time.perf_counter() - started, "its second fine-tuning run"):
                     self._record(cost, float(correct.mean()), aim, epochs, False, started)
                     return
-                self.log(f"channels: {self._value(cost) / self._base():.3f} of the original missed by a little: fine-tuned once more")
+                why = f"held, but the guard would accept it with a chance of {chance:.2f}" if unsure else "missed by a little"
+                self.log(f"channels: {self._value(cost) / self._base():.3f} of the original {why}: fine-tuned once more")
                 second = time.perf_counter()
                 epochs += self._finetune(candidate, target_accuracy=target, run=1)
                 correct = self._judged(candidate)
@@ -343,13 +350,17 @@ class _Run:
             self.current, self.cost, self.accuracy = candidate, cost, accuracy
             self.groups = self._groups(candidate)
 
+    def _left(self) -> float:
+        """Seconds before the deadline (inf without one)."""
+        return math.inf if self.deadline is None else self.deadline - time.perf_counter()
+
     def _out_of_time(self, expected: Optional[float] = None, what: str = "a step") -> bool:
         """Whether the deadline leaves less than `expected` seconds (default: the longest step's first pass) for
         `what` (then logged, and the search stops at the time limit)."""
         if self.deadline is None:
             return False
         expected = max(self.passes, default=0.0) if expected is None else expected
-        left = self.deadline - time.perf_counter()
+        left = self._left()
         if left > expected:
             return False
         self.stopped = "time limit"
@@ -460,6 +471,16 @@ class _Run:
         from compressor.search.confidence import step_holds
 
         return step_holds(self.baseline_correct, correct, self.budget.limit, self.settings)
+
+    def _chance(self, correct: np.ndarray) -> float:
+        """The chance the run's guard accepts a step measured `correct` here (`compressor.search.confidence.guard_chance`);
+        1 without a guard to show it to (nothing irrevocable follows)."""
+        from compressor.search.confidence import guard_chance, paired_drop
+
+        if self.accept is None or self.settings.confidence is None or self.settings.guard_samples is None:
+            return 1.0
+        measured = paired_drop(self.baseline_correct, correct, self.settings.confidence)
+        return guard_chance(measured, self.settings.guard_samples, self.budget.limit)
 
     def _near(self, correct: np.ndarray) -> bool:
         """Whether a step that does not hold lost at most the budget on the search data (its bound, not its drop,
