@@ -175,9 +175,13 @@ def test_a_step_the_guard_would_accept_only_likely_is_fine_tuned_once_more_befor
     assert runs[:2] == [0, 1] and len(shown) == 1
     assert result.steps[0].accepted and result.steps[0].epochs == 2
     assert result.steps[0].accuracy == pytest.approx(0.895)
+    # The record keeps the chance of its first check: why it was fine-tuned again.
+    assert GUARD_CHANCE <= result.steps[0].guard_chance < SURE_CHANCE
+    assert result.to_dict()["steps"][0]["guard_chance"] == result.steps[0].guard_chance
     # Without a guard nothing irrevocable follows a step: it is kept as it first held.
     unguarded, unguarded_runs = _scripted_search(monkeypatch, script, confidence=0.95, guard_samples=6000)
     assert unguarded_runs[:2] == [0, 0] and unguarded.steps[0].epochs == 1
+    assert unguarded.steps[0].guard_chance is None
 
 
 def test_a_step_that_misses_after_its_extra_run_is_not_shown_to_the_guard(monkeypatch):

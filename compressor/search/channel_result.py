@@ -22,6 +22,7 @@ class ChannelStep:
     epochs: int
     accepted: bool
     seconds: float
+    guard_chance: Optional[float] = None  # with a guard, the chance it would accept the step at its first check
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -41,9 +41,7 @@ took up to its first check (its cut, one fine-tuning run, the check; the guard's
 included), and a step's second fine-tuning run as long as its first pass took. A step
 that has no time for its second run counts as missed. The search keeps the last model
 accepted, and its record says it stopped at the time limit. The first step always runs
-when the deadline has not passed (nothing predicts its time yet). (Counting a step
-fine-tuned twice as one long step left a sixth of a 17-minute Fashion-MNIST search
-unused: `benchmarks/fashion.md`.)
+when the deadline has not passed (nothing predicts its time yet).
 
 Removals are tracked as each producer's original output indices, so the result is a
 list of `ChannelRemoval`s of the ORIGINAL model's groups that `prune_channels`
@@ -294,11 +292,11 @@ class _Run:
             epochs = self._finetune(candidate, target_accuracy=target)
             correct = self._judged(candidate)
             again = 0.0  # seconds of the second fine-tuning run and its check
-            holds, chance = self._holds(correct), self._chance(correct)
-            unsure = holds and chance < SURE_CHANCE and self._left() > time.perf_counter() - started
+            holds, chance = self._holds(correct), self._chance(correct)  # chance: None without a guard
+            unsure = holds and chance is not None and chance < SURE_CHANCE and self._left() > time.perf_counter() - started
             if unsure or not holds and self._near(correct):
                 if not holds and self._out_of_time(time.perf_counter() - started, "its second fine-tuning run"):
-                    self._record(cost, float(correct.mean()), aim, epochs, False, started)
+                    self._record(cost, float(correct.mean()), aim, epochs, False, started, chance=chance)
                     return
                 why = f"held, but the guard would accept it with a chance of {chance:.2f}" if unsure else "missed by a little"
                 self.log(f"channels: {self._value(cost) / self._base():.3f} of the original {why}: fine-tuned once more")
@@ -309,14 +307,14 @@ class _Run:
             accuracy = float(correct.mean())
             if self._holds(correct):
                 if not self._guard(candidate, cost):
-                    self._record(cost, accuracy, aim, epochs, False, started, again)
+                    self._record(cost, accuracy, aim, epochs, False, started, again, chance)
                     self.stopped = "guard"
                     return
-                self._accept(candidate, groups, removals, cost, accuracy, aim, epochs, started, again)
+                self._accept(candidate, groups, removals, cost, accuracy, aim, epochs, started, again, chance)
                 missed = set()  # a new model: its cuts are new (the step stays as small as the misses made it)
                 continue
             missed.add(cost)
-            self._record(cost, accuracy, aim, epochs, False, started, again)
+            self._record(cost, accuracy, aim, epochs, False, started, again, chance)
             if retries == RETRIES:
                 return
             retries, step = retries + 1, math.sqrt(step)
@@ -350,8 +348,7 @@ class _Run:
             self.current, self.cost, self.accuracy = candidate, cost, accuracy
             self.groups = self._groups(candidate)
 
-    def _left(self) -> float:
-        """Seconds before the deadline (inf without one)."""
+    def _left(self) -> float:  # seconds before the deadline
         return math.inf if self.deadline is None else self.deadline - time.perf_counter()
 
     def _out_of_time(self, expected: Optional[float] = None, what: str = "a step") -> bool:
@@ -387,16 +384,18 @@ class _Run:
             return model, {}, groups, self.cost
         return prune_channels(model, removals, groups), removals, groups, cost
 
-    def _accept(self, candidate, groups, removals, cost, accuracy, aim, epochs, started=None, again=0.0) -> None:
+    def _accept(self, candidate, groups, removals, cost, accuracy, aim, epochs, started=None, again=0.0, chance=None) -> None:
         self.tracker.remove(groups, removals)
         self.current, self.cost, self.accuracy = candidate, cost, accuracy
         self.groups = self._groups(candidate)
-        self._record(cost, accuracy, aim, epochs, True, started, again)
+        self._record(cost, accuracy, aim, epochs, True, started, again, chance)
 
-    def _record(self, cost, accuracy, aim, epochs, accepted, started, again=0.0) -> None:
-        """Record a step that began at `started`; `again`: the seconds its second fine-tuning run took, if any."""
+    def _record(self, cost, accuracy, aim, epochs, accepted, started, again=0.0, chance=None) -> None:
+        """Record a step that began at `started`; `again`: the seconds its second fine-tuning run took, if any;
+        `chance`: the guard's chance to accept it at its first check (None without a guard)."""
         seconds = 0.0 if started is None else time.perf_counter() - started
-        step = ChannelStep(round(aim / self._base(), 4), cost[0], cost[1], accuracy, epochs, accepted, round(seconds, 3))
+        step = ChannelStep(round(aim / self._base(), 4), cost[0], cost[1], accuracy, epochs, accepted, round(seconds, 3),
+                           None if chance is None else round(chance, 4))
         self.steps.append(step)
         self.passes.append(seconds - again)
         self._trial(cost, accuracy, accepted)
@@ -472,13 +471,13 @@ class _Run:
 
         return step_holds(self.baseline_correct, correct, self.budget.limit, self.settings)
 
-    def _chance(self, correct: np.ndarray) -> float:
+    def _chance(self, correct: np.ndarray) -> Optional[float]:
         """The chance the run's guard accepts a step measured `correct` here (`compressor.search.confidence.guard_chance`);
-        1 without a guard to show it to (nothing irrevocable follows)."""
+        None without a guard to show it to."""
         from compressor.search.confidence import guard_chance, paired_drop
 
         if self.accept is None or self.settings.confidence is None or self.settings.guard_samples is None:
-            return 1.0
+            return None
         measured = paired_drop(self.baseline_correct, correct, self.settings.confidence)
         return guard_chance(measured, self.settings.guard_samples, self.budget.limit)
 
