@@ -155,6 +155,17 @@ def test_a_higher_guard_chance_shows_the_guard_only_safer_steps(monkeypatch):
     assert safer.steps[0].accuracy == pytest.approx(0.895)
 
 
+def _guard_accepting_all():
+    """(the labels shown, a guard that records each step it is shown and accepts it)."""
+    shown = []
+
+    def accept(what, candidate):
+        shown.append(what)
+        return True
+
+    return shown, accept
+
+
 def test_a_step_the_guard_would_accept_only_likely_is_fine_tuned_once_more_before_it_sees_it(monkeypatch):
     # Losing 2 of 200 search samples (1 point) holds under the default 0.8 (a 6,000-image guard's
     # chance is about 0.86) but is below SURE_CHANCE: with a guard to show it to, the step is
@@ -164,12 +175,7 @@ def test_a_step_the_guard_would_accept_only_likely_is_fine_tuned_once_more_befor
 
     baseline = np.arange(200) < 180
     assert GUARD_CHANCE <= guard_chance(paired_drop(baseline, np.arange(200) < 178), 6000, 0.02) < SURE_CHANCE
-    shown = []
-
-    def accept(what, candidate):
-        shown.append(what)
-        return True
-
+    shown, accept = _guard_accepting_all()
     script = [0.89, 0.895, 0.85, 0.85, 0.85]
     result, runs = _scripted_search(monkeypatch, script, accept=accept, confidence=0.95, guard_samples=6000)
     assert runs[:2] == [0, 1] and len(shown) == 1
@@ -187,12 +193,7 @@ def test_a_step_the_guard_would_accept_only_likely_is_fine_tuned_once_more_befor
 def test_a_step_that_misses_after_its_extra_run_is_not_shown_to_the_guard(monkeypatch):
     # The step held (1 point lost), was fine-tuned once more, then lost 2 points: its bound misses,
     # so it counts as missed and the guard sees nothing until a smaller step holds.
-    shown = []
-
-    def accept(what, candidate):
-        shown.append(what)
-        return True
-
+    shown, accept = _guard_accepting_all()
     result, runs = _scripted_search(monkeypatch, [0.89, 0.88, 0.85, 0.85], accept=accept, confidence=0.95,
                                     guard_samples=6000)
     assert runs[:2] == [0, 1] and shown == []
@@ -203,12 +204,7 @@ def test_a_step_that_misses_after_its_extra_run_is_not_shown_to_the_guard(monkey
 def test_a_step_without_time_for_its_extra_run_is_shown_to_the_guard_as_it_held(monkeypatch):
     # Step 1 holds at 60 s of 100 with a chance below SURE_CHANCE; its extra run would take 60 s and
     # 40 are left, so the guard sees it as it is (not a miss), and then the time limit stops the search.
-    shown = []
-
-    def accept(what, candidate):
-        shown.append(what)
-        return True
-
+    shown, accept = _guard_accepting_all()
     result, runs = _scripted_search(monkeypatch, [0.89, 0.89], deadline=100.0, accept=accept, confidence=0.95,
                                     guard_samples=6000)
     assert runs == [0] and len(shown) == 1
