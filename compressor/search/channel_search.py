@@ -391,8 +391,7 @@ class _Run:
         self._record(cost, accuracy, aim, epochs, True, started, again, chance)
 
     def _record(self, cost, accuracy, aim, epochs, accepted, started, again=0.0, chance=None) -> None:
-        """Record a step that began at `started`; `again`: the seconds its second fine-tuning run took, if any;
-        `chance`: the guard's chance to accept it at its first check (None without a guard)."""
+        """Record a step that began at `started`; `again`: its second fine-tuning run's seconds; `chance`: `_chance`."""
         seconds = 0.0 if started is None else time.perf_counter() - started
         step = ChannelStep(round(aim / self._base(), 4), cost[0], cost[1], accuracy, epochs, accepted, round(seconds, 3),
                            None if chance is None else round(chance, 4))
@@ -472,10 +471,8 @@ class _Run:
         return step_holds(self.baseline_correct, correct, self.budget.limit, self.settings)
 
     def _chance(self, correct: np.ndarray) -> Optional[float]:
-        """The chance the run's guard accepts a step measured `correct` here (`compressor.search.confidence.guard_chance`);
-        None without a guard to show it to."""
+        """The chance the guard accepts a step measured `correct` here (`confidence.guard_chance`); None without a guard."""
         from compressor.search.confidence import guard_chance, paired_drop
-
         if self.accept is None or self.settings.confidence is None or self.settings.guard_samples is None:
             return None
         measured = paired_drop(self.baseline_correct, correct, self.settings.confidence)
