@@ -190,15 +190,22 @@ def test_a_step_the_guard_would_accept_only_likely_is_fine_tuned_once_more_befor
     assert unguarded.steps[0].guard_chance is None
 
 
-def test_a_step_that_misses_after_its_extra_run_is_not_shown_to_the_guard(monkeypatch):
-    # The step held (1 point lost), was fine-tuned once more, then lost 2 points: its bound misses,
-    # so it counts as missed and the guard sees nothing until a smaller step holds.
+def test_a_step_whose_extra_run_measures_worse_is_shown_to_the_guard_as_it_held(monkeypatch):
+    # The step held (1 point lost), was fine-tuned once more, then lost 2 points: the extra run
+    # does not turn a step that held into a miss; its weights go back and the guard sees it as it held.
+    from compressor.search import channel_search
+
+    restored = []
+    set_weights = channel_search.keras.Model.set_weights
+    monkeypatch.setattr(channel_search.keras.Model, "set_weights",
+                        lambda self, weights: restored.append(self.name) or set_weights(self, weights))
     shown, accept = _guard_accepting_all()
-    result, runs = _scripted_search(monkeypatch, [0.89, 0.88, 0.85, 0.85], accept=accept, confidence=0.95,
+    result, runs = _scripted_search(monkeypatch, [0.89, 0.88, 0.85, 0.85, 0.85], accept=accept, confidence=0.95,
                                     guard_samples=6000)
-    assert runs[:2] == [0, 1] and shown == []
-    assert not result.steps[0].accepted and result.steps[0].accuracy == pytest.approx(0.88)
-    assert result.flops == result.baseline_flops
+    assert runs[:2] == [0, 1] and len(shown) == 1 and len(restored) == 1
+    assert result.steps[0].accepted and result.steps[0].epochs == 2
+    assert result.steps[0].accuracy == pytest.approx(0.89)
+    assert result.flops == result.steps[0].flops < result.baseline_flops
 
 
 def test_a_step_without_time_for_its_extra_run_is_shown_to_the_guard_as_it_held(monkeypatch):

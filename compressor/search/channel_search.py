@@ -22,8 +22,8 @@ Budgets:
   hold although its drop on the search data is within the budget (its bound missed, not
   its drop) is fine-tuned once more, in another order of the data, and checked again; so
   is a step that holds with a chance below SURE_CHANCE, when the deadline leaves time for
-  the run, before the guard sees it (what it measures after that run decides: a chance of
-  0.8 is one rejection, and the end of the search, in five such steps). A
+  the run, before the guard sees it (and kept as it held if the run measures worse: a
+  chance of 0.8 is one rejection, and the end of the search, in five such steps). A
   step that still misses is retried smaller (the square root of the kept fraction), and the
   step never grows back: RETRIES + 1 misses in all end the search (with the count reset at
   each kept step, ever smaller steps would go on for as long as they held). A smaller
@@ -293,16 +293,20 @@ class _Run:
             correct = self._judged(candidate)
             again = 0.0  # seconds of the second fine-tuning run and its check
             holds, chance = self._holds(correct), self._chance(correct)  # chance: None without a guard
-            unsure = holds and chance is not None and chance < SURE_CHANCE and self._left() > time.perf_counter() - started
+            left = math.inf if self.deadline is None else self.deadline - time.perf_counter()
+            unsure = holds and chance is not None and chance < SURE_CHANCE and left > time.perf_counter() - started
             if unsure or not holds and self._near(correct):
                 if not holds and self._out_of_time(time.perf_counter() - started, "its second fine-tuning run"):
                     self._record(cost, float(correct.mean()), aim, epochs, False, started, chance=chance)
                     return
                 why = f"held, but the guard would accept it with a chance of {chance:.2f}" if unsure else "missed by a little"
                 self.log(f"channels: {self._value(cost) / self._base():.3f} of the original {why}: fine-tuned once more")
-                second = time.perf_counter()
+                second, held = time.perf_counter(), (candidate.get_weights(), correct) if unsure else None
                 epochs += self._finetune(candidate, target_accuracy=target, run=1)
                 correct = self._judged(candidate)
+                if held is not None and correct.mean() < held[1].mean():  # worse: the step as it held
+                    candidate.set_weights(held[0])
+                    correct = held[1]
                 again = time.perf_counter() - second
             accuracy = float(correct.mean())
             if self._holds(correct):
@@ -348,16 +352,13 @@ class _Run:
             self.current, self.cost, self.accuracy = candidate, cost, accuracy
             self.groups = self._groups(candidate)
 
-    def _left(self) -> float:  # seconds before the deadline
-        return math.inf if self.deadline is None else self.deadline - time.perf_counter()
-
     def _out_of_time(self, expected: Optional[float] = None, what: str = "a step") -> bool:
         """Whether the deadline leaves less than `expected` seconds (default: the longest step's first pass) for
         `what` (then logged, and the search stops at the time limit)."""
         if self.deadline is None:
             return False
         expected = max(self.passes, default=0.0) if expected is None else expected
-        left = self._left()
+        left = self.deadline - time.perf_counter()
         if left > expected:
             return False
         self.stopped = "time limit"
@@ -479,8 +480,7 @@ class _Run:
         return guard_chance(measured, self.settings.guard_samples, self.budget.limit)
 
     def _near(self, correct: np.ndarray) -> bool:
-        """Whether a step that does not hold lost at most the budget on the search data (its bound, not its drop,
-        missed): usually still recovering, so one more fine-tuning run costs less than a smaller step."""
+        """Whether a step that does not hold lost at most the budget here (its bound missed): worth one more run."""
         return self.budget.met(achieved_drop(self.baseline_accuracy, float(correct.mean())))
 
     def _score_data(self) -> Optional[Dataset]:
