@@ -238,7 +238,7 @@ def _features_model(static: keras.Model, points: Sequence[ExitPoint]) -> keras.M
     from compressor.graph.walk import require_graph
 
     nodes = require_graph(static, "early exits").nodes
-    tensors = [pooled_features(nodes[p.index].outputs[0]) for p in points]
+    tensors = [pooled_features(nodes[p.index].outputs[0], f"{p.name}_features") for p in points]
     return keras.Model(static.inputs, [*tensors, static.outputs[0]])
 
 

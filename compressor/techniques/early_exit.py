@@ -2,11 +2,12 @@
 
 An exit point is a tensor of the model's top-level graph that every path from the
 input to the output goes through (`exit_points`): cut there, the network is a first
-part and a rest. A head (`exit_head`: global average and max pooling, one hidden dense
-layer, the class logits) answers from that tensor. `insert_exits` rebuilds the model
-as nested `ExitBranch` layers (`compressor.layers.early_exit`): the first part, then at
-each exit point the head and, when it is not confident enough, the rest. The layers
-are copies of the model's (same names and weights); the model itself is not changed.
+part and a rest. A head (`exit_head`: average pooling to a coarse grid beside a
+global max pooling, one hidden dense layer, the class logits) answers from that
+tensor. `insert_exits` rebuilds the model as nested `ExitBranch` layers
+(`compressor.layers.early_exit`): the first part, then at each exit point the head
+and, when it is not confident enough, the rest. The layers are copies of the
+model's (same names and weights); the model itself is not changed.
 
 Only single-input, single-output graph models without shared layers have exit points,
 and only feature maps (batch, steps, channels) or (batch, height, width, channels) are offered.
@@ -28,6 +29,9 @@ EXIT_TARGETS = (0.25, 0.5, 0.75)
 
 MAX_FRACTION = 0.95
 """Exit points after this fraction of the FLOPs are not offered: an exit there would save nothing."""
+
+GRID = 4
+"""A head pools its feature map to at most this many cells per spatial axis (`pooled_features`)."""
 
 SAME_POINT = 0.005
 """Consecutive exit points closer than this fraction of the FLOPs are one: the later is offered."""
@@ -103,24 +107,27 @@ def choose_points(points: Sequence[ExitPoint], targets: Sequence[float] = EXIT_T
 
 
 def exit_head(point: ExitPoint, classes: int, hidden: int, name: str) -> keras.Model:
-    """A head on an exit point: [global average, global max] pooling → Dense(hidden, relu) → Dense(classes) logits."""
-    rank = len(point.shape)
+    """A head on an exit point: `pooled_features` → Dense(hidden, relu) → Dense(classes) logits."""
     features = keras.Input(shape=point.shape, name=f"{name}_input")
-    pool = {2: (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalMaxPooling1D),
-            3: (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)}[rank]
-    pooled = keras.layers.Concatenate(name=f"{name}_pool")(
-        [pool[0](name=f"{name}_avg")(features), pool[1](name=f"{name}_max")(features)])
-    hidden_out = keras.layers.Dense(hidden, activation="relu", name=f"{name}_hidden")(pooled)
+    hidden_out = keras.layers.Dense(hidden, activation="relu", name=f"{name}_hidden")(pooled_features(features, name))
     logits = keras.layers.Dense(classes, name=f"{name}_logits")(hidden_out)
     return keras.Model(features, logits, name=name)
 
 
-def pooled_features(tensor: Any) -> Any:
-    """What `exit_head` computes before its dense layers, on a symbolic tensor of an exit point."""
-    from keras import ops
+def pooled_features(tensor: Any, name: str = "exit_head") -> Any:
+    """What `exit_head` computes before its dense layers, on a symbolic feature map.
 
-    axes = tuple(range(1, len(tensor.shape) - 1))
-    return ops.concatenate([ops.mean(tensor, axis=axes), ops.max(tensor, axis=axes)], axis=-1)
+    Average pooling to a grid of at most GRID cells per spatial axis (windows of
+    ceil(size / GRID), valid padding), flattened, beside a global max pooling: where
+    in the image a feature fires matters early in the network, where a global average
+    alone leaves a head on the first stage far less accurate (`benchmarks/dynamic.md`).
+    """
+    spatial = tuple(int(d) for d in tensor.shape[1:-1])
+    window = tuple(-(-d // GRID) for d in spatial)
+    average, maximum = {1: (keras.layers.AveragePooling1D, keras.layers.GlobalMaxPooling1D),
+                        2: (keras.layers.AveragePooling2D, keras.layers.GlobalMaxPooling2D)}[len(spatial)]
+    grid = keras.layers.Flatten(name=f"{name}_grid")(average(window, window, name=f"{name}_avg")(tensor))
+    return keras.layers.Concatenate(name=f"{name}_pool")([grid, maximum(name=f"{name}_max")(tensor)])
 
 
 def insert_exits(model: keras.Model, points: Sequence[ExitPoint], heads: Sequence[keras.Model],
