@@ -152,6 +152,49 @@ def test_calibration_opens_an_exit_only_where_the_drop_holds(wrong):
         assert 0.4 < thresholds[0] <= 0.9
 
 
+@pytest.mark.parametrize("shape,cells", [((28, 28, 16), 16), ((14, 14, 8), 9), ((7, 7, 4), 9), ((3, 3, 2), 9), ((10, 3), 3)])
+def test_a_head_pools_its_map_to_a_grid_of_at_most_four_cells_a_side_beside_a_global_max(shape, cells):
+    import keras
+
+    from compressor.techniques.early_exit import GRID, pooled_features
+
+    inputs = keras.Input(shape)
+    pooled = keras.Model(inputs, pooled_features(inputs))
+    x = np.random.default_rng(0).random((2, *shape), dtype=np.float32)
+    got = pooled.predict(x, verbose=0)
+    channels = shape[-1]
+    assert got.shape == (2, cells * channels + channels)
+    # Windows of ceil(size / GRID) with valid padding, averaged, flattened cell by cell (channels last), then the max.
+    window = [-(-d // GRID) for d in shape[:-1]]
+    counts = [d // w for d, w in zip(shape[:-1], window)]
+    kept = x[(slice(None), *[slice(0, c * w) for c, w in zip(counts, window)])]
+    split = kept.reshape(2, *[v for c, w in zip(counts, window) for v in (c, w)], channels)
+    grid = split.mean(axis=tuple(range(2, 2 * len(counts) + 1, 2))).reshape(2, -1)
+    np.testing.assert_allclose(got, np.concatenate([grid, x.max(axis=tuple(range(1, len(shape))))], -1), atol=1e-6)
+
+
+def test_a_head_tells_where_in_the_image_a_feature_fires():
+    # Class = the brighter quadrant. After a 1x1 convolution every class's feature map holds the same values in
+    # another place, so a global average or max cannot tell the classes apart; the grid head can.
+    import keras
+
+    from compressor.io.data import Dataset
+    from compressor.search.early_exit import ExitSettings, exit_answers, train_heads
+    from compressor.techniques.early_exit import exit_points
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3))
+    h = keras.layers.Conv2D(8, 1, activation="relu", name="pointwise")(inputs)
+    h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(h)
+    outputs = keras.layers.Dense(4, activation="softmax")(keras.layers.GlobalAveragePooling2D()(h))
+    model = keras.Model(inputs, outputs)
+    point = next(p for p in exit_points(model) if p.name == "pointwise")
+    (xt, yt), (xs, ys) = quadrants(800, 20), quadrants(400, 21)
+    heads = train_heads(model, [point], Dataset(xt, yt, "train"), 4, ExitSettings(epochs=10))
+    probabilities, _ = exit_answers(model, [point], heads, xs)
+    assert np.mean(probabilities[0].argmax(-1) == ys) >= 0.9  # chance is 0.25
+
+
 def test_add_exits_trains_heads_that_answer_most_easy_inputs_within_the_budget():
     from compressor.io.data import Dataset
     from compressor.search.early_exit import ExitSettings, add_exits, exit_choices
