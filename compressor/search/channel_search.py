@@ -472,12 +472,10 @@ class _Run:
         return step_holds(self.baseline_correct, correct, self.budget.limit, self.settings)
 
     def _chance(self, correct: np.ndarray) -> Optional[float]:
-        """The chance the guard accepts a step measured `correct` here (`confidence.guard_chance`); None without a guard."""
-        from compressor.search.confidence import guard_chance, paired_drop
-        if self.accept is None or self.settings.confidence is None or self.settings.guard_samples is None:
-            return None
-        measured = paired_drop(self.baseline_correct, correct, self.settings.confidence)
-        return guard_chance(measured, self.settings.guard_samples, self.budget.limit)
+        """The chance the guard accepts a step measured `correct` here (`confidence.step_chance`); None without a guard."""
+        from compressor.search.confidence import step_chance
+
+        return None if self.accept is None else step_chance(self.baseline_correct, correct, self.budget.limit, self.settings)
 
     def _near(self, correct: np.ndarray) -> bool:
         """Whether a step that does not hold lost at most the budget here (its bound missed): worth one more run."""

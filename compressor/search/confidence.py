@@ -259,20 +259,30 @@ def samples_needed(limit: float, confidence: float = DEFAULT_CONFIDENCE) -> int:
     return high
 
 
+def step_chance(baseline_correct: np.ndarray, correct: np.ndarray, limit: float, settings: Any) -> Optional[float]:
+    """The chance a guard of `settings.guard_samples` accepts a step measured `correct` (`guard_chance`).
+
+    None without a confidence or a guard size (`step_holds` then uses another rule).
+    """
+    if settings.confidence is None or settings.guard_samples is None:
+        return None
+    measured = paired_drop(baseline_correct, correct, settings.confidence)
+    return guard_chance(measured, settings.guard_samples, limit)
+
+
 def step_holds(baseline_correct: np.ndarray, correct: np.ndarray, limit: float, settings: Any) -> bool:
     """Whether a step's per-sample correctness holds against the original's within `limit`.
 
     `settings` carries `confidence`, `guard_samples` and `guard_chance` (`BlockSettings`,
     `ChannelSettings`): with a guard size, the guard must be expected to accept it with
-    `guard_chance` (`compressor.search.confidence.guard_chance`); without one, the search
-    data's own bound must be within `limit`; without a confidence, the drop must be
-    within MARGIN of `limit`.
+    `guard_chance` (`step_chance`); without one, the search data's own bound must be
+    within `limit`; without a confidence, the drop must be within MARGIN of `limit`.
     """
     from compressor.search.budgets import MARGIN
 
     if settings.confidence is None:
         return float(baseline_correct.mean()) - float(correct.mean()) <= MARGIN * limit
-    measured = paired_drop(baseline_correct, correct, settings.confidence)
-    if settings.guard_samples is None:
-        return measured.within(limit)
-    return guard_chance(measured, settings.guard_samples, limit) >= settings.guard_chance
+    chance = step_chance(baseline_correct, correct, limit, settings)
+    if chance is None:
+        return paired_drop(baseline_correct, correct, settings.confidence).within(limit)
+    return chance >= settings.guard_chance
