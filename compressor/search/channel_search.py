@@ -293,8 +293,7 @@ class _Run:
             correct = self._judged(candidate)
             again = 0.0  # seconds of the second fine-tuning run and its check
             holds, chance = self._holds(correct), self._chance(correct)  # chance: None without a guard
-            left = math.inf if self.deadline is None else self.deadline - time.perf_counter()
-            unsure = holds and chance is not None and chance < SURE_CHANCE and left > time.perf_counter() - started
+            unsure = holds and chance is not None and chance < SURE_CHANCE and self._left() > time.perf_counter() - started
             if unsure or not holds and self._near(correct):
                 if not holds and self._out_of_time(time.perf_counter() - started, "its second fine-tuning run"):
                     self._record(cost, float(correct.mean()), aim, epochs, False, started, chance=chance)
@@ -355,10 +354,8 @@ class _Run:
     def _out_of_time(self, expected: Optional[float] = None, what: str = "a step") -> bool:
         """Whether the deadline leaves less than `expected` seconds (default: the longest step's first pass) for
         `what` (then logged, and the search stops at the time limit)."""
-        if self.deadline is None:
-            return False
         expected = max(self.passes, default=0.0) if expected is None else expected
-        left = self.deadline - time.perf_counter()
+        left = self._left()
         if left > expected:
             return False
         self.stopped = "time limit"
@@ -366,6 +363,10 @@ class _Run:
         self.log(f"channels: the time limit leaves {max(left, 0) / 60:.1f} min, less than {what} takes "
                  f"({expected / 60:.1f} min): keeping {kept:.3f} of the original's {self.kind}")
         return True
+
+    def _left(self) -> float:
+        """Seconds until the deadline (inf without one)."""
+        return math.inf if self.deadline is None else self.deadline - time.perf_counter()
 
     def _guard(self, candidate, cost) -> bool:
         """Whether the run's guard accepts a step that held on the search data (True without a guard)."""
