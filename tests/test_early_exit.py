@@ -195,6 +195,23 @@ def test_a_head_tells_where_in_the_image_a_feature_fires():
     assert np.mean(probabilities[0].argmax(-1) == ys) >= 0.9  # chance is 0.25
 
 
+def test_a_plan_from_before_the_grid_replays_heads_that_pool_globally():
+    from compressor.io.data import Dataset
+    from compressor.layers.early_exit import exit_layers
+    from compressor.pipeline.early_exit import replay_exits
+    from compressor.techniques.early_exit import GRID, choose_points, exit_points
+
+    model = small_resnet()
+    point = choose_points(exit_points(model))[0]
+    channels = point.shape[-1]
+    train = Dataset(*quadrants(64, 30), "train")
+    entry = {"points": [point.name], "thresholds": [0.5], "hidden": 8, "epochs": 1, "seed": 0}
+    for recorded, width in ((None, 2 * channels), (GRID, (min(GRID, point.shape[0]) ** 2 + 1) * channels)):
+        replayed = replay_exits(model, entry if recorded is None else {**entry, "grid": recorded}, train)
+        head = exit_layers(replayed)[0].head
+        assert head.get_layer(f"{point.name}_exit_head_pool").output.shape[-1] == width
+
+
 def test_add_exits_trains_heads_that_answer_most_easy_inputs_within_the_budget():
     from compressor.io.data import Dataset
     from compressor.search.early_exit import ExitSettings, add_exits, exit_choices
@@ -275,7 +292,10 @@ def test_early_exit_end_to_end_report_parity_and_replay(workdir, tmp_path, monke
     assert "## Early exits" in (out / "report.md").read_text()
     assert report["budget"]["met"] is True
 
-    # The plan replays: heads trained again with the recorded seed, thresholds as recorded.
+    # The plan replays: heads trained again with the recorded seed and head form, thresholds as recorded.
+    from compressor.techniques.early_exit import GRID
+
+    assert json.loads((out / "plan.json").read_text())["early_exit"]["grid"] == GRID
     replay = _compress(workdir, tmp_path / "replay", "--plan", out / "plan.json", "--train-data", workdir / "train.npz")
     assert replay.exit_code == 0, replay.output
     x = np.load(workdir / "test.npz")["x"]
@@ -325,8 +345,10 @@ def test_plans_round_trip_their_exits_and_refuse_malformed_ones():
     entry = {"points": ["a_out", "b_out"], "thresholds": [0.9, 0.5], "hidden": 128, "epochs": 15, "seed": 0}
     plan = Plan(model={"name": "m"}, early_exit=entry)
     assert Plan.from_dict(plan.to_dict()).early_exit == entry
+    assert Plan.from_dict({**plan.to_dict(), "early_exit": {**entry, "grid": 4}}).early_exit["grid"] == 4
     assert "early_exit" not in Plan(model={"name": "m"}).to_dict()
     for bad in ({"points": ["a_out"], "thresholds": [1.5]}, {"points": ["a_out", "b_out"], "thresholds": [0.9]},
-                {"points": [], "thresholds": []}, {"points": [3], "thresholds": [0.5]}, ["a_out"]):
+                {"points": [], "thresholds": []}, {"points": [3], "thresholds": [0.5]}, ["a_out"],
+                {"points": ["a_out"], "thresholds": [0.5], "grid": 0}, {"points": ["a_out"], "thresholds": [0.5], "grid": 2.5}):
         with pytest.raises(PlanError, match="early_exit"):
             Plan.from_dict({**plan.to_dict(), "early_exit": bad})

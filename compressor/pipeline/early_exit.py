@@ -151,6 +151,7 @@ def exit_entry(outcome: ExitOutcome) -> dict[str, Any]:
         "points": [outcome.points[k].name for k in kept],
         "thresholds": [float(outcome.thresholds[k]) for k in kept],
         "hidden": settings.hidden,
+        "grid": settings.grid,
         "epochs": settings.epochs,
         "learning_rate": settings.learning_rate,
         "distillation": settings.distillation,
@@ -177,7 +178,9 @@ def replay_exits(static: keras.Model, entry: dict[str, Any], train: Any) -> kera
         raise CompressorError(f"the plan puts early exits after layers the model has no exit point at: {', '.join(missing)}")
     points = [found[name] for name in entry["points"]]
     defaults = ExitSettings()
-    settings = ExitSettings(hidden=int(entry.get("hidden", defaults.hidden)), epochs=int(entry.get("epochs", defaults.epochs)),
+    # Plans from before heads pooled to a grid record none: their heads pooled globally (grid 1).
+    settings = ExitSettings(hidden=int(entry.get("hidden", defaults.hidden)), grid=int(entry.get("grid", 1)),
+                            epochs=int(entry.get("epochs", defaults.epochs)),
                             learning_rate=float(entry.get("learning_rate", defaults.learning_rate)),
                             distillation=float(entry.get("distillation", defaults.distillation)),
                             seed=int(entry.get("seed", defaults.seed)))

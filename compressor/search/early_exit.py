@@ -1,7 +1,7 @@
 """Train early exits on a (compressed) model and calibrate them to an accuracy budget.
 
 Training (`train_heads`). The network is frozen: each head (`exit_head`) learns from
-the pooled features of its exit point on the training data, computed once, with the
+the pooled features of its exit point (a coarse grid of averages and a global max) on the training data, computed once, with the
 cross-entropy against a mix of the labels and the network's own output (distillation
 from the final output: `distillation` of the target is the network's answer).
 
@@ -37,6 +37,7 @@ from compressor.search.channel_search import GUARD_CHANCE
 from compressor.search.confidence import step_holds
 from compressor.techniques.early_exit import (
     EXIT_TARGETS,
+    GRID,
     ExitPoint,
     choose_points,
     exit_head,
@@ -61,6 +62,7 @@ class ExitSettings:
     Attributes:
         targets: Exit points are the ones nearest these fractions of the FLOPs.
         hidden: Units of each head's hidden layer.
+        grid: A head pools its feature map to at most this many cells a side (`pooled_features`; 1: global).
         epochs: Passes of head training over the training data.
         learning_rate: Adam's learning rate for the heads.
         batch_size: Samples per step.
@@ -71,6 +73,7 @@ class ExitSettings:
 
     targets: tuple[float, ...] = EXIT_TARGETS
     hidden: int = 128
+    grid: int = GRID
     epochs: int = 15
     learning_rate: float = 3e-3
     batch_size: int = 256
@@ -233,12 +236,12 @@ def answer_costs(points: Sequence[ExitPoint], head_flops: Sequence[int], static_
     return costs + [static_flops + sum(head_flops)]
 
 
-def _features_model(static: keras.Model, points: Sequence[ExitPoint]) -> keras.Model:
+def _features_model(static: keras.Model, points: Sequence[ExitPoint], grid: int) -> keras.Model:
     """`static`'s inputs → [pooled features at each point..., the network's output]."""
     from compressor.graph.walk import require_graph
 
     nodes = require_graph(static, "early exits").nodes
-    tensors = [pooled_features(nodes[p.index].outputs[0], f"{p.name}_features") for p in points]
+    tensors = [pooled_features(nodes[p.index].outputs[0], f"{p.name}_features", grid) for p in points]
     return keras.Model(static.inputs, [*tensors, static.outputs[0]])
 
 
@@ -246,13 +249,13 @@ def train_heads(static: keras.Model, points: Sequence[ExitPoint], train: Dataset
                 settings: ExitSettings) -> list[keras.Model]:
     """One trained head per point (module docstring), in order."""
     keras.utils.set_random_seed(settings.seed)
-    *features, final = _predict(_features_model(static, points), train.x)
+    *features, final = _predict(_features_model(static, points, settings.grid), train.x)
     teacher = final if _probabilities(static, final) else _softmax(final)
     target = (1 - settings.distillation) * np.eye(classes, dtype=np.float32)[train.y.astype(int)]
     target += settings.distillation * teacher
     heads = []
     for point, pooled in zip(points, features):
-        head = exit_head(point, classes, settings.hidden, f"{point.name}_exit_head")
+        head = exit_head(point, classes, settings.hidden, f"{point.name}_exit_head", settings.grid)
         dense = [layer for layer in head.layers if isinstance(layer, keras.layers.Dense)]
         inputs = keras.Input(shape=pooled.shape[1:])
         mlp = keras.Model(inputs, dense[1](dense[0](inputs)))  # the head's own dense layers: trained in place

@@ -106,24 +106,25 @@ def choose_points(points: Sequence[ExitPoint], targets: Sequence[float] = EXIT_T
     return sorted(chosen.values(), key=lambda p: p.index)
 
 
-def exit_head(point: ExitPoint, classes: int, hidden: int, name: str) -> keras.Model:
-    """A head on an exit point: `pooled_features` → Dense(hidden, relu) → Dense(classes) logits."""
+def exit_head(point: ExitPoint, classes: int, hidden: int, name: str, grid: int = GRID) -> keras.Model:
+    """A head on an exit point: `pooled_features` (at most `grid` cells a side) → Dense(hidden, relu) → Dense(classes) logits."""
     features = keras.Input(shape=point.shape, name=f"{name}_input")
-    hidden_out = keras.layers.Dense(hidden, activation="relu", name=f"{name}_hidden")(pooled_features(features, name))
+    pooled = pooled_features(features, name, grid)
+    hidden_out = keras.layers.Dense(hidden, activation="relu", name=f"{name}_hidden")(pooled)
     logits = keras.layers.Dense(classes, name=f"{name}_logits")(hidden_out)
     return keras.Model(features, logits, name=name)
 
 
-def pooled_features(tensor: Any, name: str = "exit_head") -> Any:
+def pooled_features(tensor: Any, name: str = "exit_head", grid: int = GRID) -> Any:
     """What `exit_head` computes before its dense layers, on a symbolic feature map.
 
-    Average pooling to a grid of at most GRID cells per spatial axis (windows of
-    ceil(size / GRID), valid padding), flattened, beside a global max pooling: where
+    Average pooling to a grid of at most `grid` cells per spatial axis (windows of
+    ceil(size / grid), valid padding), flattened, beside a global max pooling: where
     in the image a feature fires matters early in the network, where a global average
-    alone leaves a head on the first stage far less accurate (`benchmarks/dynamic.md`).
+    (`grid` 1) leaves a head on the first stage far less accurate (`benchmarks/exit_heads.md`).
     """
     spatial = tuple(int(d) for d in tensor.shape[1:-1])
-    window = tuple(-(-d // GRID) for d in spatial)
+    window = tuple(-(-d // grid) for d in spatial)
     average, maximum = {1: (keras.layers.AveragePooling1D, keras.layers.GlobalMaxPooling1D),
                         2: (keras.layers.AveragePooling2D, keras.layers.GlobalMaxPooling2D)}[len(spatial)]
     grid = keras.layers.Flatten(name=f"{name}_grid")(average(window, window, name=f"{name}_avg")(tensor))
