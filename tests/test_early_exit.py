@@ -290,6 +290,11 @@ def test_early_exit_end_to_end_report_parity_and_replay(workdir, tmp_path, monke
             assert per_exit["max_abs_diff"] <= ATOL and per_exit["top1_agreement"] == 1.0, (artifact["format"], per_exit)
     assert tflite_ops(out / "model.tflite")[0].count("IF") == 1 and tflite_ops(out / "static" / "model.tflite")[0].count("IF") == 0
     assert "## Early exits" in (out / "report.md").read_text()
+    # A file whose time per input depends on the input is also compared by its mean, and report.md shows that column.
+    for artifact in (a for a in report["artifacts"] if a["format"] != "keras"):
+        ratio = artifact["latency_ms"]["mean"] / artifact["baseline_latency_ms"]["mean"]
+        assert artifact["mean_latency_ratio"] == pytest.approx(ratio, rel=1e-9)
+    assert "mean latency ratio" in (out / "report.md").read_text()
     assert report["budget"]["met"] is True
 
     # The plan replays: heads trained again with the recorded seed and head form, thresholds as recorded.

@@ -137,6 +137,13 @@ def test_the_artifacts_carry_load_first_call_spread_and_peak_memory(fixed_loss_r
     markdown = render_markdown(report, out_dir=out)
     row = next(line for line in markdown.splitlines() if line.startswith("| [model.tflite](model.tflite) | xnnpack"))
     assert "xnnpack, 1 thread(s)" in row and row.count(" ms |") == 5 and "iB |" in row
+    # A static model's time does not depend on its input: the mean ratio is in report.json only; with exits or
+    # gates applied, report.md shows it as a column too.
+    assert entry["mean_latency_ratio"] == pytest.approx(latency["mean"] / entry["baseline_latency_ms"]["mean"])
+    assert "mean latency ratio" not in markdown
+    dynamic = render_markdown({**report, "early_exit": {"applied": True}})
+    header = next(line for line in dynamic.splitlines() if line.startswith("| format |"))
+    assert header.endswith("| latency ratio | mean latency ratio |")
 
 
 def test_timings_give_each_stage_and_add_up_to_search_and_export(fixed_loss_run):

@@ -58,6 +58,7 @@ def time_artifacts(ctx: RunContext, run: Run, exported: Exported) -> tuple[list[
                 latency_ms=result.latency_ms.to_dict(),
                 baseline_latency_ms=original.latency_ms.to_dict(),
                 latency_ratio=result.ratio_to_first,
+                mean_latency_ratio=result.latency_ms.mean / original.latency_ms.mean,
                 baseline_path=baseline.path,
                 baseline_bytes=baseline.bytes,
                 **result.runtime_dict(),

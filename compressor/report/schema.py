@@ -66,7 +66,7 @@ REPORT = Keys(
         "artifacts": Keys(
             ("format", "quantize", "path", "bytes", "accuracy", "max_abs_diff", "top1_agreement", "latency_ms",
              "baseline_latency_ms"),
-            optional=("baseline_accuracy", "latency_ratio", "baseline_path", "baseline_bytes", "drop_ci", "init_ms",
+            optional=("baseline_accuracy", "latency_ratio", "mean_latency_ratio", "baseline_path", "baseline_bytes", "drop_ci", "init_ms",
                       "first_inference_ms", "peak_memory_bytes", "baseline_peak_memory_bytes", "threads", "delegate",
                       "provider", "metric_value", "baseline_metric_value"),
             nested={"latency_ms": LATENCY, "baseline_latency_ms": LATENCY},
