@@ -71,7 +71,7 @@ def row(name: str, report: dict[str, Any], wall_s: float) -> dict[str, Any]:
             entry["static_ms"] = (tflite.get("static_latency_ms") or {}).get("mean")
             entry["dynamic_ms"] = (tflite.get("latency_ms") or {}).get("mean")
             if "exits" in dynamic:
-                entry["note"] = ", ".join(f"{e['rate']:.0%} leave after {e['point']} ({e['accuracy']:.1%} right)"
+                entry["note"] = ", ".join(f"{e['rate']:.0%} leave after {e['point']} ({fmt(e['accuracy'], '.1%')} right)"
                                           for e in dynamic["exits"])
             elif "blocks" in dynamic:
                 entry["note"] = ", ".join(f"{b['name']} skipped for {b['skip_rate']:.0%}" for b in dynamic["blocks"])
