@@ -1,9 +1,10 @@
 """Train early exits on a (compressed) model and calibrate them to an accuracy budget.
 
 Training (`train_heads`). The network is frozen: each head (`exit_head`) learns from
-the pooled features of its exit point (a coarse grid of averages and a global max) on the training data, computed once, with the
-cross-entropy against a mix of the labels and the network's own output (distillation
-from the final output: `distillation` of the target is the network's answer).
+the pooled features of its exit point (a coarse grid of averages and a global max) on
+the training data, computed once, with the cross-entropy against a mix of the labels
+and the network's own output (distillation from the final output: `distillation` of
+the target is the network's answer).
 
 Calibration (`calibrate`). Each exit answers when its confidence (largest softmax
 probability) reaches its threshold. On the search data, every combination of

@@ -417,7 +417,8 @@ def _early_exit(value: Any) -> Optional[dict[str, Any]]:
     _names(points, "early_exit.points")
     grid = value.get("grid", 1)
     if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
-        raise PlanError(f"plan 'early_exit.grid' must be a whole number >= 1 (cells a side of a head's pooling). Received: {grid!r}")
+        raise PlanError("plan 'early_exit.grid' must be a whole number >= 1 (cells a side of a head's pooling). "
+                        f"Received: {grid!r}")
     return dict(value)
 
 
