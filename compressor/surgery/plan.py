@@ -415,8 +415,8 @@ def _early_exit(value: Any) -> Optional[dict[str, Any]]:
         raise PlanError("plan 'early_exit' must hold 'points' (layer names) and one threshold in (0, 1] per point. "
                         f"Received: {value!r}")
     _names(points, "early_exit.points")
-    grid = value.get("grid", 1)
-    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
+    grid = value.get("grid")  # absent: a plan from before heads pooled to a grid (`replay_exits`)
+    if "grid" in value and (not isinstance(grid, int) or isinstance(grid, bool) or grid < 1):
         raise PlanError("plan 'early_exit.grid' must be a whole number >= 1 (cells a side of a head's pooling). "
                         f"Received: {grid!r}")
     return dict(value)
