@@ -222,7 +222,8 @@ def test_a_step_without_time_for_its_extra_run_is_shown_to_the_guard_as_it_held(
 def test_with_a_judge_steps_are_checked_on_the_judged_file_against_the_keras_original(monkeypatch):
     # In Keras every step would lose 1 point and hold; the judged (quantized) file of each loses
     # 1 point more, 2 in all: within the budget but over MARGIN, so each step is fine-tuned again,
-    # still misses, and is retried smaller until the misses end the search with nothing kept.
+    # still misses, and is retried smaller until the misses end the steps; the smallest miss's
+    # recovery run gains nothing, and the search ends with nothing kept.
     judged = []
 
     def judge(model, data):
@@ -230,10 +231,11 @@ def test_with_a_judge_steps_are_checked_on_the_judged_file_against_the_keras_ori
         return np.arange(len(data)) < round(0.88 * len(data))
 
     result, runs = _scripted_search(monkeypatch, [0.89] * 5, judge=judge)
-    assert runs == [0, 1, 0, 1, 0, 1]
-    assert [step.accepted for step in result.steps] == [False, False, False]
-    assert [step.accuracy for step in result.steps] == pytest.approx([0.88] * 3)  # the judged file's
-    assert len(judged) == 6 and result.flops == result.baseline_flops
+    assert runs == [0, 1, 0, 1, 0, 1, 2]
+    assert [step.accepted for step in result.steps] == [False] * 4
+    assert [step.accuracy for step in result.steps] == pytest.approx([0.88] * 4)  # the judged file's
+    assert [step.recovery for step in result.steps] == [0, 0, 0, 1]
+    assert len(judged) == 7 and result.flops == result.baseline_flops
     assert result.baseline_accuracy == pytest.approx(0.9)  # the original, measured in Keras
     # The same steps without a judge hold at once.
     plain, plain_runs = _scripted_search(monkeypatch, [0.89] * 5)
@@ -241,10 +243,12 @@ def test_with_a_judge_steps_are_checked_on_the_judged_file_against_the_keras_ori
 
 
 def test_a_step_still_missing_after_its_second_run_is_retried_smaller(monkeypatch):
-    result, runs = _scripted_search(monkeypatch, [0.88, 0.882, 0.85, 0.85])
-    assert runs == [0, 1, 0, 0]
-    assert [step.accepted for step in result.steps] == [False, False, False]
+    # Then its recovery run (the first step: the only miss within the budget) gains nothing.
+    result, runs = _scripted_search(monkeypatch, [0.88, 0.882, 0.85, 0.85, 0.882])
+    assert runs == [0, 1, 0, 0, 2]
+    assert [step.accepted for step in result.steps] == [False] * 4
     assert result.steps[1].target > result.steps[0].target  # the retry keeps more of the cost
+    assert result.steps[3].flops == result.steps[0].flops and result.steps[3].recovery == 1
     assert result.flops == result.baseline_flops
 
 

@@ -1,14 +1,67 @@
-"""What a channel search returns: its steps and its result (`compressor.search.channel_search`)."""
+"""What a channel search is given and returns: its settings, its steps and its result (`compressor.search.channel_search`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import keras
 
+from compressor.errors import CompressorError
 from compressor.search.result import Trial
 from compressor.surgery.plan import ChannelRemoval
+
+if TYPE_CHECKING:
+    from compressor.finetune import FinetuneConfig
+
+GUARD_CHANCE = 0.8  # default: with a guard, a step holds when the guard can be expected to accept it with this chance
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """How channels are chosen and recovered.
+
+    Attributes:
+        criterion: Importance score (`compressor.techniques.scores.CRITERIA`).
+        max_fraction: Most of a group's channels that may go, in (0, 1).
+        step: Each progressive step keeps this fraction of the current FLOPs, in (0, 1).
+        finetune: Fine-tuning after each step (None: none).
+        objective: "flops" or "params": what an accuracy-budget search lowers.
+        seed: Seed of scores that sample data.
+        confidence: Under an accuracy budget, a step holds when its paired drop on the
+            search data is within the budget with this one-sided confidence
+            (`compressor.search.confidence`); None: when its measured drop is within
+            MARGIN of the budget.
+        guard_samples: With `confidence`, the size of the guard that will be shown each
+            step: a step holds when a guard of this many samples would accept it with a
+            chance of at least `guard_chance` (`compressor.search.confidence.guard_chance`).
+            None: when the search data's own bound is within the budget.
+        guard_chance: With `guard_samples`, the chance of acceptance a step needs, in
+            (0, 1): higher shows the guard only safer steps (its first rejection ends the
+            search) at the cost of more fine-tuning runs and smaller steps.
+    """
+
+    criterion: str = "magnitude"
+    max_fraction: float = 0.9
+    step: float = 0.5
+    finetune: Optional[FinetuneConfig] = None
+    objective: str = "flops"
+    seed: int = 0
+    confidence: Optional[float] = None
+    guard_samples: Optional[int] = None
+    guard_chance: float = GUARD_CHANCE
+
+    def __post_init__(self) -> None:
+        from compressor.techniques.scores import CRITERIA
+
+        if self.criterion not in CRITERIA:
+            raise CompressorError(f"Invalid criterion. Expected one of {CRITERIA}. Received: criterion={self.criterion!r}")
+        for name in ("max_fraction", "step", "guard_chance"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise CompressorError(f"Invalid {name}. Expected 0 < {name} < 1. Received: {name}={value}")
+        if self.objective not in ("flops", "params"):
+            raise CompressorError(f"Invalid objective. Expected one of ('flops', 'params'). Received: objective={self.objective!r}")
 
 
 @dataclass(frozen=True)
@@ -23,6 +76,7 @@ class ChannelStep:
     accepted: bool
     seconds: float
     guard_chance: Optional[float] = None  # with a guard, the chance it would accept the step at its first check
+    recovery: int = 0  # recovery runs after the last miss (`compressor.search.channel_search`)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
