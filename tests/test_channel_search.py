@@ -66,8 +66,8 @@ def test_settings_are_validated():
             ChannelSettings(guard_chance=chance)
 
 
-def _scripted_search(monkeypatch, accuracies, deadline=None, judge=None, accept=None, **settings):
-    """search_channels under a 2-point budget on a tiny CNN, its step accuracies scripted in order.
+def _scripted_search(monkeypatch, accuracies, deadline=None, judge=None, accept=None, limit=0.02, **settings):
+    """search_channels under a budget of `limit` (2 points) on a tiny CNN, its step accuracies scripted in order.
 
     With `deadline`, the search's clock starts at 0 and each fine-tuning run takes 60 s of it.
     """
@@ -106,7 +106,7 @@ def _scripted_search(monkeypatch, accuracies, deadline=None, judge=None, accept=
     if deadline is not None:
         monkeypatch.setattr(channel_search, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     settings = channel_search.ChannelSettings(finetune=FinetuneConfig(epochs=1), step=0.5, **settings)
-    result = channel_search.search_channels(model, Budget("accuracy_drop", 0.02), settings, data, data, deadline=deadline,
+    result = channel_search.search_channels(model, Budget("accuracy_drop", limit), settings, data, data, deadline=deadline,
                                             judge=judge, accept=accept)
     return result, runs
 
@@ -250,6 +250,51 @@ def test_a_step_still_missing_after_its_second_run_is_retried_smaller(monkeypatc
     assert result.steps[1].target > result.steps[0].target  # the retry keeps more of the cost
     assert result.steps[3].flops == result.steps[0].flops and result.steps[3].recovery == 1
     assert result.flops == result.baseline_flops
+
+
+def test_after_the_last_miss_a_step_that_missed_within_the_budget_is_recovered_and_the_search_goes_on(monkeypatch):
+    # At 3 points, with 200 samples against a baseline of 180 right: a step holds from 176 right
+    # (MARGIN: 2.25 points), is within the budget from 174. Step 1 keeps 174 after its second run
+    # and misses; steps 2 and 3 miss by far. Step 1's recovery runs then gain a sample (175), then
+    # hold (176): the guard sees it, it is kept, and the steps go on from it until they miss by far.
+    shown, accept = _guard_accepting_all()
+    script = [0.87, 0.87, 0.85, 0.85, 0.875, 0.88, *[0.85] * 6]
+    result, runs = _scripted_search(monkeypatch, script, accept=accept, limit=0.03)
+    assert runs[:6] == [0, 1, 0, 0, 2, 3] and all(run == 0 for run in runs[6:])
+    assert [step.accepted for step in result.steps[:4]] == [False, False, False, True]
+    recovered = result.steps[3]
+    assert recovered.recovery == 2 and recovered.epochs == 2 and recovered.accuracy == pytest.approx(0.88)
+    assert recovered.flops == result.steps[0].flops and recovered.target == result.steps[0].target
+    assert len(shown) == 1 and result.flops == recovered.flops < result.baseline_flops
+    assert not any(step.accepted for step in result.steps[4:]) and result.stopped is None
+    assert result.to_dict()["steps"][3]["recovery"] == 2
+
+
+def test_recovery_takes_the_smallest_miss_within_the_budget_and_ends_when_a_run_gains_nothing(monkeypatch):
+    # Step 1 misses by far (not recovered); steps 2 and 3 miss within the budget after two runs each.
+    # Step 2 cut more: it gets the recovery run, which gains nothing, and nothing is kept.
+    result, runs = _scripted_search(monkeypatch, [0.85, 0.87, 0.87, 0.87, 0.87, 0.87], limit=0.03)
+    assert runs == [0, 0, 1, 0, 1, 2]
+    assert result.steps[1].flops < result.steps[2].flops
+    assert [step.recovery for step in result.steps] == [0, 0, 0, 1] and not any(step.accepted for step in result.steps)
+    assert result.steps[3].flops == result.steps[1].flops and result.flops == result.baseline_flops
+
+
+def test_recovery_runs_stop_at_their_cap_and_at_the_deadline(monkeypatch):
+    # At 10 points a step holds from 166 of 200 right (MARGIN: 7.5 points), is within the budget from
+    # 160. Step 1 keeps 160 after two runs; steps 2 and 3 miss by far; each recovery run gains a
+    # sample and none holds: RECOVERY_RUNS of them, then the search ends with nothing kept.
+    from compressor.search.channel_search import RECOVERY_RUNS
+
+    script = [0.8, 0.8, 0.7, 0.7, 0.805, 0.81, 0.815, 0.82, 0.825]
+    result, runs = _scripted_search(monkeypatch, script, limit=0.1)
+    assert RECOVERY_RUNS == 4 and runs == [0, 1, 0, 0, 2, 3, 4, 5]
+    assert result.steps[-1].recovery == 4 and result.steps[-1].accuracy == pytest.approx(0.82)
+    assert result.flops == result.baseline_flops
+    # Each run takes 60 s: at 240 s of 370 two runs fit (each begins with more than step 1's first
+    # pass left, 60 s), the third would not.
+    timed, timed_runs = _scripted_search(monkeypatch, script, deadline=370.0, limit=0.1)
+    assert timed_runs == [0, 1, 0, 0, 2, 3] and timed.steps[-1].recovery == 2
 
 
 def test_misses_count_in_all_and_the_step_never_grows_back(monkeypatch):
