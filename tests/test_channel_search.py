@@ -190,6 +190,26 @@ def test_a_step_the_guard_would_accept_only_likely_is_fine_tuned_once_more_befor
     assert unguarded.steps[0].guard_chance is None
 
 
+def test_a_step_that_held_only_after_its_second_run_is_made_sure_by_a_third_before_the_guard_sees_it(monkeypatch):
+    # Losing 3 of 200 (chance about 0.6) misses within the budget; the second run loses 2: it holds
+    # (about 0.86) but below SURE_CHANCE, so a third run follows, loses 1, and the guard sees that.
+    # STEP_RUNS caps the runs: had the second run still missed by a little and the third only
+    # brought it to an unsure hold, the guard would see it there, after three runs.
+    from compressor.search.channel_search import STEP_RUNS
+
+    shown, accept = _guard_accepting_all()
+    guarded = dict(accept=accept, confidence=0.95, guard_samples=6000)
+    result, runs = _scripted_search(monkeypatch, [0.885, 0.89, 0.895, 0.85, 0.85, 0.85], **guarded)
+    assert STEP_RUNS == 3 and runs[:3] == [0, 1, 2] and len(shown) == 1
+    assert result.steps[0].accepted and result.steps[0].epochs == 3
+    assert result.steps[0].accuracy == pytest.approx(0.895)
+    shown.clear()
+    capped, capped_runs = _scripted_search(monkeypatch, [0.88, 0.885, 0.89, 0.85, 0.85, 0.85], **guarded)
+    assert capped_runs[:4] == [0, 1, 2, 0] and len(shown) == 1
+    assert capped.steps[0].accepted and capped.steps[0].epochs == 3
+    assert capped.steps[0].accuracy == pytest.approx(0.89)
+
+
 def test_a_step_whose_extra_run_measures_worse_is_shown_to_the_guard_as_it_held(monkeypatch):
     # The step held (1 point lost), was fine-tuned once more, then lost 2 points: the extra run
     # does not turn a step that held into a miss; its weights go back and the guard sees it as it held.
@@ -231,7 +251,7 @@ def test_with_a_judge_steps_are_checked_on_the_judged_file_against_the_keras_ori
         return np.arange(len(data)) < round(0.88 * len(data))
 
     result, runs = _scripted_search(monkeypatch, [0.89] * 5, judge=judge)
-    assert runs == [0, 1, 0, 1, 0, 1, 2]
+    assert runs == [0, 1, 0, 1, 0, 1, 3]
     assert [step.accepted for step in result.steps] == [False] * 4
     assert [step.accuracy for step in result.steps] == pytest.approx([0.88] * 4)  # the judged file's
     assert [step.recovery for step in result.steps] == [0, 0, 0, 1]
@@ -245,7 +265,7 @@ def test_with_a_judge_steps_are_checked_on_the_judged_file_against_the_keras_ori
 def test_a_step_still_missing_after_its_second_run_is_retried_smaller(monkeypatch):
     # Then its recovery run (the first step: the only miss within the budget) gains nothing.
     result, runs = _scripted_search(monkeypatch, [0.88, 0.882, 0.85, 0.85, 0.882])
-    assert runs == [0, 1, 0, 0, 2]
+    assert runs == [0, 1, 0, 0, 3]
     assert [step.accepted for step in result.steps] == [False] * 4
     assert result.steps[1].target > result.steps[0].target  # the retry keeps more of the cost
     assert result.steps[3].flops == result.steps[0].flops and result.steps[3].recovery == 1
@@ -260,7 +280,7 @@ def test_after_the_last_miss_a_step_that_missed_within_the_budget_is_recovered_a
     shown, accept = _guard_accepting_all()
     script = [0.87, 0.87, 0.85, 0.85, 0.875, 0.88, *[0.85] * 6]
     result, runs = _scripted_search(monkeypatch, script, accept=accept, limit=0.03)
-    assert runs[:6] == [0, 1, 0, 0, 2, 3] and all(run == 0 for run in runs[6:])
+    assert runs[:6] == [0, 1, 0, 0, 3, 4] and all(run == 0 for run in runs[6:])
     assert [step.accepted for step in result.steps[:4]] == [False, False, False, True]
     recovered = result.steps[3]
     assert recovered.recovery == 2 and recovered.epochs == 2 and recovered.accuracy == pytest.approx(0.88)
@@ -274,7 +294,7 @@ def test_recovery_takes_the_smallest_miss_within_the_budget_and_ends_when_a_run_
     # Step 1 misses by far (not recovered); steps 2 and 3 miss within the budget after two runs each.
     # Step 2 cut more: it gets the recovery run, which gains nothing, and nothing is kept.
     result, runs = _scripted_search(monkeypatch, [0.85, 0.87, 0.87, 0.87, 0.87, 0.87], limit=0.03)
-    assert runs == [0, 0, 1, 0, 1, 2]
+    assert runs == [0, 0, 1, 0, 1, 3]
     assert result.steps[1].flops < result.steps[2].flops
     assert [step.recovery for step in result.steps] == [0, 0, 0, 1] and not any(step.accepted for step in result.steps)
     assert result.steps[3].flops == result.steps[1].flops and result.flops == result.baseline_flops
@@ -288,13 +308,13 @@ def test_recovery_runs_stop_at_their_cap_and_at_the_deadline(monkeypatch):
 
     script = [0.8, 0.8, 0.7, 0.7, 0.805, 0.81, 0.815, 0.82, 0.825]
     result, runs = _scripted_search(monkeypatch, script, limit=0.1)
-    assert RECOVERY_RUNS == 4 and runs == [0, 1, 0, 0, 2, 3, 4, 5]
+    assert RECOVERY_RUNS == 4 and runs == [0, 1, 0, 0, 3, 4, 5, 6]
     assert result.steps[-1].recovery == 4 and result.steps[-1].accuracy == pytest.approx(0.82)
     assert result.flops == result.baseline_flops
     # Each run takes 60 s: at 240 s of 370 two runs fit (each begins with more than step 1's first
     # pass left, 60 s), the third would not.
     timed, timed_runs = _scripted_search(monkeypatch, script, deadline=370.0, limit=0.1)
-    assert timed_runs == [0, 1, 0, 0, 2, 3] and timed.steps[-1].recovery == 2
+    assert timed_runs == [0, 1, 0, 0, 3, 4] and timed.steps[-1].recovery == 2
 
 
 def test_misses_count_in_all_and_the_step_never_grows_back(monkeypatch):

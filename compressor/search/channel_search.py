@@ -18,22 +18,20 @@ Budgets:
   first rejection ends the search: the margin turns that coin flip into one more
   fine-tuning run or a smaller step. Without a guard, a step holds when the search
   data's own bound is within the budget; without a confidence, when it loses at most
-  MARGIN × budget (`compressor.search.budgets.MARGIN`). A step that does not
-  hold although its drop on the search data is within the budget (its bound missed, not
-  its drop) is fine-tuned once more, in another order of the data, and checked again; so
-  is a step that holds with a chance below SURE_CHANCE, when the deadline leaves time for
-  the run, before the guard sees it (and kept as it held if the run measures worse: a
-  chance of 0.8 is one rejection, and the end of the search, in five such steps). A
-  step that still misses is retried smaller (the square root of the kept fraction), and the
-  step never grows back: RETRIES + 1 misses in all end the steps (with the count reset at
-  each kept step, ever smaller steps would go on for as long as they held). A smaller
-  step that cuts the same channels as one that missed is skipped. Then the smallest of
-  those misses that lost at most the budget here (its bound missed, not its drop) gets
-  recovery runs: fine-tuned again, up to RECOVERY_RUNS times, each run begun only while
-  the time left exceeds that step's first pass, until it holds (shown to the guard and,
-  kept, the steps go on from it) or a run gains nothing. A step that needs more
-  fine-tuning than one or two runs gets it from time that would otherwise go unused (at
-  1 point on Fashion-MNIST, a third of the time limit; benchmarks/fashion.md). Without fine-tuning,
+  MARGIN × budget (`compressor.search.budgets.MARGIN`). A step that does not hold although
+  its drop on the search data is within the budget (its bound missed, not its drop), or
+  that holds with a chance below SURE_CHANCE (time allowing), is fine-tuned again in
+  another order of the data and checked again, up to STEP_RUNS runs in all, while each run
+  gains (one that does not is undone): the guard's first rejection ends the search, and a
+  chance of 0.8 is one rejection in five such steps. A step that still misses is retried
+  smaller (the square root of the kept fraction), and the step never grows back:
+  RETRIES + 1 misses in all end the steps (with the count reset at each kept step, ever
+  smaller steps would go on for as long as they held). A smaller step that cuts the same
+  channels as one that missed is skipped. Then the smallest of those misses that lost at
+  most the budget here gets up to RECOVERY_RUNS recovery runs, each begun only while the
+  time left exceeds that step's first pass, until it holds (shown to the guard and, kept,
+  the steps go on from it) or a run gains nothing: time that the misses would leave unused
+  (a third of the limit at 1 point on Fashion-MNIST; benchmarks/fashion.md). Without fine-tuning,
   pruning once from the original is monotone enough for a bisection on the kept fraction.
   A step that holds on the search data is then shown to `accept` when given (the run's
   guard, `compressor.pipeline.acceptance`): the first step it rejects ends the search.
@@ -44,8 +42,8 @@ Budgets:
 With a deadline (`CompressOptions.time_limit`), no fine-tuning run begins that is
 expected to end after it: a step is expected to take as long as the longest step so far
 took up to its first check (its cut, one fine-tuning run, the check; the guard's look
-included), and a step's second fine-tuning run as long as its first pass took. A step
-that has no time for its second run counts as missed. The search keeps the last model
+included), and a step's later fine-tuning runs as long as its first pass took. A step
+that has no time for a run it needs to hold counts as missed. The search keeps the last model
 accepted, and its record says it stopped at the time limit. The first step always runs
 when the deadline has not passed (nothing predicts its time yet).
 
@@ -79,6 +77,7 @@ Log = Callable[[str], None]
 MIN_KEEP = 0.03  # never aim below this fraction of the baseline cost
 RETRIES = 2  # smaller steps tried after a step that misses, before the search stops (misses in all)
 SURE_CHANCE = 0.95  # a step that holds with a lower chance is fine-tuned once more, time allowing, before the guard sees it
+STEP_RUNS = 3  # fine-tuning runs a step may get before it is checked for the last time
 RECOVERY_RUNS = 4  # at most this many more fine-tuning runs of the smallest near miss after the last miss
 
 
@@ -225,7 +224,7 @@ class _Run:
                 self.log("channels: every prunable group is at its cap")
                 break
             epochs = self._finetune(candidate, target_accuracy=None) if tuning else 0
-            accuracy = self._accuracy(candidate) if _labelled(self.search_data) else None
+            accuracy = float(self._correct(candidate).mean()) if _labelled(self.search_data) else None
             self._accept(candidate, groups, removals, cost, accuracy, aim, epochs, started)
 
     def progressive(self) -> None:
@@ -252,22 +251,25 @@ class _Run:
             target = self.baseline_accuracy - allowed / 4
             epochs = self._finetune(candidate, target_accuracy=target)
             correct = self._judged(candidate)
-            again = 0.0  # seconds of the second fine-tuning run and its check
-            holds, chance = self._holds(correct), self._chance(correct)  # chance: None without a guard
-            unsure = holds and chance is not None and chance < SURE_CHANCE and self._left() > time.perf_counter() - started
-            if unsure or not holds and self._near(correct):
-                if not holds and self._out_of_time(time.perf_counter() - started, "its second fine-tuning run"):
+            first, chance = time.perf_counter() - started, self._chance(correct)  # chance: None without a guard
+            for run in range(1, STEP_RUNS):
+                holds, now = self._holds(correct), self._chance(correct)
+                unsure = holds and now is not None and now < SURE_CHANCE and self._left() > first
+                if not (unsure or not holds and self._near(correct)):
+                    break
+                if not holds and self._out_of_time(first, "another fine-tuning run"):
                     self._record(cost, float(correct.mean()), aim, epochs, False, started, chance=chance)
                     return
-                why = f"held, but the guard would accept it with a chance of {chance:.2f}" if unsure else "missed by a little"
+                why = f"held, but the guard would accept it with a chance of {now:.2f}" if unsure else "missed by a little"
                 self.log(f"channels: {self._value(cost) / self._base():.3f} of the original {why}: fine-tuned once more")
-                second, held = time.perf_counter(), (candidate.get_weights(), correct) if unsure else None
-                epochs += self._finetune(candidate, target_accuracy=target, run=1)
+                weights, before = candidate.get_weights(), correct
+                epochs += self._finetune(candidate, target_accuracy=target, run=run)
                 correct = self._judged(candidate)
-                if held is not None and correct.mean() < held[1].mean():  # worse: the step as it held
-                    candidate.set_weights(held[0])
-                    correct = held[1]
-                again = time.perf_counter() - second
+                if correct.mean() <= before.mean():  # no gain: the step as it was
+                    candidate.set_weights(weights)
+                    correct = before
+                    break
+            again = time.perf_counter() - started - first  # seconds of its later fine-tuning runs and their checks
             accuracy = float(correct.mean())
             if self._holds(correct):
                 if not self._guard(candidate, cost):
@@ -289,7 +291,7 @@ class _Run:
         while miss is not None and runs < RECOVERY_RUNS and self._left() > miss.seconds:
             runs += 1
             self.log(f"channels: {self._value(miss.cost) / self._base():.3f} of the original, recovery run {runs}")
-            epochs += self._finetune(miss.candidate, target_accuracy=None, run=1 + runs)
+            epochs += self._finetune(miss.candidate, target_accuracy=None, run=STEP_RUNS - 1 + runs)
             correct = self._judged(miss.candidate)
             if correct.mean() <= best.mean():  # no gain: the runs before it were as far as this step gets
                 break
@@ -436,9 +438,6 @@ class _Run:
         from compressor.graph.groups import channel_groups
 
         return channel_groups(model)
-
-    def _accuracy(self, model) -> float:
-        return float(self._correct(model).mean())
 
     def _correct(self, model) -> np.ndarray:
         from compressor.search.evaluate import correct_predictions
