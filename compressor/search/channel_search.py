@@ -65,7 +65,7 @@ import numpy as np
 from compressor.errors import CompressorError, OptionError
 from compressor.io.data import Dataset
 from compressor.search.budgets import MARGIN, Budget, BudgetError, achieved_drop, achieved_fraction
-from compressor.search.channel_result import GUARD_CHANCE, ChannelResult, ChannelSettings, ChannelStep  # noqa: F401 (theirs)
+from compressor.search.channel_result import GUARD_CHANCE, ChannelResult, ChannelSettings, ChannelStep  # noqa: F401 (re-exported)
 from compressor.search.channels import RemovalTracker, group_scores, prune_to, removal_order
 from compressor.search.result import Trial, with_chosen
 
@@ -76,7 +76,7 @@ Log = Callable[[str], None]
 
 MIN_KEEP = 0.03  # never aim below this fraction of the baseline cost
 RETRIES = 2  # smaller steps tried after a step that misses, before the search stops (misses in all)
-SURE_CHANCE = 0.95  # a step that holds with a lower chance is fine-tuned once more, time allowing, before the guard sees it
+SURE_CHANCE = 0.95  # a step that holds with a lower chance is fine-tuned again, time allowing, before the guard sees it
 STEP_RUNS = 3  # fine-tuning runs a step may get before it is checked for the last time
 RECOVERY_RUNS = 4  # at most this many more fine-tuning runs of the smallest near miss after the last miss
 
@@ -282,7 +282,7 @@ class _Run:
             missed.add(cost)
             self._record(cost, accuracy, aim, epochs, False, started, again, chance)
             if self._near(correct) and (near is None or self._value(cost) < self._value(near.cost)):
-                near = _Miss(candidate, groups, removals, cost, aim, correct, time.perf_counter() - started - again)
+                near = _Miss(candidate, groups, removals, cost, aim, correct, first)
             retries, step = retries + 1, math.sqrt(step)
 
     def _recover(self, miss: Optional[_Miss]) -> bool:
