@@ -272,11 +272,8 @@ class _Run:
             again = time.perf_counter() - started - first  # seconds of its later fine-tuning runs and their checks
             accuracy = float(correct.mean())
             if self._holds(correct):
-                if not self._guard(candidate, cost):
-                    self._record(cost, accuracy, aim, epochs, False, started, again, chance)
-                    self.stopped = "guard"
+                if not self._keep(candidate, groups, removals, cost, accuracy, aim, epochs, started, again, chance):
                     return
-                self._accept(candidate, groups, removals, cost, accuracy, aim, epochs, started, again, chance)
                 missed, near = set(), None  # a new model: its cuts are new (the step stays as small as the misses made it)
                 continue
             missed.add(cost)
@@ -297,14 +294,8 @@ class _Run:
                 break
             best = correct
             if self._holds(best):
-                accuracy, chance = float(best.mean()), self._chance(best)
-                if self._guard(miss.candidate, miss.cost):
-                    self._accept(miss.candidate, miss.groups, miss.removals, miss.cost, accuracy, miss.aim, epochs,
-                                 started, chance=chance, recovery=runs)
-                    return True
-                self._record(miss.cost, accuracy, miss.aim, epochs, False, started, chance=chance, recovery=runs)
-                self.stopped = "guard"
-                return False
+                return self._keep(miss.candidate, miss.groups, miss.removals, miss.cost, float(best.mean()), miss.aim,
+                                  epochs, started, chance=self._chance(best), recovery=runs)
         if runs:
             self._record(miss.cost, float(best.mean()), miss.aim, epochs, False, started, recovery=runs)
         return False
@@ -372,6 +363,16 @@ class _Run:
         if not removals:
             return model, {}, groups, self.cost
         return prune_channels(model, removals, groups), removals, groups, cost
+
+    def _keep(self, candidate, groups, removals, cost, accuracy, aim, epochs, started, again=0.0, chance=None,
+              recovery=0) -> bool:
+        """Show a step that held to the guard: kept when it accepts, else recorded and the search stops there."""
+        if self._guard(candidate, cost):
+            self._accept(candidate, groups, removals, cost, accuracy, aim, epochs, started, again, chance, recovery)
+            return True
+        self._record(cost, accuracy, aim, epochs, False, started, again, chance, recovery)
+        self.stopped = "guard"
+        return False
 
     def _accept(self, candidate, groups, removals, cost, accuracy, aim, epochs, started=None, again=0.0, chance=None,
                 recovery=0) -> None:
