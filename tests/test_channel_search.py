@@ -300,6 +300,18 @@ def test_recovery_takes_the_smallest_miss_within_the_budget_and_ends_when_a_run_
     assert result.steps[3].flops == result.steps[1].flops and result.flops == result.baseline_flops
 
 
+def test_a_recovery_that_fails_records_the_guard_chance_of_its_best_run(monkeypatch):
+    # As above, with a guard: the record of the recovery that gained nothing carries the chance its
+    # best measurement gives, as every other step's record does.
+    shown, accept = _guard_accepting_all()
+    result, runs = _scripted_search(monkeypatch, [0.85, 0.87, 0.87, 0.87, 0.87, 0.87], limit=0.03, accept=accept,
+                                    confidence=0.95, guard_samples=6000)
+    assert runs == [0, 0, 1, 0, 1, 3] and not shown
+    failed = result.steps[-1]
+    assert failed.recovery == 1 and not failed.accepted
+    assert failed.guard_chance is not None and 0.0 <= failed.guard_chance < 0.5  # 3 points lost on 200: at the limit
+
+
 def test_recovery_runs_stop_at_their_cap_and_at_the_deadline(monkeypatch):
     # At 10 points a step holds from 166 of 200 right (MARGIN: 7.5 points), is within the budget from
     # 160. Step 1 keeps 160 after two runs; steps 2 and 3 miss by far; each recovery run gains a

@@ -297,7 +297,8 @@ class _Run:
                 return self._keep(miss.candidate, miss.groups, miss.removals, miss.cost, float(best.mean()), miss.aim,
                                   epochs, started, chance=self._chance(best), recovery=runs)
         if runs:
-            self._record(miss.cost, float(best.mean()), miss.aim, epochs, False, started, recovery=runs)
+            self._record(miss.cost, float(best.mean()), miss.aim, epochs, False, started, chance=self._chance(best),
+                         recovery=runs)
         return False
 
     def bisect_accuracy(self) -> None:
