@@ -207,6 +207,10 @@ class CompressOptions:
         "tf.distribute.MirroredStrategy).", parse=lowercase, check=one_of(DISTRIBUTE, "distribute"))
     max_channel_fraction: float = option(
         0.9, help="Most of a channel group that may be removed (default 0.9).", check=open_fraction("max channel fraction"))
+    channel_multiple: int = option(
+        1, help="Channel pruning: every group left wider than N keeps a multiple of N channels, the tile the "
+        "target's kernels compute channels in (16 for XNNPACK float on AVX-512, often 8 on ARM; "
+        "benchmarks/channel_tiles.py measures it); default 1: any count.", check=integer(1, "channel multiple"))
     pruning_structure: str = option(
         "unstructured", help="Sparsity pattern: unstructured (default), filter, channel, block, or N:M such as 2:4.",
         parse=lowercase, check=_structure)

@@ -48,6 +48,7 @@ def test_fixed_params_budget_on_flops():
         ({"method": "fixed_params", "compression_factor": 0.5, "finetune_epochs": 2}, "needs --train-data"),
         ({"method": "fixed_params", "compression_factor": 0.5, "finetune_epochs": -1, "train_data": "t.npz"}, "Invalid finetune epochs"),
         ({"method": "fixed_params", "compression_factor": 0.5, "max_channel_fraction": 1.0}, "Invalid max channel fraction"),
+        ({"method": "fixed_params", "compression_factor": 0.5, "channel_multiple": 0}, "Invalid channel multiple"),
         ({"method": "fixed_loss", "max_acc_loss": 0.02, "guard_chance": 1.0}, "Invalid guard chance"),
         ({"method": "fixed_loss", "max_acc_loss": 0.02, "guard_chance": 0}, "Invalid guard chance"),
     ],

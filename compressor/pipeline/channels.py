@@ -55,6 +55,7 @@ class ChannelStage:
             confidence=options.confidence if ctx.data.guard is not None else None,
             guard_samples=len(ctx.data.guard) if ctx.data.guard is not None else None,
             guard_chance=options.guard_chance,
+            multiple=options.channel_multiple,
         )
         ctx.log(f"removing channels ({options.criterion})")
         data = ctx.data

@@ -39,6 +39,9 @@ class ChannelSettings:
         guard_chance: With `guard_samples`, the chance of acceptance a step needs, in
             (0, 1): higher shows the guard only safer steps (its first rejection ends the
             search) at the cost of more fine-tuning runs and smaller steps.
+        multiple: Each group left wider than this keeps a multiple of it, the tile the
+            target runtime computes channels in (`compressor.search.channels.aligned_removals`);
+            1: any count.
     """
 
     criterion: str = "magnitude"
@@ -50,6 +53,7 @@ class ChannelSettings:
     confidence: Optional[float] = None
     guard_samples: Optional[int] = None
     guard_chance: float = GUARD_CHANCE
+    multiple: int = 1
 
     def __post_init__(self) -> None:
         from compressor.techniques.scores import CRITERIA
@@ -60,6 +64,8 @@ class ChannelSettings:
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise CompressorError(f"Invalid {name}. Expected 0 < {name} < 1. Received: {name}={value}")
+        if isinstance(self.multiple, bool) or not isinstance(self.multiple, int) or self.multiple < 1:
+            raise CompressorError(f"Invalid multiple. Expected an integer >= 1. Received: multiple={self.multiple!r}")
         if self.objective not in ("flops", "params"):
             raise CompressorError(f"Invalid objective. Expected one of ('flops', 'params'). Received: objective={self.objective!r}")
 

@@ -360,7 +360,7 @@ class _Run:
 
         scores = group_scores(model, groups, self.settings.criterion, self._score_data(), self.settings.seed)
         order = removal_order(groups, scores, self.settings.max_fraction, self.sizes)
-        removals, cost = prune_to(model, groups, order, self.kind, aim)
+        removals, cost = prune_to(model, groups, order, self.kind, aim, self.settings.multiple)
         if not removals:
             return model, {}, groups, self.cost
         return prune_channels(model, removals, groups), removals, groups, cost

@@ -19,6 +19,12 @@ run by hand (`examples/prune_channels.py`):
    most `max_fraction` of its channels and always keeps one.
 3. Prune to a cost. Bisection on how many channels of that order go, until the pruned
    model's params or FLOPs fall to the target (`compressor.surgery.channels.pruned_cost`).
+   With a channel multiple m > 1, each group left wider than m keeps a multiple of m
+   (`aligned_removals`): runtimes compute output channels in tiles (XNNPACK's float
+   convolutions on AVX-512 cost about twice as much at 17 or 33 channels as at 16 or 32:
+   `benchmarks/channel_tiles.md`), so the channels above a multiple cost as much as a
+   whole tile and buy little accuracy for it. Groups of m channels or fewer are left as
+   they are: below one tile, latency falls with every channel.
 
 Across steps, `RemovalTracker` keeps each producer's original output indices still
 present, so the removals of every step can be given as channels of the original groups.
@@ -35,7 +41,7 @@ import numpy as np
 from compressor.io.data import Dataset
 from compressor.surgery.plan import ChannelRemoval
 
-__all__ = ["RemovalTracker", "group_scores", "prune_to", "removal_order", "removals_of"]
+__all__ = ["RemovalTracker", "aligned_removals", "group_scores", "prune_to", "removal_order", "removals_of"]
 
 
 def group_scores(
@@ -141,10 +147,45 @@ def removals_of(order: Sequence[tuple[str, int]], count: int) -> dict[str, list[
     return {name: sorted(channels) for name, channels in out.items()}
 
 
+def aligned_removals(order: Sequence[tuple[str, int]], count: int, sizes: Mapping[str, int],
+                     multiple: int) -> dict[str, list[int]]:
+    """The first `count` entries of `order`, each group's share moved so that it keeps a multiple of `multiple`.
+
+    A group that would keep k > `multiple` channels, k not a multiple, keeps the nearer
+    multiple: fewer channels (its next entries in `order` go too) when k is at most half a
+    tile above one, more (its last removals stay) otherwise; whichever way `order` (a
+    group's cap) does not allow, the other. A group that keeps `multiple` or fewer is left
+    as it is, as is every group when `multiple` is 1.
+    """
+    chosen: dict[str, list[int]] = {}
+    for name, channel in order[:count]:
+        chosen.setdefault(name, []).append(channel)
+    if multiple <= 1:
+        return {name: sorted(channels) for name, channels in chosen.items()}
+    rest: dict[str, list[int]] = {}
+    for name, channel in order[count:]:
+        rest.setdefault(name, []).append(channel)
+    for name, size in sizes.items():
+        removed = chosen.get(name, [])
+        kept = size - len(removed)
+        over = kept % multiple
+        if kept <= multiple or not over:
+            continue
+        down_ok, up_ok = len(rest.get(name, [])) >= over, len(removed) >= multiple - over
+        if down_ok and (over <= multiple // 2 or not up_ok):
+            chosen[name] = removed + rest[name][:over]
+        elif up_ok:
+            chosen[name] = removed[: len(removed) - (multiple - over)]
+    return {name: sorted(channels) for name, channels in chosen.items() if channels}
+
+
 def prune_to(
-    model: keras.Model, groups: Sequence[Any], order: Sequence[tuple[str, int]], kind: str, target: float
+    model: keras.Model, groups: Sequence[Any], order: Sequence[tuple[str, int]], kind: str, target: float,
+    multiple: int = 1,
 ) -> tuple[dict[str, list[int]], tuple[int, int]]:
     """The fewest channels of `order` whose removal brings the `kind` cost to at most `target`.
+
+    With `multiple` > 1 the removals of each count are aligned first (`aligned_removals`).
 
     Returns:
         (removals, (params, flops) after them). When even the whole order does not reach
@@ -152,8 +193,13 @@ def prune_to(
     """
     from compressor.surgery.channels import pruned_cost
 
+    sizes = {group.name: group.size for group in groups if group.prunable}
+
+    def removals(count: int) -> dict[str, list[int]]:
+        return aligned_removals(order, count, sizes, multiple)
+
     def cost(count: int) -> tuple[int, int]:
-        return pruned_cost(model, removals_of(order, count), groups)
+        return pruned_cost(model, removals(count), groups)
 
     def value(c: tuple[int, int]) -> int:
         return c[0] if kind == "params" else c[1]
@@ -161,7 +207,7 @@ def prune_to(
     low, high = 0, len(order)
     high_cost = cost(high)
     if value(high_cost) > target:
-        return removals_of(order, high), high_cost
+        return removals(high), high_cost
     found = high_cost
     while high - low > 1:
         middle = (low + high) // 2
@@ -170,7 +216,7 @@ def prune_to(
             high, found = middle, middle_cost
         else:
             low = middle
-    return removals_of(order, high), found
+    return removals(high), found
 
 
 class RemovalTracker:
