@@ -51,23 +51,12 @@ def stack(size: int, channels: int):
 
 
 def tflite_files(model, folder: Path, name: str, calibration: np.ndarray) -> dict[str, Path]:
-    """The model's float and int8 TFLite files (full-integer kernels, float input and output)."""
-    import tensorflow as tf
+    """The model's float and int8 TFLite files (full-integer kernels, float input and output), as `compress` exports them."""
+    from compressor.export.quantize import export_tflite_quantized
+    from compressor.export.writers import export_tflite
 
-    from compressor.quiet import stdout_to_stderr
-
-    files = {}
-    for mode in ("float", "int8"):
-        converter = tf.lite.TFLiteConverter.from_keras_model(model)
-        if mode == "int8":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            converter.representative_dataset = lambda: ([calibration[i:i + 1]] for i in range(len(calibration)))
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        path = folder / f"{name}-{mode}.tflite"
-        with stdout_to_stderr():  # the converter prints where the table goes
-            path.write_bytes(converter.convert())
-        files[mode] = path
-    return files
+    return {"float": export_tflite(model, folder / f"{name}-float.tflite"),
+            "int8": export_tflite_quantized(model, folder / f"{name}-int8.tflite", "int8", calibration)}
 
 
 def flops(size: int, channels: int) -> int:
@@ -95,14 +84,8 @@ def aligned_table(original: Path, models: list[Path], tile: int, runs: int, warm
     import sys
 
     import keras
-    import tensorflow as tf
 
-    from compressor.quiet import stdout_to_stderr
-
-    def tflite(model, path: Path) -> Path:
-        with stdout_to_stderr():
-            path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-        return path
+    from compressor.export.writers import export_tflite as tflite
 
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work)
